@@ -1,0 +1,109 @@
+//! `confab chat`: the engine in a terminal, with the same memory, limits, cache and LLM.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+
+use crate::domain::{Content, Inbound, Platform, Reply};
+use crate::engine::Engine;
+
+pub struct TerminalChat {
+    pub engine: Arc<Engine>,
+    pub bot: String,
+    /// Stable id for the local user, so memory survives restarts.
+    pub user_id: String,
+    pub user_name: String,
+}
+
+impl TerminalChat {
+    /// Reads lines until end of input (Ctrl-D) and writes each reply. Returns on EOF.
+    pub async fn run<R, W>(&self, input: R, mut out: W) -> std::io::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut lines = BufReader::new(input).lines();
+        let streaming = self
+            .engine
+            .config()
+            .bot(&self.bot)
+            .is_some_and(|b| b.stream);
+        while let Some(line) = lines.next_line().await? {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let inbound = Inbound {
+                bot: self.bot.clone(),
+                platform: Platform::Terminal,
+                update_id: None,
+                chat_id: "terminal".into(),
+                user_id: self.user_id.clone(),
+                user_name: self.user_name.clone(),
+                username: None,
+                is_private: true,
+                content: Content::Text(line),
+            };
+            let reply = if streaming {
+                self.streamed(&inbound, &mut out).await?
+            } else {
+                let reply = self.engine.handle(&inbound).await;
+                if let Some(text) = reply.as_text() {
+                    out.write_all(format!("{}> {}\n", self.bot, text).as_bytes())
+                        .await?;
+                }
+                reply
+            };
+            if let Reply::Text {
+                attachment: Some(a),
+                ..
+            } = &reply
+            {
+                let note = format!("(attachment {}: {} bytes)\n", a.file_name, a.bytes.len());
+                out.write_all(note.as_bytes()).await?;
+            }
+            out.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Prints text as it streams in, then whatever the final reply adds.
+    async fn streamed<W: AsyncWrite + Unpin>(
+        &self,
+        inbound: &Inbound,
+        out: &mut W,
+    ) -> std::io::Result<Reply> {
+        let (tx, mut rx) = watch::channel(String::new());
+        out.write_all(format!("{}> ", self.bot).as_bytes()).await?;
+        out.flush().await?;
+        let mut shown = String::new();
+        let handle = self.engine.handle_streaming(inbound, Some(&tx));
+        tokio::pin!(handle);
+        let reply = loop {
+            tokio::select! {
+                reply = &mut handle => break reply,
+                changed = rx.changed() => {
+                    if changed.is_err() { continue; }
+                    let text = rx.borrow_and_update().clone();
+                    if let Some(new) = text.strip_prefix(shown.as_str()) {
+                        out.write_all(new.as_bytes()).await?;
+                        out.flush().await?;
+                        shown = text;
+                    }
+                }
+            }
+        };
+        let text = reply.as_text().unwrap_or_default();
+        match text.strip_prefix(shown.as_str()) {
+            // The stream showed a prefix of the final text: finish it.
+            Some(rest) => out.write_all(rest.as_bytes()).await?,
+            // The final reply differs (e.g. an apology after a broken stream).
+            None => {
+                out.write_all(format!("\n{}> {}", self.bot, text).as_bytes())
+                    .await?
+            }
+        }
+        out.write_all(b"\n").await?;
+        Ok(reply)
+    }
+}

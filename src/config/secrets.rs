@@ -1,0 +1,218 @@
+//! The env file (dotenvy) and secret hygiene; no secret value ever reaches a `Problem`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::{Env, LoadOptions, Problem};
+
+/// The variables a load sees: the process environment, over the env file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Vars {
+    map: BTreeMap<String, String>,
+}
+
+impl Vars {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.map.get(name).map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.map.iter()
+    }
+}
+
+/// The env file in use: `--env-file` if given, else `<root>/.env.<env>`, and how to name it in problems.
+pub(crate) struct EnvFile {
+    pub path: PathBuf,
+    pub display: String,
+    pub explicit: bool,
+}
+
+impl EnvFile {
+    pub fn for_options(opts: &LoadOptions) -> Self {
+        match &opts.env_file {
+            Some(p) => {
+                let display = p
+                    .strip_prefix(&opts.root)
+                    .unwrap_or(p)
+                    .to_string_lossy()
+                    .into_owned();
+                Self {
+                    path: p.clone(),
+                    display,
+                    explicit: true,
+                }
+            }
+            None => {
+                let name = format!(".env.{}", opts.env);
+                Self {
+                    path: opts.root.join(&name),
+                    display: name,
+                    explicit: false,
+                }
+            }
+        }
+    }
+}
+
+/// Read the env file (if any) and lay the process environment over it: real
+/// environment variables win, and within the file the first occurrence wins
+/// (dotenvy's rules). The process environment is not modified.
+pub(crate) fn collect_vars(
+    file: &EnvFile,
+    env: Env,
+    process: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Vec<Problem>,
+) -> Vars {
+    let mut map = BTreeMap::new();
+    for (k, v) in read_env_file(file, env, problems) {
+        map.entry(k).or_insert(v);
+    }
+    map.extend(process);
+    Vars { map }
+}
+
+fn read_env_file(file: &EnvFile, env: Env, problems: &mut Vec<Problem>) -> Vec<(String, String)> {
+    let text = match std::fs::read_to_string(&file.path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // The default file is optional (secrets may come from the real environment,
+            // e.g. systemd's EnvironmentFile); a file named on the command line is not.
+            if file.explicit {
+                problems.push(Problem::new(&file.display, "file", "file not found"));
+            }
+            return Vec::new();
+        }
+        Err(e) => {
+            problems.push(Problem::new(
+                &file.display,
+                "file",
+                format!("cannot read: {e}"),
+            ));
+            return Vec::new();
+        }
+    };
+    if env == Env::Production {
+        check_permissions(&file.path, &file.display, problems);
+    }
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut out = Vec::new();
+    for item in dotenvy::from_read_iter(text.as_bytes()) {
+        match item {
+            Ok(kv) => out.push(kv),
+            // dotenvy's message quotes the whole line, which may hold a secret: report the line number only.
+            Err(dotenvy::Error::LineParse(line, _)) => {
+                let key = line_of(text, &line)
+                    .map_or_else(|| "syntax".to_owned(), |n| format!("line {n}"));
+                problems.push(Problem::new(
+                    &file.display,
+                    key,
+                    "cannot parse (expected KEY=value; check quotes)",
+                ));
+            }
+            Err(dotenvy::Error::Io(e)) => {
+                problems.push(Problem::new(
+                    &file.display,
+                    "file",
+                    format!("cannot read: {e}"),
+                ));
+                break;
+            }
+            Err(_) => {
+                problems.push(Problem::new(&file.display, "syntax", "cannot parse"));
+            }
+        }
+    }
+    out
+}
+
+/// 1-based line where `fragment` (a line dotenvy rejected) starts.
+fn line_of(text: &str, fragment: &str) -> Option<usize> {
+    let first = fragment.lines().next().filter(|l| !l.trim().is_empty())?;
+    let at = text.find(first)?;
+    Some(text[..at].matches('\n').count() + 1)
+}
+
+#[cfg(unix)]
+fn check_permissions(path: &Path, display: &str, problems: &mut Vec<Problem>) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            problems.push(Problem::new(
+                display,
+                "permissions",
+                "env file is world-readable (chmod 600)",
+            ));
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn check_permissions(_path: &Path, _display: &str, _problems: &mut Vec<Problem>) {}
+
+/// Why a secret looks like a placeholder or is too weak for production, if it does.
+/// Only the reason is returned, never the value.
+pub(crate) fn weakness(value: &str) -> Option<&'static str> {
+    const PLACEHOLDERS: &[&str] = &[
+        "changeme",
+        "change_me",
+        "replace",
+        "example",
+        "xxx",
+        "your_",
+        "dummy",
+    ];
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Some("is empty");
+    }
+    if trimmed.chars().count() < 8 {
+        return Some("is shorter than 8 characters");
+    }
+    let lower = trimmed.to_ascii_lowercase();
+    if PLACEHOLDERS.iter().any(|p| lower.contains(p)) {
+        return Some("looks like a placeholder");
+    }
+    None
+}
+
+/// `NAME` is usable as an environment variable name.
+pub(crate) fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(value: &str, expected: Option<&str>) {
+        assert_eq!(weakness(value), expected, "{value}");
+    }
+
+    #[test]
+    fn weak_secrets() {
+        check("", Some("is empty"));
+        check("short", Some("is shorter than 8 characters"));
+        check("CHANGEME-please", Some("looks like a placeholder"));
+        check("sk-replace-with-real-key", Some("looks like a placeholder"));
+        check("123456:XXXXXXXXXXXXXXXX", Some("looks like a placeholder"));
+        check("123456:AAH9f8s7d6f5g4h3j2k1", None);
+    }
+
+    #[test]
+    fn env_names() {
+        assert!(is_env_name("OPENAI_API_KEY"));
+        assert!(is_env_name("_X1"));
+        assert!(!is_env_name(""));
+        assert!(!is_env_name("1ABC"));
+        assert!(!is_env_name("123456:ABC-def"));
+    }
+
+    #[test]
+    fn line_numbers_of_bad_lines() {
+        assert_eq!(line_of("A=1\nB='x\n", "B='x\n"), Some(2));
+        assert_eq!(line_of("A=1\n", "nope"), None);
+    }
+}

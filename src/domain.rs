@@ -1,0 +1,287 @@
+//! Platform-neutral message types shared by adapters and the engine (no SDK types here).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a message came from. `Terminal` is `confab chat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Telegram,
+    Discord,
+    Terminal,
+}
+
+impl Platform {
+    /// Short prefix used in user references (`tg:123`, `dc:456`, `cli:local`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Platform::Telegram => "tg",
+            Platform::Discord => "dc",
+            Platform::Terminal => "cli",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Platform::Telegram => "telegram",
+            Platform::Discord => "discord",
+            Platform::Terminal => "terminal",
+        }
+    }
+
+    /// Longest message the platform accepts, in characters.
+    pub fn message_limit(self) -> usize {
+        match self {
+            Platform::Telegram => 4096,
+            Platform::Discord => 2000,
+            Platform::Terminal => usize::MAX,
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A user on one platform, written `tg:<id>` / `dc:<id>` / `cli:<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UserRef {
+    pub platform: Platform,
+    pub id: String,
+}
+
+impl UserRef {
+    pub fn new(platform: Platform, id: impl Into<String>) -> Self {
+        Self {
+            platform,
+            id: id.into(),
+        }
+    }
+}
+
+impl fmt::Display for UserRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.platform.prefix(), self.id)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a user reference (expected tg:<id> or dc:<id>): {0:?}")]
+pub struct BadUserRef(pub String);
+
+impl FromStr for UserRef {
+    type Err = BadUserRef;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadUserRef(s.to_string());
+        let (prefix, id) = s.split_once(':').ok_or_else(bad)?;
+        let platform = match prefix {
+            "tg" => Platform::Telegram,
+            "dc" => Platform::Discord,
+            "cli" => Platform::Terminal,
+            _ => return Err(bad()),
+        };
+        let numeric_ok = platform == Platform::Terminal || id.chars().all(|c| c.is_ascii_digit());
+        if id.is_empty() || !numeric_ok || id.len() > 64 {
+            return Err(bad());
+        }
+        Ok(UserRef::new(platform, id))
+    }
+}
+
+/// One conversation: a bot talking with one user in one chat.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConversationKey {
+    pub bot: String,
+    pub platform: Platform,
+    pub chat: String,
+    pub user: String,
+}
+
+impl ConversationKey {
+    pub fn user_ref(&self) -> UserRef {
+        UserRef::new(self.platform, self.user.clone())
+    }
+}
+
+impl fmt::Display for ConversationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}/{}",
+            self.bot,
+            self.platform.prefix(),
+            self.chat,
+            self.user
+        )
+    }
+}
+
+/// What the adapter saw, normalised.
+#[derive(Debug, Clone)]
+pub enum Content {
+    Text(String),
+    /// Sticker, photo, voice, file, or an empty message.
+    NonText,
+}
+
+/// One inbound message, already translated from the platform's SDK type.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Name of the bot (file stem in `bots/`).
+    pub bot: String,
+    pub platform: Platform,
+    /// Platform update/message id; used to drop redeliveries. `None` = never deduplicated.
+    pub update_id: Option<String>,
+    pub chat_id: String,
+    pub user_id: String,
+    /// Display name for the prompt template (`{{user_name}}`).
+    pub user_name: String,
+    /// `@username` where the platform has one (lets admins refer to users by it).
+    pub username: Option<String>,
+    /// Private chat (DM); in groups, non-text input is ignored silently.
+    pub is_private: bool,
+    pub content: Content,
+}
+
+impl Inbound {
+    pub fn conversation(&self) -> ConversationKey {
+        ConversationKey {
+            bot: self.bot.clone(),
+            platform: self.platform,
+            chat: self.chat_id.clone(),
+            user: self.user_id.clone(),
+        }
+    }
+
+    pub fn user(&self) -> UserRef {
+        UserRef::new(self.platform, self.user_id.clone())
+    }
+}
+
+/// Why the engine answered with a notice instead of an LLM reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    TooLong,
+    NonText,
+    RateLimited,
+    BudgetExhausted,
+    Banned,
+    Maintenance,
+    LlmUnavailable,
+    LlmFailed,
+    NotAdmin,
+    BadCommand,
+}
+
+impl Rejection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::TooLong => "too_long",
+            Rejection::NonText => "non_text",
+            Rejection::RateLimited => "rate_limited",
+            Rejection::BudgetExhausted => "budget_exhausted",
+            Rejection::Banned => "banned",
+            Rejection::Maintenance => "maintenance",
+            Rejection::LlmUnavailable => "llm_unavailable",
+            Rejection::LlmFailed => "llm_failed",
+            Rejection::NotAdmin => "not_admin",
+            Rejection::BadCommand => "bad_command",
+        }
+    }
+}
+
+/// How a reply came about; used for metrics and by adapters (e.g. formatting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// Fresh answer from the LLM.
+    Answer,
+    /// Answer served from the response cache.
+    Cached,
+    /// A command's output.
+    Command,
+    /// A short notice telling the user why nothing else happened.
+    Notice(Rejection),
+}
+
+/// A file the adapter should attach (e.g. `/export`).
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub file_name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The engine's decision for one inbound message.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Send this text (the adapter splits and formats it).
+    Text {
+        text: String,
+        kind: ReplyKind,
+        attachment: Option<Attachment>,
+    },
+    /// Send nothing (duplicate update, repeated over-limit message, non-text in a group).
+    Silent,
+}
+
+impl Reply {
+    pub fn text(text: impl Into<String>, kind: ReplyKind) -> Self {
+        Reply::Text {
+            text: text.into(),
+            kind,
+            attachment: None,
+        }
+    }
+
+    pub fn notice(reason: Rejection, text: impl Into<String>) -> Self {
+        Reply::text(text, ReplyKind::Notice(reason))
+    }
+
+    /// The text to send, if any.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Reply::Text { text, .. } => Some(text),
+            Reply::Silent => None,
+        }
+    }
+
+    /// Label for metrics: `answer`, `cached`, `command`, the rejection, or `silent`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Reply::Text { kind, .. } => match kind {
+                ReplyKind::Answer => "answer",
+                ReplyKind::Cached => "cached",
+                ReplyKind::Command => "command",
+                ReplyKind::Notice(r) => r.as_str(),
+            },
+            Reply::Silent => "silent",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Option<&str>) {
+        let got = input.parse::<UserRef>().ok().map(|u| u.to_string());
+        assert_eq!(got.as_deref(), expected, "input {input:?}");
+    }
+
+    #[test]
+    fn parses_user_refs() {
+        check("tg:123", Some("tg:123"));
+        check("dc:987654321012345678", Some("dc:987654321012345678"));
+        check("cli:alice", Some("cli:alice"));
+        check("tg:", None);
+        check("tg:12a", None);
+        check("xx:1", None);
+        check("123", None);
+    }
+}

@@ -1,0 +1,703 @@
+//! The conversation engine: one platform-neutral pipeline for every bot and adapter.
+//!
+//! **Architecture Invariant:** this module imports no platform SDK, no sled and no
+//! async-openai; it speaks [`crate::domain`], [`crate::store::Store`] and [`crate::llm`].
+
+pub mod cache;
+pub mod commands;
+pub mod limits;
+pub mod ordering;
+pub mod prompt;
+pub mod stats;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{BotConfig, CacheScope, Config};
+use crate::domain::{Content, Inbound, Platform, Rejection, Reply, ReplyKind, UserRef};
+use crate::llm::{ChatMessage, ChatRequest, ChatResponse, ChatRole, LlmError, ResilientLlm};
+use crate::store::{CacheEntry, Handled, HandledEntry, Role, Store, StoreError, Turn, UserRecord};
+use commands::Command;
+use limits::{human_duration, limit_key, secs_until_reset, utc_day, Limits, RateDecision};
+use ordering::ConversationLocks;
+use prompt::{PromptVars, Prompts, Tokenizer};
+use stats::EngineStats;
+
+pub const MSG_NON_TEXT: &str = "I can only read text for now.";
+pub const MSG_LLM_UNAVAILABLE: &str =
+    "The assistant is temporarily unavailable. Please try again in a few minutes.";
+pub const MSG_LLM_FAILED: &str =
+    "Sorry, I couldn't get an answer right now. Please try again in a moment.";
+pub const MSG_BANNED: &str = "You have been blocked from using this bot.";
+pub const MSG_INTERNAL: &str = "Sorry, something went wrong on my side. Please try again.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Prompt(#[from] prompt::PromptError),
+    #[error("{0}")]
+    Tokenizer(String),
+}
+
+/// Settings that `reload` swaps as a whole (bots and prompts; SIGHUP / `/admin reload`).
+struct Settings {
+    config: Arc<Config>,
+    prompts: Prompts,
+}
+
+pub struct Engine {
+    settings: RwLock<Arc<Settings>>,
+    store: Arc<dyn Store>,
+    llm: Arc<ResilientLlm>,
+    tokenizer: Tokenizer,
+    limits: Limits,
+    locks: ConversationLocks,
+    maintenance: RwLock<Option<String>>,
+    started: Instant,
+    pub stats: EngineStats,
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The per-message limits in force for a user on a bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveLimits {
+    pub per_minute: u32,
+    pub burst: u32,
+    pub daily_tokens: u64,
+}
+
+/// What `handle` decided before the adapter sends it.
+struct Decided {
+    reply: Reply,
+}
+
+impl Engine {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        llm: Arc<ResilientLlm>,
+    ) -> Result<Self, EngineError> {
+        let prompts = Prompts::new(&config.prompts)?;
+        let tokenizer = Tokenizer::load().map_err(EngineError::Tokenizer)?;
+        Ok(Self {
+            settings: RwLock::new(Arc::new(Settings {
+                config: Arc::new(config),
+                prompts,
+            })),
+            store,
+            llm,
+            tokenizer,
+            limits: Limits::new(),
+            locks: ConversationLocks::default(),
+            maintenance: RwLock::new(None),
+            started: Instant::now(),
+            stats: EngineStats::default(),
+        })
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.settings().config.clone()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn llm(&self) -> &Arc<ResilientLlm> {
+        &self.llm
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Swaps in new bots and prompts (the store, limits and connections stay).
+    pub fn reload(&self, config: Config) -> Result<(), EngineError> {
+        let prompts = Prompts::new(&config.prompts)?;
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Settings {
+            config: Arc::new(config),
+            prompts,
+        });
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    pub fn set_maintenance(&self, message: Option<String>) {
+        *self.maintenance.write().unwrap_or_else(|p| p.into_inner()) = message;
+    }
+
+    pub fn maintenance(&self) -> Option<String> {
+        self.maintenance
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn is_admin(&self, user: &UserRef) -> bool {
+        let cfg = self.config();
+        match user.platform {
+            Platform::Telegram => user.id.parse().is_ok_and(|id| cfg.is_admin_telegram(id)),
+            Platform::Discord => user.id.parse().is_ok_and(|id| cfg.is_admin_discord(id)),
+            Platform::Terminal => false,
+        }
+    }
+
+    pub fn effective_limits(
+        &self,
+        cfg: &Config,
+        bot: &BotConfig,
+        record: Option<&UserRecord>,
+    ) -> EffectiveLimits {
+        let mut l = EffectiveLimits {
+            per_minute: cfg.limits.messages_per_minute,
+            burst: cfg.limits.burst,
+            daily_tokens: cfg.limits.daily_tokens,
+        };
+        if let Some(b) = &bot.limits {
+            l.per_minute = b.messages_per_minute.unwrap_or(l.per_minute);
+            l.burst = b.burst.unwrap_or(l.burst);
+            l.daily_tokens = b.daily_tokens.unwrap_or(l.daily_tokens);
+        }
+        if let Some(r) = record {
+            l.per_minute = r.limit_per_minute.unwrap_or(l.per_minute);
+            l.daily_tokens = r.limit_daily_tokens.unwrap_or(l.daily_tokens);
+        }
+        l
+    }
+
+    /// The durable id of an update, unique across bots and platforms.
+    fn update_key(inbound: &Inbound) -> Option<String> {
+        inbound
+            .update_id
+            .as_ref()
+            .map(|id| format!("{}/{}/{}", inbound.bot, inbound.platform.prefix(), id))
+    }
+
+    /// Handles one inbound message and returns what to send. After the adapter has sent
+    /// it, it calls [`Engine::mark_sent`].
+    pub async fn handle(&self, inbound: &Inbound) -> Reply {
+        self.handle_streaming(inbound, None).await
+    }
+
+    /// Like [`Engine::handle`]; for bots with `stream = true`, the text so far is
+    /// published on `partial` as it arrives (the returned reply is always complete).
+    pub async fn handle_streaming(
+        &self,
+        inbound: &Inbound,
+        partial: Option<&watch::Sender<String>>,
+    ) -> Reply {
+        let started = Instant::now();
+        self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        let _turn = self.locks.acquire(inbound.conversation().to_string()).await;
+        let reply = match self.decide(inbound, partial).await {
+            Ok(d) => d.reply,
+            Err(e) => {
+                tracing::error!(error = %e, "store failure while handling a message");
+                Reply::notice(Rejection::LlmFailed, MSG_INTERNAL)
+            }
+        };
+        self.stats.outcome(reply.outcome());
+        if let Reply::Text { kind, .. } = &reply {
+            if matches!(kind, ReplyKind::Answer | ReplyKind::Cached) {
+                self.stats.observe_latency(started.elapsed());
+            }
+        }
+        reply
+    }
+
+    /// Records that the reply to this update reached the platform.
+    pub fn mark_sent(&self, inbound: &Inbound) {
+        if let Some(key) = Self::update_key(inbound) {
+            let entry = HandledEntry {
+                state: Handled::Sent,
+                at: now_unix(),
+            };
+            if let Err(e) = self.store.set_handled(&key, &entry) {
+                tracing::error!(error = %e, "could not record a sent reply");
+            }
+        }
+    }
+
+    async fn decide(
+        &self,
+        inbound: &Inbound,
+        partial: Option<&watch::Sender<String>>,
+    ) -> Result<Decided, StoreError> {
+        let done = |reply: Reply| Ok(Decided { reply });
+        let update_key = Self::update_key(inbound);
+        if let Some(key) = &update_key {
+            match self.store.handled(key)? {
+                Some(HandledEntry {
+                    state: Handled::Sent,
+                    ..
+                }) => {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    return done(Reply::Silent);
+                }
+                // Decided and stored before a crash, never confirmed sent: send it again
+                // without asking the LLM (and without storing the turns twice).
+                Some(HandledEntry {
+                    state: Handled::Pending { reply },
+                    ..
+                }) => return done(Reply::text(reply, ReplyKind::Answer)),
+                None => {}
+            }
+        }
+
+        let settings = self.settings();
+        let cfg = &settings.config;
+        let Some(bot) = cfg.bot(&inbound.bot) else {
+            tracing::error!(bot = %inbound.bot, "message for a bot that is not configured");
+            return done(Reply::Silent);
+        };
+        let user = inbound.user();
+        let admin = self.is_admin(&user);
+        let record = self.store.user(&user)?;
+
+        // Ban and maintenance come before anything else a user can trigger.
+        if let Some(ban) = record.as_ref().and_then(|r| r.banned.as_ref()) {
+            if ban.notified {
+                return done(Reply::Silent);
+            }
+            self.store.update_user(&user, &mut |r| {
+                if let Some(b) = r.banned.as_mut() {
+                    b.notified = true;
+                }
+            })?;
+            return done(Reply::notice(Rejection::Banned, MSG_BANNED));
+        }
+        if let Some(msg) = self.maintenance() {
+            if !admin {
+                return done(Reply::notice(Rejection::Maintenance, msg));
+            }
+        }
+
+        let text = match &inbound.content {
+            Content::Text(t) if !t.trim().is_empty() => t.as_str(),
+            _ => {
+                return done(if inbound.is_private {
+                    Reply::notice(Rejection::NonText, MSG_NON_TEXT)
+                } else {
+                    Reply::Silent
+                });
+            }
+        };
+
+        if let Some(cmd) = commands::parse(text) {
+            return self
+                .command(cmd, inbound, cfg, bot, record.as_ref())
+                .map(|reply| Decided { reply });
+        }
+
+        let chars = text.chars().count();
+        if chars > cfg.limits.max_input_chars {
+            return done(Reply::notice(
+                Rejection::TooLong,
+                format!(
+                    "Your message is too long ({chars} chars, limit {}). Please shorten it.",
+                    cfg.limits.max_input_chars
+                ),
+            ));
+        }
+
+        let limits = self.effective_limits(cfg, bot, record.as_ref());
+        if !admin {
+            let key = limit_key(&inbound.bot, &user.to_string());
+            match self.limits.check(key, limits.per_minute, limits.burst) {
+                RateDecision::Allowed => {}
+                RateDecision::Notify { retry_in } => {
+                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    return done(Reply::notice(
+                        Rejection::RateLimited,
+                        format!(
+                            "You're sending messages too fast. Try again in {}.",
+                            human_duration(retry_in.as_secs_f64().ceil() as u64)
+                        ),
+                    ));
+                }
+                RateDecision::Silent => {
+                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    return done(Reply::Silent);
+                }
+            }
+
+            let now = now_unix();
+            let today = utc_day(now);
+            let usage = record.as_ref().map(|r| &r.usage);
+            let used_today = usage.filter(|u| u.day == today).map_or(0, |u| u.tokens);
+            if used_today >= limits.daily_tokens {
+                let already = usage.is_some_and(|u| u.day == today && u.budget_notified);
+                if already {
+                    return done(Reply::Silent);
+                }
+                self.store.update_user(&user, &mut |r| {
+                    roll_day(r, today);
+                    r.usage.budget_notified = true;
+                })?;
+                return done(Reply::notice(
+                    Rejection::BudgetExhausted,
+                    format!(
+                        "You've used today's token budget ({} tokens). It resets in {} (midnight UTC).",
+                        limits.daily_tokens,
+                        human_duration(secs_until_reset(now) as u64)
+                    ),
+                ));
+            }
+        }
+
+        self.answer(
+            inbound,
+            cfg,
+            &settings.prompts,
+            bot,
+            text,
+            update_key.as_deref(),
+            partial,
+        )
+        .await
+        .map(|reply| Decided { reply })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        inbound: &Inbound,
+        cfg: &Config,
+        prompts: &Prompts,
+        bot: &BotConfig,
+        text: &str,
+        update_key: Option<&str>,
+        partial: Option<&watch::Sender<String>>,
+    ) -> Result<Reply, StoreError> {
+        let user = inbound.user();
+        let conv = inbound.conversation();
+        let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
+        let system = match prompts.render(
+            &bot.prompt,
+            &PromptVars {
+                bot_name: &bot.name,
+                user_name: &inbound.user_name,
+                platform: inbound.platform.name(),
+                date: &date,
+            },
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "prompt rendering failed");
+                return Ok(Reply::notice(Rejection::LlmFailed, MSG_INTERNAL));
+            }
+        };
+        let system_tokens = self.tokenizer.count(&system);
+        let user_tokens = self.tokenizer.count(text);
+        let mut history_budget = cfg
+            .memory
+            .max_context_tokens
+            .saturating_sub(system_tokens + user_tokens);
+
+        let model = bot.model.clone().unwrap_or_else(|| cfg.llm.model.clone());
+        let temperature = bot.temperature.or(cfg.llm.temperature);
+        let max_tokens = bot.max_tokens.or(cfg.llm.max_tokens);
+        let stream = bot.stream && partial.is_some();
+
+        let mut tried_shorter = false;
+        loop {
+            let history = self.store.recent_turns(&conv, history_budget)?;
+            let history_tokens: u64 = history.iter().map(|t| t.tokens as u64).sum();
+            let context: Vec<ChatMessage> = history
+                .iter()
+                .map(|t| {
+                    let role = match t.role {
+                        Role::User => ChatRole::User,
+                        Role::Assistant => ChatRole::Assistant,
+                    };
+                    ChatMessage::new(role, t.text.clone())
+                })
+                .collect();
+
+            let cache_key = cfg.cache.enabled.then(|| {
+                let scope_user = (cfg.cache.scope == CacheScope::User).then_some(&user);
+                cache::key(&cache::KeyInput {
+                    model: &model,
+                    temperature,
+                    max_tokens,
+                    system: &system,
+                    context: &context,
+                    question: text,
+                    user: scope_user,
+                })
+            });
+            if let Some(key) = &cache_key {
+                let now = now_unix();
+                match self.store.cache_get(key)? {
+                    Some(hit) if now - hit.created_at < cfg.cache.ttl_secs as i64 => {
+                        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .cache_tokens_saved
+                            .fetch_add(hit.tokens, Ordering::Relaxed);
+                        if let Some(p) = partial {
+                            p.send_replace(hit.reply.clone());
+                        }
+                        self.remember(inbound, text, user_tokens, &hit.reply, update_key, 0)
+                            .await?;
+                        return Ok(Reply::text(hit.reply, ReplyKind::Cached));
+                    }
+                    _ => {
+                        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+
+            let mut messages = Vec::with_capacity(context.len() + 2);
+            messages.push(ChatMessage::new(ChatRole::System, system.clone()));
+            messages.extend(context);
+            messages.push(ChatMessage::new(ChatRole::User, text));
+            let request = ChatRequest {
+                model: model.clone(),
+                messages,
+                temperature,
+                max_tokens,
+            };
+            let result = if stream {
+                self.stream_call(request, partial).await
+            } else {
+                self.llm.complete(request).await
+            };
+            match result {
+                Ok(resp) => {
+                    let prompt_tokens = if resp.prompt_tokens > 0 {
+                        resp.prompt_tokens
+                    } else {
+                        (system_tokens + user_tokens) as u64 + history_tokens
+                    };
+                    let completion_tokens = if resp.completion_tokens > 0 {
+                        resp.completion_tokens
+                    } else {
+                        self.tokenizer.count(&resp.text) as u64
+                    };
+                    let cost = prompt_tokens + completion_tokens;
+                    if let Some(key) = &cache_key {
+                        let entry = CacheEntry {
+                            reply: resp.text.clone(),
+                            tokens: cost,
+                            created_at: now_unix(),
+                            origin: user.clone(),
+                            model: model.clone(),
+                        };
+                        if let Err(e) = self.store.cache_put(key, &entry, cfg.cache.max_entries) {
+                            tracing::error!(error = %e, "could not store a cache entry");
+                        }
+                    }
+                    self.remember(inbound, text, user_tokens, &resp.text, update_key, cost)
+                        .await?;
+                    return Ok(Reply::text(resp.text, ReplyKind::Answer));
+                }
+                Err(LlmError::ContextLength) if !tried_shorter && history_tokens > 0 => {
+                    // Our count is cl100k's; the model's differs. Halve what we sent.
+                    tracing::warn!(
+                        "context too long for the model; retrying with half the history"
+                    );
+                    tried_shorter = true;
+                    history_budget = (history_tokens / 2) as usize;
+                }
+                Err(LlmError::CircuitOpen) => {
+                    return Ok(Reply::notice(
+                        Rejection::LlmUnavailable,
+                        MSG_LLM_UNAVAILABLE,
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = e.kind(), "LLM call failed; apologising");
+                    return Ok(Reply::notice(Rejection::LlmFailed, MSG_LLM_FAILED));
+                }
+            }
+        }
+    }
+
+    async fn stream_call(
+        &self,
+        request: ChatRequest,
+        partial: Option<&watch::Sender<String>>,
+    ) -> Result<ChatResponse, LlmError> {
+        let mut deltas = self.llm.stream(request).await?;
+        let mut text = String::new();
+        while let Some(item) = deltas.next().await {
+            text.push_str(&item?);
+            if let Some(p) = partial {
+                p.send_replace(text.clone());
+            }
+        }
+        if text.trim().is_empty() {
+            return Err(LlmError::BadResponse("empty streamed answer".into()));
+        }
+        Ok(ChatResponse {
+            text,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        })
+    }
+
+    /// Appends both turns and the pending reply in one atomic batch, makes it durable
+    /// (group commit), then books the usage. Only then may the reply be sent.
+    async fn remember(
+        &self,
+        inbound: &Inbound,
+        text: &str,
+        user_tokens: usize,
+        reply: &str,
+        update_key: Option<&str>,
+        cost: u64,
+    ) -> Result<(), StoreError> {
+        let now = now_unix();
+        let turns = [
+            Turn {
+                role: Role::User,
+                text: text.to_string(),
+                tokens: user_tokens as u32,
+                at: now,
+            },
+            Turn {
+                role: Role::Assistant,
+                text: reply.to_string(),
+                tokens: self.tokenizer.count(reply) as u32,
+                at: now,
+            },
+        ];
+        let pending = HandledEntry {
+            state: Handled::Pending {
+                reply: reply.to_string(),
+            },
+            at: now,
+        };
+        self.store.append_turns(
+            &inbound.conversation(),
+            &turns,
+            update_key.map(|k| (k, &pending)),
+        )?;
+        self.store.flush().await?;
+        let today = utc_day(now);
+        self.store.update_user(&inbound.user(), &mut |r| {
+            roll_day(r, today);
+            if r.first_seen == 0 {
+                r.first_seen = now;
+            }
+            r.last_seen = now;
+            r.name = Some(inbound.user_name.clone());
+            if inbound.username.is_some() {
+                r.username = inbound.username.clone();
+            }
+            r.usage.tokens += cost;
+            r.usage.messages += 1;
+            r.usage.total_tokens += cost;
+            r.usage.total_messages += 1;
+        })?;
+        Ok(())
+    }
+
+    fn command(
+        &self,
+        cmd: Command,
+        inbound: &Inbound,
+        cfg: &Config,
+        bot: &BotConfig,
+        record: Option<&UserRecord>,
+    ) -> Result<Reply, StoreError> {
+        let reply = match cmd {
+            Command::Start => format!(
+                "Hi {}! I'm {}, an AI assistant. Just write to me.\n\n{}",
+                inbound.user_name,
+                bot.name,
+                commands::help_text()
+            ),
+            Command::Help => commands::help_text(),
+            Command::Reset => {
+                let n = self.store.clear_conversation(&inbound.conversation())?;
+                format!("Done: I forgot this conversation ({n} messages).")
+            }
+            Command::Usage => {
+                let limits = self.effective_limits(cfg, bot, record);
+                let now = now_unix();
+                let today = utc_day(now);
+                let used = record
+                    .filter(|r| r.usage.day == today)
+                    .map_or(0, |r| r.usage.tokens);
+                if self.is_admin(&inbound.user()) {
+                    format!("You are an admin: no limits apply. Tokens used today: {used}.")
+                } else {
+                    format!(
+                        "Limits: {} messages per minute (burst {}), {} tokens per day.\nUsed today: {} tokens ({} left). The budget resets in {} (midnight UTC).",
+                        limits.per_minute,
+                        limits.burst,
+                        limits.daily_tokens,
+                        used,
+                        limits.daily_tokens.saturating_sub(used),
+                        human_duration(secs_until_reset(now) as u64)
+                    )
+                }
+            }
+            Command::Unknown(name) => {
+                return Ok(Reply::notice(
+                    Rejection::BadCommand,
+                    format!("Unknown command /{name}.\n{}", commands::help_text()),
+                ))
+            }
+        };
+        Ok(Reply::text(reply, ReplyKind::Command))
+    }
+
+    /// Periodic housekeeping: memory retention, cache expiry, limiter pruning, old
+    /// handled-update markers. Returns a summary for the log.
+    pub fn sweep(&self) -> Result<SweepReport, StoreError> {
+        let cfg = self.config();
+        let now = now_unix();
+        let retention = cfg.memory.retention_days as i64 * 86_400;
+        Ok(SweepReport {
+            turns_purged: self.store.purge_turns_before(now - retention)?,
+            cache_expired: self.store.cache_expire(now - cfg.cache.ttl_secs as i64)?,
+            // A redelivered update older than a week is not a redelivery worth catching.
+            handled_purged: self.store.purge_handled_before(now - 7 * 86_400)?,
+            limiter_keys: self.limits.prune(),
+        })
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub turns_purged: usize,
+    pub cache_expired: usize,
+    pub handled_purged: usize,
+    pub limiter_keys: usize,
+}
+
+/// Starts a new usage day when the UTC date changed.
+fn roll_day(r: &mut UserRecord, today: i64) {
+    if r.usage.day != today {
+        r.usage.day = today;
+        r.usage.tokens = 0;
+        r.usage.messages = 0;
+        r.usage.budget_notified = false;
+    }
+}

@@ -1,0 +1,125 @@
+//! System prompt rendering (minijinja) and token counting (tiktoken, loaded once).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use minijinja::Environment;
+use serde::Serialize;
+use tiktoken_rs::CoreBPE;
+
+/// Fields a prompt template may use.
+#[derive(Debug, Serialize)]
+pub struct PromptVars<'a> {
+    pub bot_name: &'a str,
+    pub user_name: &'a str,
+    pub platform: &'a str,
+    pub date: &'a str,
+}
+
+/// Compiled prompt templates, one per `prompts/<name>.md`.
+pub struct Prompts {
+    env: Environment<'static>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("prompt {name}: {reason}")]
+pub struct PromptError {
+    pub name: String,
+    pub reason: String,
+}
+
+impl Prompts {
+    pub fn new(sources: &BTreeMap<String, String>) -> Result<Self, PromptError> {
+        let mut env = Environment::new();
+        // Prompts are plain text, not HTML.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        for (name, src) in sources {
+            env.add_template_owned(name.clone(), src.clone())
+                .map_err(|e| PromptError {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(Self { env })
+    }
+
+    pub fn render(&self, name: &str, vars: &PromptVars<'_>) -> Result<String, PromptError> {
+        let err = |e: minijinja::Error| PromptError {
+            name: name.to_string(),
+            reason: e.to_string(),
+        };
+        let tmpl = self.env.get_template(name).map_err(err)?;
+        tmpl.render(vars).map_err(err)
+    }
+}
+
+/// Counts tokens with a real BPE tokenizer (cl100k_base: ≈24 MB, half of o200k's cost;
+/// close enough to budget context for any current chat model).
+#[derive(Clone)]
+pub struct Tokenizer {
+    bpe: Arc<CoreBPE>,
+}
+
+impl Tokenizer {
+    pub fn load() -> Result<Self, String> {
+        let bpe = tiktoken_rs::cl100k_base().map_err(|e| format!("loading tokenizer: {e}"))?;
+        Ok(Self { bpe: Arc::new(bpe) })
+    }
+
+    pub fn count(&self, text: &str) -> usize {
+        self.bpe.encode_ordinary(text).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_fields_without_escaping() {
+        let mut src = BTreeMap::new();
+        src.insert(
+            "p".to_string(),
+            "I am {{bot_name}}, talking to {{user_name}} on {{platform}} ({{date}}).".to_string(),
+        );
+        let p = Prompts::new(&src).unwrap();
+        let out = p
+            .render(
+                "p",
+                &PromptVars {
+                    bot_name: "assistant",
+                    user_name: "Tom & <Jerry>",
+                    platform: "telegram",
+                    date: "2026-11-21",
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "I am assistant, talking to Tom & <Jerry> on telegram (2026-11-21)."
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let mut src = BTreeMap::new();
+        src.insert("p".to_string(), "{{nope}}".to_string());
+        let p = Prompts::new(&src).unwrap();
+        let vars = PromptVars {
+            bot_name: "a",
+            user_name: "b",
+            platform: "c",
+            date: "d",
+        };
+        assert!(p.render("p", &vars).is_err());
+        assert!(p.render("missing", &vars).is_err());
+    }
+
+    #[test]
+    fn counts_tokens() {
+        let t = Tokenizer::load().unwrap();
+        assert_eq!(t.count(""), 0);
+        assert!(t.count("hello world, how are you today?") >= 6);
+    }
+}

@@ -1,0 +1,24 @@
+//! confab: one daemon connecting Telegram and Discord bots to one conversation engine
+//! backed by any OpenAI-compatible LLM.
+//!
+//! Module map (see ARCHITECTURE.md for invariants and the flow of one message):
+//! - [`config`]   — raw serde structs → validated [`config::Config`]; every problem collected.
+//! - [`domain`]   — platform-neutral types: [`domain::Inbound`], [`domain::Reply`], user refs.
+//! - [`engine`]   — the pipeline: dedupe, ban, commands, validation, limits, budget, memory,
+//!   prompt, cache, LLM, memory append. Imports no SDK, no sled, no async-openai.
+//! - [`llm`]      — provider trait, async-openai implementation, retry/breaker/concurrency.
+//! - [`store`]    — `Store` trait and its sled implementation.
+//! - [`adapters`] — platform adapters (terminal today); translate, never decide.
+//! - [`app`]      — composition root: builds everything and runs it; ordered shutdown.
+//! - [`shutdown`] — cancellation, task tracking, signals.
+//! - [`logging`]  — tracing setup (pretty or JSON), `env` on every line.
+
+pub mod adapters;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod llm;
+pub mod logging;
+pub mod shutdown;
+pub mod store;

@@ -1,0 +1,224 @@
+//! [`LlmProvider`] on async-openai, with its built-in retries replaced by a single-attempt
+//! HTTP service (our [`super::ResilientLlm`] owns retries) and real timeouts.
+
+use std::time::Duration;
+
+use async_openai::config::OpenAIConfig;
+use async_openai::error::OpenAIError;
+use async_openai::middleware::HttpRequestFactory;
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest,
+};
+use async_openai::Client;
+use futures::StreamExt;
+
+use super::{ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError, LlmProvider};
+use crate::store::BoxFuture;
+
+/// A non-2xx status the HTTP layer saw before async-openai parsed the body, with the
+/// `Retry-After` header async-openai would otherwise drop.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP {status}")]
+struct HttpStatus {
+    status: u16,
+    retry_after: Option<Duration>,
+}
+
+pub struct OpenAiProvider {
+    client: Client<OpenAIConfig>,
+}
+
+/// Parses `Retry-After` in its seconds form (the form LLM APIs use).
+fn parse_retry_after(headers: &reqwest13::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest13::header::RETRY_AFTER)?.to_str().ok()?;
+    let secs: f64 = v.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+impl OpenAiProvider {
+    /// `api_key` may be empty for local servers (Ollama, llama.cpp) that need none.
+    pub fn new(base_url: &str, api_key: &str, connect_timeout: Duration) -> Result<Self, LlmError> {
+        let http = reqwest13::Client::builder()
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| LlmError::Connect(format!("building HTTP client: {e}")))?;
+        // Exactly one attempt per call; 429 and 5xx come back as HttpStatus with Retry-After.
+        let service = tower::service_fn(move |factory: HttpRequestFactory| {
+            let http = http.clone();
+            async move {
+                let request = factory.build().await?;
+                let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
+                let status = response.status();
+                if status.as_u16() == 429 || status.is_server_error() {
+                    return Err(OpenAIError::Boxed(Box::new(HttpStatus {
+                        status: status.as_u16(),
+                        retry_after: parse_retry_after(response.headers()),
+                    })));
+                }
+                Ok(response)
+            }
+        });
+        let config = OpenAIConfig::new()
+            .with_api_base(base_url.trim_end_matches('/'))
+            .with_api_key(api_key);
+        Ok(Self {
+            client: Client::with_config(config).with_http_service(service),
+        })
+    }
+
+    fn build_request(req: ChatRequest, stream: bool) -> CreateChatCompletionRequest {
+        let messages = req
+            .messages
+            .into_iter()
+            .map(|m| match m.role {
+                ChatRole::System => ChatCompletionRequestMessage::System(
+                    ChatCompletionRequestSystemMessage::from(m.content),
+                ),
+                ChatRole::User => ChatCompletionRequestMessage::User(
+                    ChatCompletionRequestUserMessage::from(m.content),
+                ),
+                ChatRole::Assistant => ChatCompletionRequestMessage::Assistant(
+                    ChatCompletionRequestAssistantMessage::from(m.content.as_str()),
+                ),
+            })
+            .collect();
+        #[allow(deprecated)]
+        CreateChatCompletionRequest {
+            model: req.model,
+            messages,
+            temperature: req.temperature,
+            // `max_tokens` is what most OpenAI-compatible servers understand.
+            max_tokens: req.max_tokens,
+            stream: stream.then_some(true),
+            stream_options: stream.then_some(ChatCompletionStreamOptions {
+                include_usage: Some(true),
+                include_obfuscation: None,
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// Maps async-openai's error to what the caller can act on. Never includes the API key
+/// (it travels in a header, and reqwest's messages name only the URL).
+fn map_error(e: OpenAIError) -> LlmError {
+    match e {
+        OpenAIError::Boxed(b) => match b.downcast::<HttpStatus>() {
+            Ok(s) if s.status == 429 => LlmError::RateLimited {
+                retry_after: s.retry_after,
+            },
+            Ok(s) => LlmError::Server {
+                status: s.status,
+                retry_after: s.retry_after,
+            },
+            Err(other) => LlmError::Connect(other.to_string()),
+        },
+        OpenAIError::Reqwest(e) => {
+            if e.is_timeout() {
+                LlmError::Timeout
+            } else if e.is_connect() || e.is_request() {
+                LlmError::Connect(format!("{e:?}").chars().take(300).collect())
+            } else {
+                LlmError::BadResponse(e.to_string())
+            }
+        }
+        OpenAIError::ApiError(api) => {
+            let code = api.api_error.code.as_deref().unwrap_or("");
+            let msg = api.api_error.message.to_lowercase();
+            if code == "context_length_exceeded"
+                || msg.contains("maximum context length")
+                || msg.contains("context length")
+            {
+                LlmError::ContextLength
+            } else {
+                LlmError::Rejected {
+                    status: api.status_code.as_u16(),
+                    message: api.api_error.message.chars().take(300).collect(),
+                }
+            }
+        }
+        OpenAIError::JSONDeserialize(e, _) => LlmError::BadResponse(e.to_string()),
+        OpenAIError::StreamError(e) => LlmError::BadResponse(e.to_string()),
+        OpenAIError::InvalidArgument(m) => LlmError::Rejected {
+            status: 0,
+            message: m,
+        },
+        other => LlmError::BadResponse(other.to_string()),
+    }
+}
+
+impl LlmProvider for OpenAiProvider {
+    fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, LlmError>> {
+        Box::pin(async move {
+            let request = Self::build_request(req, false);
+            let resp = self
+                .client
+                .chat()
+                .create(request)
+                .await
+                .map_err(map_error)?;
+            let text = resp
+                .choices
+                .into_iter()
+                .next()
+                .and_then(|c| c.message.content)
+                .unwrap_or_default();
+            if text.trim().is_empty() {
+                return Err(LlmError::BadResponse("empty answer".into()));
+            }
+            let (prompt_tokens, completion_tokens) = resp
+                .usage
+                .map(|u| (u.prompt_tokens as u64, u.completion_tokens as u64))
+                .unwrap_or((0, 0));
+            Ok(ChatResponse {
+                text,
+                prompt_tokens,
+                completion_tokens,
+            })
+        })
+    }
+
+    fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
+        Box::pin(async move {
+            let request = Self::build_request(req, true);
+            let stream = self
+                .client
+                .chat()
+                .create_stream(request)
+                .await
+                .map_err(map_error)?;
+            let deltas = stream.filter_map(|item| async move {
+                match item {
+                    Ok(chunk) => chunk
+                        .choices
+                        .into_iter()
+                        .next()
+                        .and_then(|c| c.delta.content)
+                        .filter(|s| !s.is_empty())
+                        .map(Ok),
+                    // Any stream error (including an `{"error":…}` event) ends the stream.
+                    Err(e) => Some(Err(map_error(e))),
+                }
+            });
+            Ok(Box::pin(deltas) as DeltaStream)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds() {
+        let mut h = reqwest13::header::HeaderMap::new();
+        assert_eq!(parse_retry_after(&h), None);
+        h.insert(reqwest13::header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(reqwest13::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), None);
+    }
+}

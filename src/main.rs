@@ -1,0 +1,128 @@
+//! The `confab` binary: parses the command line, sets up logging, calls into `app`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use confab::config::{self, Env, LoadOptions, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "confab",
+    version,
+    about = "Telegram and Discord bots on one LLM conversation engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Environment: staging or production.
+    #[arg(long)]
+    env: Env,
+    /// Directory holding config/, bots/, prompts/ and .env.<env>.
+    #[arg(long, default_value = ".")]
+    root: PathBuf,
+    /// Secrets file to load instead of <root>/.env.<env>.
+    #[arg(long)]
+    env_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Run(Common),
+    /// Validate config, bots, prompts and secrets; print every problem; exit 2 on any.
+    Check(Common),
+    /// Chat with a bot in the terminal (same engine, memory, limits and cache; no platform token).
+    Chat {
+        #[command(flatten)]
+        common: Common,
+        /// Bot name (file stem in bots/); default: the first bot.
+        #[arg(long)]
+        bot: Option<String>,
+    },
+}
+
+fn options(c: &Common, require_platform_tokens: bool) -> LoadOptions {
+    LoadOptions {
+        root: c.root.clone(),
+        env: c.env,
+        env_file: c.env_file.clone(),
+        require_platform_tokens,
+    }
+}
+
+fn load_or_report(opts: &LoadOptions) -> Result<config::Config, ExitCode> {
+    config::load(opts).map_err(|problems| {
+        for p in &problems.0 {
+            eprintln!("{p}");
+        }
+        eprintln!(
+            "confab: {} configuration problem(s); nothing started",
+            problems.0.len()
+        );
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("confab: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
+        Cmd::Check(c) => {
+            let opts = options(&c, true);
+            return match load_or_report(&opts) {
+                Ok(cfg) => {
+                    println!(
+                        "configuration OK: env {}, {} bot(s), {} prompt(s)",
+                        cfg.env,
+                        cfg.bots.len(),
+                        cfg.prompts.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            };
+        }
+        Cmd::Run(c) => {
+            let opts = options(&c, true);
+            let cfg = match load_or_report(&opts) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            confab::logging::init(cfg.log.format, &cfg.log.level);
+            let span = tracing::info_span!("confab", env = %cfg.env);
+            let _g = span.enter();
+            runtime.block_on(confab::app::run(cfg, opts))
+        }
+        Cmd::Chat { common, bot } => {
+            let opts = options(&common, false);
+            let cfg = match load_or_report(&opts) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            // The terminal is for the conversation: only warnings and errors go to stderr.
+            confab::logging::init(LogFormat::Pretty, "warn");
+            runtime.block_on(confab::app::chat(cfg, bot))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("confab: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

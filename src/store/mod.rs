@@ -1,0 +1,206 @@
+//! Persistent state behind a small trait: conversation turns, users, cache, audit, handled updates.
+//!
+//! The engine only sees [`Store`]; [`sled_store::SledStore`] is the one implementation
+//! (a Redis one can be added later without touching the engine).
+
+pub mod sled_store;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ConversationKey, UserRef};
+
+pub use sled_store::SledStore;
+
+/// Bumped when the on-disk layout changes; `open` refuses a newer store.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("store at {path} is schema version {found}, this confab understands up to {supported}; upgrade confab")]
+    SchemaTooNew {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error("could not open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("corrupt store entry in {tree}: {reason}")]
+    Corrupt { tree: &'static str, reason: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+/// One stored message of a conversation. `tokens` is counted once, when stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub role: Role,
+    pub text: String,
+    pub tokens: u32,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// Per-user record: moderation, overrides and today's usage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub name: Option<String>,
+    pub username: Option<String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub banned: Option<Ban>,
+    /// Admin override of messages/minute (burst stays the configured one).
+    pub limit_per_minute: Option<u32>,
+    pub limit_daily_tokens: Option<u64>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ban {
+    pub reason: String,
+    pub by: String,
+    pub at: i64,
+    /// Whether the user was already told (one notice, then silence).
+    #[serde(default)]
+    pub notified: bool,
+}
+
+/// Usage counters for one UTC day (`day` = days since the Unix epoch).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub day: i64,
+    pub tokens: u64,
+    pub messages: u64,
+    /// The budget notice was sent on this day already.
+    pub budget_notified: bool,
+    pub total_tokens: u64,
+    pub total_messages: u64,
+}
+
+/// A cached LLM reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub reply: String,
+    /// Tokens the original call cost (what a hit saves).
+    pub tokens: u64,
+    pub created_at: i64,
+    pub origin: UserRef,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: i64,
+    /// Who acted, e.g. `tg:123`.
+    pub actor: String,
+    pub command: String,
+    pub target: Option<String>,
+    /// `ok`, `refused`, or an error text.
+    pub result: String,
+}
+
+/// State of one platform update, for at-most-once answering across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Handled {
+    /// The reply is decided and stored (turns appended) but not confirmed sent.
+    Pending { reply: String },
+    /// The reply was sent.
+    Sent,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandledEntry {
+    pub state: Handled,
+    pub at: i64,
+}
+
+/// What `forget` deleted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForgetReport {
+    pub turns: usize,
+    pub conversations: usize,
+    pub user_record: bool,
+    pub cache_entries: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheStats {
+    pub entries: usize,
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// All persistent state. Methods are synchronous and fast (in-memory tree operations);
+/// [`Store::flush`] is the one slow, async step and is shared by concurrent callers.
+pub trait Store: Send + Sync + 'static {
+    /// Append turns to a conversation; optionally record the update as `Pending` in the
+    /// same atomic batch, so a crash can never store the turns without the reply (or vice versa).
+    fn append_turns(
+        &self,
+        key: &ConversationKey,
+        turns: &[Turn],
+        handled: Option<(&str, &HandledEntry)>,
+    ) -> StoreResult<()>;
+    /// The newest turns whose token counts sum to at most `max_tokens`, oldest first.
+    fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>>;
+    /// All turns of a conversation, oldest first.
+    fn all_turns(&self, key: &ConversationKey) -> StoreResult<Vec<Turn>>;
+    /// Every conversation a user has (on any bot or chat) with its turns.
+    fn user_conversations(&self, user: &UserRef) -> StoreResult<Vec<(ConversationKey, Vec<Turn>)>>;
+    /// Deletes a conversation's turns; returns how many.
+    fn clear_conversation(&self, key: &ConversationKey) -> StoreResult<usize>;
+    /// Deletes every turn older than `before` (unix seconds); returns how many.
+    fn purge_turns_before(&self, before: i64) -> StoreResult<usize>;
+
+    fn user(&self, user: &UserRef) -> StoreResult<Option<UserRecord>>;
+    fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()>;
+    /// Read-modify-write of a user record, atomic against concurrent updates.
+    fn update_user(
+        &self,
+        user: &UserRef,
+        f: &mut dyn FnMut(&mut UserRecord),
+    ) -> StoreResult<UserRecord>;
+    fn user_count(&self) -> StoreResult<usize>;
+    /// Find a user by `@username` (case-insensitive) on a platform.
+    fn find_username(&self, username: &str) -> StoreResult<Option<UserRef>>;
+
+    fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>>;
+    /// Insert, then evict the oldest entries beyond `max_entries`.
+    fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()>;
+    fn cache_remove(&self, key: &[u8; 32]) -> StoreResult<()>;
+    /// Deletes entries created before `before`; returns how many.
+    fn cache_expire(&self, before: i64) -> StoreResult<usize>;
+    fn cache_clear(&self) -> StoreResult<usize>;
+    fn cache_len(&self) -> usize;
+
+    fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()>;
+    /// The newest `n` entries, newest first.
+    fn audit_recent(&self, n: usize) -> StoreResult<Vec<AuditEntry>>;
+
+    fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>>;
+    fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()>;
+    /// Deletes handled markers older than `before`; returns how many.
+    fn purge_handled_before(&self, before: i64) -> StoreResult<usize>;
+
+    /// Small named values for adapters (e.g. a Telegram getUpdates offset).
+    fn meta_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
+
+    /// Deletes everything stored about a user: turns in every conversation, the user
+    /// record, and every cache entry the user originated.
+    fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport>;
+
+    /// Makes every write so far durable. Concurrent callers share one flush (group commit).
+    fn flush(&self) -> BoxFuture<'_, StoreResult<()>>;
+}

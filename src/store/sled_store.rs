@@ -1,0 +1,727 @@
+//! The sled 0.34 implementation of [`Store`] — the only module that knows sled.
+//!
+//! Trees (all values are JSON, so a corrupt entry can be detected and skipped):
+//! - `turns`:      conversation prefix + u64 sequence (big-endian) → [`Turn`]
+//! - `conv_index`: user ref + 0 + conversation prefix → () (export/forget without a full scan)
+//! - `users`:      `tg:123` → [`UserRecord`];  `usernames`: lowercase `@name` → `tg:123`
+//! - `cache`:      32-byte key → [`CacheEntry`]; `cache_time`: created_at (BE) + key → () for TTL/eviction
+//! - `audit`:      u64 sequence (BE) → [`AuditEntry`]
+//! - `handled`:    update id → [`HandledEntry`]
+//! - `meta`:       `schema_version` and adapter state
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::{Db, Tree};
+
+use super::*;
+use crate::domain::Platform;
+
+const SEP: u8 = 0;
+
+pub struct SledStore {
+    db: Db,
+    turns: Tree,
+    conv_index: Tree,
+    users: Tree,
+    usernames: Tree,
+    cache: Tree,
+    cache_time: Tree,
+    audit: Tree,
+    handled: Tree,
+    meta: Tree,
+    /// `cache.len()` is O(n) in sled; keep a running count.
+    cache_count: AtomicUsize,
+    flusher: Flusher,
+}
+
+type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Group commit on one dedicated thread. Every waiter that arrives while a flush runs
+/// is served by the next single `db.flush()`.
+///
+/// Why not `Db::flush_async`: sled 0.34 runs it on its small shared I/O pool, and with
+/// more concurrent callers than pool threads every thread blocks in `make_stable`
+/// waiting for a write that needs a pool thread — a deadlock (seen in our tests).
+struct Flusher {
+    tx: Option<std::sync::mpsc::Sender<FlushWaiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(db: Db) -> StoreResult<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
+        let thread = std::thread::Builder::new()
+            .name("confab-flush".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    for waiter in batch {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Io(format!("starting the flush thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread; joining releases its handle on the
+        // database so the store can be reopened at once.
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One stored (tree, key, value).
+pub type DumpRow = (String, Vec<u8>, Vec<u8>);
+
+/// The tree names, for tools that walk the whole store (backup, tests).
+pub const TREES: &[&str] = &[
+    "turns",
+    "conv_index",
+    "users",
+    "usernames",
+    "cache",
+    "cache_time",
+    "audit",
+    "handled",
+    "meta",
+];
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))
+}
+
+/// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps serving.
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Option<T> {
+    match serde_json::from_slice(bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(tree, key = %String::from_utf8_lossy(key), error = %e, "corrupt store entry skipped");
+            None
+        }
+    }
+}
+
+fn conv_prefix(key: &ConversationKey) -> Vec<u8> {
+    let mut p = Vec::with_capacity(key.bot.len() + key.chat.len() + key.user.len() + 8);
+    for part in [
+        key.bot.as_bytes(),
+        key.platform.prefix().as_bytes(),
+        key.chat.as_bytes(),
+        key.user.as_bytes(),
+    ] {
+        p.extend_from_slice(part);
+        p.push(SEP);
+    }
+    p
+}
+
+fn parse_conv_prefix(p: &[u8]) -> Option<ConversationKey> {
+    let parts: Vec<&[u8]> = p.split(|b| *b == SEP).collect();
+    // four parts plus the empty tail after the last separator
+    if parts.len() != 5 {
+        return None;
+    }
+    let s = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+    let platform = match parts[1] {
+        b"tg" => Platform::Telegram,
+        b"dc" => Platform::Discord,
+        b"cli" => Platform::Terminal,
+        _ => return None,
+    };
+    Some(ConversationKey {
+        bot: s(parts[0])?,
+        platform,
+        chat: s(parts[2])?,
+        user: s(parts[3])?,
+    })
+}
+
+fn user_key(user: &UserRef) -> Vec<u8> {
+    user.to_string().into_bytes()
+}
+
+fn index_key(user: &UserRef, prefix: &[u8]) -> Vec<u8> {
+    let mut k = user_key(user);
+    k.push(SEP);
+    k.extend_from_slice(prefix);
+    k
+}
+
+fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(40);
+    k.extend_from_slice(&(at.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+impl SledStore {
+    /// Opens (or creates) the store. `cache_capacity_mb` bounds sled's page cache
+    /// (its default is 1 GB); `flush_every_ms` is the background flush period.
+    pub fn open(dir: &Path, cache_capacity_mb: u64, flush_every_ms: u64) -> StoreResult<SledStore> {
+        let path = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
+            .flush_every_ms(Some(flush_every_ms.max(1)))
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                reason: match &e {
+                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                        "another process (a running confab?) holds the store's lock".to_string()
+                    }
+                    other => other.to_string(),
+                },
+            })?;
+        let t = |name: &str| db.open_tree(name).map_err(io);
+        let store = SledStore {
+            turns: t("turns")?,
+            conv_index: t("conv_index")?,
+            users: t("users")?,
+            usernames: t("usernames")?,
+            cache: t("cache")?,
+            cache_time: t("cache_time")?,
+            audit: t("audit")?,
+            handled: t("handled")?,
+            meta: t("meta")?,
+            cache_count: AtomicUsize::new(0),
+            flusher: Flusher::start(db.clone())?,
+            db,
+        };
+        store.check_schema(&path)?;
+        store
+            .cache_count
+            .store(store.cache.len(), Ordering::Relaxed);
+        Ok(store)
+    }
+
+    fn check_schema(&self, path: &str) -> StoreResult<()> {
+        match self.meta.get("schema_version").map_err(io)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        tree: "meta",
+                        reason: "schema_version is not a u32".into(),
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::SchemaTooNew {
+                        path: path.to_string(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                Ok(())
+            }
+            None => {
+                self.meta
+                    .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(io)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The underlying database, for backup/restore (sled's export/import).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Every (tree, key, value) in the store, for tests and audits of what is stored.
+    pub fn dump(&self) -> StoreResult<Vec<DumpRow>> {
+        let mut out = Vec::new();
+        for name in TREES {
+            let tree = self.db.open_tree(name).map_err(io)?;
+            for item in tree.iter() {
+                let (k, v) = item.map_err(io)?;
+                out.push((name.to_string(), k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn scan_turns(&self, prefix: &[u8]) -> impl DoubleEndedIterator<Item = (sled::IVec, Turn)> {
+        self.turns
+            .scan_prefix(prefix)
+            .filter_map(|item| match item {
+                Ok((k, v)) => decode::<Turn>("turns", &k, &v).map(|t| (k, t)),
+                Err(e) => {
+                    tracing::error!(tree = "turns", error = %e, "store read failed");
+                    None
+                }
+            })
+    }
+
+    fn index_username(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
+        if let Some(name) = &record.username {
+            let name = name.trim_start_matches('@').to_lowercase();
+            if !name.is_empty() {
+                self.usernames
+                    .insert(name.as_bytes(), user_key(user))
+                    .map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn append_turns(
+        &self,
+        key: &ConversationKey,
+        turns: &[Turn],
+        handled: Option<(&str, &HandledEntry)>,
+    ) -> StoreResult<()> {
+        let prefix = conv_prefix(key);
+        let mut rows = Vec::with_capacity(turns.len());
+        for turn in turns {
+            let seq = self.db.generate_id().map_err(io)?;
+            let mut k = prefix.clone();
+            k.extend_from_slice(&seq.to_be_bytes());
+            rows.push((k, encode(turn)?));
+        }
+        let handled_row = match handled {
+            Some((id, entry)) => Some((id.as_bytes().to_vec(), encode(entry)?)),
+            None => None,
+        };
+        let idx = index_key(&key.user_ref(), &prefix);
+        (&self.turns, &self.handled, &self.conv_index)
+            .transaction(|(turns_t, handled_t, index_t)| {
+                for (k, v) in &rows {
+                    turns_t.insert(k.as_slice(), v.as_slice())?;
+                }
+                if let Some((k, v)) = &handled_row {
+                    handled_t.insert(k.as_slice(), v.as_slice())?;
+                }
+                index_t.insert(idx.as_slice(), &[] as &[u8])?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| StoreError::Io(format!("append turns: {e:?}")))
+    }
+
+    fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>> {
+        let mut used = 0usize;
+        let mut out = Vec::new();
+        for (_, turn) in self.scan_turns(&conv_prefix(key)).rev() {
+            used += turn.tokens as usize;
+            if used > max_tokens {
+                break;
+            }
+            out.push(turn);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn all_turns(&self, key: &ConversationKey) -> StoreResult<Vec<Turn>> {
+        Ok(self.scan_turns(&conv_prefix(key)).map(|(_, t)| t).collect())
+    }
+
+    fn user_conversations(&self, user: &UserRef) -> StoreResult<Vec<(ConversationKey, Vec<Turn>)>> {
+        let mut prefix = user_key(user);
+        prefix.push(SEP);
+        let mut out = Vec::new();
+        for item in self.conv_index.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(io)?;
+            let conv = &k[prefix.len()..];
+            match parse_conv_prefix(conv) {
+                Some(key) => {
+                    let turns = self.all_turns(&key)?;
+                    out.push((key, turns));
+                }
+                None => tracing::error!(tree = "conv_index", "corrupt index entry skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn clear_conversation(&self, key: &ConversationKey) -> StoreResult<usize> {
+        let prefix = conv_prefix(key);
+        let mut n = 0;
+        let mut batch = sled::Batch::default();
+        for item in self.turns.scan_prefix(&prefix).keys() {
+            batch.remove(item.map_err(io)?);
+            n += 1;
+        }
+        self.turns.apply_batch(batch).map_err(io)?;
+        self.conv_index
+            .remove(index_key(&key.user_ref(), &prefix))
+            .map_err(io)?;
+        Ok(n)
+    }
+
+    fn purge_turns_before(&self, before: i64) -> StoreResult<usize> {
+        let mut n = 0;
+        for item in self.turns.iter() {
+            let (k, v) = item.map_err(io)?;
+            // A corrupt turn can never be served again; purge it too.
+            let old = decode::<Turn>("turns", &k, &v).is_none_or(|t| t.at < before);
+            if old {
+                self.turns.remove(k).map_err(io)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn user(&self, user: &UserRef) -> StoreResult<Option<UserRecord>> {
+        let key = user_key(user);
+        Ok(self
+            .users
+            .get(&key)
+            .map_err(io)?
+            .and_then(|v| decode("users", &key, &v)))
+    }
+
+    fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
+        self.users
+            .insert(user_key(user), encode(record)?)
+            .map_err(io)?;
+        self.index_username(user, record)
+    }
+
+    fn update_user(
+        &self,
+        user: &UserRef,
+        f: &mut dyn FnMut(&mut UserRecord),
+    ) -> StoreResult<UserRecord> {
+        let key = user_key(user);
+        let mut result = UserRecord::default();
+        let mut encode_err = None;
+        self.users
+            .fetch_and_update(&key, |old| {
+                let mut rec: UserRecord = old
+                    .and_then(|v| decode("users", &key, v))
+                    .unwrap_or_default();
+                f(&mut rec);
+                let bytes = match serde_json::to_vec(&rec) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        encode_err = Some(e.to_string());
+                        return old.map(|o| o.to_vec());
+                    }
+                };
+                result = rec;
+                Some(bytes)
+            })
+            .map_err(io)?;
+        if let Some(e) = encode_err {
+            return Err(StoreError::Io(format!("encode user: {e}")));
+        }
+        self.index_username(user, &result)?;
+        Ok(result)
+    }
+
+    fn user_count(&self) -> StoreResult<usize> {
+        Ok(self.users.len())
+    }
+
+    fn find_username(&self, username: &str) -> StoreResult<Option<UserRef>> {
+        let name = username.trim_start_matches('@').to_lowercase();
+        Ok(self
+            .usernames
+            .get(name.as_bytes())
+            .map_err(io)?
+            .and_then(|v| String::from_utf8(v.to_vec()).ok())
+            .and_then(|s| s.parse().ok()))
+    }
+
+    fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>> {
+        Ok(self
+            .cache
+            .get(key)
+            .map_err(io)?
+            .and_then(|v| decode("cache", key, &v)))
+    }
+
+    fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()> {
+        let old = self.cache.insert(key, encode(entry)?).map_err(io)?;
+        match old.and_then(|v| decode::<CacheEntry>("cache", key, &v)) {
+            Some(old) => {
+                self.cache_time
+                    .remove(time_key(old.created_at, key))
+                    .map_err(io)?;
+            }
+            None => {
+                self.cache_count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.cache_time
+            .insert(time_key(entry.created_at, key), &[] as &[u8])
+            .map_err(io)?;
+        // Evict the oldest entries beyond the bound.
+        while self.cache_count.load(Ordering::Relaxed) > max_entries {
+            let Some((tk, _)) = self.cache_time.pop_min().map_err(io)? else {
+                break;
+            };
+            if tk.len() == 40 && self.cache.remove(&tk[8..]).map_err(io)?.is_some() {
+                self.cache_count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn cache_remove(&self, key: &[u8; 32]) -> StoreResult<()> {
+        if let Some(v) = self.cache.remove(key).map_err(io)? {
+            self.cache_count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(old) = decode::<CacheEntry>("cache", key, &v) {
+                self.cache_time
+                    .remove(time_key(old.created_at, key))
+                    .map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cache_expire(&self, before: i64) -> StoreResult<usize> {
+        let end = (before.max(0) as u64).to_be_bytes();
+        let mut n = 0;
+        for item in self.cache_time.range(..end.as_slice()) {
+            let (tk, _) = item.map_err(io)?;
+            self.cache_time.remove(&tk).map_err(io)?;
+            if tk.len() == 40 && self.cache.remove(&tk[8..]).map_err(io)?.is_some() {
+                self.cache_count.fetch_sub(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn cache_clear(&self) -> StoreResult<usize> {
+        let n = self.cache.len();
+        self.cache.clear().map_err(io)?;
+        self.cache_time.clear().map_err(io)?;
+        self.cache_count.store(0, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn cache_len(&self) -> usize {
+        self.cache_count.load(Ordering::Relaxed)
+    }
+
+    fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()> {
+        let seq = self.db.generate_id().map_err(io)?;
+        self.audit
+            .insert(seq.to_be_bytes(), encode(entry)?)
+            .map_err(io)?;
+        Ok(())
+    }
+
+    fn audit_recent(&self, n: usize) -> StoreResult<Vec<AuditEntry>> {
+        let mut out = Vec::new();
+        for item in self.audit.iter().rev() {
+            if out.len() >= n {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            if let Some(e) = decode("audit", &k, &v) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>> {
+        Ok(self
+            .handled
+            .get(update.as_bytes())
+            .map_err(io)?
+            .and_then(|v| decode("handled", update.as_bytes(), &v)))
+    }
+
+    fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()> {
+        self.handled
+            .insert(update.as_bytes(), encode(entry)?)
+            .map_err(io)?;
+        Ok(())
+    }
+
+    fn purge_handled_before(&self, before: i64) -> StoreResult<usize> {
+        let mut n = 0;
+        for item in self.handled.iter() {
+            let (k, v) = item.map_err(io)?;
+            let old = decode::<HandledEntry>("handled", &k, &v).is_none_or(|h| h.at < before);
+            if old {
+                self.handled.remove(k).map_err(io)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn meta_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.meta.get(key).map_err(io)?.map(|v| v.to_vec()))
+    }
+
+    fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.meta.insert(key, value).map_err(io)?;
+        Ok(())
+    }
+
+    fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport> {
+        let mut report = ForgetReport::default();
+        for (key, _) in self.user_conversations(user)? {
+            report.turns += self.clear_conversation(&key)?;
+            report.conversations += 1;
+        }
+        let ukey = user_key(user);
+        if let Some(v) = self.users.remove(&ukey).map_err(io)? {
+            report.user_record = true;
+            if let Some(rec) = decode::<UserRecord>("users", &ukey, &v) {
+                if let Some(name) = rec.username {
+                    let name = name.trim_start_matches('@').to_lowercase();
+                    self.usernames.remove(name.as_bytes()).map_err(io)?;
+                }
+            }
+        }
+        // Any leftover username pointing at this user (renamed users).
+        for item in self.usernames.iter() {
+            let (k, v) = item.map_err(io)?;
+            if v.as_ref() == ukey.as_slice() {
+                self.usernames.remove(k).map_err(io)?;
+            }
+        }
+        for item in self.cache.iter() {
+            let (k, v) = item.map_err(io)?;
+            let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            if decode::<CacheEntry>("cache", &k, &v).is_some_and(|e| &e.origin == user) {
+                self.cache_remove(&key)?;
+                report.cache_entries += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let sent = self.flusher.tx.as_ref().map(|t| t.send(tx).is_ok());
+            if sent != Some(true) {
+                return Err(StoreError::Io("the flush thread has stopped".into()));
+            }
+            match rx.await {
+                Ok(result) => result.map_err(StoreError::Io),
+                Err(_) => Err(StoreError::Io("the flush thread has stopped".into())),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(user: &str) -> ConversationKey {
+        ConversationKey {
+            bot: "assistant".into(),
+            platform: Platform::Telegram,
+            chat: "100".into(),
+            user: user.into(),
+        }
+    }
+
+    fn turn(text: &str, tokens: u32) -> Turn {
+        Turn {
+            role: Role::User,
+            text: text.into(),
+            tokens,
+            at: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn recent_turns_keeps_the_newest_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let k = key("1");
+        for i in 0..10 {
+            s.append_turns(&k, &[turn(&format!("t{i}"), 10)], None)
+                .unwrap();
+        }
+        // another conversation sharing a prefix must not leak in
+        s.append_turns(&key("10"), &[turn("other", 1)], None)
+            .unwrap();
+        let got: Vec<String> = s
+            .recent_turns(&k, 35)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.text)
+            .collect();
+        assert_eq!(got, vec!["t7", "t8", "t9"]);
+        assert_eq!(s.all_turns(&k).unwrap().len(), 10);
+    }
+
+    #[test]
+    fn cache_is_bounded_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let origin = UserRef::new(Platform::Telegram, "1");
+        for i in 0..5u8 {
+            let e = CacheEntry {
+                reply: format!("r{i}"),
+                tokens: 1,
+                created_at: 100 + i as i64,
+                origin: origin.clone(),
+                model: "m".into(),
+            };
+            s.cache_put(&[i; 32], &e, 3).unwrap();
+        }
+        assert_eq!(s.cache_len(), 3);
+        assert!(s.cache_get(&[0; 32]).unwrap().is_none(), "oldest evicted");
+        assert!(s.cache_get(&[4; 32]).unwrap().is_some());
+        assert_eq!(s.cache_expire(104).unwrap(), 2);
+        assert_eq!(s.cache_len(), 1);
+    }
+
+    #[test]
+    fn corrupt_turn_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let k = key("1");
+        s.append_turns(&k, &[turn("a", 1)], None).unwrap();
+        let mut bad = conv_prefix(&k);
+        bad.extend_from_slice(&u64::MAX.to_be_bytes());
+        s.turns.insert(bad, b"{not json".as_slice()).unwrap();
+        let got = s.recent_turns(&k, 100).unwrap();
+        assert_eq!(got.len(), 1);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            s.meta
+                .insert("schema_version", &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 8, 500).err().unwrap();
+        assert!(matches!(err, StoreError::SchemaTooNew { .. }), "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real engine, real sled in a temp dir, the real async-openai client
+//! against an in-process fake OpenAI server on loopback. One binary, many modules.
+
+#[path = "../support/fake_openai.rs"]
+mod fake_openai;
+mod harness;
+
+mod cli;
+mod engine;
