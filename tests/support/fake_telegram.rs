@@ -300,7 +300,13 @@ impl FakeTelegram {
 
     /// A callback query (inline keyboard button press) on message `message_id`
     /// in `chat_id` (private if positive, supergroup if negative).
-    pub fn send_callback_query(&self, user_id: i64, chat_id: i64, message_id: i64, data: &str) -> i64 {
+    pub fn send_callback_query(
+        &self,
+        user_id: i64,
+        chat_id: i64,
+        message_id: i64,
+        data: &str,
+    ) -> i64 {
         let mut st = self.st();
         let chat = st.chat_json(chat_id);
         let message = st.bot_message_json(chat_id, message_id, &chat);
@@ -468,7 +474,10 @@ impl Drop for FakeTelegram {
     }
 }
 
-fn spawn_server(addr: SocketAddr, inner: Shared) -> std::io::Result<(SocketAddr, watch::Sender<bool>)> {
+fn spawn_server(
+    addr: SocketAddr,
+    inner: Shared,
+) -> std::io::Result<(SocketAddr, watch::Sender<bool>)> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -490,7 +499,9 @@ fn spawn_server(addr: SocketAddr, inner: Shared) -> std::io::Result<(SocketAddr,
         let signal = async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let _ = axum::serve(listener, app).with_graceful_shutdown(signal).await;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await;
     });
     Ok((local, tx))
 }
@@ -681,8 +692,22 @@ impl TgState {
 // HTML validation (Telegram's parse_mode "HTML")
 
 const ALLOWED_TAGS: &[&str] = &[
-    "b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "code", "pre", "a", "tg-spoiler",
-    "blockquote", "span", "tg-emoji",
+    "b",
+    "strong",
+    "i",
+    "em",
+    "u",
+    "ins",
+    "s",
+    "strike",
+    "del",
+    "code",
+    "pre",
+    "a",
+    "tg-spoiler",
+    "blockquote",
+    "span",
+    "tg-emoji",
 ];
 
 /// Returns the visible text, or the part of the error after
@@ -696,7 +721,9 @@ fn parse_html(text: &str) -> Result<String, String> {
         match bytes[i] {
             b'<' => {
                 let Some(rel) = text[i..].find('>') else {
-                    return Err(format!("Can't find end of the tag starting at byte offset {i}"));
+                    return Err(format!(
+                        "Can't find end of the tag starting at byte offset {i}"
+                    ));
                 };
                 let inner = &text[i + 1..i + rel];
                 if let Some(name) = inner.strip_prefix('/') {
@@ -726,7 +753,9 @@ fn parse_html(text: &str) -> Result<String, String> {
                             _ => true,
                         };
                     if !ok {
-                        return Err(format!("Unsupported start tag \"{name}\" at byte offset {i}"));
+                        return Err(format!(
+                            "Unsupported start tag \"{name}\" at byte offset {i}"
+                        ));
                     }
                     stack.push(name);
                 }
@@ -775,7 +804,9 @@ fn parse_html(text: &str) -> Result<String, String> {
         }
     }
     if let Some(open) = stack.pop() {
-        return Err(format!("Can't find end tag corresponding to start tag \"{open}\""));
+        return Err(format!(
+            "Can't find end tag corresponding to start tag \"{open}\""
+        ));
     }
     Ok(out)
 }
@@ -829,7 +860,9 @@ fn reply_to_of(body: &Value) -> Option<i64> {
 
 /// An inline keyboard from the request, if any (only those appear in Message).
 fn inline_markup_of(body: &Value) -> Option<Value> {
-    body.get("reply_markup").filter(|m| m.get("inline_keyboard").is_some()).cloned()
+    body.get("reply_markup")
+        .filter(|m| m.get("inline_keyboard").is_some())
+        .cloned()
 }
 
 struct Part {
@@ -879,7 +912,12 @@ fn parse_multipart(body: &[u8], boundary: &str) -> Vec<Part> {
         if body[after..].starts_with(b"--") {
             break; // closing delimiter
         }
-        let hstart = after + if body[after..].starts_with(b"\r\n") { 2 } else { 0 };
+        let hstart = after
+            + if body[after..].starts_with(b"\r\n") {
+                2
+            } else {
+                0
+            };
         let Some(hend) = find_bytes(body, b"\r\n\r\n", hstart) else {
             break;
         };
@@ -930,7 +968,10 @@ fn parse_body(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> (Value, Option<Upl
     }
     let mut upload = None;
     let mut valid = true;
-    if ctype.to_ascii_lowercase().starts_with("multipart/form-data") {
+    if ctype
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
         let boundary = ctype
             .split(';')
             .filter_map(|p| p.trim().strip_prefix("boundary="))
@@ -986,7 +1027,10 @@ fn parse_body(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> (Value, Option<Upl
             }
             Err(_) => {
                 valid = false;
-                obj.insert("_raw".into(), Value::String(String::from_utf8_lossy(body).into()));
+                obj.insert(
+                    "_raw".into(),
+                    Value::String(String::from_utf8_lossy(body).into()),
+                );
             }
         }
     }
@@ -1001,7 +1045,10 @@ fn ok(result: Value) -> (u16, Value) {
 }
 
 fn err(code: u16, description: &str) -> (u16, Value) {
-    (code, json!({ "ok": false, "error_code": code, "description": description }))
+    (
+        code,
+        json!({ "ok": false, "error_code": code, "description": description }),
+    )
 }
 
 fn fault_response(f: &Fault) -> (u16, Value) {
@@ -1038,7 +1085,12 @@ fn into_response((code, body): (u16, Value), close: bool) -> Response {
 // ---------------------------------------------------------------------------
 // Handler
 
-async fn handle(State(inner): State<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_string();
     let (token, method) = match path
         .strip_prefix("/bot")
@@ -1088,12 +1140,21 @@ async fn handle(State(inner): State<Shared>, uri: Uri, headers: HeaderMap, body:
     into_response((code, resp_body), close)
 }
 
-async fn dispatch(inner: &Shared, method: &str, body: &Value, upload: Option<Upload>) -> (u16, Value) {
+async fn dispatch(
+    inner: &Shared,
+    method: &str,
+    body: &Value,
+    upload: Option<Upload>,
+) -> (u16, Value) {
     match method {
         "getupdates" => get_updates(inner, body).await,
         "getme" => ok(lock(inner).me()),
-        "getwebhookinfo" => ok(json!({ "url": "", "has_custom_certificate": false, "pending_update_count": lock(inner).updates.len() })),
-        "deletewebhook" | "close" | "logout" | "answercallbackquery" | "deletemessage" => ok(json!(true)),
+        "getwebhookinfo" => ok(
+            json!({ "url": "", "has_custom_certificate": false, "pending_update_count": lock(inner).updates.len() }),
+        ),
+        "deletewebhook" | "close" | "logout" | "answercallbackquery" | "deletemessage" => {
+            ok(json!(true))
+        }
         "sendmessage" => send_message(inner, body),
         "editmessagetext" => edit_message_text(inner, body),
         "senddocument" => send_document(inner, body, upload),
@@ -1111,10 +1172,12 @@ async fn dispatch(inner: &Shared, method: &str, body: &Value, upload: Option<Upl
                 .and_then(Value::as_array)
                 .map(|a| {
                     a.iter()
-                        .map(|c| (
-                            str_field(c, "command").unwrap_or_default(),
-                            str_field(c, "description").unwrap_or_default(),
-                        ))
+                        .map(|c| {
+                            (
+                                str_field(c, "command").unwrap_or_default(),
+                                str_field(c, "description").unwrap_or_default(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -1140,12 +1203,18 @@ async fn dispatch(inner: &Shared, method: &str, body: &Value, upload: Option<Upl
 async fn get_updates(inner: &Shared, body: &Value) -> (u16, Value) {
     let offset = i64_field(body, "offset").unwrap_or(0);
     let limit = i64_field(body, "limit").unwrap_or(100).clamp(1, 100) as usize;
-    let timeout = Duration::from_secs(i64_field(body, "timeout").unwrap_or(0).max(0) as u64).min(MAX_LONG_POLL);
+    let timeout = Duration::from_secs(i64_field(body, "timeout").unwrap_or(0).max(0) as u64)
+        .min(MAX_LONG_POLL);
 
     let generation = {
         let mut st = lock(inner);
         if let Some(list) = body.get("allowed_updates").and_then(Value::as_array) {
-            st.allowed_updates = Some(list.iter().filter_map(Value::as_str).map(str::to_string).collect());
+            st.allowed_updates = Some(
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            );
         }
         if offset > 0 {
             st.updates.retain(|u| update_id(u) >= offset);
@@ -1219,7 +1288,10 @@ fn send_message(inner: &Shared, body: &Value) -> (u16, Value) {
         st.remember_message(&msg);
         st.bot_messages.insert(
             (chat_id, id),
-            BotMsg { raw_text: text.clone(), reply_markup: markup.clone() },
+            BotMsg {
+                raw_text: text.clone(),
+                reply_markup: markup.clone(),
+            },
         );
         st.sent.push(SentMessage {
             method: "sendmessage".into(),
@@ -1248,7 +1320,8 @@ fn edit_message_text(inner: &Shared, body: &Value) -> (u16, Value) {
     if body.get("inline_message_id").is_some() {
         return ok(json!(true));
     }
-    let (Some(chat_id), Some(message_id)) = (chat_id_of(body), i64_field(body, "message_id")) else {
+    let (Some(chat_id), Some(message_id)) = (chat_id_of(body), i64_field(body, "message_id"))
+    else {
         return err(400, "Bad Request: message to edit not found");
     };
     let markup = inline_markup_of(body);
@@ -1287,7 +1360,10 @@ fn edit_message_text(inner: &Shared, body: &Value) -> (u16, Value) {
         st.remember_message(&msg);
         st.bot_messages.insert(
             (chat_id, message_id),
-            BotMsg { raw_text: text.clone(), reply_markup: markup.clone() },
+            BotMsg {
+                raw_text: text.clone(),
+                reply_markup: markup.clone(),
+            },
         );
         st.sent.push(SentMessage {
             method: "editmessagetext".into(),
@@ -1313,7 +1389,10 @@ fn send_document(inner: &Shared, body: &Value, upload: Option<Upload>) -> (u16, 
     let caption = str_field(body, "caption");
     let parse_mode = str_field(body, "parse_mode");
     if let Some(c) = &caption {
-        if parse_mode.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("html")) {
+        if parse_mode
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case("html"))
+        {
             if let Err(e) = parse_html(c) {
                 return err(400, &format!("Bad Request: can't parse entities: {e}"));
             }
