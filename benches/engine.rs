@@ -12,9 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use confab::config::{BotConfig, Config, Env};
 use confab::domain::{Content, Inbound, Platform};
 use confab::engine::Engine;
-use confab::llm::{
-    ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider, ResilientLlm,
-};
+use confab::llm::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider, ResilientLlm};
 use confab::store::{BoxFuture, SledStore, Store};
 
 /// Answers at once, like a 0 ms LLM.
@@ -22,7 +20,11 @@ struct InstantLlm;
 
 impl LlmProvider for InstantLlm {
     fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, LlmError>> {
-        let last = req.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        let last = req
+            .messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
         Box::pin(async move {
             Ok(ChatResponse {
                 text: format!("answer to: {last}"),
@@ -62,10 +64,17 @@ fn engine(dir: &std::path::Path, cache: bool) -> Arc<Engine> {
         discord: None,
     }];
     let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&cfg.data_dir, cfg.store.cache_capacity_mb, cfg.store.flush_every_ms)
-            .expect("open store"),
+        SledStore::open(
+            &cfg.data_dir,
+            cfg.store.cache_capacity_mb,
+            cfg.store.flush_every_ms,
+        )
+        .expect("open store"),
     );
-    let llm = Arc::new(ResilientLlm::new(Arc::new(InstantLlm), confab::app::retry_policy(&cfg)));
+    let llm = Arc::new(ResilientLlm::new(
+        Arc::new(InstantLlm),
+        confab::app::retry_policy(&cfg),
+    ));
     Arc::new(Engine::new(cfg, store, llm).expect("engine"))
 }
 

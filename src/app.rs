@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::Engine;
@@ -15,6 +16,30 @@ use crate::store::{SledStore, Store};
 
 /// How often the sweeper runs (retention, cache expiry, limiter pruning).
 const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
+/// The daemon may not start: a platform token belongs to another identity, or is
+/// refused. `main` exits with code 2 (a configuration problem).
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to start:\n{}", .0.join("\n"))]
+pub struct Refused(pub Vec<String>);
+
+/// Checks every platform identity against this environment's configuration
+/// (`confab check --online` and the start of `confab run`).
+pub async fn verify_identities(cfg: &Config) -> Result<Vec<telegram::Verified>, Refused> {
+    let mut problems = Vec::new();
+    let mut verified = Vec::new();
+    for bot in cfg.bots.iter().filter(|b| b.telegram.is_some()) {
+        match telegram::verify(cfg, bot).await {
+            Ok(v) => verified.push(v),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        Ok(verified)
+    } else {
+        Err(Refused(problems))
+    }
+}
 
 pub struct App {
     pub engine: Arc<Engine>,
@@ -91,10 +116,22 @@ fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {
 /// `confab run`: serve every configured bot until SIGTERM/SIGINT; SIGHUP reloads bots and prompts.
 pub async fn run(config: Config, opts: LoadOptions) -> anyhow::Result<()> {
     let env = config.env;
+    // Identity first: nothing is opened or started for a token of the wrong bot.
+    let telegram_bots = verify_identities(&config).await?;
     let app = build(config)?;
     let shutdown = Shutdown::new();
     let mut signals = shutdown::listen().context("installing signal handlers")?;
     spawn_sweeper(app.engine.clone(), &shutdown);
+    // Intake (polling) stops on `intake`; replies in flight run on the tracker.
+    let intake = shutdown.token.child_token();
+    let mut pollers = Vec::new();
+    for v in telegram_bots {
+        tracing::info!(bot = %v.name, username = ?v.me.user.username, "telegram bot verified");
+        let adapter = TelegramAdapter::new(v, app.engine.clone());
+        pollers.push(tokio::spawn(
+            adapter.run(intake.clone(), shutdown.tracker.clone()),
+        ));
+    }
     tracing::info!(%env, bots = app.engine.config().bots.len(), "confab running");
 
     while let Some(sig) = signals.recv().await {
@@ -114,6 +151,9 @@ pub async fn run(config: Config, opts: LoadOptions) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     shutdown.token.cancel();
+    for p in pollers {
+        let _ = p.await;
+    }
     shutdown.tracker.close();
     let timeout = Duration::from_secs(app.engine.config().shutdown_timeout_secs);
     if tokio::time::timeout(timeout, shutdown.tracker.wait())

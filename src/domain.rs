@@ -123,7 +123,7 @@ impl fmt::Display for ConversationKey {
 }
 
 /// What the adapter saw, normalised.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Content {
     Text(String),
     /// Sticker, photo, voice, file, or an empty message.
@@ -131,7 +131,7 @@ pub enum Content {
 }
 
 /// One inbound message, already translated from the platform's SDK type.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inbound {
     /// Name of the bot (file stem in `bots/`).
     pub bot: String,

@@ -35,7 +35,13 @@ enum Cmd {
     /// Run the daemon.
     Run(Common),
     /// Validate config, bots, prompts and secrets; print every problem; exit 2 on any.
-    Check(Common),
+    Check {
+        #[command(flatten)]
+        common: Common,
+        /// Also ask each platform who every token belongs to (getMe, /users/@me).
+        #[arg(long)]
+        online: bool,
+    },
     /// Chat with a bot in the terminal (same engine, memory, limits and cache; no platform token).
     Chat {
         #[command(flatten)]
@@ -81,10 +87,20 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Check(c) => {
-            let opts = options(&c, true);
+        Cmd::Check { common, online } => {
+            let opts = options(&common, true);
             return match load_or_report(&opts) {
                 Ok(cfg) => {
+                    if online {
+                        confab::logging::init(LogFormat::Pretty, "warn");
+                        if let Err(refused) = runtime.block_on(confab::app::verify_identities(&cfg))
+                        {
+                            for p in &refused.0 {
+                                eprintln!("{p}");
+                            }
+                            return ExitCode::from(2);
+                        }
+                    }
                     println!(
                         "configuration OK: env {}, {} bot(s), {} prompt(s)",
                         cfg.env,
@@ -120,6 +136,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<confab::app::Refused>() => {
+            eprintln!("confab: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("confab: {e:#}");
             ExitCode::from(1)

@@ -37,6 +37,14 @@ pub enum Env {
 }
 
 impl Env {
+    /// The environment a token must never be confused with.
+    pub fn other(self) -> Env {
+        match self {
+            Env::Staging => Env::Production,
+            Env::Production => Env::Staging,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Env::Staging => "staging",
@@ -309,6 +317,11 @@ pub struct AdminsConfig {
 pub struct PlatformConfig {
     /// API base URL without a trailing `/`; tests point it at loopback fakes.
     pub api_url: String,
+    /// Outbound throttling (platform limits): messages per chat per minute,
+    /// per group chat per minute, and for the whole bot per second.
+    pub per_chat_per_minute: u32,
+    pub group_per_minute: u32,
+    pub global_per_second: u32,
 }
 
 /// One bot identity, from `bots/<name>.toml`.
@@ -344,6 +357,8 @@ pub struct TelegramBot {
     pub token_env: String,
     /// The username getMe must return in THIS environment, without `@`.
     pub username: Option<String>,
+    /// The username configured for the other environment (to say "that is the production bot").
+    pub other_username: Option<String>,
     /// `None` when the variable is unset or empty.
     pub token: Option<Secret>,
 }
@@ -353,6 +368,8 @@ pub struct DiscordBot {
     pub token_env: String,
     /// The application id /users/@me must return in THIS environment.
     pub application_id: Option<String>,
+    /// The application id configured for the other environment.
+    pub other_application_id: Option<String>,
     pub token: Option<Secret>,
 }
 

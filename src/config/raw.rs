@@ -188,6 +188,9 @@ pub(crate) struct RawAdmins {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawPlatform {
     pub api_url: Option<String>,
+    pub per_chat_per_minute: Option<u32>,
+    pub group_per_minute: Option<u32>,
+    pub global_per_second: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------

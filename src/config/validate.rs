@@ -195,6 +195,17 @@ pub(crate) fn settings(
         c.push("admins.discord", "0 is not a Discord user id");
     }
 
+    for (section, p) in [("telegram", &telegram), ("discord", &discord)] {
+        for (key, v) in [
+            ("per_chat_per_minute", p.per_chat_per_minute),
+            ("group_per_minute", p.group_per_minute),
+            ("global_per_second", p.global_per_second),
+        ] {
+            if let Some(v) = v {
+                c.at_least_one(&format!("{section}.{key}"), v);
+            }
+        }
+    }
     let telegram_url = c.url(
         "telegram.api_url",
         telegram
@@ -260,9 +271,17 @@ pub(crate) fn settings(
         },
         telegram: PlatformConfig {
             api_url: telegram_url,
+            // Telegram: ≈1 msg/s per chat, 20/min per group, 30/s per bot.
+            per_chat_per_minute: telegram.per_chat_per_minute.unwrap_or(60),
+            group_per_minute: telegram.group_per_minute.unwrap_or(20),
+            global_per_second: telegram.global_per_second.unwrap_or(30),
         },
         discord: PlatformConfig {
             api_url: discord_url,
+            // Discord: 5 per 5 s per channel, 50 requests/s per bot.
+            per_chat_per_minute: discord.per_chat_per_minute.unwrap_or(60),
+            group_per_minute: discord.group_per_minute.unwrap_or(60),
+            global_per_second: discord.global_per_second.unwrap_or(50),
         },
         bots: Vec::new(),
         prompts: BTreeMap::new(),
@@ -379,9 +398,14 @@ pub(crate) fn bot(
                 s.trim_start_matches('@').to_ascii_lowercase()
             });
         }
+        let other_username = telegram_id.as_ref().and_then(|ids| {
+            let name = ids.for_env(env.other())?;
+            Some(name.trim_start_matches('@').to_owned())
+        });
         TelegramBot {
             token_env,
             username,
+            other_username,
             token: None,
         }
     });
@@ -402,9 +426,11 @@ pub(crate) fn bot(
             }
             same_identity(&mut c, "discord.application_id", ids, str::to_owned);
         }
+        let other_application_id = discord_id.as_ref().and_then(|ids| ids.for_env(env.other()));
         DiscordBot {
             token_env,
             application_id,
+            other_application_id,
             token: None,
         }
     });

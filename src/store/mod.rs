@@ -197,6 +197,13 @@ pub trait Store: Send + Sync + 'static {
     fn meta_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
 
+    /// Durable inbox of received-but-unanswered platform updates (adapter-owned bytes),
+    /// so that a crash between receiving and answering loses nothing.
+    fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
+    fn inbox_remove(&self, key: &str) -> StoreResult<()>;
+    /// Every inbox entry whose key starts with `prefix`, in key order.
+    fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
+
     /// Deletes everything stored about a user: turns in every conversation, the user
     /// record, and every cache entry the user originated.
     fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport>;

@@ -8,6 +8,7 @@
 //! - `audit`:      u64 sequence (BE) → [`AuditEntry`]
 //! - `handled`:    update id → [`HandledEntry`]
 //! - `meta`:       `schema_version` and adapter state
+//! - `inbox`:      adapter key → received update not yet answered (replayed at start)
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,6 +34,7 @@ pub struct SledStore {
     audit: Tree,
     handled: Tree,
     meta: Tree,
+    inbox: Tree,
     /// `cache.len()` is O(n) in sled; keep a running count.
     cache_count: AtomicUsize,
     flusher: Flusher,
@@ -99,6 +101,7 @@ pub const TREES: &[&str] = &[
     "audit",
     "handled",
     "meta",
+    "inbox",
 ];
 
 fn io(e: sled::Error) -> StoreError {
@@ -207,6 +210,7 @@ impl SledStore {
             audit: t("audit")?,
             handled: t("handled")?,
             meta: t("meta")?,
+            inbox: t("inbox")?,
             cache_count: AtomicUsize::new(0),
             flusher: Flusher::start(db.clone())?,
             db,
@@ -579,6 +583,28 @@ impl Store for SledStore {
     fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         self.meta.insert(key, value).map_err(io)?;
         Ok(())
+    }
+
+    fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.inbox.insert(key, value).map_err(io)?;
+        Ok(())
+    }
+
+    fn inbox_remove(&self, key: &str) -> StoreResult<()> {
+        self.inbox.remove(key).map_err(io)?;
+        Ok(())
+    }
+
+    fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.inbox.scan_prefix(prefix) {
+            let (k, v) = item.map_err(io)?;
+            match String::from_utf8(k.to_vec()) {
+                Ok(key) => out.push((key, v.to_vec())),
+                Err(_) => tracing::error!(tree = "inbox", "corrupt inbox key skipped"),
+            }
+        }
+        Ok(out)
     }
 
     fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport> {

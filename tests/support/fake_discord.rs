@@ -44,7 +44,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 
-/// Heartbeat interval announced in HELLO (ms). Long: tests never wait for one.
+/// Default heartbeat interval announced in HELLO (ms), Discord's usual value.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 41_250;
 /// `attachment_size_limit` sent in interactions (serenity 0.12.5 requires it).
 const ATTACHMENT_SIZE_LIMIT: u64 = 10 * 1024 * 1024;
@@ -135,6 +135,8 @@ struct FakeState {
     token: String,
     identity: Identity,
     gateway_url: String,
+    heartbeat_ms: u64,
+    heartbeats: usize,
     next_id: u64,
     down: bool,
     verbose: bool,
@@ -153,6 +155,7 @@ struct FakeState {
     orphans: Vec<(String, Value)>,
     identify_count: usize,
     resume_count: usize,
+    refuse_resume: bool,
     echo_own: bool,
 
     // REST
@@ -252,6 +255,8 @@ impl FakeDiscord {
                 app_id: application_id,
             },
             gateway_url: String::new(),
+            heartbeat_ms: HEARTBEAT_INTERVAL_MS,
+            heartbeats: 0,
             next_id: 1_200_000_000_000_000_000,
             down: false,
             verbose: false,
@@ -265,6 +270,7 @@ impl FakeDiscord {
             orphans: Vec::new(),
             identify_count: 0,
             resume_count: 0,
+            refuse_resume: false,
             echo_own: false,
             messages: Vec::new(),
             store: HashMap::new(),
@@ -316,8 +322,19 @@ impl FakeDiscord {
         lock(&self.state).callback_deadline = deadline;
     }
 
+    /// Heartbeat interval announced in the HELLO of later connections
+    /// (default [`HEARTBEAT_INTERVAL_MS`]).
+    pub fn set_heartbeat_interval(&self, ms: u64) {
+        lock(&self.state).heartbeat_ms = ms;
+    }
+
     // -----------------------------------------------------------------------
     // Gateway
+
+    /// Heartbeats (op 1) received so far (each answered with op 11).
+    pub fn heartbeat_count(&self) -> usize {
+        lock(&self.state).heartbeats
+    }
 
     /// True once a session is connected: it IDENTIFIED and was sent READY, or
     /// RESUMED and was sent RESUMED, and its connection is still open.
@@ -425,7 +442,12 @@ impl FakeDiscord {
         let mut msg = guild_message(&mut st, guild_id, channel_id, user_id, username, content);
         let referenced = match st.store.get(&replied_message_id) {
             Some(m) => m.clone(),
-            None => message_json(replied_message_id, channel_id, st.bot_user(), "(earlier bot message)"),
+            None => message_json(
+                replied_message_id,
+                channel_id,
+                st.bot_user(),
+                "(earlier bot message)",
+            ),
         };
         msg["type"] = json!(19);
         msg["message_reference"] = json!({
@@ -557,11 +579,12 @@ impl FakeDiscord {
         self.end_connection(Out::Close(code, "fake_discord close".to_string()));
     }
 
-    /// Make the next RESUME fail: the session is forgotten, so the client
-    /// gets op 9 (invalid session, not resumable) and must IDENTIFY again.
+    /// Refuse the next RESUME with op 9 (invalid session, not resumable):
+    /// serenity then IDENTIFYs again (after its ~5 s shard restart); events
+    /// queued meanwhile are delivered after the new READY. Does not itself
+    /// disconnect: combine with [`drop_connection`](Self::drop_connection).
     pub fn invalidate_session(&self) {
-        let mut st = lock(&self.state);
-        st.session_id = None;
+        lock(&self.state).refuse_resume = true;
     }
 
     fn end_connection(&self, how: Out) {
@@ -608,7 +631,11 @@ impl FakeDiscord {
     }
 
     pub fn typing_count(&self, channel_id: u64) -> usize {
-        lock(&self.state).typing.get(&channel_id).copied().unwrap_or(0)
+        lock(&self.state)
+            .typing
+            .get(&channel_id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Body of the last `PUT /applications/{app}/commands` (plus commands
@@ -734,7 +761,15 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m as u32, d as u32)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m as u32,
+        d as u32,
+    )
 }
 
 fn user_json(id: u64, username: &str, bot: bool) -> Value {
@@ -886,7 +921,7 @@ async fn gateway_ws(State(state): State<Shared>, ws: WebSocketUpgrade) -> Respon
 
 async fn run_connection(state: Shared, socket: WebSocket) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
-    let conn_id = {
+    let (conn_id, heartbeat_ms) = {
         let mut st = lock(&state);
         if st.down {
             return;
@@ -894,10 +929,10 @@ async fn run_connection(state: Shared, socket: WebSocket) {
         st.next_conn += 1;
         let id = st.next_conn;
         st.conns.insert(id, tx.clone());
-        id
+        (id, st.heartbeat_ms)
     };
     let _ = tx.send(Out::Text(
-        json!({"op": 10, "s": null, "t": null, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}})
+        json!({"op": 10, "s": null, "t": null, "d": {"heartbeat_interval": heartbeat_ms}})
             .to_string(),
     ));
     let (mut sink, mut stream) = socket.split();
@@ -946,6 +981,7 @@ fn handle_op(state: &Shared, conn_id: u64, tx: &mpsc::UnboundedSender<Out>, text
     };
     match v["op"].as_u64() {
         Some(1) => {
+            st.heartbeats += 1;
             let _ = tx.send(Out::Text(json!({"op": 11}).to_string()));
         }
         Some(2) => {
@@ -997,8 +1033,10 @@ fn handle_op(state: &Shared, conn_id: u64, tx: &mpsc::UnboundedSender<Out>, text
                 let _ = tx.send(Out::Close(4004, "Authentication failed.".into()));
                 return;
             }
-            let same_session = st.session_id.is_some() && d["session_id"].as_str() == st.session_id.as_deref();
-            if !same_session {
+            let same_session =
+                st.session_id.is_some() && d["session_id"].as_str() == st.session_id.as_deref();
+            if !same_session || st.refuse_resume {
+                st.refuse_resume = false;
                 let _ = tx.send(Out::Text(json!({"op": 9, "d": false}).to_string()));
                 return;
             }
@@ -1009,7 +1047,8 @@ fn handle_op(state: &Shared, conn_id: u64, tx: &mpsc::UnboundedSender<Out>, text
                     let _ = tx.send(Out::Text(text.clone()));
                 }
             }
-            let resumed = json!({"op": 0, "s": st.seq, "t": "RESUMED", "d": {"_trace": ["fake_discord"]}});
+            let resumed =
+                json!({"op": 0, "s": st.seq, "t": "RESUMED", "d": {"_trace": ["fake_discord"]}});
             let _ = tx.send(Out::Text(resumed.to_string()));
             st.orphans.clear();
             st.active = Some(conn_id);
@@ -1141,7 +1180,10 @@ async fn rest(
 
     let mut st = lock(&state);
     if st.down {
-        let mut resp = json_response(503, &json!({"message": "fake_discord is shut down", "code": 0}));
+        let mut resp = json_response(
+            503,
+            &json!({"message": "fake_discord is shut down", "code": 0}),
+        );
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
@@ -1183,7 +1225,10 @@ async fn rest(
             h.insert("retry-after", HeaderValue::from_str(&ceil).unwrap());
             h.insert("x-ratelimit-limit", HeaderValue::from_static("5"));
             h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
-            h.insert("x-ratelimit-reset-after", HeaderValue::from_str(&secs).unwrap());
+            h.insert(
+                "x-ratelimit-reset-after",
+                HeaderValue::from_str(&secs).unwrap(),
+            );
             h.insert("x-ratelimit-bucket", HeaderValue::from_static("fakebucket"));
             h.insert("x-ratelimit-scope", HeaderValue::from_static("user"));
         }
@@ -1288,7 +1333,8 @@ fn record_message(
     }
     if let Some(r) = reply_to {
         msg["type"] = json!(19);
-        msg["message_reference"] = json!({"type": 0, "message_id": r.to_string(), "channel_id": channel_id.to_string()});
+        msg["message_reference"] =
+            json!({"type": 0, "message_id": r.to_string(), "channel_id": channel_id.to_string()});
     }
     if webhook {
         msg["webhook_id"] = json!(st.identity.app_id.to_string());
@@ -1428,10 +1474,12 @@ fn route(
             let msg = record_message(st, "edit", cid, mid, body, None, false);
             (200, Some(msg))
         }
-        ("GET", ["channels", _, "messages", mid]) => match parse_u64(mid).and_then(|m| st.store.get(&m)) {
-            Some(m) => (200, Some(m.clone())),
-            None => error(404, "Unknown Message", 10008),
-        },
+        ("GET", ["channels", _, "messages", mid]) => {
+            match parse_u64(mid).and_then(|m| st.store.get(&m)) {
+                Some(m) => (200, Some(m.clone())),
+                None => error(404, "Unknown Message", 10008),
+            }
+        }
         ("DELETE", ["channels", _, "messages", _]) => no_content(),
         ("PUT", ["channels", _, "messages", _, "reactions", _, "@me"])
         | ("DELETE", ["channels", _, "messages", _, "reactions", _, "@me"]) => no_content(),
@@ -1444,7 +1492,10 @@ fn route(
         }
         ("PUT", ["applications", app, "commands"]) if is_app(app) => {
             let list = body.json.as_array().cloned().unwrap_or_default();
-            let echoed: Vec<Value> = list.into_iter().map(|c| command_json(st, c, None)).collect();
+            let echoed: Vec<Value> = list
+                .into_iter()
+                .map(|c| command_json(st, c, None))
+                .collect();
             st.commands = echoed.clone();
             (200, Some(Value::Array(echoed)))
         }
@@ -1479,7 +1530,11 @@ fn route(
             let Some(info) = st.interactions.get(*token) else {
                 return error(404, "Unknown Webhook", 10015);
             };
-            let mid = if *which == "@original" { info.original_msg } else { parse_u64(which) };
+            let mid = if *which == "@original" {
+                info.original_msg
+            } else {
+                parse_u64(which)
+            };
             match mid.and_then(|m| st.store.get(&m)) {
                 Some(m) => (200, Some(m.clone())),
                 None => error(404, "Unknown Message", 10008),
@@ -1534,7 +1589,8 @@ fn command_json(st: &mut FakeState, mut c: Value, guild_id: Option<u64>) -> Valu
         obj.insert("version".into(), json!(id.to_string()));
         obj.entry("type").or_insert(json!(1));
         obj.entry("description").or_insert(json!(""));
-        obj.entry("default_member_permissions").or_insert(Value::Null);
+        obj.entry("default_member_permissions")
+            .or_insert(Value::Null);
         obj.entry("nsfw").or_insert(json!(false));
         if let Some(g) = guild_id {
             obj.insert("guild_id".into(), json!(g.to_string()));
@@ -1582,7 +1638,11 @@ fn interaction_callback(
     st.interaction_responses.push((iid, body.json.clone()));
     if matches!(kind, 4 | 7) {
         let data = ParsedBody {
-            json: body.json.get("data").cloned().unwrap_or(Value::Object(Map::new())),
+            json: body
+                .json
+                .get("data")
+                .cloned()
+                .unwrap_or(Value::Object(Map::new())),
             files: body.files.clone(),
         };
         let mid = message_id.unwrap_or_else(|| st.new_id());

@@ -556,7 +556,7 @@ fn mention_entities(text: &str, username: &str) -> Vec<Value> {
         let boundary = text[end..]
             .chars()
             .next()
-            .map_or(true, |c| !(c.is_alphanumeric() || c == '_'));
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
         if boundary {
             out.push(json!({
                 "type": "mention",
@@ -682,7 +682,7 @@ impl TgState {
         if let Some(allowed) = allowed.filter(|a| !a.is_empty()) {
             // Telegram never creates updates of types the bot did not ask for.
             self.updates
-                .retain(|u| update_kind(u).map_or(true, |k| allowed.iter().any(|a| a == k)));
+                .retain(|u| update_kind(u).is_none_or(|k| allowed.iter().any(|a| a == k)));
         }
         self.updates.iter().take(limit).cloned().collect()
     }
@@ -890,7 +890,7 @@ fn header_param(line: &str, key: &str) -> Option<String> {
         let start = search + p;
         // make sure `name=` is not the tail of `filename=`
         let prev = line[..start].chars().last();
-        if prev.map_or(true, |c| c == ' ' || c == ';') {
+        if prev.is_none_or(|c| c == ' ' || c == ';') {
             let vstart = start + pat.len();
             let vend = line[vstart..].find('"').map(|e| vstart + e)?;
             return Some(line[vstart..vend].to_string());

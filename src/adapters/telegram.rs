@@ -1,0 +1,671 @@
+//! Telegram adapter on teloxide — the only module that imports teloxide.
+//!
+//! Own long-polling loop (not teloxide's dispatcher) so that delivery is exactly what we
+//! promise: each received update is written to the durable inbox *before* its offset is
+//! confirmed to Telegram, replayed from there after a crash, and removed once answered.
+//! The engine's handled-update markers make a replay answer at most once more (only a
+//! reply that was being sent at the moment of the crash can repeat).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use teloxide::payloads::{
+    EditMessageTextSetters, GetUpdatesSetters, SendDocumentSetters, SendMessageSetters,
+};
+use teloxide::requests::Requester;
+use teloxide::types::{
+    AllowedUpdate, BotCommand, ChatAction, ChatId, InputFile, Me, MessageEntityKind, MessageId,
+    ParseMode, ReplyParameters, UpdateKind,
+};
+use teloxide::{ApiError, Bot, RequestError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::text::{markdown_to_telegram_html, split_message, utf16_len};
+use super::{redact, SerialQueue, Throttle};
+use crate::config::{BotConfig, Config, Env, Secret};
+use crate::domain::{Attachment, Content, Inbound, Platform, Reply};
+use crate::engine::commands::USER_COMMANDS;
+use crate::engine::Engine;
+
+/// Telegram's limit is 4096; leave room for HTML entities added by formatting.
+const SPLIT_AT: usize = 3800;
+const TG_LIMIT: usize = 4096;
+/// Long-poll timeout; teloxide's HTTP client gives up at 17 s.
+const POLL_SECS: u32 = 10;
+const SEND_ATTEMPTS: u32 = 5;
+/// Streaming edits: at most one per this interval per chat.
+const EDIT_EVERY: Duration = Duration::from_secs(1);
+
+/// A bot whose token was checked against the configured identity.
+pub struct Verified {
+    pub name: String,
+    pub bot: Bot,
+    pub me: Me,
+    token: Secret,
+}
+
+/// Why a Telegram bot may not start (exit code 2: a configuration problem).
+#[derive(Debug, thiserror::Error)]
+#[error("bots/{bot}.toml: telegram: {message}")]
+pub struct IdentityError {
+    pub bot: String,
+    pub message: String,
+}
+
+fn tg_bot(cfg: &Config, token: &Secret) -> Result<Bot, String> {
+    let url = reqwest_url(&cfg.telegram.api_url)?;
+    Ok(Bot::new(token.expose()).set_api_url(url))
+}
+
+fn reqwest_url(s: &str) -> Result<url::Url, String> {
+    url::Url::parse(s).map_err(|e| format!("telegram.api_url {s:?}: {e}"))
+}
+
+/// Asks Telegram who the token belongs to (getMe) and refuses a token of another bot —
+/// above all, a production token in staging.
+pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, IdentityError> {
+    let err = |message: String| IdentityError {
+        bot: bot_cfg.name.clone(),
+        message,
+    };
+    let Some(tg) = &bot_cfg.telegram else {
+        return Err(err("no [telegram] table".into()));
+    };
+    let Some(token) = tg.token.clone() else {
+        return Err(err(format!(
+            "environment variable {} is not set",
+            tg.token_env
+        )));
+    };
+    let Some(expected) = tg.username.as_deref() else {
+        return Err(err(format!(
+            "no {} identity configured (username)",
+            cfg.env
+        )));
+    };
+    let bot = tg_bot(cfg, &token).map_err(err)?;
+    let me = match bot.get_me().await {
+        Ok(me) => me,
+        Err(RequestError::Api(ApiError::InvalidToken)) => {
+            return Err(err(format!(
+                "the token in {} was refused by Telegram (Unauthorized)",
+                tg.token_env
+            )))
+        }
+        Err(e) => {
+            return Err(err(format!(
+                "could not ask Telegram who the token in {} belongs to: {}",
+                tg.token_env,
+                redact(&format!("{e:?}"), token.expose())
+            )))
+        }
+    };
+    let found = me.user.username.clone().unwrap_or_default();
+    if !found.eq_ignore_ascii_case(expected) {
+        let whose = match tg.other_username.as_deref() {
+            Some(other) if other.eq_ignore_ascii_case(&found) => {
+                format!(" — that is the {} bot", cfg.env.other())
+            }
+            _ => String::new(),
+        };
+        let hint = if cfg.env == Env::Staging && !whose.is_empty() {
+            "; never use production tokens in staging"
+        } else {
+            ""
+        };
+        return Err(err(format!(
+            "the token in {} belongs to @{found}{whose}, but {} expects @{expected}{hint}",
+            tg.token_env, cfg.env
+        )));
+    }
+    Ok(Verified {
+        name: bot_cfg.name.clone(),
+        bot,
+        me,
+        token,
+    })
+}
+
+/// A received update, as kept in the durable inbox until answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    inbound: Inbound,
+    chat_id: i64,
+    /// The user's message; replies in groups quote it.
+    message_id: i32,
+    is_group: bool,
+}
+
+pub struct TelegramAdapter {
+    name: String,
+    bot: Bot,
+    me: Me,
+    token: Secret,
+    engine: Arc<Engine>,
+    throttle: Throttle,
+    queue: SerialQueue<(String, Job)>,
+    /// Set once polling works; read by readiness checks.
+    pub connected: Arc<AtomicBool>,
+}
+
+/// Outcome of delivering a reply.
+enum Delivery {
+    Sent,
+    /// Telegram refused for good (blocked by the user, chat gone): do not retry.
+    Refused(String),
+    /// Still failing after retries (network): keep the job for the next start.
+    Failed(String),
+}
+
+impl TelegramAdapter {
+    pub fn new(v: Verified, engine: Arc<Engine>) -> Arc<Self> {
+        let cfg = engine.config();
+        let t = &cfg.telegram;
+        Arc::new(Self {
+            name: v.name,
+            bot: v.bot,
+            me: v.me,
+            token: v.token,
+            throttle: Throttle::new(
+                t.per_chat_per_minute,
+                t.group_per_minute,
+                t.global_per_second,
+            ),
+            engine,
+            queue: SerialQueue::default(),
+            connected: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn scrub(&self, e: &RequestError) -> String {
+        redact(&format!("{e:?}"), self.token.expose())
+    }
+
+    fn inbox_prefix(&self) -> String {
+        format!("tg/{}/", self.name)
+    }
+
+    fn offset_key(&self) -> String {
+        format!("tg_offset/{}", self.name)
+    }
+
+    /// Registers commands, replays the inbox, then polls until `stop` is cancelled.
+    /// Handlers run on `tracker` so shutdown can wait for in-flight replies.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
+        let commands: Vec<BotCommand> = USER_COMMANDS
+            .iter()
+            .map(|(c, d)| BotCommand::new(*c, *d))
+            .collect();
+        if let Err(e) = self.bot.set_my_commands(commands).await {
+            tracing::warn!(bot = %self.name, error = %self.scrub(&e), "setMyCommands failed");
+        }
+        let store = self.engine.store().clone();
+        match store.inbox_scan(&self.inbox_prefix()) {
+            Ok(pending) => {
+                if !pending.is_empty() {
+                    tracing::info!(bot = %self.name, count = pending.len(), "replaying unanswered updates");
+                }
+                for (key, bytes) in pending {
+                    match serde_json::from_slice::<Job>(&bytes) {
+                        Ok(job) => self.dispatch(key, job, &tracker),
+                        Err(e) => {
+                            tracing::error!(key, error = %e, "corrupt inbox entry skipped");
+                            let _ = store.inbox_remove(&key);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not read the inbox"),
+        }
+        let mut offset: i32 = store
+            .meta_get(&self.offset_key())
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut backoff = Duration::from_millis(500);
+        let mut prune = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            let poll = self
+                .bot
+                .get_updates()
+                .offset(offset)
+                .timeout(POLL_SECS)
+                .allowed_updates(vec![AllowedUpdate::Message]);
+            let result = tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = prune.tick() => { self.throttle.prune(); continue; }
+                r = poll => r,
+            };
+            let updates = match result {
+                Ok(u) => {
+                    self.connected.store(true, Ordering::Relaxed);
+                    backoff = Duration::from_millis(500);
+                    u
+                }
+                Err(RequestError::RetryAfter(s)) => {
+                    tokio::time::sleep(s.duration()).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.connected.store(false, Ordering::Relaxed);
+                    tracing::warn!(bot = %self.name, error = %self.scrub(&e), retry_in = ?backoff, "getUpdates failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            if updates.is_empty() {
+                continue;
+            }
+            let mut jobs = Vec::new();
+            for update in updates {
+                offset = offset.max(update.id.0 as i32 + 1);
+                if let Some(job) = self.translate(update.id.0, update.kind) {
+                    jobs.push(job);
+                }
+            }
+            // Durable before Telegram is told (by the next poll's offset) to forget them.
+            let mut keyed = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let key = format!(
+                    "{}{:020}",
+                    self.inbox_prefix(),
+                    job.inbound
+                        .update_id
+                        .as_deref()
+                        .unwrap_or("0")
+                        .parse::<u64>()
+                        .unwrap_or(0)
+                );
+                match serde_json::to_vec(&job) {
+                    Ok(bytes) => {
+                        if let Err(e) = store.inbox_put(&key, &bytes) {
+                            tracing::error!(error = %e, "could not store a received update");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not encode a received update"),
+                }
+                keyed.push((key, job));
+            }
+            if let Err(e) = store.flush().await {
+                tracing::error!(error = %e, "store flush failed; not confirming updates");
+                continue;
+            }
+            if let Err(e) = store.meta_put(&self.offset_key(), offset.to_string().as_bytes()) {
+                tracing::error!(error = %e, "could not store the update offset");
+            }
+            for (key, job) in keyed {
+                self.dispatch(key, job, &tracker);
+            }
+        }
+        self.connected.store(false, Ordering::Relaxed);
+        tracing::info!(bot = %self.name, "telegram polling stopped");
+    }
+
+    fn dispatch(self: &Arc<Self>, key: String, job: Job, tracker: &TaskTracker) {
+        let conv = job.inbound.conversation().to_string();
+        let this = self.clone();
+        self.queue
+            .push(conv, (key, job), tracker, move |(key, job)| {
+                let this = this.clone();
+                async move { this.process(key, job).await }
+            });
+    }
+
+    /// Platform update → `Inbound`, applying the group rules (mention, reply, command).
+    fn translate(&self, update_id: u32, kind: UpdateKind) -> Option<Job> {
+        let UpdateKind::Message(msg) = kind else {
+            return None;
+        };
+        let from = msg.from.as_ref()?;
+        if from.is_bot {
+            return None;
+        }
+        let is_private = msg.chat.is_private();
+        let me_name = self.me.user.username.as_deref().unwrap_or_default();
+        let mut content = match msg.text() {
+            Some(t) => Content::Text(t.to_string()),
+            None => Content::NonText,
+        };
+        if !is_private {
+            let mentioned = msg.parse_entities().is_some_and(|entities| {
+                entities.iter().any(|e| match e.kind() {
+                    MessageEntityKind::Mention => e
+                        .text()
+                        .trim_start_matches('@')
+                        .eq_ignore_ascii_case(me_name),
+                    MessageEntityKind::TextMention { user } => user.id == self.me.user.id,
+                    _ => false,
+                })
+            });
+            let replied_to_me = msg
+                .reply_to_message()
+                .and_then(|r| r.from.as_ref())
+                .is_some_and(|u| u.id == self.me.user.id);
+            let command_for_me = msg.text().is_some_and(|t| {
+                let first = t.split_whitespace().next().unwrap_or("");
+                first.starts_with('/')
+                    && first
+                        .split_once('@')
+                        .is_none_or(|(_, to)| to.eq_ignore_ascii_case(me_name))
+            });
+            if !(mentioned || replied_to_me || command_for_me) {
+                return None;
+            }
+            if let Content::Text(t) = &mut content {
+                *t = strip_mention(t, me_name);
+            }
+        }
+        Some(Job {
+            inbound: Inbound {
+                bot: self.name.clone(),
+                platform: Platform::Telegram,
+                update_id: Some(update_id.to_string()),
+                chat_id: msg.chat.id.0.to_string(),
+                user_id: from.id.0.to_string(),
+                user_name: from.first_name.clone(),
+                username: from.username.clone(),
+                is_private,
+                content,
+            },
+            chat_id: msg.chat.id.0,
+            message_id: msg.id.0,
+            is_group: !is_private,
+        })
+    }
+
+    async fn process(self: Arc<Self>, key: String, job: Job) {
+        let span = tracing::info_span!("update", platform = "telegram", bot = %self.name, update = job.inbound.update_id.as_deref().unwrap_or(""));
+        let _enter = span.enter();
+        let chat = ChatId(job.chat_id);
+        let typing = self.spawn_typing(chat);
+        let streaming = self
+            .engine
+            .config()
+            .bot(&self.name)
+            .is_some_and(|b| b.stream);
+        let delivery = if streaming {
+            let (tx, rx) = watch::channel(String::new());
+            let editor = tokio::spawn(self.clone().stream_edits(job.clone(), rx));
+            let reply = self.engine.handle_streaming(&job.inbound, Some(&tx)).await;
+            drop(tx);
+            typing.abort();
+            let streamed = editor.await.ok().flatten();
+            self.deliver(&job, &reply, streamed).await
+        } else {
+            let reply = self.engine.handle(&job.inbound).await;
+            typing.abort();
+            self.deliver(&job, &reply, None).await
+        };
+        let store = self.engine.store();
+        match delivery {
+            Delivery::Sent => {}
+            Delivery::Refused(why) => {
+                tracing::warn!(reason = %why, "telegram refused the reply; dropping it");
+            }
+            Delivery::Failed(why) => {
+                // Left in the inbox: the next start answers it (the engine resends the stored reply).
+                tracing::error!(reason = %why, "reply not delivered; kept for retry at next start");
+                return;
+            }
+        }
+        self.engine.mark_sent(&job.inbound);
+        if let Err(e) = store.inbox_remove(&key) {
+            tracing::error!(error = %e, "could not clear an answered update from the inbox");
+        }
+    }
+
+    fn spawn_typing(self: &Arc<Self>, chat: ChatId) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                // Telegram shows "typing…" for 5 s per action.
+                let _ = this.bot.send_chat_action(chat, ChatAction::Typing).await;
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+        })
+    }
+
+    /// Shows the reply growing: one message, edited at most once per `EDIT_EVERY`.
+    /// Returns the streamed message's id, if one was sent.
+    async fn stream_edits(
+        self: Arc<Self>,
+        job: Job,
+        mut rx: watch::Receiver<String>,
+    ) -> Option<MessageId> {
+        let chat = ChatId(job.chat_id);
+        let mut message: Option<MessageId> = None;
+        let mut shown = String::new();
+        loop {
+            let closed = rx.changed().await.is_err();
+            let text = rx.borrow_and_update().clone();
+            let text: String = text.chars().take(TG_LIMIT).collect();
+            if !text.trim().is_empty() && text != shown {
+                self.throttle
+                    .wait(&job.chat_id.to_string(), job.is_group)
+                    .await;
+                let result = match message {
+                    None => self
+                        .bot
+                        .send_message(chat, text.clone())
+                        .await
+                        .map(|m| Some(m.id)),
+                    Some(id) => self
+                        .bot
+                        .edit_message_text(chat, id, text.clone())
+                        .await
+                        .map(|_| Some(id)),
+                };
+                match result {
+                    Ok(id) => {
+                        message = id;
+                        shown = text;
+                    }
+                    Err(RequestError::Api(ApiError::MessageNotModified)) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %self.scrub(&e), "streaming edit failed");
+                        // Give up streaming; the final reply is still delivered.
+                        return message;
+                    }
+                }
+            }
+            if closed {
+                return message;
+            }
+            tokio::time::sleep(EDIT_EVERY).await;
+        }
+    }
+
+    async fn deliver(&self, job: &Job, reply: &Reply, streamed: Option<MessageId>) -> Delivery {
+        let Reply::Text {
+            text, attachment, ..
+        } = reply
+        else {
+            return Delivery::Sent;
+        };
+        let chat = ChatId(job.chat_id);
+        let reply_to = job.is_group.then_some(MessageId(job.message_id));
+        let mut parts = split_message(text, SPLIT_AT, utf16_len).into_iter();
+        if let Some(id) = streamed {
+            // Replace the streamed draft with the formatted first part.
+            if let Some(first) = parts.next() {
+                if let Err(why) = self.edit_formatted(job, id, &first).await {
+                    tracing::debug!(reason = %why, "final edit failed; sending the reply normally");
+                    parts = split_message(text, SPLIT_AT, utf16_len).into_iter();
+                }
+            }
+        }
+        for part in parts {
+            match self.send_formatted(job, chat, &part, reply_to).await {
+                Delivery::Sent => {}
+                other => return other,
+            }
+        }
+        if let Some(a) = attachment {
+            return self.send_document(job, chat, a).await;
+        }
+        Delivery::Sent
+    }
+
+    async fn edit_formatted(&self, job: &Job, id: MessageId, part: &str) -> Result<(), String> {
+        let chat = ChatId(job.chat_id);
+        let html = markdown_to_telegram_html(part);
+        self.throttle
+            .wait(&job.chat_id.to_string(), job.is_group)
+            .await;
+        let first = if utf16_len(&html) <= TG_LIMIT {
+            self.bot
+                .edit_message_text(chat, id, html)
+                .parse_mode(ParseMode::Html)
+                .await
+        } else {
+            self.bot.edit_message_text(chat, id, part.to_string()).await
+        };
+        match first {
+            Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Ok(()),
+            Err(RequestError::Api(ApiError::CantParseEntities(_))) => {
+                match self.bot.edit_message_text(chat, id, part.to_string()).await {
+                    Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Ok(()),
+                    Err(e) => Err(self.scrub(&e)),
+                }
+            }
+            Err(e) => Err(self.scrub(&e)),
+        }
+    }
+
+    /// Sends one part as HTML; if Telegram rejects the entities, resends it as plain text.
+    async fn send_formatted(
+        &self,
+        job: &Job,
+        chat: ChatId,
+        part: &str,
+        reply_to: Option<MessageId>,
+    ) -> Delivery {
+        let html = markdown_to_telegram_html(part);
+        if utf16_len(&html) <= TG_LIMIT {
+            match self
+                .send(job, chat, &html, Some(ParseMode::Html), reply_to)
+                .await
+            {
+                Err(RequestError::Api(ApiError::CantParseEntities(_))) => {
+                    tracing::debug!("formatting rejected; resending as plain text");
+                }
+                other => return self.delivery(other),
+            }
+        }
+        let plain = self.send(job, chat, part, None, reply_to).await;
+        self.delivery(plain)
+    }
+
+    fn delivery(&self, result: Result<(), RequestError>) -> Delivery {
+        match result {
+            Ok(()) => Delivery::Sent,
+            Err(
+                e @ (RequestError::Network(_) | RequestError::Io(_) | RequestError::RetryAfter(_)),
+            ) => Delivery::Failed(self.scrub(&e)),
+            Err(e) => Delivery::Refused(self.scrub(&e)),
+        }
+    }
+
+    /// One message with throttling; waits out 429s and retries network errors.
+    async fn send(
+        &self,
+        job: &Job,
+        chat: ChatId,
+        text: &str,
+        mode: Option<ParseMode>,
+        reply_to: Option<MessageId>,
+    ) -> Result<(), RequestError> {
+        let mut attempt = 0;
+        loop {
+            self.throttle
+                .wait(&job.chat_id.to_string(), job.is_group)
+                .await;
+            let mut req = self.bot.send_message(chat, text.to_string());
+            if let Some(mode) = mode {
+                req = req.parse_mode(mode);
+            }
+            if let Some(id) = reply_to {
+                req = req.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
+            }
+            let err = match req.await {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            attempt += 1;
+            match &err {
+                RequestError::RetryAfter(s) if attempt < SEND_ATTEMPTS => {
+                    tracing::info!(wait = ?s.duration(), "telegram asked us to slow down");
+                    tokio::time::sleep(s.duration()).await;
+                }
+                RequestError::Network(_) | RequestError::Io(_) if attempt < SEND_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    async fn send_document(&self, job: &Job, chat: ChatId, a: &Attachment) -> Delivery {
+        self.throttle
+            .wait(&job.chat_id.to_string(), job.is_group)
+            .await;
+        let file = InputFile::memory(a.bytes.clone()).file_name(a.file_name.clone());
+        let result = self
+            .bot
+            .send_document(chat, file)
+            .caption(a.file_name.clone())
+            .await;
+        self.delivery(result.map(|_| ()))
+    }
+}
+
+/// Removes `@botname` from a group message so the LLM sees only the question.
+fn strip_mention(text: &str, me: &str) -> String {
+    if me.is_empty() {
+        return text.to_string();
+    }
+    let needle = format!("@{}", me.to_lowercase());
+    let lower = text.to_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    // Lowercasing can change byte lengths for some scripts; fall back to the text as is.
+    if lower.len() != text.len() {
+        return text.to_string();
+    }
+    while let Some(pos) = lower[i..].find(&needle) {
+        out.push_str(&text[i..i + pos]);
+        i += pos + needle.len();
+    }
+    out.push_str(&text[i..]);
+    let joined = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    if joined.is_empty() {
+        text.to_string()
+    } else {
+        joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_the_mention() {
+        assert_eq!(
+            strip_mention("@Acme_Bot what is 2+2?", "acme_bot"),
+            "what is 2+2?"
+        );
+        assert_eq!(strip_mention("hey @acme_bot, hi", "acme_bot"), "hey , hi");
+        assert_eq!(strip_mention("@acme_bot", "acme_bot"), "@acme_bot");
+    }
+}
