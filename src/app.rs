@@ -115,14 +115,23 @@ fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {
 
 /// `confab run`: serve every configured bot until SIGTERM/SIGINT; SIGHUP reloads bots and prompts.
 pub async fn run(config: Config, opts: LoadOptions) -> anyhow::Result<()> {
+    let signals = shutdown::listen().context("installing signal handlers")?;
+    serve(config, opts, signals).await
+}
+
+/// The daemon, driven by `control` (signals in production, a channel in tests).
+pub async fn serve(
+    config: Config,
+    opts: LoadOptions,
+    mut control: tokio::sync::mpsc::Receiver<Signal>,
+) -> anyhow::Result<()> {
     let env = config.env;
     // Identity first: nothing is opened or started for a token of the wrong bot.
     let telegram_bots = verify_identities(&config).await?;
     let app = build(config)?;
     let shutdown = Shutdown::new();
-    let mut signals = shutdown::listen().context("installing signal handlers")?;
     spawn_sweeper(app.engine.clone(), &shutdown);
-    // Intake (polling) stops on `intake`; replies in flight run on the tracker.
+    // Intake (polling) stops first; replies in flight run on the tracker and finish.
     let intake = shutdown.token.child_token();
     let mut pollers = Vec::new();
     for v in telegram_bots {
@@ -134,7 +143,7 @@ pub async fn run(config: Config, opts: LoadOptions) -> anyhow::Result<()> {
     }
     tracing::info!(%env, bots = app.engine.config().bots.len(), "confab running");
 
-    while let Some(sig) = signals.recv().await {
+    while let Some(sig) = control.recv().await {
         match sig {
             Signal::Reload => match config::load(&opts) {
                 Ok(new) => {

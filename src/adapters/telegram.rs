@@ -422,6 +422,10 @@ impl TelegramAdapter {
         if let Err(e) = store.inbox_remove(&key) {
             tracing::error!(error = %e, "could not clear an answered update from the inbox");
         }
+        // Durable "sent": after a crash, only a reply whose send was in flight can repeat.
+        if let Err(e) = store.flush().await {
+            tracing::error!(error = %e, "store flush failed after a reply");
+        }
     }
 
     fn spawn_typing(self: &Arc<Self>, chat: ChatId) -> tokio::task::JoinHandle<()> {

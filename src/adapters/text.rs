@@ -210,7 +210,7 @@ fn closing(rest: &[char], delim: &[char]) -> Option<usize> {
         if rest[i..i + n] == *delim && !rest[i - 1].is_whitespace() {
             let after = rest.get(i + n);
             let word_char = |c: &char| c.is_alphanumeric();
-            if delim[0] == '_' && after.is_some_and(word_char) {
+            if (delim[0] == '_' || n == 1) && after.is_some_and(word_char) {
                 i += 1;
                 continue;
             }
@@ -268,7 +268,8 @@ fn inline_html(chars: &[char]) -> String {
         let mut matched = false;
         for (delim, tag) in styles {
             let n = delim.len();
-            if rest.len() > n && rest[..n] == *delim && !(delim[0] == '_' && prev_word) {
+            let boundary_ok = !((delim[0] == '_' || n == 1) && prev_word);
+            if rest.len() > n && rest[..n] == *delim && boundary_ok {
                 if let Some(end) = closing(rest, delim) {
                     out.push_str(&format!("<{tag}>{}</{tag}>", inline_html(&rest[n..end])));
                     i += end + n;

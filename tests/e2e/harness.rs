@@ -94,3 +94,55 @@ pub fn msg(user: &str, text: &str) -> Inbound {
 pub fn text(reply: &Reply) -> String {
     reply.as_text().unwrap_or("<silent>").to_string()
 }
+
+pub const TG_TOKEN: &str = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+pub const TG_BOT_TOML: &str = "prompt = \"assistant\"\n[telegram]\ntoken_env = \"ASSISTANT_TELEGRAM_TOKEN\"\nusername = { staging = \"acme_staging_bot\", production = \"acme_bot\" }\n";
+
+/// Settings that point the Telegram client at a fake and lift outbound throttling
+/// (the fake has no limits; throttling has its own tests).
+pub fn tg_settings(api_url: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[telegram]\napi_url = {api_url:?}\nglobal_per_second = 10000\nper_chat_per_minute = 6000\ngroup_per_minute = 6000\n"
+    )
+}
+
+impl Root {
+    /// A root whose bot runs on Telegram with `TG_TOKEN` (in the env file).
+    pub fn telegram(llm_url: &str, tg_url: &str, extra: &str, bot_toml: &str) -> Root {
+        let root = Root::with_bot(llm_url, &tg_settings(tg_url, extra), bot_toml);
+        std::fs::write(
+            root.path().join(".env.test"),
+            format!("ASSISTANT_TELEGRAM_TOKEN={TG_TOKEN}\n"),
+        )
+        .expect("write env file");
+        root
+    }
+
+    pub fn tg_options(&self) -> LoadOptions {
+        LoadOptions {
+            require_platform_tokens: true,
+            ..self.options()
+        }
+    }
+}
+
+/// The daemon running in-process; `stop()` ends it like SIGTERM.
+pub struct Daemon {
+    pub control: tokio::sync::mpsc::Sender<confab::shutdown::Signal>,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    pub fn start(root: &Root) -> Daemon {
+        let opts = root.tg_options();
+        let cfg = config::load(&opts).unwrap_or_else(|p| panic!("config problems:\n{p}"));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let task = tokio::spawn(app::serve(cfg, opts, rx));
+        Daemon { control: tx, task }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.control.send(confab::shutdown::Signal::Stop).await;
+        self.task.await.expect("daemon task")
+    }
+}

@@ -3,7 +3,10 @@
 
 #[path = "../support/fake_openai.rs"]
 mod fake_openai;
+#[path = "../support/fake_telegram.rs"]
+mod fake_telegram;
 mod harness;
 
 mod cli;
 mod engine;
+mod telegram;
