@@ -232,6 +232,40 @@ async fn identity_refusal_names_the_variable_and_the_bot() {
     assert_eq!(llm.request_count(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_asks_telegram_who_the_token_is() {
+    let llm = FakeOpenAi::start().await;
+    let tg = FakeTelegram::start(TG_TOKEN, "acme_staging_bot").await;
+    let root = Root::telegram(&llm.base_url, &tg.api_url, "", TG_BOT_TOML);
+    let check = |root: &Root| {
+        Command::new(env!("CARGO_BIN_EXE_confab"))
+            .args(["check", "--env", "staging", "--online", "--root"])
+            .arg(root.path())
+            .arg("--env-file")
+            .arg(root.env_file())
+            .output()
+            .expect("run confab check")
+    };
+    let ok = tokio::task::block_in_place(|| check(&root));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(tg.count("getMe"), 1);
+    tg.set_bot_username("someone_elses_bot");
+    let bad = tokio::task::block_in_place(|| check(&root));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("@someone_elses_bot") && err.contains("ASSISTANT_TELEGRAM_TOKEN"),
+        "{err}"
+    );
+    // check never starts polling or sends anything
+    assert_eq!(tg.count("getUpdates") + tg.sent().len(), 0);
+}
+
 /// Spawns the real daemon; logs go to `log`.
 fn spawn_daemon(root: &Root, log: &std::path::Path, rust_log: &str) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_confab"))
