@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::adapters::discord::{self, DiscordAdapter};
 use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
@@ -25,12 +26,19 @@ pub struct Refused(pub Vec<String>);
 
 /// Checks every platform identity against this environment's configuration
 /// (`confab check --online` and the start of `confab run`).
-pub async fn verify_identities(cfg: &Config) -> Result<Vec<telegram::Verified>, Refused> {
+/// Every problem is collected before refusing.
+pub async fn verify_identities(cfg: &Config) -> Result<Identities, Refused> {
     let mut problems = Vec::new();
-    let mut verified = Vec::new();
+    let mut verified = Identities::default();
     for bot in cfg.bots.iter().filter(|b| b.telegram.is_some()) {
         match telegram::verify(cfg, bot).await {
-            Ok(v) => verified.push(v),
+            Ok(v) => verified.telegram.push(v),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for bot in cfg.bots.iter().filter(|b| b.discord.is_some()) {
+        match discord::verify(cfg, bot).await {
+            Ok(v) => verified.discord.push(v),
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -39,6 +47,13 @@ pub async fn verify_identities(cfg: &Config) -> Result<Vec<telegram::Verified>, 
     } else {
         Err(Refused(problems))
     }
+}
+
+/// The platform bots whose tokens were checked, per platform.
+#[derive(Default)]
+pub struct Identities {
+    pub telegram: Vec<telegram::Verified>,
+    pub discord: Vec<discord::Verified>,
 }
 
 pub struct App {
@@ -127,41 +142,65 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let env = config.env;
     // Identity first: nothing is opened or started for a token of the wrong bot.
-    let telegram_bots = verify_identities(&config).await?;
+    let identities = verify_identities(&config).await?;
     let app = build(config)?;
+    let reload_opts = opts.clone();
+    app.engine.set_reloader(Box::new(move || {
+        config::load(&reload_opts).map_err(|p| p.to_string())
+    }));
     let shutdown = Shutdown::new();
     spawn_sweeper(app.engine.clone(), &shutdown);
+    let control_path = crate::ops::control::socket_path(&app.engine.config().data_dir);
+    let control_socket = tokio::spawn(crate::ops::control::serve(
+        app.engine.clone(),
+        app.store.clone(),
+        control_path,
+        shutdown.token.clone(),
+    ));
     // Intake (polling) stops first; replies in flight run on the tracker and finish.
     let intake = shutdown.token.child_token();
     let mut pollers = Vec::new();
-    for v in telegram_bots {
+    for v in identities.telegram {
         tracing::info!(bot = %v.name, username = ?v.me.user.username, "telegram bot verified");
         let adapter = TelegramAdapter::new(v, app.engine.clone());
         pollers.push(tokio::spawn(
             adapter.run(intake.clone(), shutdown.tracker.clone()),
         ));
     }
+    for v in identities.discord {
+        tracing::info!(bot = %v.name, user = %v.username, application_id = %v.application_id, "discord bot verified");
+        let adapter = DiscordAdapter::new(v, app.engine.clone());
+        pollers.push(tokio::spawn(
+            adapter.run(intake.clone(), shutdown.tracker.clone()),
+        ));
+    }
     tracing::info!(%env, bots = app.engine.config().bots.len(), "confab running");
 
+    crate::ops::notify::ready();
+    crate::ops::notify::spawn_watchdog(shutdown.token.clone());
     while let Some(sig) = control.recv().await {
         match sig {
-            Signal::Reload => match config::load(&opts) {
-                Ok(new) => {
-                    if let Err(e) = app.engine.reload(new) {
-                        tracing::error!(error = %e, "reload failed; keeping the old configuration");
-                    }
+            Signal::Reload => {
+                crate::ops::notify::reloading();
+                let result = app.engine.reload_now();
+                crate::ops::notify::ready();
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "reload failed; keeping the old configuration");
                 }
-                Err(problems) => {
-                    tracing::error!(%problems, "reload failed; keeping the old configuration")
-                }
-            },
+            }
             Signal::Stop => break,
         }
     }
     tracing::info!("shutting down");
+    crate::ops::notify::stopping();
     shutdown.token.cancel();
     for p in pollers {
         let _ = p.await;
+    }
+    match control_socket.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "control socket failed"),
+        Err(e) => tracing::warn!(error = %e, "control socket task failed"),
+        Ok(Ok(())) => {}
     }
     shutdown.tracker.close();
     let timeout = Duration::from_secs(app.engine.config().shutdown_timeout_secs);
@@ -174,6 +213,84 @@ pub async fn serve(
     app.store.flush().await.context("flushing the store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `confab user export|forget`: through the running daemon's control socket, or
+/// directly on the store when no daemon runs.
+pub async fn user_command(
+    config: Config,
+    req: crate::ops::control::Request,
+) -> anyhow::Result<crate::ops::control::Response> {
+    Ok(control_request(config, req).await?.0)
+}
+
+/// Sends a control request to the running daemon, or runs it on the store directly.
+async fn control_request(
+    config: Config,
+    req: crate::ops::control::Request,
+) -> anyhow::Result<(crate::ops::control::Response, Option<Vec<u8>>)> {
+    let path = crate::ops::control::socket_path(&config.data_dir);
+    if let Some(answer) = crate::ops::control::call(&path, &req)
+        .await
+        .with_context(|| format!("talking to the daemon at {}", path.display()))?
+    {
+        return Ok(answer);
+    }
+    let app = build(config)?;
+    let (engine, store) = (app.engine.clone(), app.store.clone());
+    let answer =
+        tokio::task::spawn_blocking(move || crate::ops::control::execute(&engine, &store, &req))
+            .await
+            .context("running the command")?;
+    app.store.flush().await.context("flushing the store")?;
+    Ok(answer)
+}
+
+/// `confab backup`: a verified, consistent copy of the store, also while the daemon runs.
+pub async fn backup(
+    config: Config,
+    out: &std::path::Path,
+    keep: Option<usize>,
+) -> anyhow::Result<String> {
+    let (resp, bytes) = control_request(config, crate::ops::control::Request::Backup).await?;
+    let bytes = match (resp.ok, bytes) {
+        (true, Some(b)) => b,
+        _ => anyhow::bail!("backup failed: {}", resp.result),
+    };
+    let rows = crate::ops::backup::decode(&bytes).context("verifying the backup")?;
+    let path = crate::ops::backup::write_file(&bytes, out, keep)?;
+    Ok(format!(
+        "backup written: {} ({} rows, {} bytes, sha256 verified)",
+        path.display(),
+        rows.len(),
+        bytes.len()
+    ))
+}
+
+/// `confab restore`: refuses while a daemon runs, or into a non-empty data dir without `force`.
+pub async fn restore(
+    config: Config,
+    from: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<String> {
+    let path = crate::ops::control::socket_path(&config.data_dir);
+    if tokio::net::UnixStream::connect(&path).await.is_ok() {
+        anyhow::bail!(
+            "a confab daemon is running on {}; stop it before restoring",
+            config.data_dir.display()
+        );
+    }
+    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    let rows = crate::ops::backup::restore(
+        &bytes,
+        &config.data_dir,
+        force,
+        config.store.cache_capacity_mb,
+    )?;
+    Ok(format!(
+        "restored {rows} rows into {}",
+        config.data_dir.display()
+    ))
 }
 
 /// `confab chat`: talk to a bot in the terminal until end of input.

@@ -217,6 +217,14 @@ pub struct Attachment {
     pub bytes: Vec<u8>,
 }
 
+/// A button under a reply (Telegram inline keyboard, Discord component). Pressing it
+/// is the same as the user typing `command`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Button {
+    pub label: String,
+    pub command: String,
+}
+
 /// The engine's decision for one inbound message.
 #[derive(Debug, Clone)]
 pub enum Reply {
@@ -225,6 +233,7 @@ pub enum Reply {
         text: String,
         kind: ReplyKind,
         attachment: Option<Attachment>,
+        buttons: Vec<Button>,
     },
     /// Send nothing (duplicate update, repeated over-limit message, non-text in a group).
     Silent,
@@ -236,6 +245,7 @@ impl Reply {
             text: text.into(),
             kind,
             attachment: None,
+            buttons: Vec::new(),
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`store`]    — `Store` trait and its sled implementation.
 //! - [`adapters`] — platform adapters (terminal today); translate, never decide.
 //! - [`app`]      — composition root: builds everything and runs it; ordered shutdown.
+//! - [`ops`]      — operator interfaces: the local control socket.
 //! - [`shutdown`] — cancellation, task tracking, signals.
 //! - [`logging`]  — tracing setup (pretty or JSON), `env` on every line.
 
@@ -20,5 +21,6 @@ pub mod domain;
 pub mod engine;
 pub mod llm;
 pub mod logging;
+pub mod ops;
 pub mod shutdown;
 pub mod store;

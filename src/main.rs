@@ -42,6 +42,32 @@ enum Cmd {
         #[arg(long)]
         online: bool,
     },
+    /// Write a consistent, checksummed backup of the store (works while the daemon runs).
+    Backup {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        out: PathBuf,
+        /// Name each backup by time next to --out and keep only the newest N.
+        #[arg(long)]
+        keep: Option<usize>,
+    },
+    /// Restore a backup into an empty data dir (verifies the checksum first).
+    Restore {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace a non-empty data dir.
+        #[arg(long)]
+        force: bool,
+    },
+    /// A user's data: `export` prints it as JSON; `forget` deletes it. Works with or
+    /// without a running daemon.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Chat with a bot in the terminal (same engine, memory, limits and cache; no platform token).
     Chat {
         #[command(flatten)]
@@ -49,6 +75,22 @@ enum Cmd {
         /// Bot name (file stem in bots/); default: the first bot.
         #[arg(long)]
         bot: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Print everything stored about USER (tg:<id> or dc:<id>) as JSON.
+    Export {
+        user: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Delete everything stored about USER.
+    Forget {
+        user: String,
+        #[command(flatten)]
+        common: Common,
     },
 }
 
@@ -122,6 +164,64 @@ fn main() -> ExitCode {
             let span = tracing::info_span!("confab", env = %cfg.env);
             let _g = span.enter();
             runtime.block_on(confab::app::run(cfg, opts))
+        }
+        Cmd::Backup { common, out, keep } => {
+            let cfg = match load_or_report(&options(&common, false)) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            confab::logging::init(LogFormat::Pretty, "warn");
+            runtime
+                .block_on(confab::app::backup(cfg, &out, keep))
+                .map(|msg| println!("{msg}"))
+        }
+        Cmd::Restore {
+            common,
+            from,
+            force,
+        } => {
+            let cfg = match load_or_report(&options(&common, false)) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            confab::logging::init(LogFormat::Pretty, "warn");
+            runtime
+                .block_on(confab::app::restore(cfg, &from, force))
+                .map(|msg| println!("{msg}"))
+        }
+        Cmd::User { action } => {
+            use confab::ops::control::Request;
+            let (req, common, user) = match action {
+                UserAction::Export { user, common } => {
+                    (Request::Export { user: user.clone() }, common, user)
+                }
+                UserAction::Forget { user, common } => {
+                    (Request::Forget { user: user.clone() }, common, user)
+                }
+            };
+            if let Err(e) = user.parse::<confab::domain::UserRef>() {
+                eprintln!("confab: {e}");
+                return ExitCode::from(2);
+            }
+            let opts = options(&common, false);
+            let cfg = match load_or_report(&opts) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            confab::logging::init(LogFormat::Pretty, "warn");
+            match runtime.block_on(confab::app::user_command(cfg, req)) {
+                Ok(resp) if resp.ok => {
+                    match resp.result {
+                        serde_json::Value::String(s) => println!("{s}"),
+                        doc => {
+                            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default())
+                        }
+                    }
+                    Ok(())
+                }
+                Ok(resp) => Err(anyhow::anyhow!("{}", resp.result)),
+                Err(e) => Err(e),
+            }
         }
         Cmd::Chat { common, bot } => {
             let opts = options(&common, false);

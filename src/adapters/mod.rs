@@ -1,6 +1,7 @@
 //! Adapters translate platform updates into [`crate::domain::Inbound`] and replies back.
 //! They decide no policy: that is the engine's job.
 
+pub mod discord;
 pub mod telegram;
 pub mod terminal;
 pub mod text;

@@ -16,8 +16,9 @@ use teloxide::payloads::{
 };
 use teloxide::requests::Requester;
 use teloxide::types::{
-    AllowedUpdate, BotCommand, ChatAction, ChatId, InputFile, Me, MessageEntityKind, MessageId,
-    ParseMode, ReplyParameters, UpdateKind,
+    AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, InlineKeyboardButton,
+    InlineKeyboardMarkup, InputFile, Me, MessageEntityKind, MessageId, ParseMode, ReplyParameters,
+    UpdateKind,
 };
 use teloxide::{ApiError, Bot, RequestError};
 use tokio::sync::watch;
@@ -27,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use super::text::{markdown_to_telegram_html, split_message, utf16_len};
 use super::{redact, SerialQueue, Throttle};
 use crate::config::{BotConfig, Config, Env, Secret};
-use crate::domain::{Attachment, Content, Inbound, Platform, Reply};
+use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
 use crate::engine::commands::USER_COMMANDS;
 use crate::engine::Engine;
 
@@ -138,6 +139,9 @@ struct Job {
     /// The user's message; replies in groups quote it.
     message_id: i32,
     is_group: bool,
+    /// Set when the job is a button press (answered with answerCallbackQuery).
+    #[serde(default)]
+    callback_id: Option<String>,
 }
 
 pub struct TelegramAdapter {
@@ -236,7 +240,7 @@ impl TelegramAdapter {
                 .get_updates()
                 .offset(offset)
                 .timeout(POLL_SECS)
-                .allowed_updates(vec![AllowedUpdate::Message]);
+                .allowed_updates(vec![AllowedUpdate::Message, AllowedUpdate::CallbackQuery]);
             let result = tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = prune.tick() => { self.throttle.prune(); continue; }
@@ -323,8 +327,10 @@ impl TelegramAdapter {
 
     /// Platform update → `Inbound`, applying the group rules (mention, reply, command).
     fn translate(&self, update_id: u32, kind: UpdateKind) -> Option<Job> {
-        let UpdateKind::Message(msg) = kind else {
-            return None;
+        let msg = match kind {
+            UpdateKind::Message(msg) => msg,
+            UpdateKind::CallbackQuery(q) => return self.translate_button(update_id, q),
+            _ => return None,
         };
         let from = msg.from.as_ref()?;
         if from.is_bot {
@@ -380,10 +386,42 @@ impl TelegramAdapter {
             chat_id: msg.chat.id.0,
             message_id: msg.id.0,
             is_group: !is_private,
+            callback_id: None,
+        })
+    }
+
+    /// A press on one of our buttons is the user sending the button's command.
+    fn translate_button(&self, update_id: u32, q: teloxide::types::CallbackQuery) -> Option<Job> {
+        let data = q.data.clone()?;
+        let message = q.message.as_ref()?;
+        let chat = message.chat();
+        Some(Job {
+            inbound: Inbound {
+                bot: self.name.clone(),
+                platform: Platform::Telegram,
+                update_id: Some(update_id.to_string()),
+                chat_id: chat.id.0.to_string(),
+                user_id: q.from.id.0.to_string(),
+                user_name: q.from.first_name.clone(),
+                username: q.from.username.clone(),
+                is_private: chat.is_private(),
+                content: Content::Text(data),
+            },
+            chat_id: chat.id.0,
+            message_id: message.id().0,
+            is_group: !chat.is_private(),
+            callback_id: Some(q.id.0.clone()),
         })
     }
 
     async fn process(self: Arc<Self>, key: String, job: Job) {
+        if let Some(id) = &job.callback_id {
+            // Stops the button's spinner; failure is cosmetic.
+            let _ = self
+                .bot
+                .answer_callback_query(CallbackQueryId(id.clone()))
+                .await;
+        }
         let span = tracing::info_span!("update", platform = "telegram", bot = %self.name, update = job.inbound.update_id.as_deref().unwrap_or(""));
         let _enter = span.enter();
         let chat = ChatId(job.chat_id);
@@ -491,11 +529,15 @@ impl TelegramAdapter {
 
     async fn deliver(&self, job: &Job, reply: &Reply, streamed: Option<MessageId>) -> Delivery {
         let Reply::Text {
-            text, attachment, ..
+            text,
+            attachment,
+            buttons,
+            ..
         } = reply
         else {
             return Delivery::Sent;
         };
+        let keyboard = keyboard(buttons);
         let chat = ChatId(job.chat_id);
         let reply_to = job.is_group.then_some(MessageId(job.message_id));
         let mut parts = split_message(text, SPLIT_AT, utf16_len).into_iter();
@@ -508,8 +550,14 @@ impl TelegramAdapter {
                 }
             }
         }
-        for part in parts {
-            match self.send_formatted(job, chat, &part, reply_to).await {
+        let parts: Vec<String> = parts.collect();
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.into_iter().enumerate() {
+            let markup = if i == last { keyboard.clone() } else { None };
+            match self
+                .send_formatted(job, chat, &part, reply_to, markup)
+                .await
+            {
                 Delivery::Sent => {}
                 other => return other,
             }
@@ -553,20 +601,28 @@ impl TelegramAdapter {
         chat: ChatId,
         part: &str,
         reply_to: Option<MessageId>,
+        markup: Option<InlineKeyboardMarkup>,
     ) -> Delivery {
         let html = markdown_to_telegram_html(part);
         if utf16_len(&html) <= TG_LIMIT {
-            match self
-                .send(job, chat, &html, Some(ParseMode::Html), reply_to)
-                .await
-            {
+            let sent = self
+                .send(
+                    job,
+                    chat,
+                    &html,
+                    Some(ParseMode::Html),
+                    reply_to,
+                    markup.clone(),
+                )
+                .await;
+            match sent {
                 Err(RequestError::Api(ApiError::CantParseEntities(_))) => {
                     tracing::debug!("formatting rejected; resending as plain text");
                 }
                 other => return self.delivery(other),
             }
         }
-        let plain = self.send(job, chat, part, None, reply_to).await;
+        let plain = self.send(job, chat, part, None, reply_to, markup).await;
         self.delivery(plain)
     }
 
@@ -588,6 +644,7 @@ impl TelegramAdapter {
         text: &str,
         mode: Option<ParseMode>,
         reply_to: Option<MessageId>,
+        markup: Option<InlineKeyboardMarkup>,
     ) -> Result<(), RequestError> {
         let mut attempt = 0;
         loop {
@@ -600,6 +657,9 @@ impl TelegramAdapter {
             }
             if let Some(id) = reply_to {
                 req = req.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
+            }
+            if let Some(m) = &markup {
+                req = req.reply_markup(m.clone());
             }
             let err = match req.await {
                 Ok(_) => return Ok(()),
@@ -631,6 +691,18 @@ impl TelegramAdapter {
             .await;
         self.delivery(result.map(|_| ()))
     }
+}
+
+/// The engine's buttons as an inline keyboard (one row); the press sends the command back.
+fn keyboard(buttons: &[Button]) -> Option<InlineKeyboardMarkup> {
+    if buttons.is_empty() {
+        return None;
+    }
+    let row: Vec<InlineKeyboardButton> = buttons
+        .iter()
+        .map(|b| InlineKeyboardButton::callback(b.label.clone(), b.command.clone()))
+        .collect();
+    Some(InlineKeyboardMarkup::new(vec![row]))
 }
 
 /// Removes `@botname` from a group message so the LLM sees only the question.

@@ -59,7 +59,10 @@ impl TerminalChat {
                 ..
             } = &reply
             {
-                let note = format!("(attachment {}: {} bytes)\n", a.file_name, a.bytes.len());
+                // The file goes next to where `confab chat` runs; its path is the answer.
+                let path = std::env::current_dir()?.join(&a.file_name);
+                tokio::fs::write(&path, &a.bytes).await?;
+                let note = format!("(saved {} bytes to {})\n", a.bytes.len(), path.display());
                 out.write_all(note.as_bytes()).await?;
             }
             out.flush().await?;

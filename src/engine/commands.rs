@@ -1,6 +1,8 @@
 //! The command layer: parsing and help text. Commands are a closed enum; adapters only
 //! pass text through (Telegram's `/cmd@botname` suffix is stripped here).
 
+use crate::domain::UserRef;
+
 /// User commands with their `/help` lines, in display order. Adapters register these
 /// (setMyCommands, Discord slash commands).
 pub const USER_COMMANDS: &[(&str, &str)] = &[
@@ -8,7 +10,111 @@ pub const USER_COMMANDS: &[(&str, &str)] = &[
     ("help", "List the commands"),
     ("reset", "Clear this conversation's memory"),
     ("usage", "Show your limits and today's token use"),
+    ("export", "Get everything stored about you as a JSON file"),
+    ("forget", "Delete all your data (asks for confirmation)"),
 ];
+
+/// Admin subcommands with their usage lines (shown on bad arguments and `/admin`).
+pub const ADMIN_USAGE: &[(&str, &str)] = &[
+    (
+        "stats",
+        "uptime, users, messages, outcomes, cache, LLM, latency",
+    ),
+    (
+        "ban USER [reason]",
+        "block a user (one notice, then silence)",
+    ),
+    ("unban USER", "lift a ban"),
+    (
+        "limit USER PER_MIN [DAILY_TOKENS]",
+        "override a user's limits",
+    ),
+    ("limit USER reset", "back to the configured limits"),
+    ("reset USER", "clear a user's memory in every conversation"),
+    ("whois USER", "what is known about a user"),
+    ("cache stats|clear", "response cache figures, or empty it"),
+    ("reload", "reload prompts and bots (same as SIGHUP)"),
+    (
+        "maintenance on [message]|off",
+        "answer non-admins with a maintenance message",
+    ),
+    ("audit [N]", "the last N admin actions (default 10)"),
+];
+
+/// A user named in an admin command: `tg:<id>`, `dc:<id>`, or a Telegram `@username`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserArg {
+    Ref(UserRef),
+    Username(String),
+}
+
+impl std::fmt::Display for UserArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserArg::Ref(r) => write!(f, "{r}"),
+            UserArg::Username(u) => write!(f, "@{u}"),
+        }
+    }
+}
+
+fn user_arg(s: &str) -> Option<UserArg> {
+    if let Some(name) = s.strip_prefix('@') {
+        let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        return ok.then(|| UserArg::Username(name.to_string()));
+    }
+    s.parse().ok().map(UserArg::Ref)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCommand {
+    Stats,
+    Ban {
+        user: UserArg,
+        reason: String,
+    },
+    Unban {
+        user: UserArg,
+    },
+    Limit {
+        user: UserArg,
+        per_minute: u32,
+        daily_tokens: Option<u64>,
+    },
+    LimitReset {
+        user: UserArg,
+    },
+    Reset {
+        user: UserArg,
+    },
+    Whois {
+        user: UserArg,
+    },
+    CacheStats,
+    CacheClear,
+    Reload,
+    MaintenanceOn {
+        message: Option<String>,
+    },
+    MaintenanceOff,
+    Audit {
+        n: usize,
+    },
+}
+
+impl AdminCommand {
+    /// The user the command acts on, for the audit log.
+    pub fn target(&self) -> Option<&UserArg> {
+        match self {
+            AdminCommand::Ban { user, .. }
+            | AdminCommand::Unban { user }
+            | AdminCommand::Limit { user, .. }
+            | AdminCommand::LimitReset { user }
+            | AdminCommand::Reset { user }
+            | AdminCommand::Whois { user } => Some(user),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -16,6 +122,13 @@ pub enum Command {
     Help,
     Reset,
     Usage,
+    Export,
+    /// `/forget` asks; `/forget confirm` deletes; `/forget cancel` drops the request.
+    Forget {
+        confirm: Option<bool>,
+    },
+    /// `/admin …`; `Err(text)` carries the usage text for bad arguments.
+    Admin(Result<AdminCommand, String>),
     /// A `/word` we do not know; answered with the help text.
     Unknown(String),
 }
@@ -23,19 +136,88 @@ pub enum Command {
 /// Parses a message starting with `/`; `None` for ordinary text.
 pub fn parse(text: &str) -> Option<Command> {
     let rest = text.trim_start().strip_prefix('/')?;
-    let word = rest.split(char::is_whitespace).next().unwrap_or("");
+    let mut words = rest.split_whitespace();
+    let first = rest.split(char::is_whitespace).next().unwrap_or("");
+    words.next();
     // `/help@acme_bot` → `help`
-    let name = word.split('@').next().unwrap_or("").to_lowercase();
+    let name = first.split('@').next().unwrap_or("").to_lowercase();
     if name.is_empty() {
         return None;
     }
+    let args: Vec<&str> = words.collect();
     Some(match name.as_str() {
         "start" => Command::Start,
         "help" => Command::Help,
         "reset" => Command::Reset,
         "usage" => Command::Usage,
+        "export" => Command::Export,
+        "forget" => Command::Forget {
+            confirm: match args.first().map(|a| a.to_lowercase()).as_deref() {
+                Some("confirm" | "yes") => Some(true),
+                Some("cancel" | "no") => Some(false),
+                _ => None,
+            },
+        },
+        "admin" => Command::Admin(parse_admin(&args)),
         _ => Command::Unknown(name),
     })
+}
+
+fn parse_admin(args: &[&str]) -> Result<AdminCommand, String> {
+    let usage = || admin_usage();
+    let user = |i: usize| args.get(i).and_then(|s| user_arg(s));
+    let sub = args.first().map(|s| s.to_lowercase()).unwrap_or_default();
+    let cmd = match (sub.as_str(), args.len()) {
+        ("stats", 1) => AdminCommand::Stats,
+        ("ban", n) if n >= 2 => AdminCommand::Ban {
+            user: user(1).ok_or_else(usage)?,
+            reason: args[2..].join(" "),
+        },
+        ("unban", 2) => AdminCommand::Unban {
+            user: user(1).ok_or_else(usage)?,
+        },
+        ("limit", 3) if args[2].eq_ignore_ascii_case("reset") => AdminCommand::LimitReset {
+            user: user(1).ok_or_else(usage)?,
+        },
+        ("limit", 3 | 4) => {
+            let per_minute: u32 = args[2].parse().ok().filter(|n| *n > 0).ok_or_else(usage)?;
+            let daily_tokens = match args.get(3) {
+                Some(d) => Some(d.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(usage)?),
+                None => None,
+            };
+            AdminCommand::Limit {
+                user: user(1).ok_or_else(usage)?,
+                per_minute,
+                daily_tokens,
+            }
+        }
+        ("reset", 2) => AdminCommand::Reset {
+            user: user(1).ok_or_else(usage)?,
+        },
+        ("whois", 2) => AdminCommand::Whois {
+            user: user(1).ok_or_else(usage)?,
+        },
+        ("cache", 2) if args[1].eq_ignore_ascii_case("stats") => AdminCommand::CacheStats,
+        ("cache", 2) if args[1].eq_ignore_ascii_case("clear") => AdminCommand::CacheClear,
+        ("reload", 1) => AdminCommand::Reload,
+        ("maintenance", n) if n >= 2 && args[1].eq_ignore_ascii_case("on") => {
+            let message = args[2..].join(" ");
+            AdminCommand::MaintenanceOn {
+                message: (!message.is_empty()).then_some(message),
+            }
+        }
+        ("maintenance", 2) if args[1].eq_ignore_ascii_case("off") => AdminCommand::MaintenanceOff,
+        ("audit", 1) => AdminCommand::Audit { n: 10 },
+        ("audit", 2) => AdminCommand::Audit {
+            n: args[1]
+                .parse()
+                .ok()
+                .filter(|n| (1..=200).contains(n))
+                .ok_or_else(usage)?,
+        },
+        _ => return Err(usage()),
+    };
+    Ok(cmd)
 }
 
 pub fn help_text() -> String {
@@ -47,12 +229,28 @@ pub fn help_text() -> String {
     s
 }
 
+pub fn admin_usage() -> String {
+    let mut s = String::from("Usage: /admin <command>\nUSER is tg:<id>, dc:<id> or @username.\n");
+    for (cmd, desc) in ADMIN_USAGE {
+        s.push_str(&format!("/admin {cmd} — {desc}\n"));
+    }
+    s.trim_end().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Platform;
 
     fn check(input: &str, expected: Option<Command>) {
         assert_eq!(parse(input), expected, "input {input:?}");
+    }
+
+    fn admin(input: &str) -> Result<AdminCommand, String> {
+        match parse(input) {
+            Some(Command::Admin(r)) => r,
+            other => panic!("not an admin command: {other:?}"),
+        }
     }
 
     #[test]
@@ -61,10 +259,85 @@ mod tests {
         check("/help@acme_bot", Some(Command::Help));
         check("  /RESET now", Some(Command::Reset));
         check("/usage", Some(Command::Usage));
+        check("/export", Some(Command::Export));
+        check("/forget", Some(Command::Forget { confirm: None }));
+        check(
+            "/forget confirm",
+            Some(Command::Forget {
+                confirm: Some(true),
+            }),
+        );
+        check(
+            "/forget cancel",
+            Some(Command::Forget {
+                confirm: Some(false),
+            }),
+        );
         check("/frobnicate", Some(Command::Unknown("frobnicate".into())));
         check("hello /help", None);
         check("/", None);
         check("/ hi", None);
+    }
+
+    #[test]
+    fn parses_admin_commands() {
+        let tg1 = UserArg::Ref(UserRef::new(Platform::Telegram, "1"));
+        assert_eq!(admin("/admin stats"), Ok(AdminCommand::Stats));
+        assert_eq!(
+            admin("/admin ban tg:1 spamming links"),
+            Ok(AdminCommand::Ban {
+                user: tg1.clone(),
+                reason: "spamming links".into()
+            })
+        );
+        assert_eq!(
+            admin("/admin ban @Some_User"),
+            Ok(AdminCommand::Ban {
+                user: UserArg::Username("Some_User".into()),
+                reason: String::new()
+            })
+        );
+        assert_eq!(
+            admin("/admin limit tg:1 10 2000"),
+            Ok(AdminCommand::Limit {
+                user: tg1.clone(),
+                per_minute: 10,
+                daily_tokens: Some(2000)
+            })
+        );
+        assert_eq!(
+            admin("/admin limit tg:1 reset"),
+            Ok(AdminCommand::LimitReset { user: tg1.clone() })
+        );
+        assert_eq!(
+            admin("/admin maintenance on back at 5pm"),
+            Ok(AdminCommand::MaintenanceOn {
+                message: Some("back at 5pm".into())
+            })
+        );
+        assert_eq!(
+            admin("/admin maintenance off"),
+            Ok(AdminCommand::MaintenanceOff)
+        );
+        assert_eq!(admin("/admin audit 5"), Ok(AdminCommand::Audit { n: 5 }));
+        assert_eq!(admin("/admin cache clear"), Ok(AdminCommand::CacheClear));
+        for bad in [
+            "/admin",
+            "/admin ban",
+            "/admin ban xx:1",
+            "/admin limit tg:1",
+            "/admin limit tg:1 zero",
+            "/admin limit tg:1 0",
+            "/admin audit 0",
+            "/admin cache",
+            "/admin frob",
+            "/admin unban tg:1 extra",
+        ] {
+            assert!(admin(bad).is_err(), "{bad} should be a usage error");
+        }
+        assert!(admin("/admin nope")
+            .unwrap_err()
+            .contains("/admin ban USER [reason]"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! **Architecture Invariant:** this module imports no platform SDK, no sled and no
 //! async-openai; it speaks [`crate::domain`], [`crate::store::Store`] and [`crate::llm`].
 
+pub mod admin;
 pub mod cache;
 pub mod commands;
 pub mod limits;
@@ -10,8 +11,9 @@ pub mod ordering;
 pub mod prompt;
 pub mod stats;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -44,6 +46,9 @@ pub enum EngineError {
     Tokenizer(String),
 }
 
+/// Produces a fresh configuration for `/admin reload` (and SIGHUP): the app re-reads files.
+pub type Reloader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
 /// Settings that `reload` swaps as a whole (bots and prompts; SIGHUP / `/admin reload`).
 struct Settings {
     config: Arc<Config>,
@@ -59,6 +64,9 @@ pub struct Engine {
     locks: ConversationLocks,
     maintenance: RwLock<Option<String>>,
     started: Instant,
+    reloader: RwLock<Option<Reloader>>,
+    /// Users who asked `/forget` and have until this instant to confirm.
+    forget_requests: Mutex<HashMap<UserRef, Instant>>,
     pub stats: EngineStats,
 }
 
@@ -100,6 +108,8 @@ impl Engine {
             locks: ConversationLocks::default(),
             maintenance: RwLock::new(None),
             started: Instant::now(),
+            reloader: RwLock::new(None),
+            forget_requests: Mutex::new(HashMap::new()),
             stats: EngineStats::default(),
         })
     }
@@ -146,6 +156,48 @@ impl Engine {
         Ok(())
     }
 
+    pub fn set_reloader(&self, reloader: Reloader) {
+        *self.reloader.write().unwrap_or_else(|p| p.into_inner()) = Some(reloader);
+    }
+
+    /// Re-reads bots and prompts through the reloader (`/admin reload`, SIGHUP).
+    pub fn reload_now(&self) -> Result<(), String> {
+        let fresh = {
+            let r = self.reloader.read().unwrap_or_else(|p| p.into_inner());
+            match r.as_ref() {
+                Some(load) => load()?,
+                None => return Err("reload is not available in this mode".into()),
+            }
+        };
+        self.reload(fresh).map_err(|e| e.to_string())
+    }
+
+    fn forget_requests_insert(&self, user: UserRef) {
+        let mut m = self
+            .forget_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        m.retain(|_, until| *until > now);
+        m.insert(user, now + admin::FORGET_WINDOW);
+    }
+
+    /// True (and consumed) when the user asked `/forget` within the window.
+    fn forget_requests_take(&self, user: &UserRef) -> bool {
+        let mut m = self
+            .forget_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.remove(user).is_some_and(|until| until > Instant::now())
+    }
+
+    fn forget_requests_remove(&self, user: &UserRef) {
+        self.forget_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user);
+    }
+
     pub fn set_maintenance(&self, message: Option<String>) {
         *self.maintenance.write().unwrap_or_else(|p| p.into_inner()) = message;
     }
@@ -162,7 +214,8 @@ impl Engine {
         match user.platform {
             Platform::Telegram => user.id.parse().is_ok_and(|id| cfg.is_admin_telegram(id)),
             Platform::Discord => user.id.parse().is_ok_and(|id| cfg.is_admin_discord(id)),
-            Platform::Terminal => false,
+            // `confab chat` runs with shell access to the data: the operator.
+            Platform::Terminal => true,
         }
     }
 
@@ -309,7 +362,7 @@ impl Engine {
 
         if let Some(cmd) = commands::parse(text) {
             return self
-                .command(cmd, inbound, cfg, bot, record.as_ref())
+                .command(cmd, inbound, text, cfg, bot, record.as_ref())
                 .map(|reply| Decided { reply });
         }
 
@@ -621,6 +674,7 @@ impl Engine {
         &self,
         cmd: Command,
         inbound: &Inbound,
+        text: &str,
         cfg: &Config,
         bot: &BotConfig,
         record: Option<&UserRecord>,
@@ -658,6 +712,9 @@ impl Engine {
                     )
                 }
             }
+            Command::Export => return self.export(inbound),
+            Command::Forget { confirm } => return self.forget(inbound, confirm),
+            Command::Admin(parsed) => return self.admin(inbound, text, parsed),
             Command::Unknown(name) => {
                 return Ok(Reply::notice(
                     Rejection::BadCommand,

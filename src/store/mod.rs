@@ -172,6 +172,10 @@ pub trait Store: Send + Sync + 'static {
         f: &mut dyn FnMut(&mut UserRecord),
     ) -> StoreResult<UserRecord>;
     fn user_count(&self) -> StoreResult<usize>;
+    /// Visits every user record (admin stats); corrupt records are skipped.
+    fn for_each_user(&self, f: &mut dyn FnMut(&UserRef, &UserRecord)) -> StoreResult<()>;
+    /// Rewrites audit entries that name `user` (as actor or target) to `replacement`.
+    fn audit_redact(&self, user: &str, replacement: &str) -> StoreResult<usize>;
     /// Find a user by `@username` (case-insensitive) on a platform.
     fn find_username(&self, username: &str) -> StoreResult<Option<UserRef>>;
 

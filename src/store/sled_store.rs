@@ -38,6 +38,9 @@ pub struct SledStore {
     /// `cache.len()` is O(n) in sled; keep a running count.
     cache_count: AtomicUsize,
     flusher: Flusher,
+    /// Writers share it; a backup takes it exclusively for a point-in-time copy
+    /// (sled has no snapshot across trees).
+    gate: std::sync::RwLock<()>,
 }
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -176,6 +179,26 @@ fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
     k
 }
 
+/// Replaces `needle` where it is not part of a longer id (`tg:1` must not match `tg:12`).
+fn replace_whole(hay: &str, needle: &str, with: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = hay;
+    let mut hit = false;
+    while let Some(pos) = rest.find(needle) {
+        let end = pos + needle.len();
+        let longer = rest[end..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphanumeric());
+        out.push_str(&rest[..pos]);
+        out.push_str(if longer { needle } else { with });
+        hit |= !longer;
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    hit.then_some(out)
+}
+
 impl SledStore {
     /// Opens (or creates) the store. `cache_capacity_mb` bounds sled's page cache
     /// (its default is 1 GB); `flush_every_ms` is the background flush period.
@@ -213,6 +236,7 @@ impl SledStore {
             inbox: t("inbox")?,
             cache_count: AtomicUsize::new(0),
             flusher: Flusher::start(db.clone())?,
+            gate: std::sync::RwLock::new(()),
             db,
         };
         store.check_schema(&path)?;
@@ -252,6 +276,36 @@ impl SledStore {
     /// The underlying database, for backup/restore (sled's export/import).
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A consistent copy of every tree: writes pause while it is taken.
+    pub fn snapshot(&self) -> StoreResult<Vec<DumpRow>> {
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.dump()
+    }
+
+    /// Inserts rows (from a backup) into an empty store.
+    pub fn load_rows(&self, rows: &[DumpRow]) -> StoreResult<()> {
+        for (tree, k, v) in rows {
+            if !TREES.contains(&tree.as_str()) {
+                return Err(StoreError::Corrupt {
+                    tree: "backup",
+                    reason: format!("unknown tree {tree:?}"),
+                });
+            }
+            self.db
+                .open_tree(tree)
+                .map_err(io)?
+                .insert(k.as_slice(), v.as_slice())
+                .map_err(io)?;
+        }
+        self.cache_count.store(self.cache.len(), Ordering::Relaxed);
+        self.db.flush().map_err(io)?;
+        Ok(())
     }
 
     /// Every (tree, key, value) in the store, for tests and audits of what is stored.
@@ -299,6 +353,7 @@ impl Store for SledStore {
         turns: &[Turn],
         handled: Option<(&str, &HandledEntry)>,
     ) -> StoreResult<()> {
+        let _gate = self.write_gate();
         let prefix = conv_prefix(key);
         let mut rows = Vec::with_capacity(turns.len());
         for turn in turns {
@@ -363,6 +418,7 @@ impl Store for SledStore {
     }
 
     fn clear_conversation(&self, key: &ConversationKey) -> StoreResult<usize> {
+        let _gate = self.write_gate();
         let prefix = conv_prefix(key);
         let mut n = 0;
         let mut batch = sled::Batch::default();
@@ -378,6 +434,7 @@ impl Store for SledStore {
     }
 
     fn purge_turns_before(&self, before: i64) -> StoreResult<usize> {
+        let _gate = self.write_gate();
         let mut n = 0;
         for item in self.turns.iter() {
             let (k, v) = item.map_err(io)?;
@@ -401,6 +458,7 @@ impl Store for SledStore {
     }
 
     fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
+        let _gate = self.write_gate();
         self.users
             .insert(user_key(user), encode(record)?)
             .map_err(io)?;
@@ -412,6 +470,7 @@ impl Store for SledStore {
         user: &UserRef,
         f: &mut dyn FnMut(&mut UserRecord),
     ) -> StoreResult<UserRecord> {
+        let _gate = self.write_gate();
         let key = user_key(user);
         let mut result = UserRecord::default();
         let mut encode_err = None;
@@ -443,6 +502,46 @@ impl Store for SledStore {
         Ok(self.users.len())
     }
 
+    fn for_each_user(&self, f: &mut dyn FnMut(&UserRef, &UserRecord)) -> StoreResult<()> {
+        for item in self.users.iter() {
+            let (k, v) = item.map_err(io)?;
+            let user = String::from_utf8(k.to_vec())
+                .ok()
+                .and_then(|s| s.parse().ok());
+            match (user, decode::<UserRecord>("users", &k, &v)) {
+                (Some(user), Some(rec)) => f(&user, &rec),
+                _ => tracing::error!(tree = "users", "corrupt user entry skipped"),
+            }
+        }
+        Ok(())
+    }
+
+    fn audit_redact(&self, user: &str, replacement: &str) -> StoreResult<usize> {
+        let _gate = self.write_gate();
+        let mut n = 0;
+        for item in self.audit.iter() {
+            let (k, v) = item.map_err(io)?;
+            let Some(mut e) = decode::<AuditEntry>("audit", &k, &v) else {
+                continue;
+            };
+            let mut changed = false;
+            for field in [&mut e.actor, &mut e.command, &mut e.result]
+                .into_iter()
+                .chain(e.target.as_mut())
+            {
+                if let Some(new) = replace_whole(field, user, replacement) {
+                    *field = new;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.audit.insert(k, encode(&e)?).map_err(io)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn find_username(&self, username: &str) -> StoreResult<Option<UserRef>> {
         let name = username.trim_start_matches('@').to_lowercase();
         Ok(self
@@ -462,6 +561,7 @@ impl Store for SledStore {
     }
 
     fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()> {
+        let _gate = self.write_gate();
         let old = self.cache.insert(key, encode(entry)?).map_err(io)?;
         match old.and_then(|v| decode::<CacheEntry>("cache", key, &v)) {
             Some(old) => {
@@ -489,6 +589,7 @@ impl Store for SledStore {
     }
 
     fn cache_remove(&self, key: &[u8; 32]) -> StoreResult<()> {
+        let _gate = self.write_gate();
         if let Some(v) = self.cache.remove(key).map_err(io)? {
             self.cache_count.fetch_sub(1, Ordering::Relaxed);
             if let Some(old) = decode::<CacheEntry>("cache", key, &v) {
@@ -501,6 +602,7 @@ impl Store for SledStore {
     }
 
     fn cache_expire(&self, before: i64) -> StoreResult<usize> {
+        let _gate = self.write_gate();
         let end = (before.max(0) as u64).to_be_bytes();
         let mut n = 0;
         for item in self.cache_time.range(..end.as_slice()) {
@@ -515,6 +617,7 @@ impl Store for SledStore {
     }
 
     fn cache_clear(&self) -> StoreResult<usize> {
+        let _gate = self.write_gate();
         let n = self.cache.len();
         self.cache.clear().map_err(io)?;
         self.cache_time.clear().map_err(io)?;
@@ -527,6 +630,7 @@ impl Store for SledStore {
     }
 
     fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()> {
+        let _gate = self.write_gate();
         let seq = self.db.generate_id().map_err(io)?;
         self.audit
             .insert(seq.to_be_bytes(), encode(entry)?)
@@ -557,6 +661,7 @@ impl Store for SledStore {
     }
 
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()> {
+        let _gate = self.write_gate();
         self.handled
             .insert(update.as_bytes(), encode(entry)?)
             .map_err(io)?;
@@ -564,6 +669,7 @@ impl Store for SledStore {
     }
 
     fn purge_handled_before(&self, before: i64) -> StoreResult<usize> {
+        let _gate = self.write_gate();
         let mut n = 0;
         for item in self.handled.iter() {
             let (k, v) = item.map_err(io)?;
@@ -581,16 +687,19 @@ impl Store for SledStore {
     }
 
     fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        let _gate = self.write_gate();
         self.meta.insert(key, value).map_err(io)?;
         Ok(())
     }
 
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        let _gate = self.write_gate();
         self.inbox.insert(key, value).map_err(io)?;
         Ok(())
     }
 
     fn inbox_remove(&self, key: &str) -> StoreResult<()> {
+        let _gate = self.write_gate();
         self.inbox.remove(key).map_err(io)?;
         Ok(())
     }
@@ -614,6 +723,7 @@ impl Store for SledStore {
             report.conversations += 1;
         }
         let ukey = user_key(user);
+        let gate = self.write_gate();
         if let Some(v) = self.users.remove(&ukey).map_err(io)? {
             report.user_record = true;
             if let Some(rec) = decode::<UserRecord>("users", &ukey, &v) {
@@ -630,6 +740,7 @@ impl Store for SledStore {
                 self.usernames.remove(k).map_err(io)?;
             }
         }
+        drop(gate);
         for item in self.cache.iter() {
             let (k, v) = item.map_err(io)?;
             let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) else {

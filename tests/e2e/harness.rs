@@ -146,3 +146,47 @@ impl Daemon {
         self.task.await.expect("daemon task")
     }
 }
+
+pub const DC_TOKEN: &str = "MTAwMDAwMDAwMDAwMDAwMDAw.GfAkEd.discord-test-token_0123456789abcdef";
+/// The bot's user id and the staging / production application ids in the Discord tests.
+pub const DC_BOT_ID: u64 = 1000;
+pub const DC_APP_STAGING: u64 = 4000;
+pub const DC_APP_PRODUCTION: u64 = 4001;
+pub const DC_BOT_TOML: &str = "prompt = \"assistant\"\n[discord]\ntoken_env = \"ASSISTANT_DISCORD_TOKEN\"\napplication_id = { staging = \"4000\", production = \"4001\" }\n";
+
+/// Settings that point the Discord client at a fake (serenity's rate limiter is then
+/// off) and lift our outbound throttling.
+pub fn dc_settings(api_url: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[discord]\napi_url = {api_url:?}\nglobal_per_second = 10000\nper_chat_per_minute = 6000\ngroup_per_minute = 6000\n"
+    )
+}
+
+impl Root {
+    /// A root whose bot runs on Discord with `DC_TOKEN` (in the env file).
+    pub fn discord(llm_url: &str, dc_url: &str, extra: &str, bot_toml: &str) -> Root {
+        let root = Root::with_bot(llm_url, &dc_settings(dc_url, extra), bot_toml);
+        std::fs::write(
+            root.path().join(".env.test"),
+            format!("ASSISTANT_DISCORD_TOKEN={DC_TOKEN}\n"),
+        )
+        .expect("write env file");
+        root
+    }
+
+    /// A root whose one bot runs on Telegram and Discord at once.
+    pub fn telegram_and_discord(llm_url: &str, tg_url: &str, dc_url: &str) -> Root {
+        let settings = dc_settings(dc_url, &tg_settings(tg_url, ""));
+        let bot = format!(
+            "{TG_BOT_TOML}{}",
+            DC_BOT_TOML.trim_start_matches("prompt = \"assistant\"\n")
+        );
+        let root = Root::with_bot(llm_url, &settings, &bot);
+        std::fs::write(
+            root.path().join(".env.test"),
+            format!("ASSISTANT_TELEGRAM_TOKEN={TG_TOKEN}\nASSISTANT_DISCORD_TOKEN={DC_TOKEN}\n"),
+        )
+        .expect("write env file");
+        root
+    }
+}

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real engine, real sled in a temp dir, the real async-openai client
 //! against an in-process fake OpenAI server on loopback. One binary, many modules.
 
+#[path = "../support/fake_discord.rs"]
+mod fake_discord;
 #[path = "../support/fake_openai.rs"]
 mod fake_openai;
 #[path = "../support/fake_telegram.rs"]
@@ -8,5 +10,9 @@ mod fake_telegram;
 mod harness;
 
 mod cli;
+mod commands;
+mod discord;
 mod engine;
+mod ops;
+mod systemd;
 mod telegram;

@@ -93,7 +93,10 @@ async fn commands_registered_start_answered_typing_shown() {
     assert!(sent[0].text.starts_with("Hi Nina!"), "{}", sent[0].text);
     assert_eq!(sent[1].text, "echo: hello");
     let names: Vec<String> = tg.commands().into_iter().map(|(c, _)| c).collect();
-    assert_eq!(names, vec!["start", "help", "reset", "usage"]);
+    assert_eq!(
+        names,
+        vec!["start", "help", "reset", "usage", "export", "forget"]
+    );
     assert!(tg.chat_actions().contains(&(9, "typing".to_string())));
     tg.send_sticker(9, 9, "Nina", true);
     let sent = tg.wait_for_sent(3, WAIT).await;
@@ -267,7 +270,11 @@ async fn check_online_asks_telegram_who_the_token_is() {
 }
 
 /// Spawns the real daemon; logs go to `log`.
-fn spawn_daemon(root: &Root, log: &std::path::Path, rust_log: &str) -> std::process::Child {
+pub(crate) fn spawn_daemon(
+    root: &Root,
+    log: &std::path::Path,
+    rust_log: &str,
+) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_confab"))
         .args(["run", "--env", "staging", "--root"])
         .arg(root.path())
@@ -381,4 +388,61 @@ async fn the_token_never_reaches_the_logs() {
         0,
         "token in logs:\n{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_document_forget_button_and_cli_while_running() {
+    let (_llm, tg, root) = setup("", TG_BOT_TOML).await;
+    let daemon = Daemon::start(&root);
+    tg.send_private(61, "Eve", "remember the word pelican");
+    tg.wait_for_sent(1, WAIT).await;
+    // /export arrives as a document that parses as JSON with the user's turns
+    tg.send_private(61, "Eve", "/export");
+    let sent = tg.wait_for_sent(3, WAIT).await;
+    let doc = sent
+        .iter()
+        .find(|m| m.method == "senddocument")
+        .expect("a document");
+    assert_eq!(doc.file_name.as_deref(), Some("confab-export-tg-61.json"));
+    let json: serde_json::Value = serde_json::from_slice(doc.document.as_deref().unwrap()).unwrap();
+    assert!(json.to_string().contains("remember the word pelican"));
+    // the operator CLI works while the daemon holds the store (control socket)
+    let r = root.path().to_path_buf();
+    let env_file = root.env_file();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_confab"))
+            .args(["user", "export", "tg:61", "--env", "staging", "--root"])
+            .arg(&r)
+            .arg("--env-file")
+            .arg(&env_file)
+            .output()
+            .expect("run confab")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pelican"));
+    // /forget shows an inline Confirm button; pressing it deletes the data
+    tg.send_private(61, "Eve", "/forget");
+    let sent = tg.wait_for_sent(4, WAIT).await;
+    let ask = sent.last().unwrap();
+    let markup = ask.reply_markup.clone().expect("inline keyboard");
+    assert_eq!(
+        markup["inline_keyboard"][0][0]["callback_data"],
+        "/forget confirm"
+    );
+    tg.send_callback_query(61, 61, ask.message_id, "/forget confirm");
+    let sent = tg.wait_for_sent(5, WAIT).await;
+    assert!(
+        sent.last().unwrap().text.starts_with("Deleted: 2 messages"),
+        "{:?}",
+        sent.last()
+    );
+    assert_eq!(tg.count("answerCallbackQuery"), 1);
+    daemon.stop().await.unwrap();
 }

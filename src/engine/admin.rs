@@ -1,0 +1,435 @@
+//! User data commands (`/export`, `/forget`) and operator commands (`/admin …`), with
+//! every admin action — and every refused attempt — written to the audit tree.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::commands::{AdminCommand, UserArg};
+use super::limits::{human_duration, limit_key, utc_day};
+use super::{now_unix, Engine};
+use crate::domain::{Attachment, Button, Inbound, Rejection, Reply, ReplyKind, UserRef};
+use crate::llm::BreakerState;
+use crate::store::{AuditEntry, Ban, ForgetReport, StoreError, StoreResult};
+
+/// How long a `/forget` waits for its confirmation.
+pub const FORGET_WINDOW: Duration = Duration::from_secs(300);
+
+/// Everything stored about a user, as the JSON `/export` and `confab user export` return.
+pub fn export_json(engine: &Engine, user: &UserRef) -> StoreResult<serde_json::Value> {
+    let store = engine.store();
+    let record = store.user(user)?;
+    let conversations: Vec<_> = store
+        .user_conversations(user)?
+        .into_iter()
+        .map(|(key, turns)| {
+            json!({
+                "bot": key.bot,
+                "platform": key.platform,
+                "chat": key.chat,
+                "turns": turns,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "user": user.to_string(),
+        "exported_at": chrono::Utc::now().to_rfc3339(),
+        "profile": record,
+        "conversations": conversations,
+    }))
+}
+
+/// Deletes everything about a user: turns, record, cache entries they originated,
+/// limiter state, and their id in the audit log. Used by `/forget` and `confab user forget`.
+pub fn forget_user(engine: &Engine, user: &UserRef) -> StoreResult<ForgetReport> {
+    let store = engine.store();
+    let report = store.forget_user(user)?;
+    store.audit_redact(&user.to_string(), "[forgotten user]")?;
+    for bot in &engine.config().bots {
+        engine
+            .limits()
+            .reset(limit_key(&bot.name, &user.to_string()));
+    }
+    engine.forget_requests_remove(user);
+    Ok(report)
+}
+
+pub fn describe_forget(r: &ForgetReport) -> String {
+    format!(
+        "Deleted: {} messages in {} conversations, {} cached replies{}.",
+        r.turns,
+        r.conversations,
+        r.cache_entries,
+        if r.user_record {
+            ", your profile and usage"
+        } else {
+            ""
+        }
+    )
+}
+
+impl Engine {
+    pub(super) fn export(&self, inbound: &Inbound) -> StoreResult<Reply> {
+        let user = inbound.user();
+        let doc = export_json(self, &user)?;
+        let bytes = serde_json::to_vec_pretty(&doc)
+            .map_err(|e| StoreError::Io(format!("encode export: {e}")))?;
+        let turns: usize = doc["conversations"].as_array().map_or(0, |c| {
+            c.iter()
+                .map(|c| c["turns"].as_array().map_or(0, Vec::len))
+                .sum()
+        });
+        Ok(Reply::Text {
+            text: format!("Here is everything stored about you ({turns} messages)."),
+            kind: ReplyKind::Command,
+            attachment: Some(Attachment {
+                file_name: format!("confab-export-{}-{}.json", user.platform.prefix(), user.id),
+                bytes,
+            }),
+            buttons: Vec::new(),
+        })
+    }
+
+    pub(super) fn forget(&self, inbound: &Inbound, confirm: Option<bool>) -> StoreResult<Reply> {
+        let user = inbound.user();
+        let text = match confirm {
+            None => {
+                self.forget_requests_insert(user);
+                return Ok(Reply::Text {
+                    text: format!(
+                        "This deletes all your data: every conversation with me, your usage and cached answers. It cannot be undone.\nPress Confirm, or send /forget confirm within {}.",
+                        human_duration(FORGET_WINDOW.as_secs())
+                    ),
+                    kind: ReplyKind::Command,
+                    attachment: None,
+                    buttons: vec![
+                        Button {
+                            label: "Confirm: delete my data".into(),
+                            command: "/forget confirm".into(),
+                        },
+                        Button {
+                            label: "Cancel".into(),
+                            command: "/forget cancel".into(),
+                        },
+                    ],
+                });
+            }
+            Some(false) => {
+                self.forget_requests_remove(&user);
+                "Cancelled: nothing was deleted.".to_string()
+            }
+            Some(true) if self.forget_requests_take(&user) => {
+                let report = forget_user(self, &user)?;
+                tracing::info!(target: "audit", "a user deleted their data");
+                describe_forget(&report)
+            }
+            Some(true) => "Nothing to confirm: send /forget first.".to_string(),
+        };
+        Ok(Reply::text(text, ReplyKind::Command))
+    }
+
+    fn audit(&self, actor: &UserRef, command: &str, target: Option<String>, result: &str) {
+        let entry = AuditEntry {
+            at: now_unix(),
+            actor: actor.to_string(),
+            command: command.to_string(),
+            target,
+            result: result.to_string(),
+        };
+        if let Err(e) = self.store().audit_append(&entry) {
+            tracing::error!(error = %e, "could not write the audit log");
+        }
+    }
+
+    fn resolve(&self, arg: &UserArg) -> StoreResult<Option<UserRef>> {
+        match arg {
+            UserArg::Ref(r) => Ok(Some(r.clone())),
+            UserArg::Username(name) => self.store().find_username(name),
+        }
+    }
+
+    pub(super) fn admin(
+        &self,
+        inbound: &Inbound,
+        text: &str,
+        parsed: Result<AdminCommand, String>,
+    ) -> StoreResult<Reply> {
+        let actor = inbound.user();
+        let command_text: String = text.chars().take(200).collect();
+        if !self.is_admin(&actor) {
+            tracing::warn!(target: "security", actor = %actor, "admin command refused for a non-admin");
+            self.audit(&actor, &command_text, None, "refused: not an admin");
+            return Ok(Reply::notice(
+                Rejection::NotAdmin,
+                "Sorry, admin commands are for operators only.",
+            ));
+        }
+        let cmd = match parsed {
+            Ok(cmd) => cmd,
+            Err(usage) => {
+                self.audit(&actor, &command_text, None, "bad arguments");
+                return Ok(Reply::notice(Rejection::BadCommand, usage));
+            }
+        };
+        let target = match cmd.target() {
+            Some(arg) => match self.resolve(arg)? {
+                Some(user) => Some(user),
+                None => {
+                    let msg = format!("I don't know {arg}: use tg:<id> or dc:<id>.");
+                    self.audit(&actor, &command_text, Some(arg.to_string()), "unknown user");
+                    return Ok(Reply::notice(Rejection::BadCommand, msg));
+                }
+            },
+            None => None,
+        };
+        let (reply, result) = match self.run_admin(&actor, &cmd, target.as_ref()) {
+            Ok(reply) => (reply, "ok".to_string()),
+            Err(e) => (format!("Failed: {e}"), format!("error: {e}")),
+        };
+        self.audit(
+            &actor,
+            &command_text,
+            target.as_ref().map(UserRef::to_string),
+            &result,
+        );
+        Ok(Reply::text(reply, ReplyKind::Command))
+    }
+
+    fn run_admin(
+        &self,
+        actor: &UserRef,
+        cmd: &AdminCommand,
+        target: Option<&UserRef>,
+    ) -> Result<String, String> {
+        let store = self.store();
+        let err = |e: StoreError| e.to_string();
+        let target = || target.ok_or_else(|| "no user given".to_string());
+        Ok(match cmd {
+            AdminCommand::Stats => self.stats_text().map_err(err)?,
+            AdminCommand::Ban { reason, .. } => {
+                let user = target()?;
+                let reason = if reason.is_empty() {
+                    "no reason given".to_string()
+                } else {
+                    reason.clone()
+                };
+                store
+                    .update_user(user, &mut |r| {
+                        r.banned = Some(Ban {
+                            reason: reason.clone(),
+                            by: actor.to_string(),
+                            at: now_unix(),
+                            notified: false,
+                        })
+                    })
+                    .map_err(err)?;
+                format!("Banned {user} ({reason}).")
+            }
+            AdminCommand::Unban { .. } => {
+                let user = target()?;
+                store
+                    .update_user(user, &mut |r| r.banned = None)
+                    .map_err(err)?;
+                format!("Unbanned {user}.")
+            }
+            AdminCommand::Limit {
+                per_minute,
+                daily_tokens,
+                ..
+            } => {
+                let user = target()?;
+                store
+                    .update_user(user, &mut |r| {
+                        r.limit_per_minute = Some(*per_minute);
+                        if daily_tokens.is_some() {
+                            r.limit_daily_tokens = *daily_tokens;
+                        }
+                    })
+                    .map_err(err)?;
+                match daily_tokens {
+                    Some(d) => format!("{user}: {per_minute} messages/minute, {d} tokens/day."),
+                    None => format!("{user}: {per_minute} messages/minute."),
+                }
+            }
+            AdminCommand::LimitReset { .. } => {
+                let user = target()?;
+                store
+                    .update_user(user, &mut |r| {
+                        r.limit_per_minute = None;
+                        r.limit_daily_tokens = None;
+                    })
+                    .map_err(err)?;
+                format!("{user}: back to the configured limits.")
+            }
+            AdminCommand::Reset { .. } => {
+                let user = target()?;
+                let mut turns = 0;
+                let convs = store.user_conversations(user).map_err(err)?;
+                for (key, _) in &convs {
+                    turns += store.clear_conversation(key).map_err(err)?;
+                }
+                format!(
+                    "Cleared {turns} messages in {} conversations of {user}.",
+                    convs.len()
+                )
+            }
+            AdminCommand::Whois { .. } => {
+                let user = target()?;
+                self.whois_text(user).map_err(err)?
+            }
+            AdminCommand::CacheStats => {
+                let s = &self.stats;
+                let (hits, misses) = (
+                    s.cache_hits.load(Ordering::Relaxed),
+                    s.cache_misses.load(Ordering::Relaxed),
+                );
+                format!(
+                    "Cache: {} entries, {hits} hits, {misses} misses ({}), {} tokens saved.",
+                    store.cache_len(),
+                    percent(hits, hits + misses),
+                    s.cache_tokens_saved.load(Ordering::Relaxed)
+                )
+            }
+            AdminCommand::CacheClear => {
+                let n = store.cache_clear().map_err(err)?;
+                format!("Cache cleared ({n} entries).")
+            }
+            AdminCommand::Reload => {
+                self.reload_now()?;
+                let cfg = self.config();
+                format!(
+                    "Reloaded: {} bots, {} prompts.",
+                    cfg.bots.len(),
+                    cfg.prompts.len()
+                )
+            }
+            AdminCommand::MaintenanceOn { message } => {
+                let msg = message.clone().unwrap_or_else(|| {
+                    "The assistant is down for maintenance. Please try again later.".into()
+                });
+                self.set_maintenance(Some(msg.clone()));
+                format!("Maintenance on. Non-admins now get: {msg}")
+            }
+            AdminCommand::MaintenanceOff => {
+                self.set_maintenance(None);
+                "Maintenance off.".to_string()
+            }
+            AdminCommand::Audit { n } => {
+                let entries = store.audit_recent(*n).map_err(err)?;
+                if entries.is_empty() {
+                    "The audit log is empty.".to_string()
+                } else {
+                    entries
+                        .iter()
+                        .map(|e| {
+                            let when = chrono::DateTime::from_timestamp(e.at, 0)
+                                .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+                                .unwrap_or_default();
+                            format!(
+                                "{when} {} {}{} → {}",
+                                e.actor,
+                                e.command,
+                                e.target
+                                    .as_ref()
+                                    .map(|t| format!(" [{t}]"))
+                                    .unwrap_or_default(),
+                                e.result
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            }
+        })
+    }
+
+    fn stats_text(&self) -> StoreResult<String> {
+        let store = self.store();
+        let today = utc_day(now_unix());
+        let (mut users, mut active_today, mut messages_today) = (0u64, 0u64, 0u64);
+        store.for_each_user(&mut |_, r| {
+            users += 1;
+            if r.usage.day == today {
+                active_today += 1;
+                messages_today += r.usage.messages;
+            }
+        })?;
+        let s = &self.stats;
+        let outcomes = s
+            .outcomes()
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (hits, misses) = (
+            s.cache_hits.load(Ordering::Relaxed),
+            s.cache_misses.load(Ordering::Relaxed),
+        );
+        let llm = &self.llm().stats;
+        let circuit = match self.llm().breaker_state() {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "OPEN",
+            BreakerState::HalfOpen => "half-open",
+        };
+        let p95 = s
+            .latency_quantile(0.95)
+            .map_or("n/a".to_string(), |v| format!("≤ {v} s"));
+        Ok(format!(
+            "Uptime {}\nUsers {users} ({active_today} active today), messages today {messages_today}\nReplies: {}\nCache hit rate {} ({hits} hits), {} tokens saved\nLLM calls {}, errors {}, retries {}; circuit {circuit}\np95 reply latency {p95}",
+            human_duration(self.uptime().as_secs()),
+            if outcomes.is_empty() { "none yet".to_string() } else { outcomes },
+            percent(hits, hits + misses),
+            s.cache_tokens_saved.load(Ordering::Relaxed),
+            llm.requests.load(Ordering::Relaxed),
+            llm.errors.load(Ordering::Relaxed),
+            llm.retries.load(Ordering::Relaxed),
+        ))
+    }
+
+    fn whois_text(&self, user: &UserRef) -> StoreResult<String> {
+        let store = self.store();
+        let Some(r) = store.user(user)? else {
+            return Ok(format!("{user}: never seen."));
+        };
+        let convs = store.user_conversations(user)?;
+        let turns: usize = convs.iter().map(|(_, t)| t.len()).sum();
+        let date = |t: i64| {
+            chrono::DateTime::from_timestamp(t, 0)
+                .map(|d| d.format("%Y-%m-%d %H:%M").to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        let today = utc_day(now_unix());
+        Ok(format!(
+            "{user}: {}{}\nfirst seen {}, last seen {}\n{} conversations, {turns} stored messages\ntokens today {}, total {}; messages total {}\nlimits: {}\n{}",
+            r.name.as_deref().unwrap_or("(no name)"),
+            r.username.as_ref().map(|u| format!(" @{u}")).unwrap_or_default(),
+            date(r.first_seen),
+            date(r.last_seen),
+            convs.len(),
+            if r.usage.day == today { r.usage.tokens } else { 0 },
+            r.usage.total_tokens,
+            r.usage.total_messages,
+            match (r.limit_per_minute, r.limit_daily_tokens) {
+                (None, None) => "configured defaults".to_string(),
+                (p, d) => format!(
+                    "{} msg/min, {} tokens/day",
+                    p.map_or("default".into(), |v| v.to_string()),
+                    d.map_or("default".into(), |v| v.to_string())
+                ),
+            },
+            match &r.banned {
+                Some(b) => format!("BANNED by {} ({})", b.by, b.reason),
+                None => "not banned".to_string(),
+            }
+        ))
+    }
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "n/a".to_string()
+    } else {
+        format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+    }
+}

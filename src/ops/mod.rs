@@ -1,0 +1,5 @@
+//! Operator interfaces outside the chat apps.
+
+pub mod backup;
+pub mod control;
+pub mod notify;
