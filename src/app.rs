@@ -80,10 +80,11 @@ pub fn retry_policy(cfg: &Config) -> RetryPolicy {
 /// locked by a running daemon, or not writable).
 pub fn build(config: Config) -> anyhow::Result<App> {
     let store = Arc::new(
-        SledStore::open(
+        SledStore::open_with_key(
             &config.data_dir,
             config.store.cache_capacity_mb,
             config.store.flush_every_ms,
+            config.data_key.as_ref().map(|k| k.expose()),
         )
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
@@ -134,11 +135,29 @@ pub async fn run(config: Config, opts: LoadOptions) -> anyhow::Result<()> {
     serve(config, opts, signals).await
 }
 
+/// Optional hooks into an in-process daemon (tests; `confab run` uses none).
+#[derive(Default)]
+pub struct Hooks {
+    /// Receives the ops HTTP endpoint's bound address once it listens (useful with
+    /// `http.bind` on port 0).
+    pub http_addr: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+}
+
 /// The daemon, driven by `control` (signals in production, a channel in tests).
 pub async fn serve(
     config: Config,
     opts: LoadOptions,
+    control: tokio::sync::mpsc::Receiver<Signal>,
+) -> anyhow::Result<()> {
+    serve_with(config, opts, control, Hooks::default()).await
+}
+
+/// [`serve`] with [`Hooks`].
+pub async fn serve_with(
+    config: Config,
+    opts: LoadOptions,
     mut control: tokio::sync::mpsc::Receiver<Signal>,
+    hooks: Hooks,
 ) -> anyhow::Result<()> {
     let env = config.env;
     // Identity first: nothing is opened or started for a token of the wrong bot.
@@ -148,6 +167,39 @@ pub async fn serve(
     app.engine.set_reloader(Box::new(move || {
         config::load(&reload_opts).map_err(|p| p.to_string())
     }));
+    // Adapters are built (not started) first so readiness knows every platform.
+    let mut readiness = crate::ops::http::Readiness::default();
+    let mut telegram_adapters = Vec::new();
+    for v in identities.telegram {
+        tracing::info!(bot = %v.name, username = ?v.me.user.username, "telegram bot verified");
+        let label = format!("telegram/{}", v.name);
+        let adapter = TelegramAdapter::new(v, app.engine.clone());
+        readiness.add_platform(label, adapter.connected.clone());
+        telegram_adapters.push(adapter);
+    }
+    let mut discord_adapters = Vec::new();
+    for v in identities.discord {
+        tracing::info!(bot = %v.name, user = %v.username, application_id = %v.application_id, "discord bot verified");
+        let label = format!("discord/{}", v.name);
+        let adapter = DiscordAdapter::new(v, app.engine.clone());
+        readiness.add_platform(label, adapter.connected.clone());
+        discord_adapters.push(adapter);
+    }
+    let readiness = Arc::new(readiness);
+    // The ops endpoint outlives intake and in-flight replies (readiness answers 503
+    // meanwhile); it stops last, or when this function returns early.
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    let _http_guard = http_stop.clone().drop_guard();
+    let http = crate::ops::http::start(
+        app.engine.config().http.bind,
+        app.engine.clone(),
+        readiness.clone(),
+        http_stop.clone(),
+    )
+    .await?;
+    if let Some(tx) = hooks.http_addr {
+        let _ = tx.send(http.addr);
+    }
     let shutdown = Shutdown::new();
     spawn_sweeper(app.engine.clone(), &shutdown);
     let control_path = crate::ops::control::socket_path(&app.engine.config().data_dir);
@@ -160,16 +212,12 @@ pub async fn serve(
     // Intake (polling) stops first; replies in flight run on the tracker and finish.
     let intake = shutdown.token.child_token();
     let mut pollers = Vec::new();
-    for v in identities.telegram {
-        tracing::info!(bot = %v.name, username = ?v.me.user.username, "telegram bot verified");
-        let adapter = TelegramAdapter::new(v, app.engine.clone());
+    for adapter in telegram_adapters {
         pollers.push(tokio::spawn(
             adapter.run(intake.clone(), shutdown.tracker.clone()),
         ));
     }
-    for v in identities.discord {
-        tracing::info!(bot = %v.name, user = %v.username, application_id = %v.application_id, "discord bot verified");
-        let adapter = DiscordAdapter::new(v, app.engine.clone());
+    for adapter in discord_adapters {
         pollers.push(tokio::spawn(
             adapter.run(intake.clone(), shutdown.tracker.clone()),
         ));
@@ -192,6 +240,7 @@ pub async fn serve(
         }
     }
     tracing::info!("shutting down");
+    readiness.shutting_down();
     crate::ops::notify::stopping();
     shutdown.token.cancel();
     for p in pollers {
@@ -211,6 +260,13 @@ pub async fn serve(
         tracing::warn!("shutdown timeout reached with work in flight");
     }
     app.store.flush().await.context("flushing the store")?;
+    http_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(2), http.task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("ops HTTP endpoint did not stop in time");
+    }
     tracing::info!("stopped");
     Ok(())
 }

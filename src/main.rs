@@ -134,7 +134,7 @@ fn main() -> ExitCode {
             return match load_or_report(&opts) {
                 Ok(cfg) => {
                     if online {
-                        confab::logging::init(LogFormat::Pretty, "warn");
+                        confab::logging::init(LogFormat::Pretty, "warn", None);
                         if let Err(refused) = runtime.block_on(confab::app::verify_identities(&cfg))
                         {
                             for p in &refused.0 {
@@ -160,9 +160,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            confab::logging::init(cfg.log.format, &cfg.log.level);
-            let span = tracing::info_span!("confab", env = %cfg.env);
-            let _g = span.enter();
+            confab::logging::init(cfg.log.format, &cfg.log.level, Some(cfg.env.as_str()));
             runtime.block_on(confab::app::run(cfg, opts))
         }
         Cmd::Backup { common, out, keep } => {
@@ -170,7 +168,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            confab::logging::init(LogFormat::Pretty, "warn");
+            confab::logging::init(LogFormat::Pretty, "warn", None);
             runtime
                 .block_on(confab::app::backup(cfg, &out, keep))
                 .map(|msg| println!("{msg}"))
@@ -184,7 +182,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            confab::logging::init(LogFormat::Pretty, "warn");
+            confab::logging::init(LogFormat::Pretty, "warn", None);
             runtime
                 .block_on(confab::app::restore(cfg, &from, force))
                 .map(|msg| println!("{msg}"))
@@ -208,7 +206,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            confab::logging::init(LogFormat::Pretty, "warn");
+            confab::logging::init(LogFormat::Pretty, "warn", None);
             match runtime.block_on(confab::app::user_command(cfg, req)) {
                 Ok(resp) if resp.ok => {
                     match resp.result {
@@ -230,7 +228,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             // The terminal is for the conversation: only warnings and errors go to stderr.
-            confab::logging::init(LogFormat::Pretty, "warn");
+            confab::logging::init(LogFormat::Pretty, "warn", None);
             runtime.block_on(confab::app::chat(cfg, bot))
         }
     };

@@ -415,6 +415,11 @@ impl TelegramAdapter {
     }
 
     async fn process(self: Arc<Self>, key: String, job: Job) {
+        let span = tracing::info_span!("update", platform = "telegram", bot = %self.name, update = job.inbound.update_id.as_deref().unwrap_or(""));
+        tracing::Instrument::instrument(self.process_in_span(key, job), span).await
+    }
+
+    async fn process_in_span(self: Arc<Self>, key: String, job: Job) {
         if let Some(id) = &job.callback_id {
             // Stops the button's spinner; failure is cosmetic.
             let _ = self
@@ -422,8 +427,6 @@ impl TelegramAdapter {
                 .answer_callback_query(CallbackQueryId(id.clone()))
                 .await;
         }
-        let span = tracing::info_span!("update", platform = "telegram", bot = %self.name, update = job.inbound.update_id.as_deref().unwrap_or(""));
-        let _enter = span.enter();
         let chat = ChatId(job.chat_id);
         let typing = self.spawn_typing(chat);
         let streaming = self
@@ -446,7 +449,7 @@ impl TelegramAdapter {
         };
         let store = self.engine.store();
         match delivery {
-            Delivery::Sent => {}
+            Delivery::Sent => tracing::info!("update answered"),
             Delivery::Refused(why) => {
                 tracing::warn!(reason = %why, "telegram refused the reply; dropping it");
             }

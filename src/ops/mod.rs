@@ -2,4 +2,5 @@
 
 pub mod backup;
 pub mod control;
+pub mod http;
 pub mod notify;

@@ -3,6 +3,7 @@
 //! The engine only sees [`Store`]; [`sled_store::SledStore`] is the one implementation
 //! (a Redis one can be added later without touching the engine).
 
+pub mod crypto;
 pub mod sled_store;
 
 use std::future::Future;

@@ -18,10 +18,14 @@ use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Db, Tree};
 
+use super::crypto;
 use super::*;
 use crate::domain::Platform;
 
 const SEP: u8 = 0;
+
+/// Trees whose values carry message text (encrypted at rest when a data key is set).
+const SEALED_TREES: &[&str] = &["turns", "cache", "handled", "inbox"];
 
 pub struct SledStore {
     db: Db,
@@ -41,6 +45,7 @@ pub struct SledStore {
     /// Writers share it; a backup takes it exclusively for a point-in-time copy
     /// (sled has no snapshot across trees).
     gate: std::sync::RwLock<()>,
+    cipher: Option<crypto::Cipher>,
 }
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -109,21 +114,6 @@ pub const TREES: &[&str] = &[
 
 fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
-}
-
-fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))
-}
-
-/// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps serving.
-fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Option<T> {
-    match serde_json::from_slice(bytes) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::error!(tree, key = %String::from_utf8_lossy(key), error = %e, "corrupt store entry skipped");
-            None
-        }
-    }
 }
 
 fn conv_prefix(key: &ConversationKey) -> Vec<u8> {
@@ -203,25 +193,92 @@ impl SledStore {
     /// Opens (or creates) the store. `cache_capacity_mb` bounds sled's page cache
     /// (its default is 1 GB); `flush_every_ms` is the background flush period.
     pub fn open(dir: &Path, cache_capacity_mb: u64, flush_every_ms: u64) -> StoreResult<SledStore> {
+        Self::open_with_key(dir, cache_capacity_mb, flush_every_ms, None)
+    }
+
+    /// Like [`SledStore::open`], encrypting message text with `key` (from `CONFAB_DATA_KEY`).
+    /// A key that does not match the store's, or a missing key for an encrypted store,
+    /// is an error here — never garbage later.
+    pub fn open_with_key(
+        dir: &Path,
+        cache_capacity_mb: u64,
+        flush_every_ms: u64,
+        key: Option<&str>,
+    ) -> StoreResult<SledStore> {
+        let mut store = Self::open_plain(dir, cache_capacity_mb, flush_every_ms)?;
+        let check = store.meta.get("key_check").map_err(io)?;
+        match (key, check) {
+            (None, Some(_)) => {
+                return Err(StoreError::Open {
+                    path: dir.display().to_string(),
+                    reason: "the store is encrypted but CONFAB_DATA_KEY is not set".into(),
+                })
+            }
+            (None, None) => {}
+            (Some(k), check) => {
+                let cipher = crypto::Cipher::from_secret(k);
+                match check {
+                    Some(sealed) => {
+                        if cipher.open(&sealed).ok().as_deref() != Some(crypto::CHECK) {
+                            return Err(StoreError::Open {
+                                path: dir.display().to_string(),
+                                reason: "CONFAB_DATA_KEY does not match the key this store was encrypted with".into(),
+                            });
+                        }
+                    }
+                    None => {
+                        store
+                            .meta
+                            .insert("key_check", cipher.seal(crypto::CHECK))
+                            .map_err(io)?;
+                    }
+                }
+                store.cipher = Some(cipher);
+            }
+        }
+        Ok(store)
+    }
+
+    fn open_plain(
+        dir: &Path,
+        cache_capacity_mb: u64,
+        flush_every_ms: u64,
+    ) -> StoreResult<SledStore> {
         let path = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
-            .flush_every_ms(Some(flush_every_ms.max(1)))
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                reason: match &e {
-                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                        "another process (a running confab?) holds the store's lock".to_string()
-                    }
-                    other => other.to_string(),
-                },
-            })?;
+            .flush_every_ms(Some(flush_every_ms.max(1)));
+        // sled releases its file lock from a background thread shortly after the previous
+        // holder closed (a restart, a reopen): wait a little before calling it taken.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 40 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(StoreError::Open {
+                        path: path.clone(),
+                        reason: match &e {
+                            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                                "another process (a running confab?) holds the store's lock"
+                                    .to_string()
+                            }
+                            other => other.to_string(),
+                        },
+                    })
+                }
+            }
+        };
         let t = |name: &str| db.open_tree(name).map_err(io);
         let store = SledStore {
             turns: t("turns")?,
@@ -237,6 +294,7 @@ impl SledStore {
             cache_count: AtomicUsize::new(0),
             flusher: Flusher::start(db.clone())?,
             gate: std::sync::RwLock::new(()),
+            cipher: None,
             db,
         };
         store.check_schema(&path)?;
@@ -276,6 +334,52 @@ impl SledStore {
     /// The underlying database, for backup/restore (sled's export/import).
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    fn encode<T: Serialize>(&self, tree: &'static str, v: &T) -> StoreResult<Vec<u8>> {
+        let plain = serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
+        Ok(self.seal(tree, plain))
+    }
+
+    /// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps serving.
+    fn decode<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Option<T> {
+        let plain = match self.unseal(bytes) {
+            Ok(p) => p,
+            Err(reason) => {
+                tracing::error!(tree, key = %String::from_utf8_lossy(key), %reason, "unreadable store entry skipped");
+                return None;
+            }
+        };
+        match serde_json::from_slice(&plain) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(tree, key = %String::from_utf8_lossy(key), error = %e, "corrupt store entry skipped");
+                None
+            }
+        }
+    }
+
+    /// Encrypts values of the trees that hold message text, when a data key is set.
+    fn seal(&self, tree: &str, plain: Vec<u8>) -> Vec<u8> {
+        match &self.cipher {
+            Some(c) if SEALED_TREES.contains(&tree) => c.seal(&plain),
+            _ => plain,
+        }
+    }
+
+    fn unseal<'a>(&self, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+        if !crypto::is_sealed(bytes) {
+            return Ok(std::borrow::Cow::Borrowed(bytes));
+        }
+        match &self.cipher {
+            Some(c) => c.open(bytes).map(std::borrow::Cow::Owned),
+            None => Err("encrypted, but no data key is set".into()),
+        }
     }
 
     fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
@@ -321,11 +425,14 @@ impl SledStore {
         Ok(out)
     }
 
-    fn scan_turns(&self, prefix: &[u8]) -> impl DoubleEndedIterator<Item = (sled::IVec, Turn)> {
+    fn scan_turns<'a>(
+        &'a self,
+        prefix: &[u8],
+    ) -> impl DoubleEndedIterator<Item = (sled::IVec, Turn)> + 'a {
         self.turns
             .scan_prefix(prefix)
             .filter_map(|item| match item {
-                Ok((k, v)) => decode::<Turn>("turns", &k, &v).map(|t| (k, t)),
+                Ok((k, v)) => self.decode::<Turn>("turns", &k, &v).map(|t| (k, t)),
                 Err(e) => {
                     tracing::error!(tree = "turns", error = %e, "store read failed");
                     None
@@ -360,10 +467,10 @@ impl Store for SledStore {
             let seq = self.db.generate_id().map_err(io)?;
             let mut k = prefix.clone();
             k.extend_from_slice(&seq.to_be_bytes());
-            rows.push((k, encode(turn)?));
+            rows.push((k, self.encode("turns", turn)?));
         }
         let handled_row = match handled {
-            Some((id, entry)) => Some((id.as_bytes().to_vec(), encode(entry)?)),
+            Some((id, entry)) => Some((id.as_bytes().to_vec(), self.encode("handled", entry)?)),
             None => None,
         };
         let idx = index_key(&key.user_ref(), &prefix);
@@ -439,7 +546,9 @@ impl Store for SledStore {
         for item in self.turns.iter() {
             let (k, v) = item.map_err(io)?;
             // A corrupt turn can never be served again; purge it too.
-            let old = decode::<Turn>("turns", &k, &v).is_none_or(|t| t.at < before);
+            let old = self
+                .decode::<Turn>("turns", &k, &v)
+                .is_none_or(|t| t.at < before);
             if old {
                 self.turns.remove(k).map_err(io)?;
                 n += 1;
@@ -454,13 +563,13 @@ impl Store for SledStore {
             .users
             .get(&key)
             .map_err(io)?
-            .and_then(|v| decode("users", &key, &v)))
+            .and_then(|v| self.decode("users", &key, &v)))
     }
 
     fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
         let _gate = self.write_gate();
         self.users
-            .insert(user_key(user), encode(record)?)
+            .insert(user_key(user), self.encode("users", record)?)
             .map_err(io)?;
         self.index_username(user, record)
     }
@@ -477,7 +586,7 @@ impl Store for SledStore {
         self.users
             .fetch_and_update(&key, |old| {
                 let mut rec: UserRecord = old
-                    .and_then(|v| decode("users", &key, v))
+                    .and_then(|v| self.decode("users", &key, v))
                     .unwrap_or_default();
                 f(&mut rec);
                 let bytes = match serde_json::to_vec(&rec) {
@@ -508,7 +617,7 @@ impl Store for SledStore {
             let user = String::from_utf8(k.to_vec())
                 .ok()
                 .and_then(|s| s.parse().ok());
-            match (user, decode::<UserRecord>("users", &k, &v)) {
+            match (user, self.decode::<UserRecord>("users", &k, &v)) {
                 (Some(user), Some(rec)) => f(&user, &rec),
                 _ => tracing::error!(tree = "users", "corrupt user entry skipped"),
             }
@@ -521,7 +630,7 @@ impl Store for SledStore {
         let mut n = 0;
         for item in self.audit.iter() {
             let (k, v) = item.map_err(io)?;
-            let Some(mut e) = decode::<AuditEntry>("audit", &k, &v) else {
+            let Some(mut e) = self.decode::<AuditEntry>("audit", &k, &v) else {
                 continue;
             };
             let mut changed = false;
@@ -535,7 +644,9 @@ impl Store for SledStore {
                 }
             }
             if changed {
-                self.audit.insert(k, encode(&e)?).map_err(io)?;
+                self.audit
+                    .insert(k, self.encode("audit", &e)?)
+                    .map_err(io)?;
                 n += 1;
             }
         }
@@ -557,13 +668,16 @@ impl Store for SledStore {
             .cache
             .get(key)
             .map_err(io)?
-            .and_then(|v| decode("cache", key, &v)))
+            .and_then(|v| self.decode("cache", key, &v)))
     }
 
     fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()> {
         let _gate = self.write_gate();
-        let old = self.cache.insert(key, encode(entry)?).map_err(io)?;
-        match old.and_then(|v| decode::<CacheEntry>("cache", key, &v)) {
+        let old = self
+            .cache
+            .insert(key, self.encode("cache", entry)?)
+            .map_err(io)?;
+        match old.and_then(|v| self.decode::<CacheEntry>("cache", key, &v)) {
             Some(old) => {
                 self.cache_time
                     .remove(time_key(old.created_at, key))
@@ -592,7 +706,7 @@ impl Store for SledStore {
         let _gate = self.write_gate();
         if let Some(v) = self.cache.remove(key).map_err(io)? {
             self.cache_count.fetch_sub(1, Ordering::Relaxed);
-            if let Some(old) = decode::<CacheEntry>("cache", key, &v) {
+            if let Some(old) = self.decode::<CacheEntry>("cache", key, &v) {
                 self.cache_time
                     .remove(time_key(old.created_at, key))
                     .map_err(io)?;
@@ -633,7 +747,7 @@ impl Store for SledStore {
         let _gate = self.write_gate();
         let seq = self.db.generate_id().map_err(io)?;
         self.audit
-            .insert(seq.to_be_bytes(), encode(entry)?)
+            .insert(seq.to_be_bytes(), self.encode("audit", entry)?)
             .map_err(io)?;
         Ok(())
     }
@@ -645,7 +759,7 @@ impl Store for SledStore {
                 break;
             }
             let (k, v) = item.map_err(io)?;
-            if let Some(e) = decode("audit", &k, &v) {
+            if let Some(e) = self.decode("audit", &k, &v) {
                 out.push(e);
             }
         }
@@ -657,13 +771,13 @@ impl Store for SledStore {
             .handled
             .get(update.as_bytes())
             .map_err(io)?
-            .and_then(|v| decode("handled", update.as_bytes(), &v)))
+            .and_then(|v| self.decode("handled", update.as_bytes(), &v)))
     }
 
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()> {
         let _gate = self.write_gate();
         self.handled
-            .insert(update.as_bytes(), encode(entry)?)
+            .insert(update.as_bytes(), self.encode("handled", entry)?)
             .map_err(io)?;
         Ok(())
     }
@@ -673,7 +787,9 @@ impl Store for SledStore {
         let mut n = 0;
         for item in self.handled.iter() {
             let (k, v) = item.map_err(io)?;
-            let old = decode::<HandledEntry>("handled", &k, &v).is_none_or(|h| h.at < before);
+            let old = self
+                .decode::<HandledEntry>("handled", &k, &v)
+                .is_none_or(|h| h.at < before);
             if old {
                 self.handled.remove(k).map_err(io)?;
                 n += 1;
@@ -694,7 +810,9 @@ impl Store for SledStore {
 
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         let _gate = self.write_gate();
-        self.inbox.insert(key, value).map_err(io)?;
+        self.inbox
+            .insert(key, self.seal("inbox", value.to_vec()))
+            .map_err(io)?;
         Ok(())
     }
 
@@ -708,9 +826,9 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.inbox.scan_prefix(prefix) {
             let (k, v) = item.map_err(io)?;
-            match String::from_utf8(k.to_vec()) {
-                Ok(key) => out.push((key, v.to_vec())),
-                Err(_) => tracing::error!(tree = "inbox", "corrupt inbox key skipped"),
+            match (String::from_utf8(k.to_vec()), self.unseal(&v)) {
+                (Ok(key), Ok(value)) => out.push((key, value.into_owned())),
+                _ => tracing::error!(tree = "inbox", "unreadable inbox entry skipped"),
             }
         }
         Ok(out)
@@ -726,7 +844,7 @@ impl Store for SledStore {
         let gate = self.write_gate();
         if let Some(v) = self.users.remove(&ukey).map_err(io)? {
             report.user_record = true;
-            if let Some(rec) = decode::<UserRecord>("users", &ukey, &v) {
+            if let Some(rec) = self.decode::<UserRecord>("users", &ukey, &v) {
                 if let Some(name) = rec.username {
                     let name = name.trim_start_matches('@').to_lowercase();
                     self.usernames.remove(name.as_bytes()).map_err(io)?;
@@ -746,7 +864,10 @@ impl Store for SledStore {
             let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) else {
                 continue;
             };
-            if decode::<CacheEntry>("cache", &k, &v).is_some_and(|e| &e.origin == user) {
+            if self
+                .decode::<CacheEntry>("cache", &k, &v)
+                .is_some_and(|e| &e.origin == user)
+            {
                 self.cache_remove(&key)?;
                 report.cache_entries += 1;
             }

@@ -39,6 +39,12 @@ impl Root {
         } else {
             format!("{toml}\n[llm]\nbase_url = {base_url:?}\nbackoff_base_ms = 10\n")
         };
+        // Port 0: tests run daemons side by side, each on its own ops endpoint.
+        let toml = if toml.contains("[http]") {
+            toml
+        } else {
+            format!("{toml}\n[http]\nbind = \"127.0.0.1:0\"\n")
+        };
         std::fs::write(root.join("config/staging.toml"), toml).expect("write config");
         std::fs::write(root.join("bots/assistant.toml"), bot_toml).expect("write bot");
         std::fs::write(root.join("prompts/assistant.md"), PROMPT).expect("write prompt");

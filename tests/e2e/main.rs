@@ -13,6 +13,8 @@ mod cli;
 mod commands;
 mod discord;
 mod engine;
+mod faults;
 mod ops;
+mod ops_http;
 mod systemd;
 mod telegram;

@@ -197,3 +197,45 @@ async fn an_unwritable_data_dir_is_a_clear_start_up_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_style_json_logs_carry_env_and_update_span_but_no_text() {
+    let llm = FakeOpenAi::start().await;
+    let tg = FakeTelegram::start(TG_TOKEN, "acme_staging_bot").await;
+    let root = Root::telegram(
+        &llm.base_url,
+        &tg.api_url,
+        "[log]\nformat = \"json\"\n",
+        TG_BOT_TOML,
+    );
+    let log = root.path().join("daemon.log");
+    let mut child = spawn_daemon(&root, &log, "info");
+    tg.send_private(1, "J", "a very private kiwi question");
+    tg.wait_for_sent(1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "-TERM");
+    assert_eq!(
+        tokio::task::block_in_place(|| wait_exit(&mut child, WAIT)),
+        Some(0)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("kiwi"),
+        "message text logged at info:\n{text}"
+    );
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3);
+    assert!(lines.iter().all(|l| l["env"] == "staging"), "{text}");
+    let answered = lines
+        .iter()
+        .find(|l| l["message"] == "update answered")
+        .unwrap_or_else(|| panic!("no per-update line:\n{text}"));
+    assert_eq!(answered["span"]["platform"], "telegram");
+    assert_eq!(answered["span"]["bot"], "assistant");
+    assert!(answered["span"]["update"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty()));
+}

@@ -155,12 +155,19 @@ async fn retry_after_429_is_honoured() {
         t0.elapsed() >= Duration::from_millis(900),
         "waited the retry_after"
     );
-    let statuses: Vec<u16> = tg
-        .calls()
-        .into_iter()
-        .filter(|c| c.method == "sendmessage")
-        .map(|c| c.status)
-        .collect();
+    // The fake records a call's status just after answering it: give it a moment.
+    let statuses = |tg: &FakeTelegram| -> Vec<u16> {
+        tg.calls()
+            .into_iter()
+            .filter(|c| c.method == "sendmessage")
+            .map(|c| c.status)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while statuses(&tg).contains(&0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let statuses = statuses(&tg);
     assert_eq!(statuses, vec![429, 200]);
     daemon.stop().await.unwrap();
 }
