@@ -500,3 +500,54 @@ async fn one_conversation_in_order_many_in_parallel() {
         }
     }
 }
+
+#[tokio::test]
+async fn sweeper_purges_old_turns_and_expired_cache() {
+    use confab::store::{CacheEntry, Role, Turn};
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(
+        &llm.base_url,
+        "[memory]\nretention_days = 1\n[cache]\nttl_secs = 60\n",
+    );
+    let app = root.build();
+    let now = confab::engine::now_unix();
+    let m = msg("1", "");
+    let old = Turn {
+        role: Role::User,
+        text: "ancient".into(),
+        tokens: 1,
+        at: now - 3 * 86_400,
+    };
+    let fresh = Turn {
+        role: Role::User,
+        text: "recent".into(),
+        tokens: 1,
+        at: now,
+    };
+    app.store
+        .append_turns(&m.conversation(), &[old, fresh], None)
+        .unwrap();
+    let entry = |at| CacheEntry {
+        reply: "r".into(),
+        tokens: 1,
+        created_at: at,
+        origin: m.user(),
+        model: "m".into(),
+    };
+    app.store
+        .cache_put(&[1; 32], &entry(now - 3600), 100)
+        .unwrap();
+    app.store.cache_put(&[2; 32], &entry(now), 100).unwrap();
+    let report = app.engine.sweep().unwrap();
+    assert_eq!((report.turns_purged, report.cache_expired), (1, 1));
+    let left: Vec<String> = app
+        .store
+        .all_turns(&m.conversation())
+        .unwrap()
+        .into_iter()
+        .map(|t| t.text)
+        .collect();
+    assert_eq!(left, vec!["recent"]);
+    assert!(app.store.cache_get(&[1; 32]).unwrap().is_none());
+    assert!(app.store.cache_get(&[2; 32]).unwrap().is_some());
+}
