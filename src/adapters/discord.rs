@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::text::{char_len, split_message};
-use super::{redact, SerialQueue, Throttle};
+use super::{redact, stream_draft, DraftPut, SerialQueue, Throttle};
 use crate::config::{BotConfig, Config, Env, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
 use crate::engine::commands::USER_COMMANDS;
@@ -646,44 +646,29 @@ impl DiscordAdapter {
     async fn stream_edits(
         self: Arc<Self>,
         job: Job,
-        mut rx: watch::Receiver<String>,
+        rx: watch::Receiver<String>,
     ) -> Option<MessageId> {
-        let mut message: Option<MessageId> = None;
-        let mut shown = String::new();
-        loop {
-            let closed = rx.changed().await.is_err();
-            let text: String = rx.borrow_and_update().chars().take(DC_LIMIT).collect();
-            if !text.trim().is_empty() && text != shown {
-                self.throttle_wait(job.channel_id, job.is_group).await;
-                let result = match message {
-                    None => job
-                        .channel_id
-                        .send_message(&*self.http, Self::new_message(&job, &text))
-                        .await
-                        .map(|m| m.id),
-                    Some(id) => job
-                        .channel_id
-                        .edit_message(&*self.http, id, EditMessage::new().content(text.clone()))
-                        .await
-                        .map(|_| id),
-                };
-                match result {
-                    Ok(id) => {
-                        message = Some(id);
-                        shown = text;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %self.scrub(&e), "streaming edit failed");
-                        // Give up streaming; the final reply is still delivered.
-                        return message;
-                    }
-                }
+        let (this, job) = (&*self, &job);
+        stream_draft(rx, DC_LIMIT, EDIT_EVERY, move |message, text| async move {
+            this.throttle_wait(job.channel_id, job.is_group).await;
+            let result = match message {
+                None => job
+                    .channel_id
+                    .send_message(&*this.http, Self::new_message(job, &text))
+                    .await
+                    .map(|m| m.id),
+                Some(id) => job
+                    .channel_id
+                    .edit_message(&*this.http, id, EditMessage::new().content(text))
+                    .await
+                    .map(|_| id),
+            };
+            match result {
+                Ok(id) => DraftPut::Shown(id),
+                Err(e) => DraftPut::Failed(this.scrub(&e)),
             }
-            if closed {
-                return message;
-            }
-            tokio::time::sleep(EDIT_EVERY).await;
-        }
+        })
+        .await
     }
 
     async fn deliver(&self, job: &Job, reply: &Reply, streamed: Option<MessageId>) -> Delivery {

@@ -122,6 +122,55 @@ impl Throttle {
     }
 }
 
+/// What a platform made of one streaming draft update.
+pub enum DraftPut<Id> {
+    /// Sent (first time) or edited; the message's id.
+    Shown(Id),
+    /// The platform says nothing changed.
+    Unchanged,
+    /// Give up streaming; the final reply is still delivered normally.
+    Failed(String),
+}
+
+/// Shows a reply growing: one message, sent on the first text and then edited at most
+/// once per `every`, cut to `limit` characters. `put(None, text)` sends, `put(Some(id),
+/// text)` edits. Returns the draft's id, if one was shown.
+pub async fn stream_draft<Id, F, Fut>(
+    mut rx: tokio::sync::watch::Receiver<String>,
+    limit: usize,
+    every: std::time::Duration,
+    mut put: F,
+) -> Option<Id>
+where
+    Id: Copy,
+    F: FnMut(Option<Id>, String) -> Fut,
+    Fut: Future<Output = DraftPut<Id>>,
+{
+    let mut message = None;
+    let mut shown = String::new();
+    loop {
+        let closed = rx.changed().await.is_err();
+        let text: String = rx.borrow_and_update().chars().take(limit).collect();
+        if !text.trim().is_empty() && text != shown {
+            match put(message, text.clone()).await {
+                DraftPut::Shown(id) => {
+                    message = Some(id);
+                    shown = text;
+                }
+                DraftPut::Unchanged => {}
+                DraftPut::Failed(why) => {
+                    tracing::debug!(reason = %why, "streaming edit failed");
+                    return message;
+                }
+            }
+        }
+        if closed {
+            return message;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Replaces every occurrence of a secret in a string (error texts can carry URLs, and
 /// Telegram URLs carry the token).
 pub fn redact(text: &str, secret: &str) -> String {

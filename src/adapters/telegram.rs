@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::text::{markdown_to_telegram_html, split_message, utf16_len};
-use super::{redact, SerialQueue, Throttle};
+use super::{redact, stream_draft, DraftPut, SerialQueue, Throttle};
 use crate::config::{BotConfig, Config, Env, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
 use crate::engine::commands::USER_COMMANDS;
@@ -485,49 +485,25 @@ impl TelegramAdapter {
     async fn stream_edits(
         self: Arc<Self>,
         job: Job,
-        mut rx: watch::Receiver<String>,
+        rx: watch::Receiver<String>,
     ) -> Option<MessageId> {
         let chat = ChatId(job.chat_id);
-        let mut message: Option<MessageId> = None;
-        let mut shown = String::new();
-        loop {
-            let closed = rx.changed().await.is_err();
-            let text = rx.borrow_and_update().clone();
-            let text: String = text.chars().take(TG_LIMIT).collect();
-            if !text.trim().is_empty() && text != shown {
-                self.throttle
-                    .wait(&job.chat_id.to_string(), job.is_group)
-                    .await;
-                let result = match message {
-                    None => self
-                        .bot
-                        .send_message(chat, text.clone())
-                        .await
-                        .map(|m| Some(m.id)),
-                    Some(id) => self
-                        .bot
-                        .edit_message_text(chat, id, text.clone())
-                        .await
-                        .map(|_| Some(id)),
-                };
-                match result {
-                    Ok(id) => {
-                        message = id;
-                        shown = text;
-                    }
-                    Err(RequestError::Api(ApiError::MessageNotModified)) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %self.scrub(&e), "streaming edit failed");
-                        // Give up streaming; the final reply is still delivered.
-                        return message;
-                    }
-                }
+        let (this, job) = (&*self, &job);
+        stream_draft(rx, TG_LIMIT, EDIT_EVERY, move |message, text| async move {
+            this.throttle
+                .wait(&job.chat_id.to_string(), job.is_group)
+                .await;
+            let result = match message {
+                None => this.bot.send_message(chat, text).await.map(|m| m.id),
+                Some(id) => this.bot.edit_message_text(chat, id, text).await.map(|_| id),
+            };
+            match result {
+                Ok(id) => DraftPut::Shown(id),
+                Err(RequestError::Api(ApiError::MessageNotModified)) => DraftPut::Unchanged,
+                Err(e) => DraftPut::Failed(this.scrub(&e)),
             }
-            if closed {
-                return message;
-            }
-            tokio::time::sleep(EDIT_EVERY).await;
-        }
+        })
+        .await
     }
 
     async fn deliver(&self, job: &Job, reply: &Reply, streamed: Option<MessageId>) -> Delivery {
