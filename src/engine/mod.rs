@@ -4,6 +4,7 @@
 //! async-openai; it speaks [`crate::domain`], [`crate::store::Store`] and [`crate::llm`].
 
 pub mod admin;
+pub mod bpe;
 pub mod cache;
 pub mod commands;
 pub mod limits;
@@ -23,7 +24,9 @@ use tokio::time::Instant;
 use crate::config::{BotConfig, CacheScope, Config};
 use crate::domain::{Content, Inbound, Platform, Rejection, Reply, ReplyKind, UserRef};
 use crate::llm::{ChatMessage, ChatRequest, ChatResponse, ChatRole, LlmError, ResilientLlm};
-use crate::store::{CacheEntry, Handled, HandledEntry, Role, Store, StoreError, Turn, UserRecord};
+use crate::store::{
+    CacheEntry, Exchange, Handled, HandledEntry, Role, Store, StoreError, Turn, UserRecord,
+};
 use commands::Command;
 use limits::{human_duration, limit_key, secs_until_reset, utc_day, Limits, RateDecision};
 use ordering::ConversationLocks;
@@ -65,6 +68,8 @@ pub struct Engine {
     maintenance: RwLock<Option<String>>,
     started: Instant,
     reloader: RwLock<Option<Reloader>>,
+    /// Token counts of rendered system prompts (they repeat: one per bot, user name and day).
+    system_tokens: Mutex<HashMap<u64, usize>>,
     /// Users who asked `/forget` and have until this instant to confirm.
     forget_requests: Mutex<HashMap<UserRef, Instant>>,
     pub stats: EngineStats,
@@ -109,6 +114,7 @@ impl Engine {
             maintenance: RwLock::new(None),
             started: Instant::now(),
             reloader: RwLock::new(None),
+            system_tokens: Mutex::new(HashMap::new()),
             forget_requests: Mutex::new(HashMap::new()),
             stats: EngineStats::default(),
         })
@@ -280,6 +286,25 @@ impl Engine {
             }
         }
         reply
+    }
+
+    /// Tokens of a rendered system prompt, counted once per distinct text (bounded memo).
+    fn system_tokens(&self, system: &str) -> usize {
+        use std::hash::{BuildHasher, RandomState};
+        static HASHER: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+        let h = HASHER.get_or_init(RandomState::new).hash_one(system);
+        let memo = self.system_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&n) = memo.get(&h) {
+            return n;
+        }
+        drop(memo);
+        let n = self.tokenizer.count(system);
+        let mut memo = self.system_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if memo.len() >= 4096 {
+            memo.clear();
+        }
+        memo.insert(h, n);
+        n
     }
 
     /// Records that the reply to this update reached the platform.
@@ -464,7 +489,7 @@ impl Engine {
                 return Ok(Reply::notice(Rejection::LlmFailed, MSG_INTERNAL));
             }
         };
-        let system_tokens = self.tokenizer.count(&system);
+        let system_tokens = self.system_tokens(&system);
         let user_tokens = self.tokenizer.count(text);
         let mut history_budget = cfg
             .memory
@@ -514,8 +539,20 @@ impl Engine {
                         if let Some(p) = partial {
                             p.send_replace(hit.reply.clone());
                         }
-                        self.remember(inbound, text, user_tokens, &hit.reply, update_key, 0)
-                            .await?;
+                        let reply_tokens = match hit.reply_tokens {
+                            0 => self.tokenizer.count(&hit.reply) as u64,
+                            n => n,
+                        };
+                        self.remember(
+                            inbound,
+                            text,
+                            user_tokens,
+                            &hit.reply,
+                            reply_tokens,
+                            update_key,
+                            0,
+                        )
+                        .await?;
                         return Ok(Reply::text(hit.reply, ReplyKind::Cached));
                     }
                     _ => {
@@ -556,6 +593,7 @@ impl Engine {
                         let entry = CacheEntry {
                             reply: resp.text.clone(),
                             tokens: cost,
+                            reply_tokens: completion_tokens,
                             created_at: now_unix(),
                             origin: user.clone(),
                             model: model.clone(),
@@ -564,8 +602,16 @@ impl Engine {
                             tracing::error!(error = %e, "could not store a cache entry");
                         }
                     }
-                    self.remember(inbound, text, user_tokens, &resp.text, update_key, cost)
-                        .await?;
+                    self.remember(
+                        inbound,
+                        text,
+                        user_tokens,
+                        &resp.text,
+                        completion_tokens,
+                        update_key,
+                        cost,
+                    )
+                    .await?;
                     return Ok(Reply::text(resp.text, ReplyKind::Answer));
                 }
                 Err(LlmError::ContextLength) if !tried_shorter && history_tokens > 0 => {
@@ -613,14 +659,16 @@ impl Engine {
         })
     }
 
-    /// Appends both turns and the pending reply in one atomic batch, makes it durable
-    /// (group commit), then books the usage. Only then may the reply be sent.
+    /// Appends both turns, the pending reply and the user's usage in one atomic batch and
+    /// makes it durable (group commit). Only then may the reply be sent.
+    #[allow(clippy::too_many_arguments)]
     async fn remember(
         &self,
         inbound: &Inbound,
         text: &str,
         user_tokens: usize,
         reply: &str,
+        reply_tokens: u64,
         update_key: Option<&str>,
         cost: u64,
     ) -> Result<(), StoreError> {
@@ -635,7 +683,7 @@ impl Engine {
             Turn {
                 role: Role::Assistant,
                 text: reply.to_string(),
-                tokens: self.tokenizer.count(reply) as u32,
+                tokens: reply_tokens.min(u32::MAX as u64) as u32,
                 at: now,
             },
         ];
@@ -645,29 +693,32 @@ impl Engine {
             },
             at: now,
         };
-        self.store.append_turns(
-            &inbound.conversation(),
-            &turns,
-            update_key.map(|k| (k, &pending)),
-        )?;
-        self.store.flush().await?;
         let today = utc_day(now);
-        self.store.update_user(&inbound.user(), &mut |r| {
+        let mut book = |r: &mut UserRecord| {
             roll_day(r, today);
             if r.first_seen == 0 {
                 r.first_seen = now;
             }
             r.last_seen = now;
-            r.name = Some(inbound.user_name.clone());
-            if inbound.username.is_some() {
+            if r.name.as_deref() != Some(inbound.user_name.as_str()) {
+                r.name = Some(inbound.user_name.clone());
+            }
+            if inbound.username.is_some() && r.username != inbound.username {
                 r.username = inbound.username.clone();
             }
             r.usage.tokens += cost;
             r.usage.messages += 1;
             r.usage.total_tokens += cost;
             r.usage.total_messages += 1;
+        };
+        let user = inbound.user();
+        self.store.record_exchange(Exchange {
+            conversation: &inbound.conversation(),
+            turns: &turns,
+            handled: update_key.map(|k| (k, &pending)),
+            user: Some((&user, &mut book)),
         })?;
-        Ok(())
+        self.store.flush().await
     }
 
     fn command(

@@ -95,6 +95,9 @@ pub struct CacheEntry {
     pub reply: String,
     /// Tokens the original call cost (what a hit saves).
     pub tokens: u64,
+    /// Tokens of the reply itself (0 in entries written before this field existed).
+    #[serde(default)]
+    pub reply_tokens: u64,
     pub created_at: i64,
     pub origin: UserRef,
     pub model: String,
@@ -140,6 +143,18 @@ pub struct CacheStats {
     pub entries: usize,
 }
 
+/// What [`Store::record_exchange`] writes atomically.
+pub struct Exchange<'a> {
+    pub conversation: &'a ConversationKey,
+    pub turns: &'a [Turn],
+    pub handled: Option<(&'a str, &'a HandledEntry)>,
+    /// The user whose record to update in the same batch (usage, names, last seen).
+    pub user: Option<(&'a UserRef, UserUpdate<'a>)>,
+}
+
+/// A change to a user's record, applied inside a store batch.
+pub type UserUpdate<'a> = &'a mut dyn FnMut(&mut UserRecord);
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// All persistent state. Methods are synchronous and fast (in-memory tree operations);
@@ -152,7 +167,17 @@ pub trait Store: Send + Sync + 'static {
         key: &ConversationKey,
         turns: &[Turn],
         handled: Option<(&str, &HandledEntry)>,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<()> {
+        self.record_exchange(Exchange {
+            conversation: key,
+            turns,
+            handled,
+            user: None,
+        })
+    }
+    /// One answered message as one atomic batch: the turns, the `Pending` reply and the
+    /// user's usage (the engine's hot path: one write batch, then one shared flush).
+    fn record_exchange(&self, exchange: Exchange<'_>) -> StoreResult<()>;
     /// The newest turns whose token counts sum to at most `max_tokens`, oldest first.
     fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>>;
     /// All turns of a conversation, oldest first.

@@ -11,7 +11,8 @@
 //! - `inbox`:      adapter key → received update not yet answered (replayed at start)
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -59,11 +60,21 @@ type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
 struct Flusher {
     tx: Option<std::sync::mpsc::Sender<FlushWaiter>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    counts: Arc<FlushCounts>,
+}
+
+/// How well group commit works: flushes done and the callers they served.
+#[derive(Debug, Default)]
+pub struct FlushCounts {
+    pub flushes: AtomicU64,
+    pub waiters: AtomicU64,
 }
 
 impl Flusher {
     fn start(db: Db) -> StoreResult<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
+        let counts = Arc::new(FlushCounts::default());
+        let c = counts.clone();
         let thread = std::thread::Builder::new()
             .name("confab-flush".into())
             .spawn(move || {
@@ -71,6 +82,8 @@ impl Flusher {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
                     let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    c.flushes.fetch_add(1, Ordering::Relaxed);
+                    c.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     for waiter in batch {
                         let _ = waiter.send(result.clone());
                     }
@@ -80,6 +93,7 @@ impl Flusher {
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
+            counts,
         })
     }
 }
@@ -332,6 +346,11 @@ impl SledStore {
     }
 
     /// The underlying database, for backup/restore (sled's export/import).
+    /// Group-commit counters (flushes and the callers each one served).
+    pub fn flush_counts(&self) -> &FlushCounts {
+        &self.flusher.counts
+    }
+
     pub fn db(&self) -> &Db {
         &self.db
     }
@@ -454,12 +473,13 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn append_turns(
-        &self,
-        key: &ConversationKey,
-        turns: &[Turn],
-        handled: Option<(&str, &HandledEntry)>,
-    ) -> StoreResult<()> {
+    fn record_exchange(&self, exchange: Exchange<'_>) -> StoreResult<()> {
+        let Exchange {
+            conversation: key,
+            turns,
+            handled,
+            user,
+        } = exchange;
         let _gate = self.write_gate();
         let prefix = conv_prefix(key);
         let mut rows = Vec::with_capacity(turns.len());
@@ -474,18 +494,51 @@ impl Store for SledStore {
             None => None,
         };
         let idx = index_key(&key.user_ref(), &prefix);
-        (&self.turns, &self.handled, &self.conv_index)
-            .transaction(|(turns_t, handled_t, index_t)| {
+        let (user_ref, update) = match user {
+            Some((u, f)) => (Some(u), Some(f)),
+            None => (None, None),
+        };
+        let user_row = user_ref.map(user_key);
+        // sled retries the closure on conflicts and wants `Fn`: borrow through cells.
+        let update = std::cell::RefCell::new(update);
+        // (username before, record after) of the user, from the attempt that committed.
+        let user_change = std::cell::RefCell::new(None::<(Option<String>, UserRecord)>);
+        (&self.turns, &self.handled, &self.conv_index, &self.users)
+            .transaction(|(turns_t, handled_t, index_t, users_t)| {
                 for (k, v) in &rows {
                     turns_t.insert(k.as_slice(), v.as_slice())?;
                 }
                 if let Some((k, v)) = &handled_row {
                     handled_t.insert(k.as_slice(), v.as_slice())?;
                 }
-                index_t.insert(idx.as_slice(), &[] as &[u8])?;
-                Ok::<(), ConflictableTransactionError<()>>(())
+                // The index row is written once per conversation, not once per message.
+                if index_t.get(idx.as_slice())?.is_none() {
+                    index_t.insert(idx.as_slice(), &[] as &[u8])?;
+                }
+                if let (Some(k), Some(f)) = (&user_row, update.borrow_mut().as_mut()) {
+                    let old: Option<UserRecord> = users_t
+                        .get(k.as_slice())?
+                        .and_then(|v| self.decode("users", k, &v));
+                    let before = old.as_ref().and_then(|r| r.username.clone());
+                    let mut rec = old.unwrap_or_default();
+                    f(&mut rec);
+                    let bytes = self
+                        .encode("users", &rec)
+                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    users_t.insert(k.as_slice(), bytes)?;
+                    *user_change.borrow_mut() = Some((before, rec));
+                }
+                Ok::<(), ConflictableTransactionError<String>>(())
             })
-            .map_err(|e: TransactionError<()>| StoreError::Io(format!("append turns: {e:?}")))
+            .map_err(|e: TransactionError<String>| {
+                StoreError::Io(format!("append turns: {e:?}"))
+            })?;
+        if let (Some(u), Some((before, rec))) = (user_ref, user_change.into_inner()) {
+            if rec.username != before {
+                self.index_username(u, &rec)?;
+            }
+        }
+        Ok(())
     }
 
     fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>> {
@@ -583,11 +636,13 @@ impl Store for SledStore {
         let key = user_key(user);
         let mut result = UserRecord::default();
         let mut encode_err = None;
+        let mut username_before = None;
         self.users
             .fetch_and_update(&key, |old| {
                 let mut rec: UserRecord = old
                     .and_then(|v| self.decode("users", &key, v))
                     .unwrap_or_default();
+                username_before = rec.username.clone();
                 f(&mut rec);
                 let bytes = match serde_json::to_vec(&rec) {
                     Ok(b) => b,
@@ -603,7 +658,9 @@ impl Store for SledStore {
         if let Some(e) = encode_err {
             return Err(StoreError::Io(format!("encode user: {e}")));
         }
-        self.index_username(user, &result)?;
+        if result.username != username_before {
+            self.index_username(user, &result)?;
+        }
         Ok(result)
     }
 
@@ -943,6 +1000,7 @@ mod tests {
             let e = CacheEntry {
                 reply: format!("r{i}"),
                 tokens: 1,
+                reply_tokens: 1,
                 created_at: 100 + i as i64,
                 origin: origin.clone(),
                 model: "m".into(),

@@ -530,6 +530,7 @@ async fn sweeper_purges_old_turns_and_expired_cache() {
     let entry = |at| CacheEntry {
         reply: "r".into(),
         tokens: 1,
+        reply_tokens: 1,
         created_at: at,
         origin: m.user(),
         model: "m".into(),
