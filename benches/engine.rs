@@ -75,5 +75,77 @@ fn cache_hit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, throughput, cache_hit);
+/// The store alone: one answered message's write batch (no flush) and a history load.
+fn store(c: &mut Criterion) {
+    use confab::domain::{ConversationKey, Platform, UserRef};
+    use confab::store::{Exchange, Handled, HandledEntry, Role, SledStore, Store, Turn};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path(), 64, 500).expect("open store");
+    let conv = |u: u64| ConversationKey {
+        bot: "assistant".into(),
+        platform: Platform::Telegram,
+        chat: u.to_string(),
+        user: u.to_string(),
+    };
+    let turn = |role, text: &str| Turn {
+        role,
+        text: text.to_string(),
+        tokens: 40,
+        at: 1_763_700_000,
+    };
+    let turns = [
+        turn(
+            Role::User,
+            "How do I bake bread at home without a bread machine?",
+        ),
+        turn(
+            Role::Assistant,
+            "Mix flour, water, salt and yeast; knead ten minutes, let it rise until doubled, \
+             shape, proof again, then bake at 230 °C for about 30 minutes.",
+        ),
+    ];
+    let pending = HandledEntry {
+        state: Handled::Pending {
+            reply: turns[1].text.clone(),
+        },
+        at: 1_763_700_000,
+    };
+    let next = AtomicU64::new(0);
+    c.bench_function("store/record_exchange", |b| {
+        b.iter(|| {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let key = conv(i % 10_000);
+            let user = UserRef::new(Platform::Telegram, (i % 10_000).to_string());
+            let update = format!("assistant/tg/{i}");
+            let mut book = |r: &mut confab::store::UserRecord| r.usage.messages += 1;
+            store
+                .record_exchange(Exchange {
+                    conversation: &key,
+                    turns: &turns,
+                    handled: Some((&update, &pending)),
+                    user: Some((&user, &mut book)),
+                })
+                .expect("record");
+        })
+    });
+    // Every conversation now has ≥ 2 exchanges; load a 4,000-token context.
+    let next = AtomicU64::new(0);
+    c.bench_function("store/recent_turns", |b| {
+        b.iter(|| {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            store.recent_turns(&conv(i % 10_000), 4000).expect("load")
+        })
+    });
+}
+
+/// Token counting (cl100k, counted once per stored turn).
+fn tokens(c: &mut Criterion) {
+    let tok = confab::engine::prompt::Tokenizer::load().expect("tokenizer");
+    let short = "How do I bake bread at home without a bread machine?";
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(90); // ≈4,000 chars
+    c.bench_function("tokens/count_50_chars", |b| b.iter(|| tok.count(short)));
+    c.bench_function("tokens/count_4000_chars", |b| b.iter(|| tok.count(&long)));
+}
+
+criterion_group!(benches, throughput, cache_hit, store, tokens);
 criterion_main!(benches);

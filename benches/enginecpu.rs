@@ -27,6 +27,7 @@ struct Args {
     threads: usize,
     concurrency: Vec<u64>,
     users: u64,
+    window_us: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -35,6 +36,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         concurrency: vec![1, 64, 512],
         users: 10_000,
+        window_us: 1000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -43,6 +45,7 @@ fn parse_args() -> Result<Args, String> {
             "--messages" => a.messages = num(&val("--messages")?)?,
             "--threads" => a.threads = num(&val("--threads")?)? as usize,
             "--users" => a.users = num(&val("--users")?)?,
+            "--window-us" => a.window_us = num(&val("--window-us")?)?,
             "--concurrency" => {
                 a.concurrency = val("--concurrency")?
                     .split(',')
@@ -70,6 +73,15 @@ fn cpu_secs() -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // fields[0] is field 3 (state): utime = field 14 → index 11, stime → 12. CLK_TCK = 100.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Bytes this process has written (to the page cache / disk) so far.
+fn written_bytes() -> f64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -140,12 +152,20 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "engine, {} worker thread(s), {} messages per run, {} distinct users, LLM 0 ms, durable flush per reply",
-        a.threads, a.messages, a.users
+        "engine, {} worker thread(s), {} messages per run, {} distinct users, LLM 0 ms, durable flush per reply, group-commit window {} µs",
+        a.threads, a.messages, a.users, a.window_us
     );
     println!(
-        "{:<22} {:>9} {:>10} {:>13} {:>10} {:>10} {:>10} {:>12}",
-        "run", "msg/s", "CPU µs/msg", "msg/s/core*", "p50 µs", "p99 µs", "max µs", "msgs/flush"
+        "{:<22} {:>9} {:>10} {:>13} {:>10} {:>10} {:>10} {:>12} {:>10}",
+        "run",
+        "msg/s",
+        "CPU µs/msg",
+        "msg/s/core*",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "msgs/flush",
+        "KB/msg"
     );
     for &conc in &a.concurrency {
         for cache in [false, true] {
@@ -157,6 +177,7 @@ fn main() -> ExitCode {
                 }
             };
             let (engine, store) = engine_and_store(dir.path(), cache);
+            store.set_group_commit_window(Duration::from_micros(a.window_us));
             // Cache run: every message after the first asks the same opening question of a
             // fresh user → hits. Plain run: distinct users, conversations growing.
             let (users, text) = if cache {
@@ -173,16 +194,18 @@ fn main() -> ExitCode {
                 store.flush_counts().waiters.load(Ordering::Relaxed),
             );
             let cpu0 = cpu_secs();
+            let wr0 = written_bytes();
             let t0 = Instant::now();
             let lat = rt.block_on(drive(&engine, a.messages, conc, users, text));
             let wall = t0.elapsed().as_secs_f64();
             let cpu = cpu_secs() - cpu0;
+            let written = written_bytes() - wr0;
             let flushes = store.flush_counts().flushes.load(Ordering::Relaxed) - f0;
             let waiters = store.flush_counts().waiters.load(Ordering::Relaxed) - w0;
             let n = lat.len() as f64;
             let cpu_us = cpu * 1e6 / n;
             println!(
-                "{:<22} {:>9.0} {:>10.1} {:>13.0} {:>10.0} {:>10.0} {:>10.0} {:>12.1}",
+                "{:<22} {:>9.0} {:>10.1} {:>13.0} {:>10.0} {:>10.0} {:>10.0} {:>12.1} {:>10.1}",
                 format!("{} x{conc}", if cache { "cache-hit" } else { "answer" }),
                 n / wall,
                 cpu_us,
@@ -191,6 +214,7 @@ fn main() -> ExitCode {
                 pct(&lat, 0.99),
                 pct(&lat, 1.0),
                 waiters as f64 / flushes.max(1) as f64,
+                written / n / 1024.0,
             );
         }
     }

@@ -6,19 +6,44 @@
 //! cargo bench --bench loadgen -- --users 200 --messages 5 --llm-ms 0
 //! cargo bench --bench loadgen -- --users 1000 --messages 1 --llm-ms 2000
 //! cargo bench --bench loadgen -- --users 5000 --messages 1 --mix zipf
+//! cargo bench --bench loadgen -- --seed-users 100000 --users 10000 --messages 1   # SPEC §13 RSS
 //! cargo bench --bench loadgen -- --smoke      # CI: tiny run, fails only on unanswered messages
 //! ```
 //!
 //! Options: `--users N` (200), `--messages M` (5), `--llm-ms MS` (0), `--mix unique|zipf`
 //! (unique), `--no-cache`, `--open` (inject every message at once instead of each user
 //! sending the next one after the previous reply), `--llm-concurrency N` (llm.max_concurrent,
-//! 2048), `--seed S` (42), `--timeout-secs S` (120), `--keep` (keep the temp root and print it).
+//! 2048), `--seed S` (42), `--timeout-secs S` (120), `--keep` (keep the temp root and print it),
+//! `--seed-users N` (0; `--smoke` seeds 100 unless given).
 //! The daemon is `target/release/confab` (override with `CONFAB_BIN`); build it first.
 //!
+//! `--seed-users N` pre-populates the daemon's data dir (`<root>/data`, the `data_dir` that
+//! [`write_root`] configures) *before* the daemon starts, through the library's own
+//! `SledStore` (`Store::append_turns`, `Store::put_user`, the daemon's default `[store]`
+//! settings): N users of the same bot (`assistant`, Telegram, private chat id == user id ==
+//! `USER_BASE + i`, exactly the `ConversationKey` the Telegram adapter builds), each with a
+//! user record and 3 earlier exchanges (6 turns of 100–300 characters, token counts from the
+//! daemon's tokenizer, last seen 2 h – 14 days ago, inside the default 30-day retention).
+//! The active users are ids `USER_BASE + 0 .. USER_BASE + --users`, so they are the first
+//! `--users` of the seeded ones and arrive with history (ids beyond N are new users); e.g.
+//! `--seed-users 100000 --users 10000` is SPEC §13's "100,000 stored users, 10,000 active".
+//! One flush at the end; seeding time and the data dir's on-disk size (before and after the
+//! run) are printed, and every LLM request that names its seeded asker (all of `--mix
+//! unique`) is checked to start with that user's 6 seeded turns ("seeded history in LLM
+//! requests: k of n"; reported, not enforced).
+//!
 //! Reply latency is user send (update injected into the fake) → reply recorded by the fake
-//! `sendMessage`, observed through the fake's change notification. Replies are matched
-//! per chat in order (k-th reply to a chat answers that user's k-th message) and checked
-//! against the fake LLM's `echo: <question>` text.
+//! `sendMessage`, observed through the fake's change notification; each wake-up takes only
+//! the new replies (`FakeTelegram::wait_for_sent_since`), and the fake keeps no per-call
+//! logs (`set_record_calls(false)`), so the generator's cost is linear in the messages.
+//! Replies are matched per chat in order (k-th reply to a chat answers that user's k-th
+//! message) and checked against the fake LLM's `echo: <question>` text.
+//!
+//! Daemon memory: VmRSS at idle (polling, before the first message), the peak VmRSS sampled
+//! every 100 ms, VmRSS at the last reply, VmRSS settled (sampled again 2 s after the last
+//! reply: SPEC §13's figure is steady state), VmHWM (the kernel's peak), and a short series
+//! of the samples. The generator's own VmHWM is printed too (it shares the machine; with
+//! `--seed-users` it includes the seeding's sled cache and tokenizer).
 
 #[path = "../tests/support/fake_openai.rs"]
 mod fake_openai;
@@ -27,16 +52,27 @@ mod fake_telegram;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use confab::config::{Config, Env};
+use confab::domain::{ConversationKey, Platform};
+use confab::engine::prompt::Tokenizer;
+use confab::store::{Role, SledStore, Store, Turn, Usage, UserRecord};
 
 use fake_openai::FakeOpenAi;
 use fake_telegram::FakeTelegram;
 
 const TG_TOKEN: &str = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
 const TG_USERNAME: &str = "acme_staging_bot";
+/// The bot's name (the file stem of `bots/assistant.toml` written by [`write_root`]).
+const BOT_NAME: &str = "assistant";
+/// First name of every user (injected messages and seeded user records alike).
+const FIRST_NAME: &str = "Load";
+/// Seeded users when `--smoke` is given without `--seed-users`.
+const SMOKE_SEED_USERS: usize = 100;
 /// Chat / user ids are `USER_BASE + i`.
 const USER_BASE: i64 = 1_000_000;
 /// No `{{user_name}}`: the cache key includes the rendered system prompt, so a per-user
@@ -64,6 +100,7 @@ struct Args {
     timeout: Duration,
     keep: bool,
     smoke: bool,
+    seed_users: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -79,7 +116,9 @@ fn parse_args() -> Result<Args, String> {
         timeout: Duration::from_secs(120),
         keep: false,
         smoke: false,
+        seed_users: 0,
     };
+    let mut seed_users_given = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -98,6 +137,10 @@ fn parse_args() -> Result<Args, String> {
             "--llm-concurrency" => a.llm_concurrency = value("--llm-concurrency")?.0 as usize,
             "--seed" => a.seed = value("--seed")?.0,
             "--timeout-secs" => a.timeout = Duration::from_secs(value("--timeout-secs")?.0),
+            "--seed-users" => {
+                a.seed_users = value("--seed-users")?.0 as usize;
+                seed_users_given = true;
+            }
             "--mix" => {
                 a.mix = match it.next().as_deref() {
                     Some("unique") => Mix::Unique,
@@ -123,6 +166,9 @@ fn parse_args() -> Result<Args, String> {
         a.messages = 2;
         a.llm_ms = 0;
         a.timeout = Duration::from_secs(60);
+        if !seed_users_given {
+            a.seed_users = SMOKE_SEED_USERS;
+        }
     }
     if a.users == 0 || a.messages == 0 {
         return Err("--users and --messages must be > 0".into());
@@ -137,12 +183,17 @@ fn daemon_bin() -> PathBuf {
     }
 }
 
+/// The daemon's `data_dir` as [`write_root`] configures it (seeding writes there).
+fn data_dir(root: &Path) -> PathBuf {
+    root.join("data")
+}
+
 /// Writes config/staging.toml, bots/assistant.toml, prompts/assistant.md and .env.test.
 fn write_root(root: &Path, llm_url: &str, tg_url: &str, a: &Args) -> std::io::Result<()> {
     for sub in ["config", "bots", "prompts"] {
         std::fs::create_dir_all(root.join(sub))?;
     }
-    let data = root.join("data");
+    let data = data_dir(root);
     let config = format!(
         "data_dir = {data:?}\n\
          [http]\nbind = \"127.0.0.1:0\"\n\
@@ -158,7 +209,7 @@ fn write_root(root: &Path, llm_url: &str, tg_url: &str, a: &Args) -> std::io::Re
     );
     std::fs::write(root.join("config/staging.toml"), config)?;
     std::fs::write(
-        root.join("bots/assistant.toml"),
+        root.join(format!("bots/{BOT_NAME}.toml")),
         format!(
             "prompt = \"assistant\"\n[telegram]\ntoken_env = \"ASSISTANT_TELEGRAM_TOKEN\"\n\
              username = {{ staging = {TG_USERNAME:?}, production = \"acme_bot\" }}\n"
@@ -230,6 +281,274 @@ fn questions(a: &Args) -> Vec<Vec<String>> {
         .collect()
 }
 
+// ----- seeding stored users ------------------------------------------------------------
+
+const CITIES: &[&str] = &[
+    "Lisbon",
+    "Kraków",
+    "Kyoto",
+    "Montréal",
+    "Porto",
+    "Valencia",
+    "Tbilisi",
+    "Ljubljana",
+    "Edinburgh",
+    "Seville",
+    "Hanoi",
+    "Oaxaca",
+    "Bergen",
+    "Tallinn",
+    "Naples",
+    "Istanbul",
+];
+const MONTHS: &[&str] = &[
+    "March",
+    "April",
+    "May",
+    "June",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// The three earlier exchanges of seeded user `i` as (question, answer): 100–300
+/// characters each, varied per user so no two stored conversations are the same.
+fn seed_exchanges(i: usize) -> [(String, String); 3] {
+    let n = i.wrapping_mul(2_654_435_761) >> 7; // a cheap per-user scramble
+    std::array::from_fn(|j| {
+        let v = n.wrapping_add(j * 7919);
+        let d = 2 + v % 9;
+        let city = CITIES[(v / 3) % CITIES.len()];
+        let month = MONTHS[(v / 5) % MONTHS.len()];
+        match (i + j * 3) % 8 {
+            0 => (
+                format!("I'm planning a {d}-day trip to {city} in {month}. What should I see if I like museums and local food, and how much should I budget per day?"),
+                format!("For {d} days in {city} in {month}, pair one museum each morning with a food market or a long lunch in the afternoon. Budget roughly {} euros a day for food, transport and tickets, and book the popular museums online to skip the queues.", 60 + v % 90),
+            ),
+            1 => (
+                format!("My sourdough starter (day {d}) smells like acetone and barely rises. I feed it 1:1:1 once a day in a kitchen at about {} degrees. What am I doing wrong?", 17 + v % 6),
+                "An acetone smell means the starter is hungry, not dead. Feed it twice a day, use 1:2:2 for a few days, and keep it somewhere a little warmer if you can. Once it is healthy it should double within six to eight hours of a feed.".to_string(),
+            ),
+            2 => (
+                format!("Can you explain the difference between a Rust Vec and a slice? I keep getting borrow errors when I pass my Vec of {} items to a function and then use it again.", 10 + v % 990),
+                "A Vec<T> owns its heap buffer; a &[T] slice only borrows a view into one. Let the function take &[T] (or &mut [T]) and call it with &v: that borrows instead of moving the Vec, so you can keep using it after the call.".to_string(),
+            ),
+            3 => (
+                format!("I run 5 km three times a week in about {} minutes. How can I get under {} minutes in the next two months without getting injured?", 28 + v % 8, 25 + v % 4),
+                "Keep two of the runs easy and make one a workout: 6 × 400 m at goal pace with 90 s jogging in between, adding a repeat every week. Increase the weekly distance by at most 10 %, sleep well, and take an easy week every fourth week.".to_string(),
+            ),
+            4 => (
+                format!("Write a short, polite email to my landlord asking to fix the heating in flat {}; it has been broken for {d} days now.", 1 + v % 240),
+                format!("Subject: Heating repair in flat {}\n\nDear landlord, the heating in my flat has not worked for {d} days. Could you arrange a repair this week? I am at home most afternoons and happy to let the technician in. Thank you and kind regards.", 1 + v % 240),
+            ),
+            5 => (
+                format!("What's a good way to learn Spanish vocabulary? I have about {} minutes a day and I'm at A2 level, mostly reading on my phone.", 10 + v % 50),
+                "Use spaced repetition (Anki or similar) for ten new words a day, taken from what you read rather than from lists. Spend the rest of the time reading graded readers or news in easy Spanish, and say new sentences out loud.".to_string(),
+            ),
+            6 => {
+                let c = (v % 45) as f64 - 5.0;
+                (
+                    format!("How do I convert {c} degrees Celsius to Fahrenheit, and is there a quick way to estimate it in my head when I travel to {city}?"),
+                    format!("Multiply by 9/5 and add 32: {c} °C is {:.1} °F. To estimate in your head, double the Celsius figure and add 30, which gives {} °F here; close enough for the weather forecast.", c * 9.0 / 5.0 + 32.0, c * 2.0 + 30.0),
+                )
+            }
+            _ => (
+                format!("My tomato plants have yellow leaves at the bottom. I water them every {d} days and they get about {} hours of sun. Is that too much water?", 4 + v % 6),
+                "Yellowing lower leaves are usually normal ageing or a lack of nitrogen rather than too much water. Water deeply but only when the top few centimetres of soil are dry, remove the yellow leaves, and feed with a tomato fertiliser every two weeks.".to_string(),
+            ),
+        }
+    })
+}
+
+/// The conversation the Telegram adapter builds for a private message from `user_id`
+/// (`Inbound::conversation()`: chat id == user id in a private chat).
+fn conversation_of(user_id: i64) -> ConversationKey {
+    ConversationKey {
+        bot: BOT_NAME.into(),
+        platform: Platform::Telegram,
+        chat: user_id.to_string(),
+        user: user_id.to_string(),
+    }
+}
+
+struct Seeded {
+    users: usize,
+    turns: usize,
+    tokens: u64,
+    elapsed: Duration,
+    workers: usize,
+    /// Thread time summed over the writers: counting tokens / store calls.
+    tokenize: Duration,
+    store: Duration,
+    /// The one flush at the end.
+    flush: Duration,
+}
+
+/// What one seeding thread did: (tokens, time counting tokens, time in store calls).
+type WorkerStats = (u64, Duration, Duration);
+
+/// Writes `n` users with history into `dir` through the library's store, with the
+/// daemon's default `[store]` settings; several writer threads (sled is concurrent),
+/// one flush at the end, then the store is closed so the daemon can open it.
+fn seed_store(dir: &Path, n: usize, rt: tokio::runtime::Handle) -> Result<Seeded, String> {
+    let started = Instant::now();
+    let defaults = Config::with_defaults(Env::Staging, dir);
+    let store = SledStore::open(
+        dir,
+        defaults.store.cache_capacity_mb,
+        defaults.store.flush_every_ms,
+    )
+    .map_err(|e| format!("seed: open store: {e}"))?;
+    let tokenizer = Tokenizer::load()?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1_700_000_000, |d| d.as_secs() as i64);
+    let workers = std::thread::available_parallelism().map_or(2, |p| p.get().clamp(1, 4));
+    let chunk = n.div_ceil(workers).max(1);
+    let (tokens, tokenize, store_time) = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|from| {
+                let (store, tokenizer) = (&store, tokenizer.clone());
+                scope.spawn(move || -> Result<WorkerStats, String> {
+                    let (mut tokens, mut tokenize, mut store_time) =
+                        (0u64, Duration::ZERO, Duration::ZERO);
+                    for i in from..(from + chunk).min(n) {
+                        let id = USER_BASE + i as i64;
+                        // Last seen between 2 h and 14 days ago; 90 s between turns.
+                        let last = now - 2 * 3600 - (i as i64 * 7919) % (14 * 86_400);
+                        let mut turns = Vec::with_capacity(6);
+                        let t0 = Instant::now();
+                        for (j, (q, r)) in seed_exchanges(i).into_iter().enumerate() {
+                            for (k, (role, text)) in [(Role::User, q), (Role::Assistant, r)]
+                                .into_iter()
+                                .enumerate()
+                            {
+                                let t = tokenizer.count(&text) as u32;
+                                tokens += u64::from(t);
+                                let at = last - (5 - (2 * j + k) as i64) * 90;
+                                turns.push(Turn {
+                                    role,
+                                    text,
+                                    tokens: t,
+                                    at,
+                                });
+                            }
+                        }
+                        let t1 = Instant::now();
+                        tokenize += t1 - t0;
+                        let conv = conversation_of(id);
+                        store
+                            .append_turns(&conv, &turns, None)
+                            .map_err(|e| format!("seed: append turns: {e}"))?;
+                        let used: u64 = turns.iter().map(|t| u64::from(t.tokens)).sum();
+                        let record = UserRecord {
+                            name: Some(FIRST_NAME.into()),
+                            username: None,
+                            first_seen: last - (i as i64 % 60) * 86_400 - 600,
+                            last_seen: last,
+                            usage: Usage {
+                                day: last.div_euclid(86_400),
+                                tokens: used,
+                                messages: 3,
+                                budget_notified: false,
+                                total_tokens: used,
+                                total_messages: 3,
+                            },
+                            ..UserRecord::default()
+                        };
+                        store
+                            .put_user(&conv.user_ref(), &record)
+                            .map_err(|e| format!("seed: put user: {e}"))?;
+                        store_time += t1.elapsed();
+                    }
+                    Ok((tokens, tokenize, store_time))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "seed: a writer panicked".to_string())?
+            })
+            .try_fold((0, Duration::ZERO, Duration::ZERO), |acc, r| {
+                r.map(|(t, a, b)| (acc.0 + t, acc.1 + a, acc.2 + b))
+            })
+    })?;
+    let flush_started = Instant::now();
+    rt.block_on(store.flush())
+        .map_err(|e| format!("seed: flush: {e}"))?;
+    drop(store); // joins the flush thread, closes sled
+    let flush = flush_started.elapsed();
+    Ok(Seeded {
+        users: n,
+        turns: n * 6,
+        tokens,
+        elapsed: started.elapsed(),
+        workers,
+        tokenize,
+        store: store_time,
+        flush,
+    })
+}
+
+/// The seeded user a question was asked by, if the question names one (every question
+/// of `--mix unique`, and the later ones of `--mix zipf`).
+fn asker(a: &Args, question: &str) -> Option<usize> {
+    let rest = question.strip_prefix("user ")?;
+    let (u, _) = rest.split_once(" asks question ")?;
+    u.parse::<usize>().ok().filter(|u| *u < a.seed_users)
+}
+
+/// Whether an LLM request from seeded user `u` starts its history with the 6 seeded
+/// turns, in order (the daemon loaded that user's stored conversation).
+fn carries_seeded_history(u: usize, messages: &[(String, String)]) -> bool {
+    let history = messages.iter().filter(|(role, _)| role != "system");
+    let expected = seed_exchanges(u)
+        .into_iter()
+        .flat_map(|(q, r)| [("user", q), ("assistant", r)]);
+    let mut n = 0;
+    for ((role, text), (want_role, want_text)) in history.zip(expected) {
+        if role != want_role || *text != want_text {
+            return false;
+        }
+        n += 1;
+    }
+    n == 6
+}
+
+/// (apparent bytes, allocated bytes) of every file under `dir`.
+fn dir_size(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total.0 += m.len();
+                total.1 += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+fn fmt_size((apparent, allocated): (u64, u64)) -> String {
+    format!(
+        "{:.1} MiB ({:.1} MiB allocated)",
+        mib(apparent),
+        mib(allocated)
+    )
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -246,15 +565,73 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// The daemon's VmRSS over the run.
+struct RssSeries {
+    /// Polling, before the first message.
+    idle: u64,
+    /// (time since the first message was injected, VmRSS), every ~100 ms, settle included.
+    samples: Vec<(Duration, u64)>,
+    at_last_reply: u64,
+    /// [`SETTLE`] after the last reply.
+    settled: u64,
+}
+
+/// How long after the last reply the "settled" RSS is sampled.
+const SETTLE: Duration = Duration::from_secs(2);
+
+impl RssSeries {
+    fn peak(&self) -> u64 {
+        self.samples
+            .iter()
+            .map(|(_, b)| *b)
+            .chain([self.idle, self.at_last_reply, self.settled])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// At most `n` evenly spaced samples (the last one always included), as `t:MiB`.
+    fn summary(&self, n: usize) -> String {
+        let len = self.samples.len();
+        if len == 0 {
+            return String::new();
+        }
+        let step = len.div_ceil(n.max(1)).max(1);
+        let mut picks: Vec<usize> = (0..len).step_by(step).collect();
+        if picks.last() != Some(&(len - 1)) {
+            picks.push(len - 1);
+        }
+        picks
+            .into_iter()
+            .map(|i| {
+                let (t, b) = self.samples[i];
+                format!("{:.1}s:{:.1}", t.as_secs_f64(), mib(b))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 struct Outcome {
     total: usize,
     answered: usize,
     mismatched: usize,
     wall: Duration,
     latencies: Vec<Duration>,
-    peak_rss_sampled: u64,
+    /// Spawn → the adapter's first getUpdates.
+    startup: Duration,
+    /// Time to inject the first wave (every user's first message; all of them with --open).
+    inject: Duration,
+    rss: RssSeries,
     vm_hwm: Option<u64>,
     llm_calls: usize,
+    seeded: Option<Seeded>,
+    disk_before: Option<(u64, u64)>,
+    disk_after: (u64, u64),
+    /// (LLM requests of seeded users that carried their seeded history, such requests
+    /// that could be attributed to a user: see [`asker`]).
+    history_seen: Option<(usize, usize)>,
+    /// The generator's own peak RSS (both fakes live in it).
+    loadgen_hwm: Option<u64>,
 }
 
 async fn run(a: &Args) -> Result<Outcome, String> {
@@ -266,13 +643,44 @@ async fn run(a: &Args) -> Result<Outcome, String> {
             bin.display()
         ));
     }
+    let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let root = tmp.path().to_path_buf();
+
+    // Stored users first, while nothing else runs; the daemon opens the store afterwards.
+    let (seeded, disk_before) = if a.seed_users > 0 {
+        let (dir, n, rt) = (
+            data_dir(&root),
+            a.seed_users,
+            tokio::runtime::Handle::current(),
+        );
+        let seeded = tokio::task::spawn_blocking(move || seed_store(&dir, n, rt))
+            .await
+            .map_err(|e| format!("seed: {e}"))??;
+        let size = dir_size(&data_dir(&root));
+        println!(
+            "seeded {} users ({} turns, {} tokens) in {:.2} s ({} writers; final flush {:.2} s); \
+             data dir on disk: {}",
+            seeded.users,
+            seeded.turns,
+            seeded.tokens,
+            seeded.elapsed.as_secs_f64(),
+            seeded.workers,
+            seeded.flush.as_secs_f64(),
+            fmt_size(size),
+        );
+        (Some(seeded), Some(size))
+    } else {
+        (None, None)
+    };
+
     let llm = FakeOpenAi::start().await;
     llm.set_latency(Duration::from_millis(a.llm_ms));
     let tg = FakeTelegram::start(TG_TOKEN, TG_USERNAME).await;
-    let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
-    let root = tmp.path().to_path_buf();
+    // Per-call request logs would grow with every getUpdates / sendMessage / typing call.
+    tg.set_record_calls(false);
     write_root(&root, &llm.base_url, &tg.api_url, a).map_err(|e| format!("write root: {e}"))?;
     let log = root.join("daemon.log");
+    let spawned = Instant::now();
     let mut child = spawn_daemon(&bin, &root, &log).map_err(|e| format!("spawn: {e}"))?;
     let pid = child.id();
     let log_tail = |log: &Path| {
@@ -281,8 +689,8 @@ async fn run(a: &Args) -> Result<Outcome, String> {
         lines[lines.len().saturating_sub(30)..].join("\n")
     };
 
-    // Ready once the adapter long-polls.
-    let ready_deadline = Instant::now() + Duration::from_secs(30);
+    // Ready once the adapter long-polls (opening a big store takes a while).
+    let ready_limit = Duration::from_secs(30 + (a.seed_users / 2000) as u64);
     while tg.count("getUpdates") == 0 {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(
@@ -290,16 +698,18 @@ async fn run(a: &Args) -> Result<Outcome, String> {
                 log_tail(&log)
             ));
         }
-        if Instant::now() > ready_deadline {
+        if spawned.elapsed() > ready_limit {
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
-                "daemon not polling after 30 s:\n{}",
+                "daemon not polling after {} s:\n{}",
+                ready_limit.as_secs(),
                 log_tail(&log)
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let startup = spawned.elapsed();
     let rss_idle = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
 
     let qs = questions(a);
@@ -308,27 +718,34 @@ async fn run(a: &Args) -> Result<Outcome, String> {
     let mut replies = vec![0usize; a.users];
     let mut latencies = Vec::with_capacity(total);
     let mut mismatched = 0usize;
-    let mut peak_rss = rss_idle;
+    let mut samples = Vec::new();
     let mut last_rss_sample = Instant::now();
 
     let start = Instant::now();
     for u in 0..a.users {
         let upto = if a.open { a.messages } else { 1 };
         for k in 0..upto {
-            tg.send_private(USER_BASE + u as i64, "Load", &qs[u][k]);
+            tg.send_private(USER_BASE + u as i64, FIRST_NAME, &qs[u][k]);
             sent_at[u][k] = Some(Instant::now());
         }
     }
+    let inject = start.elapsed();
     let mut seen = 0usize;
     let mut answered = 0usize;
     let mut last_progress = Instant::now();
     while answered < total {
-        // `sent()` clones the fake's whole log: batch wake-ups (≤ 5 ms added to the
-        // observed latency) so the generator does not steal the daemon's CPU.
+        // Batch wake-ups (≤ 5 ms added to the observed latency) so the generator does not
+        // steal the daemon's CPU; each wake-up copies only the replies it has not seen.
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let sent = tg.wait_for_sent(seen + 1, Duration::from_millis(200)).await;
+        let new = tg
+            .wait_for_sent_since(seen, Duration::from_millis(200))
+            .await;
         let now = Instant::now();
-        for m in &sent[seen.min(sent.len())..] {
+        if !new.is_empty() {
+            seen += new.len();
+            last_progress = now;
+        }
+        for m in &new {
             let u = m.chat_id - USER_BASE;
             if m.method != "sendmessage" || u < 0 || u as usize >= a.users {
                 continue;
@@ -348,17 +765,15 @@ async fn run(a: &Args) -> Result<Outcome, String> {
             replies[u] += 1;
             answered += 1;
             if !a.open && k + 1 < a.messages {
-                tg.send_private(USER_BASE + u as i64, "Load", &qs[u][k + 1]);
+                tg.send_private(USER_BASE + u as i64, FIRST_NAME, &qs[u][k + 1]);
                 sent_at[u][k + 1] = Some(Instant::now());
             }
         }
-        if sent.len() > seen {
-            seen = sent.len();
-            last_progress = now;
-        }
         if now.duration_since(last_rss_sample) >= Duration::from_millis(100) {
             last_rss_sample = now;
-            peak_rss = peak_rss.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
+            if let Some(b) = proc_status_kb(pid, "VmRSS:") {
+                samples.push((now.duration_since(start), b));
+            }
         }
         if now.duration_since(start) > a.timeout
             || now.duration_since(last_progress) > Duration::from_secs(30)
@@ -370,11 +785,35 @@ async fn run(a: &Args) -> Result<Outcome, String> {
         }
     }
     let wall = start.elapsed();
-    peak_rss = peak_rss.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
+    let at_last_reply = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
+    samples.push((wall, at_last_reply));
+    // Steady state: keep sampling until SETTLE after the last reply.
+    let settle_until = Instant::now() + SETTLE;
+    while Instant::now() < settle_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(b) = proc_status_kb(pid, "VmRSS:") {
+            samples.push((start.elapsed(), b));
+        }
+    }
+    let settled = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
     let vm_hwm = proc_status_kb(pid, "VmHWM:");
+    if let Ok(Some(status)) = child.try_wait() {
+        eprintln!("loadgen: the daemon exited while settling ({status})");
+    }
     let llm_calls = llm.request_count();
+    let history_seen = (a.seed_users > 0).then(|| {
+        let (mut ok, mut checked) = (0, 0);
+        for r in llm.requests() {
+            if let Some(u) = r.last_user().and_then(|q| asker(a, q)) {
+                checked += 1;
+                ok += usize::from(carries_seeded_history(u, &r.messages));
+            }
+        }
+        (ok, checked)
+    });
     let _ = child.kill();
     let _ = child.wait();
+    let disk_after = dir_size(&data_dir(&root));
     if answered < total {
         eprintln!("daemon log tail:\n{}", log_tail(&log));
     }
@@ -388,9 +827,21 @@ async fn run(a: &Args) -> Result<Outcome, String> {
         mismatched,
         wall,
         latencies,
-        peak_rss_sampled: peak_rss,
+        startup,
+        inject,
+        rss: RssSeries {
+            idle: rss_idle,
+            samples,
+            at_last_reply,
+            settled,
+        },
         vm_hwm,
         llm_calls,
+        seeded,
+        disk_before,
+        disk_after,
+        history_seen,
+        loadgen_hwm: proc_status_kb(std::process::id(), "VmHWM:"),
     })
 }
 
@@ -409,13 +860,16 @@ fn report(a: &Args, o: &mut Outcome) {
     );
     let max = o.latencies.last().copied().unwrap_or_default();
     let hwm = o.vm_hwm.unwrap_or(0);
+    let peak_sampled = o.rss.peak();
     println!(
-        "loadgen users={} messages={} llm_ms={} mix={:?} cache={} mode={}: \
+        "loadgen users={} messages={} seed_users={} llm_ms={} mix={:?} cache={} mode={}: \
          {}/{} answered in {:.2}s = {:.0} msg/s; latency p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms \
          max {:.1} ms; peak RSS {:.1} MiB (VmHWM), {:.1} MiB (sampled VmRSS); \
+         settled RSS {:.1} MiB ({} s after the last reply); \
          LLM calls {}; cache hit rate {:.1}%; mismatched {}",
         a.users,
         a.messages,
+        a.seed_users,
         a.llm_ms,
         a.mix,
         a.cache,
@@ -429,12 +883,14 @@ fn report(a: &Args, o: &mut Outcome) {
         ms(p99),
         ms(max),
         mib(hwm),
-        mib(o.peak_rss_sampled),
+        mib(peak_sampled),
+        mib(o.rss.settled),
+        SETTLE.as_secs(),
         o.llm_calls,
         hit_rate * 100.0,
         o.mismatched,
     );
-    let rows = [
+    let mut rows = vec![
         ("messages", format!("{} / {}", o.answered, o.total)),
         ("wall time", format!("{:.3} s", o.wall.as_secs_f64())),
         ("throughput", format!("{rate:.0} msg/s")),
@@ -442,19 +898,69 @@ fn report(a: &Args, o: &mut Outcome) {
         ("latency p95", format!("{:.1} ms", ms(p95))),
         ("latency p99", format!("{:.1} ms", ms(p99))),
         ("latency max", format!("{:.1} ms", ms(max))),
+        (
+            "daemon startup (spawn → polling)",
+            format!("{:.2} s", o.startup.as_secs_f64()),
+        ),
+        ("first-wave injection", format!("{:.1} ms", ms(o.inject))),
+        ("RSS idle (VmRSS)", format!("{:.1} MiB", mib(o.rss.idle))),
         ("peak RSS (VmHWM)", format!("{:.1} MiB", mib(hwm))),
         (
             "peak RSS (sampled)",
-            format!("{:.1} MiB", mib(o.peak_rss_sampled)),
+            format!("{:.1} MiB", mib(peak_sampled)),
+        ),
+        (
+            "RSS at last reply",
+            format!("{:.1} MiB", mib(o.rss.at_last_reply)),
+        ),
+        (
+            "RSS settled (+2 s)",
+            format!("{:.1} MiB", mib(o.rss.settled)),
         ),
         ("LLM calls", o.llm_calls.to_string()),
         ("cache hit rate", format!("{:.1} %", hit_rate * 100.0)),
         ("mismatched replies", o.mismatched.to_string()),
     ];
+    if let Some(s) = &o.seeded {
+        rows.push(("seeded users", format!("{} ({} turns)", s.users, s.turns)));
+        rows.push((
+            "seeding time",
+            format!(
+                "{:.2} s ({} writers; thread time: tokens {:.1} s, store {:.1} s; final flush {:.2} s)",
+                s.elapsed.as_secs_f64(),
+                s.workers,
+                s.tokenize.as_secs_f64(),
+                s.store.as_secs_f64(),
+                s.flush.as_secs_f64()
+            ),
+        ));
+    }
+    if let Some(d) = o.disk_before {
+        rows.push(("data dir before run", fmt_size(d)));
+    }
+    rows.push(("data dir after run", fmt_size(o.disk_after)));
+    if let Some((seen, of)) = o.history_seen {
+        rows.push((
+            "seeded history in LLM requests",
+            format!("{seen} of {of} attributable requests of seeded users"),
+        ));
+    }
+    if let Some(b) = o.loadgen_hwm {
+        let label = if o.seeded.is_some() {
+            "generator VmHWM (seeding included)"
+        } else {
+            "generator VmHWM"
+        };
+        rows.push((label, format!("{:.1} MiB", mib(b))));
+    }
     println!("| metric | value |\n|---|---|");
     for (k, v) in rows {
         println!("| {k} | {v} |");
     }
+    println!(
+        "daemon VmRSS series (s since first message: MiB): {}",
+        o.rss.summary(16)
+    );
 }
 
 fn main() -> ExitCode {

@@ -13,6 +13,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -68,6 +69,8 @@ struct Flusher {
 pub struct FlushCounts {
     pub flushes: AtomicU64,
     pub waiters: AtomicU64,
+    /// Group-commit window in microseconds (see [`SledStore::set_group_commit_window`]).
+    window_us: AtomicU64,
 }
 
 impl Flusher {
@@ -78,9 +81,24 @@ impl Flusher {
         let thread = std::thread::Builder::new()
             .name("confab-flush".into())
             .spawn(move || {
+                // Under load (the last flush served several callers), wait up to the
+                // window for more callers before flushing: fewer, fuller flushes. A lone
+                // caller never waits.
+                let mut busy = false;
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
+                    let window = Duration::from_micros(c.window_us.load(Ordering::Relaxed));
+                    if busy && !window.is_zero() {
+                        let deadline = Instant::now() + window;
+                        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                            match rx.recv_timeout(left) {
+                                Ok(w) => batch.push(w),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     batch.extend(rx.try_iter());
+                    busy = batch.len() > 1;
                     let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
                     c.flushes.fetch_add(1, Ordering::Relaxed);
                     c.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -346,6 +364,15 @@ impl SledStore {
     }
 
     /// The underlying database, for backup/restore (sled's export/import).
+    /// Under load, a flush waits up to `window` for more callers to share it (group
+    /// commit). Zero flushes at once. `store.group_commit_us` in the config.
+    pub fn set_group_commit_window(&self, window: Duration) {
+        self.flusher
+            .counts
+            .window_us
+            .store(window.as_micros() as u64, Ordering::Relaxed);
+    }
+
     /// Group-commit counters (flushes and the callers each one served).
     pub fn flush_counts(&self) -> &FlushCounts {
         &self.flusher.counts

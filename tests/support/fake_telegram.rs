@@ -123,6 +123,11 @@ struct TgState {
     bot_messages: HashMap<(i64, i64), BotMsg>,
     sent: Vec<SentMessage>,
     calls: Vec<ApiCall>,
+    /// Whether `calls` and `chat_actions` are recorded (see
+    /// [`FakeTelegram::set_record_calls`]); `call_counts` is kept either way.
+    record_calls: bool,
+    /// Number of calls per lowercased method, wrong-token and failed ones included.
+    call_counts: HashMap<String, usize>,
     commands: Vec<(String, String)>,
     chat_actions: Vec<(i64, String)>,
     faults: HashMap<String, VecDeque<Fault>>,
@@ -190,6 +195,8 @@ impl FakeTelegram {
                 bot_messages: HashMap::new(),
                 sent: Vec::new(),
                 calls: Vec::new(),
+                record_calls: true,
+                call_counts: HashMap::new(),
                 commands: Vec::new(),
                 chat_actions: Vec::new(),
                 faults: HashMap::new(),
@@ -380,7 +387,49 @@ impl FakeTelegram {
     /// Number of calls of `method` (case-insensitive).
     pub fn count(&self, method: &str) -> usize {
         let m = method.to_ascii_lowercase();
-        self.st().calls.iter().filter(|c| c.method == m).count()
+        let st = self.st();
+        if !st.record_calls {
+            return st.call_counts.get(&m).copied().unwrap_or(0);
+        }
+        st.calls.iter().filter(|c| c.method == m).count()
+    }
+
+    /// Whether to keep the per-call logs ([`calls`](Self::calls) and
+    /// [`chat_actions`](Self::chat_actions)); on by default. Load generators turn it
+    /// off (before any traffic) so 100k messages don't pile up request bodies: then
+    /// `calls()` / `chat_actions()` stay empty and [`count`](Self::count) answers from
+    /// per-method counters, which are kept either way.
+    pub fn set_record_calls(&self, on: bool) {
+        self.st().record_calls = on;
+    }
+
+    /// Number of messages in [`sent`](Self::sent), without cloning them.
+    pub fn sent_len(&self) -> usize {
+        self.st().sent.len()
+    }
+
+    /// The entries of [`sent`](Self::sent) from index `from` on (empty if there are
+    /// none yet): lets a caller that polls repeatedly clone only what is new.
+    pub fn sent_since(&self, from: usize) -> Vec<SentMessage> {
+        let st = self.st();
+        st.sent.get(from..).map(<[_]>::to_vec).unwrap_or_default()
+    }
+
+    /// Waits until more than `from` messages were sent (or `timeout`) and returns
+    /// only the new ones, like [`sent_since`](Self::sent_since) (possibly empty).
+    pub async fn wait_for_sent_since(&self, from: usize, timeout: Duration) -> Vec<SentMessage> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.sent_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.st().sent.len() > from {
+                return self.sent_since(from);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.sent_since(from);
+            }
+        }
     }
 
     /// Waits until at least `n` messages were sent (see [`sent`](Self::sent));
@@ -1104,11 +1153,14 @@ async fn handle(
     // Record the call, pick a fault.
     let (idx, fault, authorized, down) = {
         let mut st = lock(&inner);
-        let idx = st.calls.len();
-        st.calls.push(ApiCall {
-            method: method.clone(),
-            body: json_body.clone(),
-            status: 0,
+        *st.call_counts.entry(method.clone()).or_default() += 1;
+        let idx = st.record_calls.then(|| {
+            st.calls.push(ApiCall {
+                method: method.clone(),
+                body: json_body.clone(),
+                status: 0,
+            });
+            st.calls.len() - 1
         });
         let authorized = token == st.token;
         let fault = if authorized && !st.down {
@@ -1136,7 +1188,9 @@ async fn handle(
         (c, b, false)
     };
 
-    lock(&inner).calls[idx].status = code;
+    if let Some(idx) = idx {
+        lock(&inner).calls[idx].status = code;
+    }
     into_response((code, resp_body), close)
 }
 
@@ -1163,7 +1217,10 @@ async fn dispatch(
                 return err(400, "Bad Request: chat_id is empty");
             };
             let action = str_field(body, "action").unwrap_or_default();
-            lock(inner).chat_actions.push((chat_id, action));
+            let mut st = lock(inner);
+            if st.record_calls {
+                st.chat_actions.push((chat_id, action));
+            }
             ok(json!(true))
         }
         "setmycommands" => {
