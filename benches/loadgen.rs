@@ -14,7 +14,8 @@
 //! (unique), `--no-cache`, `--open` (inject every message at once instead of each user
 //! sending the next one after the previous reply), `--llm-concurrency N` (llm.max_concurrent,
 //! 2048), `--seed S` (42), `--timeout-secs S` (120), `--keep` (keep the temp root and print it),
-//! `--seed-users N` (0; `--smoke` seeds 100 unless given).
+//! `--seed-users N` (0; `--smoke` seeds 100 unless given), `--in-flight K` (closed loop: only
+//! K users active at a time, the next user starts when one has all its replies; 0 = all).
 //! The daemon is `target/release/confab` (override with `CONFAB_BIN`); build it first.
 //!
 //! `--seed-users N` pre-populates the daemon's data dir (`<root>/data`, the `data_dir` that
@@ -95,6 +96,8 @@ struct Args {
     mix: Mix,
     cache: bool,
     open: bool,
+    /// Closed loop only: at most this many users with a message in flight (0 = all).
+    in_flight: usize,
     llm_concurrency: usize,
     seed: u64,
     timeout: Duration,
@@ -111,6 +114,7 @@ fn parse_args() -> Result<Args, String> {
         mix: Mix::Unique,
         cache: true,
         open: false,
+        in_flight: 0,
         llm_concurrency: 2048,
         seed: 42,
         timeout: Duration::from_secs(120),
@@ -150,6 +154,12 @@ fn parse_args() -> Result<Args, String> {
             }
             "--no-cache" => a.cache = false,
             "--open" => a.open = true,
+            "--in-flight" => {
+                a.in_flight = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--in-flight needs a number")?
+            }
             "--keep" => a.keep = true,
             "--smoke" => a.smoke = true,
             // `cargo bench` passes `--bench`; ignore it and any libtest-style flag.
@@ -722,7 +732,15 @@ async fn run(a: &Args) -> Result<Outcome, String> {
     let mut last_rss_sample = Instant::now();
 
     let start = Instant::now();
-    for u in 0..a.users {
+    // With --in-flight K (closed loop), only K users start; each one that has had all its
+    // replies hands over to the next user, so K conversations are active at any moment.
+    let first_wave = if a.in_flight > 0 && !a.open {
+        a.in_flight.min(a.users)
+    } else {
+        a.users
+    };
+    let mut next_user = first_wave;
+    for u in 0..first_wave {
         let upto = if a.open { a.messages } else { 1 };
         for k in 0..upto {
             tg.send_private(USER_BASE + u as i64, FIRST_NAME, &qs[u][k]);
@@ -767,6 +785,11 @@ async fn run(a: &Args) -> Result<Outcome, String> {
             if !a.open && k + 1 < a.messages {
                 tg.send_private(USER_BASE + u as i64, FIRST_NAME, &qs[u][k + 1]);
                 sent_at[u][k + 1] = Some(Instant::now());
+            } else if !a.open && next_user < a.users {
+                let n = next_user;
+                next_user += 1;
+                tg.send_private(USER_BASE + n as i64, FIRST_NAME, &qs[n][0]);
+                sent_at[n][0] = Some(Instant::now());
             }
         }
         if now.duration_since(last_rss_sample) >= Duration::from_millis(100) {
@@ -873,7 +896,13 @@ fn report(a: &Args, o: &mut Outcome) {
         a.llm_ms,
         a.mix,
         a.cache,
-        if a.open { "open" } else { "closed" },
+        if a.open {
+            "open".to_string()
+        } else if a.in_flight > 0 {
+            format!("closed, {} in flight", a.in_flight)
+        } else {
+            "closed".to_string()
+        },
         o.answered,
         o.total,
         o.wall.as_secs_f64(),

@@ -88,6 +88,9 @@ pub fn build(config: Config) -> anyhow::Result<App> {
         )
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
+    store.set_group_commit_window(std::time::Duration::from_micros(
+        config.store.group_commit_us,
+    ));
     let api_key = config
         .llm
         .api_key
@@ -120,7 +123,12 @@ fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {
                 _ = tick.tick() => {}
             }
             let engine = engine.clone();
-            match tokio::task::spawn_blocking(move || engine.sweep()).await {
+            let sweep = move || {
+                let report = engine.sweep();
+                crate::memory::release_free_heap();
+                report
+            };
+            match tokio::task::spawn_blocking(sweep).await {
                 Ok(Ok(report)) => tracing::info!(?report, "sweep done"),
                 Ok(Err(e)) => tracing::error!(error = %e, "sweep failed"),
                 Err(e) => tracing::error!(error = %e, "sweep task panicked"),

@@ -21,6 +21,7 @@ pub mod domain;
 pub mod engine;
 pub mod llm;
 pub mod logging;
+pub mod memory;
 pub mod ops;
 pub mod shutdown;
 pub mod store;

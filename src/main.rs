@@ -117,6 +117,7 @@ fn load_or_report(opts: &LoadOptions) -> Result<config::Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    confab::memory::limit_arenas(2);
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

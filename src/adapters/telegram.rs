@@ -59,8 +59,20 @@ pub struct IdentityError {
 
 fn tg_bot(cfg: &Config, token: &Secret) -> Result<Bot, String> {
     let url = reqwest_url(&cfg.telegram.api_url)?;
-    Ok(Bot::new(token.expose()).set_api_url(url))
+    // teloxide's settings (timeouts, nodelay), plus a bound on idle keep-alive
+    // connections: a burst of replies must not leave hundreds of sockets and their
+    // buffers behind (SPEC §13 memory).
+    let client = teloxide::net::default_reqwest_settings()
+        .pool_max_idle_per_host(IDLE_CONNECTIONS)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        // reqwest's error text names no URL or token here (nothing was requested yet)
+        .map_err(|e| format!("building the Telegram HTTP client: {e}"))?;
+    Ok(Bot::with_client(token.expose(), client).set_api_url(url))
 }
+
+/// Idle keep-alive connections kept to the Bot API.
+const IDLE_CONNECTIONS: usize = 16;
 
 fn reqwest_url(s: &str) -> Result<url::Url, String> {
     url::Url::parse(s).map_err(|e| format!("telegram.api_url {s:?}: {e}"))

@@ -305,6 +305,8 @@ pub struct StoreConfig {
     pub cache_capacity_mb: u64,
     /// How often sled flushes to disk (bounds what a power loss can take).
     pub flush_every_ms: u64,
+    /// Under load, a durability flush waits up to this long for more replies to share it.
+    pub group_commit_us: u64,
 }
 
 #[derive(Debug, Clone, Default)]

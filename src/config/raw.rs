@@ -165,13 +165,15 @@ impl Default for RawCache {
 pub(crate) struct RawStore {
     pub cache_capacity_mb: u64,
     pub flush_every_ms: u64,
+    pub group_commit_us: u64,
 }
 
 impl Default for RawStore {
     fn default() -> Self {
         Self {
-            cache_capacity_mb: 64,
+            cache_capacity_mb: 16,
             flush_every_ms: 500,
+            group_commit_us: 500,
         }
     }
 }

@@ -184,6 +184,15 @@ pub(crate) fn settings(
 
     c.at_least_one("store.cache_capacity_mb", store.cache_capacity_mb);
     c.at_least_one("store.flush_every_ms", store.flush_every_ms);
+    if store.group_commit_us > 100_000 {
+        c.push(
+            "store.group_commit_us",
+            format!(
+                "{} is too long a wait before each flush; use at most 100000 (100 ms), 0 to flush at once",
+                store.group_commit_us
+            ),
+        );
+    }
 
     if admins.telegram.iter().any(|id| *id <= 0) {
         c.push(
@@ -264,6 +273,7 @@ pub(crate) fn settings(
         store: StoreConfig {
             cache_capacity_mb: store.cache_capacity_mb,
             flush_every_ms: store.flush_every_ms,
+            group_commit_us: store.group_commit_us,
         },
         admins: AdminsConfig {
             telegram: admins.telegram,

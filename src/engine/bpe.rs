@@ -141,7 +141,7 @@ impl Cl100k {
             (bytes.into_boxed_slice(), offsets.into_boxed_slice())
             // `core` (≈24 MB) is dropped here.
         };
-        release_free_heap();
+        crate::memory::release_free_heap();
         Self::from_parts(bytes, offsets, regex)
     }
 
@@ -383,23 +383,6 @@ struct Scratch {
     prev: Vec<u32>,
     heap: BinaryHeap<Reverse<(u32, u32, u32)>>,
 }
-
-/// After a large free, glibc keeps the pages in its heap; ask it to give them back.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_heap() {
-    extern "C" {
-        fn malloc_trim(pad: usize) -> std::os::raw::c_int;
-    }
-    // SAFETY: `malloc_trim(size_t)` is a glibc function with this exact signature (this
-    // block only builds for linux-gnu). It takes no pointers, is thread-safe (it locks each
-    // arena), and only returns free memory to the OS; live allocations are untouched.
-    unsafe {
-        malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_heap() {}
 
 #[cfg(test)]
 mod tests {

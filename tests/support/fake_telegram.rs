@@ -351,12 +351,16 @@ impl FakeTelegram {
                 id
             }
         };
-        // Keep the queue sorted by id (explicit ids may arrive out of order).
-        let pos = st
-            .updates
-            .iter()
-            .position(|u| update_id(u) > id)
-            .unwrap_or(st.updates.len());
+        // Keep the queue sorted by id (explicit ids may arrive out of order); the usual
+        // case, a new highest id, is an append without a scan.
+        let pos = match st.updates.back() {
+            Some(last) if update_id(last) > id => st
+                .updates
+                .iter()
+                .position(|u| update_id(u) > id)
+                .unwrap_or(st.updates.len()),
+            _ => st.updates.len(),
+        };
         st.updates.insert(pos, update);
         drop(st);
         self.inner.updates_changed.notify_waiters();
