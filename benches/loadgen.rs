@@ -247,6 +247,16 @@ fn spawn_daemon(bin: &Path, root: &Path, log: &Path) -> std::io::Result<Child> {
 }
 
 /// A `kB` field of /proc/<pid>/status, in bytes.
+/// User + system CPU seconds a process has used (from /proc/<pid>/stat; CLK_TCK = 100).
+fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -633,6 +643,8 @@ struct Outcome {
     inject: Duration,
     rss: RssSeries,
     vm_hwm: Option<u64>,
+    /// CPU seconds the daemon used between the first message and the last reply.
+    daemon_cpu: Option<f64>,
     llm_calls: usize,
     seeded: Option<Seeded>,
     disk_before: Option<(u64, u64)>,
@@ -731,6 +743,7 @@ async fn run(a: &Args) -> Result<Outcome, String> {
     let mut samples = Vec::new();
     let mut last_rss_sample = Instant::now();
 
+    let cpu_before = proc_cpu_secs(pid);
     let start = Instant::now();
     // With --in-flight K (closed loop), only K users start; each one that has had all its
     // replies hands over to the next user, so K conversations are active at any moment.
@@ -808,6 +821,10 @@ async fn run(a: &Args) -> Result<Outcome, String> {
         }
     }
     let wall = start.elapsed();
+    let daemon_cpu = match (cpu_before, proc_cpu_secs(pid)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     let at_last_reply = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
     samples.push((wall, at_last_reply));
     // Steady state: keep sampling until SETTLE after the last reply.
@@ -859,6 +876,7 @@ async fn run(a: &Args) -> Result<Outcome, String> {
             settled,
         },
         vm_hwm,
+        daemon_cpu,
         llm_calls,
         seeded,
         disk_before,
@@ -923,6 +941,18 @@ fn report(a: &Args, o: &mut Outcome) {
         ("messages", format!("{} / {}", o.answered, o.total)),
         ("wall time", format!("{:.3} s", o.wall.as_secs_f64())),
         ("throughput", format!("{rate:.0} msg/s")),
+        (
+            "daemon CPU per message",
+            match o.daemon_cpu {
+                Some(c) if o.answered > 0 => format!(
+                    "{:.0} µs ({:.0} msg/s per fully used core; {:.2} cores used)",
+                    c * 1e6 / o.answered as f64,
+                    o.answered as f64 / c.max(1e-9),
+                    c / o.wall.as_secs_f64().max(1e-9)
+                ),
+                _ => "n/a".to_string(),
+            },
+        ),
         ("latency p50", format!("{:.1} ms", ms(p50))),
         ("latency p95", format!("{:.1} ms", ms(p95))),
         ("latency p99", format!("{:.1} ms", ms(p99))),

@@ -568,6 +568,7 @@ impl DiscordAdapter {
     fn spawn_typing(&self, channel: ChannelId) -> tokio::task::JoinHandle<()> {
         let http = self.http.clone();
         tokio::spawn(async move {
+            tokio::time::sleep(super::TYPING_AFTER).await;
             loop {
                 let _ = http.broadcast_typing(channel).await;
                 tokio::time::sleep(TYPING_EVERY).await;

@@ -14,6 +14,10 @@ use std::sync::{Arc, Mutex};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio_util::task::TaskTracker;
 
+/// The typing indicator is shown only once an answer takes longer than this: quick
+/// answers (cache hits, notices) need none, and each indicator is a platform API call.
+pub const TYPING_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Runs jobs of one key (a conversation) strictly in order, different keys concurrently.
 /// A key's worker exists only while it has queued jobs.
 pub struct SerialQueue<T> {

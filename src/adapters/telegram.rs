@@ -72,7 +72,7 @@ fn tg_bot(cfg: &Config, token: &Secret) -> Result<Bot, String> {
 }
 
 /// Idle keep-alive connections kept to the Bot API.
-const IDLE_CONNECTIONS: usize = 16;
+const IDLE_CONNECTIONS: usize = 256;
 
 fn reqwest_url(s: &str) -> Result<url::Url, String> {
     url::Url::parse(s).map_err(|e| format!("telegram.api_url {s:?}: {e}"))
@@ -484,6 +484,7 @@ impl TelegramAdapter {
     fn spawn_typing(self: &Arc<Self>, chat: ChatId) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
+            tokio::time::sleep(super::TYPING_AFTER).await;
             loop {
                 // Telegram shows "typing…" for 5 s per action.
                 let _ = this.bot.send_chat_action(chat, ChatAction::Typing).await;

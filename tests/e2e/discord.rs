@@ -53,13 +53,15 @@ fn contents(msgs: &[SentMessage]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_conversation_with_memory_in_order() {
     let (llm, dc, root) = setup(NO_LIMITS, DC_BOT_TOML).await;
-    llm.set_latency(Duration::from_millis(200));
+    // Slow enough for the typing indicator (shown once an answer takes > TYPING_AFTER).
+    llm.set_latency(Duration::from_millis(1000));
     let daemon = start(&root, &dc).await;
     dc.send_dm(500, 42, "ann", "my name is Ann");
     let sent = dc.wait_for_messages(1, WAIT).await;
     assert_eq!(sent[0].content, "echo: my name is Ann");
     assert_eq!(sent[0].kind, "create");
     assert_eq!(sent[0].reply_to, None, "no quoting in a DM");
+    llm.set_latency(Duration::from_millis(200));
     dc.send_dm(500, 42, "ann", "what is my name?");
     let sent = dc.wait_for_messages(2, WAIT).await;
     assert_eq!(sent[1].content, "echo: what is my name?");

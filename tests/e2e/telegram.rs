@@ -85,7 +85,8 @@ async fn group_rules_mention_reply_and_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_registered_start_answered_typing_shown() {
     let (llm, tg, root) = setup("", TG_BOT_TOML).await;
-    llm.set_latency(Duration::from_millis(300));
+    // Slow enough for the typing indicator (shown once an answer takes > TYPING_AFTER).
+    llm.set_latency(Duration::from_millis(1000));
     let daemon = Daemon::start(&root);
     tg.send_private(9, "Nina", "/start");
     tg.send_private(9, "Nina", "hello");
