@@ -738,8 +738,12 @@ mod tests {
         assert_eq!((c.cache.ttl_secs, c.cache.max_entries), (86_400, 100_000));
         assert_eq!(c.cache.scope, CacheScope::Global);
         assert_eq!(
-            (c.store.cache_capacity_mb, c.store.flush_every_ms),
-            (64, 500)
+            (
+                c.store.cache_capacity_mb,
+                c.store.flush_every_ms,
+                c.store.group_commit_us
+            ),
+            (16, 500, 500)
         );
         assert!(c.admins.telegram.is_empty() && c.admins.discord.is_empty());
         assert_eq!(c.telegram.api_url, "https://api.telegram.org");
@@ -770,6 +774,16 @@ mod tests {
                 "config/staging.toml: cache.ttl: unknown key",
                 "bots/b.toml: telegram.username.stagin: unknown key (did you mean `staging`?)",
             ],
+        );
+    }
+
+    #[test]
+    fn group_commit_window_is_bounded() {
+        let t = Tree::new();
+        t.write("config/staging.toml", "[store]\ngroup_commit_us = 500000\n");
+        check(
+            t.load(Env::Staging, &[]),
+            &["config/staging.toml: store.group_commit_us: 500000 is too long a wait before each flush; use at most 100000 (100 ms), 0 to flush at once"],
         );
     }
 
