@@ -5,7 +5,10 @@
 //! ```text
 //! cargo bench --bench enginecpu                         # defaults below
 //! cargo bench --bench enginecpu -- --messages 40000 --threads 1 --concurrency 1,64,512
+//! cargo bench --bench enginecpu -- --concurrency 64 --window-us 0
 //! ```
+//! Defaults: `--messages 20000 --threads 2 --concurrency 1,64,512 --users 10000
+//! --window-us 500` (the group-commit window, as `store.group_commit_us`).
 //! `--threads T` sets tokio's worker threads (1 = the "per core" figure: sled's own I/O
 //! threads and our flush thread still run beside it and are counted in CPU time).
 //! CPU time is the whole process's user+system time from /proc/self/stat, so
@@ -36,7 +39,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         concurrency: vec![1, 64, 512],
         users: 10_000,
-        window_us: 1000,
+        window_us: 500,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
