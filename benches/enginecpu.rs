@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{engine_and_store, message};
+use common::{engine_and_store, message, proc_cpu_secs};
 use confab::engine::Engine;
 
 struct Args {
@@ -65,17 +65,6 @@ fn parse_args() -> Result<Args, String> {
 
 fn num(s: &str) -> Result<u64, String> {
     s.parse().map_err(|_| format!("not a number: {s}"))
-}
-
-/// User + system CPU seconds of this process so far.
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the ")" that closes the command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // fields[0] is field 3 (state): utime = field 14 → index 11, stime → 12. CLK_TCK = 100.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Bytes this process has written (to the page cache / disk) so far.
@@ -196,12 +185,12 @@ fn main() -> ExitCode {
                 store.flush_counts().flushes.load(Ordering::Relaxed),
                 store.flush_counts().waiters.load(Ordering::Relaxed),
             );
-            let cpu0 = cpu_secs();
+            let cpu0 = proc_cpu_secs(std::process::id()).unwrap_or(0.0);
             let wr0 = written_bytes();
             let t0 = Instant::now();
             let lat = rt.block_on(drive(&engine, a.messages, conc, users, text));
             let wall = t0.elapsed().as_secs_f64();
-            let cpu = cpu_secs() - cpu0;
+            let cpu = proc_cpu_secs(std::process::id()).unwrap_or(0.0) - cpu0;
             let written = written_bytes() - wr0;
             let flushes = store.flush_counts().flushes.load(Ordering::Relaxed) - f0;
             let waiters = store.flush_counts().waiters.load(Ordering::Relaxed) - w0;

@@ -46,6 +46,7 @@
 //! of the samples. The generator's own VmHWM is printed too (it shares the machine; with
 //! `--seed-users` it includes the seeding's sled cache and tokenizer).
 
+mod common;
 #[path = "../tests/support/fake_openai.rs"]
 mod fake_openai;
 #[path = "../tests/support/fake_telegram.rs"]
@@ -63,6 +64,7 @@ use confab::domain::{ConversationKey, Platform};
 use confab::engine::prompt::Tokenizer;
 use confab::store::{Role, SledStore, Store, Turn, Usage, UserRecord};
 
+use common::proc_cpu_secs;
 use fake_openai::FakeOpenAi;
 use fake_telegram::FakeTelegram;
 
@@ -247,16 +249,6 @@ fn spawn_daemon(bin: &Path, root: &Path, log: &Path) -> std::io::Result<Child> {
 }
 
 /// A `kB` field of /proc/<pid>/status, in bytes.
-/// User + system CPU seconds a process has used (from /proc/<pid>/stat; CLK_TCK = 100).
-fn proc_cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
-}
-
 fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()

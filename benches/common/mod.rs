@@ -1,6 +1,9 @@
 //! Shared by the engine benches: an engine on real sled in a temp dir, answering through an
 //! in-process 0 ms LLM (it lives here, never in the product).
 
+// Each bench binary uses its own part of this module.
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,7 +38,6 @@ impl LlmProvider for InstantLlm {
     }
 }
 
-#[allow(dead_code)] // each bench binary uses its own part of this module
 pub fn engine(dir: &std::path::Path, cache: bool) -> Arc<Engine> {
     engine_and_store(dir, cache).0
 }
@@ -98,4 +100,15 @@ pub fn message(user: u64, text: &str) -> Inbound {
         is_private: true,
         content: Content::Text(text.into()),
     }
+}
+
+/// User + system CPU seconds a process has used so far (from /proc/<pid>/stat; CLK_TCK = 100).
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that closes the command name: utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }

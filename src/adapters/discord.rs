@@ -37,7 +37,7 @@ use tracing::Instrument;
 
 use super::text::{char_len, split_message};
 use super::{redact, stream_draft, DraftPut, SerialQueue, Throttle};
-use crate::config::{BotConfig, Config, Env, Secret};
+use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
 use crate::engine::commands::USER_COMMANDS;
 use crate::engine::Engine;
@@ -114,18 +114,14 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
     let Some(dc) = &bot_cfg.discord else {
         return Err(err("no [discord] table".into()));
     };
-    let Some(token) = dc.token.clone() else {
-        return Err(err(format!(
-            "environment variable {} is not set",
-            dc.token_env
-        )));
-    };
-    let Some(expected) = dc.application_id.as_deref() else {
-        return Err(err(format!(
-            "no {} identity configured (application_id)",
-            cfg.env
-        )));
-    };
+    let (token, expected) = super::identity_inputs(
+        cfg.env,
+        dc.token.as_ref(),
+        &dc.token_env,
+        dc.application_id.as_deref(),
+        "application_id",
+    )
+    .map_err(err)?;
     let http = build_http(cfg, &token);
     let failed = |e: serenity::Error| {
         if status_of(&e) == Some(401) {
@@ -145,15 +141,8 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
     let app = http.get_current_application_info().await.map_err(failed)?;
     let found = app.id.get().to_string();
     if found != expected {
-        let whose = match dc.other_application_id.as_deref() {
-            Some(other) if other == found => format!(" — that is the {} bot", cfg.env.other()),
-            _ => String::new(),
-        };
-        let hint = if cfg.env == Env::Staging && !whose.is_empty() {
-            "; never use production tokens in staging"
-        } else {
-            ""
-        };
+        let is_other = dc.other_application_id.as_deref() == Some(found.as_str());
+        let (whose, hint) = super::other_identity_note(cfg.env, is_other);
         return Err(err(format!(
             "the token in {} belongs to application {found} (bot {}){whose}, but {} expects application {expected}{hint}",
             dc.token_env, user.name, cfg.env

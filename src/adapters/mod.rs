@@ -177,6 +177,39 @@ where
 
 /// Replaces every occurrence of a secret in a string (error texts can carry URLs, and
 /// Telegram URLs carry the token).
+/// The token and the expected identity a platform's start-up identity check needs, or
+/// the refusal text naming what is missing. `what` names the identity key (`username`).
+pub(crate) fn identity_inputs<'a>(
+    env: crate::config::Env,
+    token: Option<&crate::config::Secret>,
+    token_env: &str,
+    expected: Option<&'a str>,
+    what: &str,
+) -> Result<(crate::config::Secret, &'a str), String> {
+    let token = token.ok_or_else(|| format!("environment variable {token_env} is not set"))?;
+    let expected = expected.ok_or_else(|| format!("no {env} identity configured ({what})"))?;
+    Ok((token.clone(), expected))
+}
+
+/// The two ends of a wrong-identity refusal: who the token belongs to when it is the
+/// other environment's bot (`is_other`), and the warning against production tokens in
+/// staging that goes last.
+pub(crate) fn other_identity_note(
+    env: crate::config::Env,
+    is_other: bool,
+) -> (String, &'static str) {
+    if !is_other {
+        return (String::new(), "");
+    }
+    let whose = format!(" — that is the {} bot", env.other());
+    let hint = if env == crate::config::Env::Staging {
+        "; never use production tokens in staging"
+    } else {
+        ""
+    };
+    (whose, hint)
+}
+
 pub fn redact(text: &str, secret: &str) -> String {
     if secret.len() < 4 {
         return text.to_string();

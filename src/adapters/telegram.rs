@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use super::text::{markdown_to_telegram_html, split_message, utf16_len};
 use super::{redact, stream_draft, DraftPut, SerialQueue, Throttle};
-use crate::config::{BotConfig, Config, Env, Secret};
+use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
 use crate::engine::commands::USER_COMMANDS;
 use crate::engine::Engine;
@@ -88,18 +88,14 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
     let Some(tg) = &bot_cfg.telegram else {
         return Err(err("no [telegram] table".into()));
     };
-    let Some(token) = tg.token.clone() else {
-        return Err(err(format!(
-            "environment variable {} is not set",
-            tg.token_env
-        )));
-    };
-    let Some(expected) = tg.username.as_deref() else {
-        return Err(err(format!(
-            "no {} identity configured (username)",
-            cfg.env
-        )));
-    };
+    let (token, expected) = super::identity_inputs(
+        cfg.env,
+        tg.token.as_ref(),
+        &tg.token_env,
+        tg.username.as_deref(),
+        "username",
+    )
+    .map_err(err)?;
     let bot = tg_bot(cfg, &token).map_err(err)?;
     let me = match bot.get_me().await {
         Ok(me) => me,
@@ -119,17 +115,11 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
     };
     let found = me.user.username.clone().unwrap_or_default();
     if !found.eq_ignore_ascii_case(expected) {
-        let whose = match tg.other_username.as_deref() {
-            Some(other) if other.eq_ignore_ascii_case(&found) => {
-                format!(" — that is the {} bot", cfg.env.other())
-            }
-            _ => String::new(),
-        };
-        let hint = if cfg.env == Env::Staging && !whose.is_empty() {
-            "; never use production tokens in staging"
-        } else {
-            ""
-        };
+        let is_other = tg
+            .other_username
+            .as_deref()
+            .is_some_and(|other| other.eq_ignore_ascii_case(&found));
+        let (whose, hint) = super::other_identity_note(cfg.env, is_other);
         return Err(err(format!(
             "the token in {} belongs to @{found}{whose}, but {} expects @{expected}{hint}",
             tg.token_env, cfg.env
