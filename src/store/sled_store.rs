@@ -285,14 +285,15 @@ impl SledStore {
             .path(dir)
             .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
             .flush_every_ms(Some(flush_every_ms.max(1)));
-        // sled releases its file lock from a background thread shortly after the previous
-        // holder closed (a restart, a reopen): wait a little before calling it taken.
+        // sled releases its file lock from a background thread after the previous holder
+        // closed (a restart, a reopen) — on a busy disk that took over 2 s in CI: wait up
+        // to 10 s before calling it taken.
         let mut attempts = 0;
         let db = loop {
             match config.open() {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 40 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 200 =>
                 {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
