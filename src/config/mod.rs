@@ -206,6 +206,8 @@ pub struct Config {
     pub admins: AdminsConfig,
     pub telegram: PlatformConfig,
     pub discord: PlatformConfig,
+    pub delivery: DeliveryConfig,
+    pub audit: AuditConfig,
     /// Every `bots/*.toml`, sorted by name.
     pub bots: Vec<BotConfig>,
     /// Every `prompts/*.md`: file stem -> template source (compiles with minijinja).
@@ -233,6 +235,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// An `EnvFilter` directive such as `info` or `info,confab=debug`.
     pub level: String,
+    /// Lets serenity/tungstenite/reqwest log below info (they print routes, interaction
+    /// tokens and the gateway IDENTIFY frame there). Off: those targets are capped at info.
+    pub unsafe_debug: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -260,6 +265,8 @@ pub struct LlmConfig {
     pub breaker_failures: u32,
     /// How long the circuit stays open before a half-open probe.
     pub breaker_cooldown_secs: u64,
+    /// Longest wait for a free slot under `max_concurrent` before the busy apology.
+    pub queue_timeout_secs: u64,
     /// `None`: the server's default.
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
@@ -273,6 +280,9 @@ pub struct LimitsConfig {
     /// Per user per UTC day.
     pub daily_tokens: u64,
     pub max_input_chars: usize,
+    /// Commands (`/help`, `/export`, `/admin` …) have their own, more generous quota.
+    pub commands_per_minute: u32,
+    pub commands_burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -307,6 +317,23 @@ pub struct StoreConfig {
     pub flush_every_ms: u64,
     /// Under load, a durability flush waits up to this long for more replies to share it.
     pub group_commit_us: u64,
+}
+
+/// Outbound delivery: retries while a platform is down, and queue bounds.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// A reply that cannot be sent is retried (backoff with jitter) for this long.
+    pub max_retry_secs: u64,
+    /// Updates waiting per conversation; beyond it the user gets a busy notice.
+    pub max_queue_per_chat: usize,
+    /// Updates waiting across all conversations of one adapter.
+    pub max_pending: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Audit entries older than this are purged by the sweeper.
+    pub retention_days: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -724,7 +751,22 @@ mod tests {
             (c.llm.breaker_failures, c.llm.breaker_cooldown_secs),
             (5, 30)
         );
-        assert_eq!((c.llm.temperature, c.llm.max_tokens), (None, None));
+        assert_eq!((c.llm.temperature, c.llm.max_tokens), (None, Some(1024)));
+        assert_eq!(c.llm.queue_timeout_secs, 30);
+        assert_eq!(
+            (c.limits.commands_per_minute, c.limits.commands_burst),
+            (20, 10)
+        );
+        assert_eq!(
+            (
+                c.delivery.max_retry_secs,
+                c.delivery.max_queue_per_chat,
+                c.delivery.max_pending
+            ),
+            (600, 32, 10_000)
+        );
+        assert_eq!(c.audit.retention_days, 365);
+        assert!(!c.log.unsafe_debug);
         assert_eq!((c.limits.messages_per_minute, c.limits.burst), (6, 3));
         assert_eq!(
             (c.limits.daily_tokens, c.limits.max_input_chars),
@@ -757,6 +799,22 @@ mod tests {
         let d = Config::with_defaults(Env::Production, "/srv");
         assert_eq!(d.data_dir, PathBuf::from("data/production"));
         assert_eq!(d.limits.burst, 3);
+    }
+
+    #[test]
+    fn durations_are_bounded_so_no_instant_arithmetic_overflows() {
+        let t = Tree::new();
+        t.write(
+            "config/staging.toml",
+            "[llm]\nbreaker_cooldown_secs = 9223372036854775807\ntimeout_secs = 99999999\n",
+        );
+        check(
+            t.load(Env::Staging, &[]),
+            &[
+                "config/staging.toml: llm.timeout_secs: 99999999 is too large (at most 3600)",
+                "config/staging.toml: llm.breaker_cooldown_secs: 9223372036854775807 is too large (at most 86400)",
+            ],
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub(crate) struct RawTop {
     pub admins: Table,
     pub telegram: Table,
     pub discord: Table,
+    pub delivery: Table,
+    pub audit: Table,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +55,7 @@ impl Default for RawHttp {
 pub(crate) struct RawLog {
     pub format: String,
     pub level: String,
+    pub unsafe_debug: bool,
 }
 
 impl Default for RawLog {
@@ -60,6 +63,7 @@ impl Default for RawLog {
         Self {
             format: "pretty".into(),
             level: "info".into(),
+            unsafe_debug: false,
         }
     }
 }
@@ -79,6 +83,7 @@ pub(crate) struct RawLlm {
     pub backoff_base_ms: u64,
     pub breaker_failures: u32,
     pub breaker_cooldown_secs: u64,
+    pub queue_timeout_secs: u64,
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
 }
@@ -98,8 +103,9 @@ impl Default for RawLlm {
             backoff_base_ms: 250,
             breaker_failures: 5,
             breaker_cooldown_secs: 30,
+            queue_timeout_secs: 30,
             temperature: None,
-            max_tokens: None,
+            max_tokens: Some(1024),
         }
     }
 }
@@ -111,6 +117,8 @@ pub(crate) struct RawLimits {
     pub burst: u32,
     pub daily_tokens: u64,
     pub max_input_chars: usize,
+    pub commands_per_minute: u32,
+    pub commands_burst: u32,
 }
 
 impl Default for RawLimits {
@@ -120,6 +128,8 @@ impl Default for RawLimits {
             burst: 3,
             daily_tokens: 50_000,
             max_input_chars: 4000,
+            commands_per_minute: 20,
+            commands_burst: 10,
         }
     }
 }
@@ -174,6 +184,38 @@ impl Default for RawStore {
             cache_capacity_mb: 16,
             flush_every_ms: 500,
             group_commit_us: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawDelivery {
+    pub max_retry_secs: u64,
+    pub max_queue_per_chat: usize,
+    pub max_pending: usize,
+}
+
+impl Default for RawDelivery {
+    fn default() -> Self {
+        Self {
+            max_retry_secs: 600,
+            max_queue_per_chat: 32,
+            max_pending: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawAudit {
+    pub retention_days: u32,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            retention_days: 365,
         }
     }
 }

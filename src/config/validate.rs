@@ -9,9 +9,9 @@ use toml::{Table, Value};
 use super::raw::{self, Doc, RawBot, RawPerEnv};
 use super::secrets::{self, Vars};
 use super::{
-    AdminsConfig, BotConfig, BotLimits, CacheConfig, CacheScope, Config, DiscordBot, Env,
-    HttpConfig, LimitsConfig, LlmConfig, LogConfig, LogFormat, MemoryConfig, PlatformConfig,
-    Problem, Secret, StoreConfig, TelegramBot, DATA_KEY_ENV,
+    AdminsConfig, AuditConfig, BotConfig, BotLimits, CacheConfig, CacheScope, Config,
+    DeliveryConfig, DiscordBot, Env, HttpConfig, LimitsConfig, LlmConfig, LogConfig, LogFormat,
+    MemoryConfig, PlatformConfig, Problem, Secret, StoreConfig, TelegramBot, DATA_KEY_ENV,
 };
 
 /// Collects problems for one file.
@@ -98,6 +98,8 @@ pub(crate) fn settings(
     let admins: raw::RawAdmins = raw::section(doc, "admins", top.admins, problems);
     let telegram: raw::RawPlatform = raw::section(doc, "telegram", top.telegram, problems);
     let discord: raw::RawPlatform = raw::section(doc, "discord", top.discord, problems);
+    let delivery: raw::RawDelivery = raw::section(doc, "delivery", top.delivery, problems);
+    let audit: raw::RawAudit = raw::section(doc, "audit", top.audit, problems);
 
     let mut c = Check {
         file: doc.file,
@@ -153,6 +155,36 @@ pub(crate) fn settings(
     c.at_least_one("llm.max_concurrent", llm.max_concurrent);
     c.at_least_one("llm.breaker_failures", llm.breaker_failures);
     c.at_least_one("llm.breaker_cooldown_secs", llm.breaker_cooldown_secs);
+    c.at_least_one("llm.queue_timeout_secs", llm.queue_timeout_secs);
+    // Durations become `Instant` arithmetic: bound them so no value can overflow it.
+    for (key, value, max) in [
+        ("llm.timeout_secs", llm.timeout_secs, 3_600),
+        ("llm.connect_timeout_secs", llm.connect_timeout_secs, 3_600),
+        (
+            "llm.breaker_cooldown_secs",
+            llm.breaker_cooldown_secs,
+            86_400,
+        ),
+        ("llm.retry_after_cap_secs", llm.retry_after_cap_secs, 3_600),
+        ("llm.backoff_base_ms", llm.backoff_base_ms, 600_000),
+        ("llm.queue_timeout_secs", llm.queue_timeout_secs, 3_600),
+        (
+            "delivery.max_retry_secs",
+            delivery.max_retry_secs,
+            7 * 86_400,
+        ),
+        ("shutdown_timeout_secs", shutdown_timeout_secs, 3_600),
+    ] {
+        if value > max {
+            c.push(key, format!("{value} is too large (at most {max})"));
+        }
+    }
+    if llm.max_retries > 20 {
+        c.push(
+            "llm.max_retries",
+            format!("{} is too many (at most 20)", llm.max_retries),
+        );
+    }
     c.temperature("llm.temperature", llm.temperature);
     if let Some(n) = llm.max_tokens {
         c.at_least_one("llm.max_tokens", n);
@@ -162,6 +194,12 @@ pub(crate) fn settings(
     c.at_least_one("limits.burst", limits.burst);
     c.at_least_one("limits.daily_tokens", limits.daily_tokens);
     c.at_least_one("limits.max_input_chars", limits.max_input_chars);
+    c.at_least_one("limits.commands_per_minute", limits.commands_per_minute);
+    c.at_least_one("limits.commands_burst", limits.commands_burst);
+    c.at_least_one("delivery.max_queue_per_chat", delivery.max_queue_per_chat);
+    c.at_least_one("delivery.max_pending", delivery.max_pending);
+    c.at_least_one("delivery.max_retry_secs", delivery.max_retry_secs);
+    c.at_least_one("audit.retention_days", audit.retention_days);
 
     c.at_least_one("memory.max_context_tokens", memory.max_context_tokens);
     c.at_least_one("memory.retention_days", memory.retention_days);
@@ -236,6 +274,7 @@ pub(crate) fn settings(
         log: LogConfig {
             format,
             level: log.level,
+            unsafe_debug: log.unsafe_debug,
         },
         llm: LlmConfig {
             base_url,
@@ -251,6 +290,7 @@ pub(crate) fn settings(
             backoff_base_ms: llm.backoff_base_ms,
             breaker_failures: llm.breaker_failures,
             breaker_cooldown_secs: llm.breaker_cooldown_secs,
+            queue_timeout_secs: llm.queue_timeout_secs,
             temperature: llm.temperature,
             max_tokens: llm.max_tokens,
         },
@@ -259,6 +299,8 @@ pub(crate) fn settings(
             burst: limits.burst,
             daily_tokens: limits.daily_tokens,
             max_input_chars: limits.max_input_chars,
+            commands_per_minute: limits.commands_per_minute,
+            commands_burst: limits.commands_burst,
         },
         memory: MemoryConfig {
             max_context_tokens: memory.max_context_tokens,
@@ -292,6 +334,14 @@ pub(crate) fn settings(
             per_chat_per_minute: discord.per_chat_per_minute.unwrap_or(60),
             group_per_minute: discord.group_per_minute.unwrap_or(60),
             global_per_second: discord.global_per_second.unwrap_or(50),
+        },
+        delivery: DeliveryConfig {
+            max_retry_secs: delivery.max_retry_secs,
+            max_queue_per_chat: delivery.max_queue_per_chat,
+            max_pending: delivery.max_pending,
+        },
+        audit: AuditConfig {
+            retention_days: audit.retention_days,
         },
         bots: Vec::new(),
         prompts: BTreeMap::new(),
