@@ -73,6 +73,7 @@ pub fn retry_policy(cfg: &Config) -> RetryPolicy {
         breaker_cooldown: Duration::from_secs(l.breaker_cooldown_secs),
         max_concurrent: l.max_concurrent,
         requests_per_minute: l.requests_per_minute,
+        queue_timeout: Duration::from_secs(l.queue_timeout_secs),
     }
 }
 

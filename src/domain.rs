@@ -178,6 +178,10 @@ pub enum Rejection {
     LlmFailed,
     NotAdmin,
     BadCommand,
+    /// Every LLM slot stayed taken (or this user already has a call in flight) too long.
+    Busy,
+    /// Our own failure (store, prompt rendering), not the LLM's.
+    Internal,
 }
 
 impl Rejection {
@@ -193,6 +197,8 @@ impl Rejection {
             Rejection::LlmFailed => "llm_failed",
             Rejection::NotAdmin => "not_admin",
             Rejection::BadCommand => "bad_command",
+            Rejection::Busy => "busy",
+            Rejection::Internal => "internal",
         }
     }
 }

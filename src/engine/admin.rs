@@ -50,9 +50,36 @@ pub fn forget_user(engine: &Engine, user: &UserRef) -> StoreResult<ForgetReport>
         engine
             .limits()
             .reset(limit_key(&bot.name, &user.to_string()));
+        engine
+            .limits()
+            .reset(limit_key(&bot.name, &super::commands_limit_user(user)));
     }
     engine.forget_requests_remove(user);
     Ok(report)
+}
+
+/// Runs store work that scans whole trees (forget, stats) without stalling the other
+/// tasks of a runtime worker: on the multi-threaded runtime the worker hands its tasks
+/// to others first (`block_in_place`). On a current-thread runtime it just runs.
+pub(crate) fn offload<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// `/admin ban` → "/admin ban": the command and its subcommand word, if it is one.
+fn refused_command_name(text: &str) -> String {
+    let mut words = text.split_whitespace();
+    let first: String = words.next().unwrap_or("").chars().take(40).collect();
+    let sub = words
+        .next()
+        .filter(|w| w.len() <= 16 && w.chars().all(|c| c.is_ascii_lowercase()));
+    match sub {
+        Some(sub) => format!("{first} {sub}"),
+        None => first,
+    }
 }
 
 pub fn describe_forget(r: &ForgetReport) -> String {
@@ -120,7 +147,7 @@ impl Engine {
                 "Cancelled: nothing was deleted.".to_string()
             }
             Some(true) if self.forget_requests_take(&user) => {
-                let report = forget_user(self, &user)?;
+                let report = offload(|| forget_user(self, &user))?;
                 tracing::info!(target: "audit", "a user deleted their data");
                 describe_forget(&report)
             }
@@ -159,7 +186,13 @@ impl Engine {
         let command_text: String = text.chars().take(200).collect();
         if !self.is_admin(&actor) {
             tracing::warn!(target: "security", actor = %actor, "admin command refused for a non-admin");
-            self.audit(&actor, &command_text, None, "refused: not an admin");
+            // Only the command's name: a stranger's text is not ours to keep.
+            self.audit(
+                &actor,
+                &refused_command_name(text),
+                None,
+                "refused: not an admin",
+            );
             return Ok(Reply::notice(
                 Rejection::NotAdmin,
                 "Sorry, admin commands are for operators only.",
@@ -206,7 +239,7 @@ impl Engine {
         let err = |e: StoreError| e.to_string();
         let target = || target.ok_or_else(|| "no user given".to_string());
         Ok(match cmd {
-            AdminCommand::Stats => self.stats_text().map_err(err)?,
+            AdminCommand::Stats => offload(|| self.stats_text()).map_err(err)?,
             AdminCommand::Ban { reason, .. } => {
                 let user = target()?;
                 let reason = if reason.is_empty() {

@@ -40,6 +40,8 @@ pub const MSG_LLM_FAILED: &str =
     "Sorry, I couldn't get an answer right now. Please try again in a moment.";
 pub const MSG_BANNED: &str = "You have been blocked from using this bot.";
 pub const MSG_INTERNAL: &str = "Sorry, something went wrong on my side. Please try again.";
+pub const MSG_BUSY: &str =
+    "I'm busy with many conversations right now. Please send that again in a minute.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -65,6 +67,8 @@ pub struct Engine {
     tokenizer: Tokenizer,
     limits: Limits,
     locks: ConversationLocks,
+    /// One LLM call in flight per user, across all their conversations and bots.
+    user_calls: ConversationLocks,
     maintenance: RwLock<Option<String>>,
     started: Instant,
     reloader: RwLock<Option<Reloader>>,
@@ -111,6 +115,7 @@ impl Engine {
             tokenizer,
             limits: Limits::new(),
             locks: ConversationLocks::default(),
+            user_calls: ConversationLocks::default(),
             maintenance: RwLock::new(None),
             started: Instant::now(),
             reloader: RwLock::new(None),
@@ -276,7 +281,7 @@ impl Engine {
             Ok(d) => d.reply,
             Err(e) => {
                 tracing::error!(error = %e, "store failure while handling a message");
-                Reply::notice(Rejection::LlmFailed, MSG_INTERNAL)
+                Reply::notice(Rejection::Internal, MSG_INTERNAL)
             }
         };
         self.stats.outcome(reply.outcome());
@@ -286,6 +291,27 @@ impl Engine {
             }
         }
         reply
+    }
+
+    /// `None` when the key is within its quota; else the one notice per window, then silence.
+    fn rate_gate(&self, key: u64, per_minute: u32, burst: u32) -> Option<Reply> {
+        match self.limits.check(key, per_minute, burst) {
+            RateDecision::Allowed => None,
+            RateDecision::Notify { retry_in } => {
+                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Some(Reply::notice(
+                    Rejection::RateLimited,
+                    format!(
+                        "You're sending messages too fast. Try again in {}.",
+                        human_duration(retry_in.as_secs_f64().ceil() as u64)
+                    ),
+                ))
+            }
+            RateDecision::Silent => {
+                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Some(Reply::Silent)
+            }
+        }
     }
 
     /// Tokens of a rendered system prompt, counted once per distinct text (bounded memo).
@@ -386,6 +412,15 @@ impl Engine {
         };
 
         if let Some(cmd) = commands::parse(text) {
+            // Commands have their own, more generous quota: cheap, but not free.
+            if !admin {
+                let key = limit_key(&inbound.bot, &commands_limit_user(&user));
+                let (per_minute, burst) =
+                    (cfg.limits.commands_per_minute, cfg.limits.commands_burst);
+                if let Some(reply) = self.rate_gate(key, per_minute, burst) {
+                    return done(reply);
+                }
+            }
             return self
                 .command(cmd, inbound, text, cfg, bot, record.as_ref())
                 .map(|reply| Decided { reply });
@@ -405,22 +440,8 @@ impl Engine {
         let limits = self.effective_limits(cfg, bot, record.as_ref());
         if !admin {
             let key = limit_key(&inbound.bot, &user.to_string());
-            match self.limits.check(key, limits.per_minute, limits.burst) {
-                RateDecision::Allowed => {}
-                RateDecision::Notify { retry_in } => {
-                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    return done(Reply::notice(
-                        Rejection::RateLimited,
-                        format!(
-                            "You're sending messages too fast. Try again in {}.",
-                            human_duration(retry_in.as_secs_f64().ceil() as u64)
-                        ),
-                    ));
-                }
-                RateDecision::Silent => {
-                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    return done(Reply::Silent);
-                }
+            if let Some(reply) = self.rate_gate(key, limits.per_minute, limits.burst) {
+                return done(reply);
             }
 
             let now = now_unix();
@@ -486,7 +507,7 @@ impl Engine {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "prompt rendering failed");
-                return Ok(Reply::notice(Rejection::LlmFailed, MSG_INTERNAL));
+                return Ok(Reply::notice(Rejection::Internal, MSG_INTERNAL));
             }
         };
         let system_tokens = self.system_tokens(&system);
@@ -571,11 +592,14 @@ impl Engine {
                 temperature,
                 max_tokens,
             };
-            let result = if stream {
-                self.stream_call(request, partial).await
-            } else {
-                self.llm.complete(request).await
-            };
+            let prompt_estimate = (system_tokens + user_tokens) as u64 + history_tokens;
+            let (result, wasted) = self
+                .call_llm(&user, request, partial.filter(|_| stream), prompt_estimate)
+                .await;
+            if result.is_err() && wasted > 0 {
+                // Failed attempts may have been paid for: they count against the budget.
+                self.charge(&user, wasted)?;
+            }
             match result {
                 Ok(resp) => {
                     let prompt_tokens = if resp.prompt_tokens > 0 {
@@ -588,7 +612,7 @@ impl Engine {
                     } else {
                         self.tokenizer.count(&resp.text) as u64
                     };
-                    let cost = prompt_tokens + completion_tokens;
+                    let cost = prompt_tokens + completion_tokens + wasted;
                     if let Some(key) = &cache_key {
                         let entry = CacheEntry {
                             reply: resp.text.clone(),
@@ -628,6 +652,9 @@ impl Engine {
                         MSG_LLM_UNAVAILABLE,
                     ));
                 }
+                Err(LlmError::Busy) => {
+                    return Ok(Reply::notice(Rejection::Busy, MSG_BUSY));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, kind = e.kind(), "LLM call failed; apologising");
                     return Ok(Reply::notice(Rejection::LlmFailed, MSG_LLM_FAILED));
@@ -636,27 +663,82 @@ impl Engine {
         }
     }
 
+    /// One LLM call for `user` (at most one in flight per user; waiting for it is bounded
+    /// like waiting for an LLM slot). Returns the result and the tokens spent on attempts
+    /// that failed — the prompt of each failed attempt, plus whatever a broken stream
+    /// had already produced — which the caller charges to the user.
+    async fn call_llm(
+        &self,
+        user: &UserRef,
+        request: ChatRequest,
+        partial: Option<&watch::Sender<String>>,
+        prompt_estimate: u64,
+    ) -> (Result<ChatResponse, LlmError>, u64) {
+        let wait = Duration::from_secs(self.config().llm.queue_timeout_secs);
+        let Ok(_mine) = tokio::time::timeout(wait, self.user_calls.acquire(user.to_string())).await
+        else {
+            return (Err(LlmError::Busy), 0);
+        };
+        match partial {
+            None => {
+                let billed = self.llm.complete_billed(request).await;
+                let wasted = billed.billable_failures as u64 * prompt_estimate;
+                (billed.result, wasted)
+            }
+            Some(p) => self.stream_call(request, p, prompt_estimate).await,
+        }
+    }
+
     async fn stream_call(
         &self,
         request: ChatRequest,
-        partial: Option<&watch::Sender<String>>,
-    ) -> Result<ChatResponse, LlmError> {
-        let mut deltas = self.llm.stream(request).await?;
+        partial: &watch::Sender<String>,
+        prompt_estimate: u64,
+    ) -> (Result<ChatResponse, LlmError>, u64) {
+        let billed = self.llm.stream(request).await;
+        let mut wasted = billed.billable_failures as u64 * prompt_estimate;
+        let mut deltas = match billed.result {
+            Ok(d) => d,
+            Err(e) => return (Err(e), wasted),
+        };
         let mut text = String::new();
         while let Some(item) = deltas.next().await {
-            text.push_str(&item?);
-            if let Some(p) = partial {
-                p.send_replace(text.clone());
+            match item {
+                Ok(delta) => {
+                    text.push_str(&delta);
+                    partial.send_replace(text.clone());
+                }
+                Err(e) => {
+                    // The endpoint generated (and bills) what it streamed before failing.
+                    wasted += prompt_estimate + self.tokenizer.count(&text) as u64;
+                    return (Err(e), wasted);
+                }
             }
         }
         if text.trim().is_empty() {
-            return Err(LlmError::BadResponse("empty streamed answer".into()));
+            wasted += prompt_estimate;
+            return (
+                Err(LlmError::BadResponse("empty streamed answer".into())),
+                wasted,
+            );
         }
-        Ok(ChatResponse {
+        let response = ChatResponse {
             text,
             prompt_tokens: 0,
             completion_tokens: 0,
-        })
+        };
+        (Ok(response), wasted)
+    }
+
+    /// Adds tokens to the user's usage today without storing any turn.
+    fn charge(&self, user: &UserRef, tokens: u64) -> Result<(), StoreError> {
+        let today = utc_day(now_unix());
+        self.store.update_user(user, &mut |r| {
+            roll_day(r, today);
+            r.usage.tokens += tokens;
+            r.usage.total_tokens += tokens;
+        })?;
+        Ok(())
     }
 
     /// Appends both turns, the pending reply and the user's usage in one atomic batch and
@@ -787,6 +869,9 @@ impl Engine {
             cache_expired: self.store.cache_expire(now - cfg.cache.ttl_secs as i64)?,
             // A redelivered update older than a week is not a redelivery worth catching.
             handled_purged: self.store.purge_handled_before(now - 7 * 86_400)?,
+            audit_purged: self
+                .store
+                .audit_purge_before(now - cfg.audit.retention_days as i64 * 86_400)?,
             limiter_keys: self.limits.prune(),
         })
     }
@@ -797,7 +882,13 @@ pub struct SweepReport {
     pub turns_purged: usize,
     pub cache_expired: usize,
     pub handled_purged: usize,
+    pub audit_purged: usize,
     pub limiter_keys: usize,
+}
+
+/// The limiter identity of a user's commands (a quota apart from their messages).
+pub(crate) fn commands_limit_user(user: &UserRef) -> String {
+    format!("cmd:{user}")
 }
 
 /// Starts a new usage day when the UTC date changed.

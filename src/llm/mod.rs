@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::Stream;
 
 pub use openai::OpenAiProvider;
-pub use resilient::{BreakerState, ResilientLlm, RetryPolicy};
+pub use resilient::{Billed, BreakerState, ResilientLlm, RetryPolicy};
 
 use crate::store::BoxFuture;
 
@@ -76,6 +76,8 @@ pub enum LlmError {
     BadResponse(String),
     #[error("LLM temporarily unavailable (circuit open)")]
     CircuitOpen,
+    #[error("every LLM slot stayed busy for the queue timeout")]
+    Busy,
 }
 
 impl LlmError {
@@ -115,6 +117,7 @@ impl LlmError {
             LlmError::Rejected { .. } => "rejected",
             LlmError::BadResponse(_) => "bad_response",
             LlmError::CircuitOpen => "circuit_open",
+            LlmError::Busy => "busy",
         }
     }
 }

@@ -1,14 +1,14 @@
 //! Retry, timeout, circuit breaker and concurrency cap around any [`LlmProvider`].
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider};
@@ -32,6 +32,8 @@ pub struct RetryPolicy {
     pub max_concurrent: usize,
     /// Global requests per minute (0 = no cap).
     pub requests_per_minute: u32,
+    /// Longest wait for a free slot under `max_concurrent`; then [`LlmError::Busy`].
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,8 @@ pub struct LlmStats {
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub circuit_rejections: AtomicU64,
+    /// Calls that found every `max_concurrent` slot taken for `queue_timeout`.
+    pub busy_rejections: AtomicU64,
     /// Sum of successful call latencies in microseconds (with `requests` gives the mean).
     pub latency_micros: AtomicU64,
 }
@@ -82,6 +86,8 @@ pub struct ResilientLlm {
     policy: RetryPolicy,
     breaker: Mutex<Breaker>,
     permits: Arc<Semaphore>,
+    /// Calls waiting for a slot; bounded so a flood cannot queue without limit.
+    waiting: AtomicUsize,
     rpm: Option<DefaultDirectRateLimiter>,
     pub stats: LlmStats,
 }
@@ -91,6 +97,23 @@ enum Admission {
     Probe,
 }
 
+/// The result of one call (all its attempts), with what the failed attempts may have
+/// cost: attempts that reached the endpoint and failed after it could have generated
+/// (timeouts, 5xx, malformed answers) are billed by the engine against the user's budget.
+#[derive(Debug)]
+pub struct Billed<T> {
+    pub result: Result<T, LlmError>,
+    pub billable_failures: u32,
+}
+
+/// Failures after which the endpoint may have spent tokens on the prompt.
+fn may_have_cost(e: &LlmError) -> bool {
+    matches!(
+        e,
+        LlmError::Timeout | LlmError::Server { .. } | LlmError::BadResponse(_)
+    )
+}
+
 impl ResilientLlm {
     pub fn new(inner: Arc<dyn LlmProvider>, policy: RetryPolicy) -> Self {
         let rpm = NonZeroU32::new(policy.requests_per_minute)
@@ -98,6 +121,7 @@ impl ResilientLlm {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(policy.max_concurrent.max(1))),
+            waiting: AtomicUsize::new(0),
             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
             rpm,
             policy,
@@ -149,8 +173,12 @@ impl ResilientLlm {
                             "LLM circuit opened"
                         );
                     }
+                    let now = Instant::now();
                     *b = Breaker::Open {
-                        until: Instant::now() + self.policy.breaker_cooldown,
+                        // Config bounds the cooldown; never panic on the arithmetic anyway.
+                        until: now
+                            .checked_add(self.policy.breaker_cooldown)
+                            .unwrap_or(now + Duration::from_secs(86_400)),
                     };
                 } else {
                     *b = Breaker::Closed { failures };
@@ -178,18 +206,53 @@ impl ResilientLlm {
         }
     }
 
-    async fn run<T, F>(&self, mut attempt_fn: F) -> Result<T, LlmError>
+    /// A slot under `max_concurrent`, waited for at most `queue_timeout`. One per call:
+    /// a stream keeps its slot until the stream ends.
+    /// At most `4 × max_concurrent` (at least 64) calls wait; more are told busy at once.
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, LlmError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let cap = self.policy.max_concurrent.saturating_mul(4).max(64);
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= cap {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+            return Err(LlmError::Busy);
+        }
+        let got = tokio::time::timeout(
+            self.policy.queue_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match got {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) | Err(_) => {
+                self.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+                Err(LlmError::Busy)
+            }
+        }
+    }
+
+    /// Attempts with retries. The caller holds the call's slot. The breaker hears about
+    /// the call once, at its end: one user's request counts once, however many
+    /// attempts it took. A half-open probe is a single attempt.
+    async fn run<T, F>(&self, mut attempt_fn: F) -> Billed<T>
     where
         F: FnMut() -> crate::store::BoxFuture<'static, Result<T, LlmError>>,
     {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| LlmError::CircuitOpen)?;
+        let mut billable_failures = 0u32;
         let mut attempt = 0u32;
+        let admission = match self.admit() {
+            Ok(a) => a,
+            Err(e) => {
+                return Billed {
+                    result: Err(e),
+                    billable_failures,
+                }
+            }
+        };
         loop {
-            let admission = self.admit()?;
             if let Some(rpm) = &self.rpm {
                 rpm.until_ready().await;
             }
@@ -199,76 +262,127 @@ impl ResilientLlm {
                 Ok(r) => r,
                 Err(_) => Err(LlmError::Timeout),
             };
-            match result {
+            let e = match result {
                 Ok(v) => {
                     self.record(&admission, Ok(()));
                     self.stats
                         .latency_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    return Ok(v);
+                    return Billed {
+                        result: Ok(v),
+                        billable_failures,
+                    };
                 }
-                Err(e) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    self.record(&admission, Err(&e));
-                    tracing::warn!(error = %e, attempt, "LLM attempt failed");
-                    if !e.is_retryable() || attempt >= self.policy.max_retries {
-                        return Err(e);
-                    }
-                    let wait = self.backoff(attempt, &e);
-                    attempt += 1;
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(wait).await;
-                }
+                Err(e) => e,
+            };
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if may_have_cost(&e) {
+                billable_failures += 1;
+            }
+            tracing::warn!(error = %e, attempt, "LLM attempt failed");
+            let probe = matches!(admission, Admission::Probe);
+            if probe || !e.is_retryable() || attempt >= self.policy.max_retries {
+                self.record(&admission, Err(&e));
+                return Billed {
+                    result: Err(e),
+                    billable_failures,
+                };
+            }
+            let wait = self.backoff(attempt, &e);
+            attempt += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+            // Others' failures may have opened the circuit meanwhile: stop retrying.
+            if self.breaker_state() == BreakerState::Open {
+                self.stats
+                    .circuit_rejections
+                    .fetch_add(1, Ordering::Relaxed);
+                return Billed {
+                    result: Err(LlmError::CircuitOpen),
+                    billable_failures,
+                };
             }
         }
     }
 
     pub async fn complete(&self, req: ChatRequest) -> Result<ChatResponse, LlmError> {
+        self.complete_billed(req).await.result
+    }
+
+    /// A completion, with the failed attempts that may have cost tokens.
+    pub async fn complete_billed(&self, req: ChatRequest) -> Billed<ChatResponse> {
+        let _slot = match self.slot().await {
+            Ok(s) => s,
+            Err(e) => {
+                return Billed {
+                    result: Err(e),
+                    billable_failures: 0,
+                }
+            }
+        };
         let inner = self.inner.clone();
-        let resp = self
+        let billed = self
             .run(move || {
                 let inner = inner.clone();
                 let req = req.clone();
                 Box::pin(async move { inner.complete(req).await })
             })
-            .await?;
-        self.stats
-            .prompt_tokens
-            .fetch_add(resp.prompt_tokens, Ordering::Relaxed);
-        self.stats
-            .completion_tokens
-            .fetch_add(resp.completion_tokens, Ordering::Relaxed);
-        Ok(resp)
+            .await;
+        if let Ok(resp) = &billed.result {
+            self.stats
+                .prompt_tokens
+                .fetch_add(resp.prompt_tokens, Ordering::Relaxed);
+            self.stats
+                .completion_tokens
+                .fetch_add(resp.completion_tokens, Ordering::Relaxed);
+        }
+        billed
     }
 
     /// A streamed completion. Retries cover starting the stream; once text flows, a
-    /// stalled chunk (longer than the timeout) or an error ends the stream.
-    pub async fn stream(&self, req: ChatRequest) -> Result<DeltaStream, LlmError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| LlmError::CircuitOpen)?;
+    /// stalled chunk (longer than the timeout) or an error ends the stream. The call's
+    /// one slot is held until the stream ends or is dropped.
+    pub async fn stream(&self, req: ChatRequest) -> Billed<DeltaStream> {
+        let slot = match self.slot().await {
+            Ok(s) => s,
+            Err(e) => {
+                return Billed {
+                    result: Err(e),
+                    billable_failures: 0,
+                }
+            }
+        };
         let inner = self.inner.clone();
-        let stream = self
+        let billed = self
             .run(move || {
                 let inner = inner.clone();
                 let req = req.clone();
                 Box::pin(async move { inner.stream(req).await })
             })
-            .await?;
+            .await;
+        let stream = match billed.result {
+            Ok(s) => s,
+            Err(e) => {
+                return Billed {
+                    result: Err(e),
+                    billable_failures: billed.billable_failures,
+                }
+            }
+        };
         let timeout = self.policy.timeout;
         let guarded =
-            futures::stream::unfold((stream, Some(permit)), move |(mut s, permit)| async move {
-                permit.as_ref()?;
+            futures::stream::unfold((stream, Some(slot)), move |(mut s, slot)| async move {
+                slot.as_ref()?;
                 match tokio::time::timeout(timeout, s.next()).await {
-                    Ok(Some(item)) => Some((item, (s, permit))),
+                    Ok(Some(item)) => Some((item, (s, slot))),
                     Ok(None) => None,
                     Err(_) => Some((Err(LlmError::Timeout), (s, None))),
                 }
             });
-        Ok(Box::pin(guarded))
+        Billed {
+            result: Ok(Box::pin(guarded)),
+            billable_failures: billed.billable_failures,
+        }
     }
 }
 
@@ -323,6 +437,7 @@ mod tests {
             breaker_cooldown: Duration::from_secs(30),
             max_concurrent: 4,
             requests_per_minute: 0,
+            queue_timeout: Duration::from_secs(30),
         }
     }
 

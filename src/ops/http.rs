@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -95,16 +97,63 @@ pub async fn start(
         readiness,
         registry,
     });
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "ops HTTP endpoint failed");
-        }
-    });
+    let task = tokio::spawn(serve(listener, app, stop));
     tracing::info!(%addr, "ops HTTP endpoint listening");
     Ok(Server { addr, task })
+}
+
+/// Connections served at once; more are closed at once (scrapers and probes need few).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client that has not sent its request headers by then is disconnected (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts connections until `stop`, each served by hyper with a header-read timeout;
+/// at most [`MAX_CONNECTIONS`] at once.
+async fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "ops HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("ops HTTP connection refused: too many open");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "ops HTTP connection ended with an error");
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
 }
 
 fn router(state: AppState) -> Router {
@@ -231,6 +280,12 @@ const SERIES: &[(&str, &str, Kind, &[&str])] = &[
     (
         "llm_circuit_rejections_total",
         "LLM calls refused by the open circuit.",
+        Kind::Counter,
+        &[],
+    ),
+    (
+        "llm_busy_total",
+        "LLM calls refused because every slot stayed taken for llm.queue_timeout_secs.",
         Kind::Counter,
         &[],
     ),
@@ -392,6 +447,7 @@ impl Collector for EngineCollector {
                 "llm_circuit_rejections_total" => {
                     vec![counter(get(&l.circuit_rejections), vec![])]
                 }
+                "llm_busy_total" => vec![counter(get(&l.busy_rejections), vec![])],
                 "llm_tokens_total" => vec![
                     counter(get(&l.prompt_tokens), vec![label("kind", "prompt")]),
                     counter(get(&l.completion_tokens), vec![label("kind", "completion")]),

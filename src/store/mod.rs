@@ -217,6 +217,8 @@ pub trait Store: Send + Sync + 'static {
     fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()>;
     /// The newest `n` entries, newest first.
     fn audit_recent(&self, n: usize) -> StoreResult<Vec<AuditEntry>>;
+    /// Deletes entries written before `before` (unix seconds); returns how many.
+    fn audit_purge_before(&self, before: i64) -> StoreResult<usize>;
 
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>>;
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()>;

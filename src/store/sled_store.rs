@@ -851,6 +851,36 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn audit_purge_before(&self, before: i64) -> StoreResult<usize> {
+        let mut n = 0;
+        // Keys are a growing sequence, so entries are in write order: stop at the first
+        // one young enough to keep. Small batches keep the writer gate short.
+        loop {
+            let _gate = self.write_gate();
+            let mut batch = 0;
+            let mut done = true;
+            for item in self.audit.iter() {
+                let (k, v) = item.map_err(io)?;
+                let old = self
+                    .decode::<AuditEntry>("audit", &k, &v)
+                    .is_none_or(|e| e.at < before);
+                if !old {
+                    break;
+                }
+                self.audit.remove(k).map_err(io)?;
+                n += 1;
+                batch += 1;
+                if batch == 1000 {
+                    done = false;
+                    break;
+                }
+            }
+            if done {
+                return Ok(n);
+            }
+        }
+    }
+
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>> {
         Ok(self
             .handled
