@@ -309,40 +309,18 @@ impl ResilientLlm {
         self.complete_billed(req).await.result
     }
 
-    /// A completion, with the failed attempts that may have cost tokens.
-    pub async fn complete_billed(&self, req: ChatRequest) -> Billed<ChatResponse> {
-        let _slot = match self.slot().await {
-            Ok(s) => s,
-            Err(e) => {
-                return Billed {
-                    result: Err(e),
-                    billable_failures: 0,
-                }
-            }
-        };
-        let inner = self.inner.clone();
-        let billed = self
-            .run(move || {
-                let inner = inner.clone();
-                let req = req.clone();
-                Box::pin(async move { inner.complete(req).await })
-            })
-            .await;
-        if let Ok(resp) = &billed.result {
-            self.stats
-                .prompt_tokens
-                .fetch_add(resp.prompt_tokens, Ordering::Relaxed);
-            self.stats
-                .completion_tokens
-                .fetch_add(resp.completion_tokens, Ordering::Relaxed);
-        }
-        billed
-    }
-
-    /// A streamed completion. Retries cover starting the stream; once text flows, a
-    /// stalled chunk (longer than the timeout) or an error ends the stream. The call's
-    /// one slot is held until the stream ends or is dropped.
-    pub async fn stream(&self, req: ChatRequest) -> Billed<DeltaStream> {
+    /// Takes the call's one slot, then runs the attempts of `call` on the provider.
+    /// A success comes with the slot, so a stream can keep it until it ends.
+    async fn with_slot<T, C>(&self, req: ChatRequest, call: C) -> Billed<(T, OwnedSemaphorePermit)>
+    where
+        T: 'static,
+        C: Fn(
+                Arc<dyn LlmProvider>,
+                ChatRequest,
+            ) -> crate::store::BoxFuture<'static, Result<T, LlmError>>
+            + Send
+            + 'static,
+    {
         let slot = match self.slot().await {
             Ok(s) => s,
             Err(e) => {
@@ -353,19 +331,50 @@ impl ResilientLlm {
             }
         };
         let inner = self.inner.clone();
+        let billed = self.run(move || call(inner.clone(), req.clone())).await;
+        Billed {
+            result: billed.result.map(|v| (v, slot)),
+            billable_failures: billed.billable_failures,
+        }
+    }
+
+    /// A completion, with the failed attempts that may have cost tokens.
+    pub async fn complete_billed(&self, req: ChatRequest) -> Billed<ChatResponse> {
         let billed = self
-            .run(move || {
-                let inner = inner.clone();
-                let req = req.clone();
+            .with_slot(req, |inner, req| {
+                Box::pin(async move { inner.complete(req).await })
+            })
+            .await;
+        if let Ok((resp, _)) = &billed.result {
+            self.stats
+                .prompt_tokens
+                .fetch_add(resp.prompt_tokens, Ordering::Relaxed);
+            self.stats
+                .completion_tokens
+                .fetch_add(resp.completion_tokens, Ordering::Relaxed);
+        }
+        Billed {
+            result: billed.result.map(|(resp, _slot)| resp),
+            billable_failures: billed.billable_failures,
+        }
+    }
+
+    /// A streamed completion. Retries cover starting the stream; once text flows, a
+    /// stalled chunk (longer than the timeout) or an error ends the stream. The call's
+    /// one slot is held until the stream ends or is dropped.
+    pub async fn stream(&self, req: ChatRequest) -> Billed<DeltaStream> {
+        let billed = self
+            .with_slot(req, |inner, req| {
                 Box::pin(async move { inner.stream(req).await })
             })
             .await;
-        let stream = match billed.result {
-            Ok(s) => s,
+        let billable_failures = billed.billable_failures;
+        let (stream, slot) = match billed.result {
+            Ok(started) => started,
             Err(e) => {
                 return Billed {
                     result: Err(e),
-                    billable_failures: billed.billable_failures,
+                    billable_failures,
                 }
             }
         };
@@ -381,7 +390,7 @@ impl ResilientLlm {
             });
         Billed {
             result: Ok(Box::pin(guarded)),
-            billable_failures: billed.billable_failures,
+            billable_failures,
         }
     }
 }
