@@ -52,8 +52,8 @@ fn blocks(text: &str) -> Vec<Block> {
                     out.push(Block::Code { fence, lines });
                 }
                 // Text after a closing fence ("``` and then …") is kept as a paragraph line.
-                let tail = line.trim_start().trim_start_matches('`');
-                if !tail.trim().is_empty() {
+                let tail = line.trim_start().trim_start_matches('`').trim_start();
+                if !tail.is_empty() {
                     para.push(tail);
                 }
             }
@@ -421,6 +421,17 @@ mod tests {
             assert!(char_len(p) <= 2000);
             assert!(p.starts_with("```rust\n") && p.ends_with("\n```"), "{p}");
         }
+    }
+
+    #[test]
+    fn nothing_is_lost_around_fences() {
+        // A fence line longer than half a message used to make the reply vanish.
+        let fence = format!("``` {}", "word ".repeat(40));
+        let parts = split_message(&fence, 100, char_len);
+        assert!(!parts.is_empty());
+        assert_eq!(parts.concat().matches("word").count(), 40, "{parts:#?}");
+        check("```\nx\n``` and then", "<pre>x</pre>\n\nand then");
+        check("```A: b\nx\n```", "<pre>A: b\nx</pre>");
     }
 
     #[test]
