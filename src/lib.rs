@@ -25,3 +25,6 @@ pub mod memory;
 pub mod ops;
 pub mod shutdown;
 pub mod store;
+
+#[cfg(test)]
+mod proptests;

@@ -948,7 +948,7 @@ fn file(a: &Attachment) -> CreateAttachment {
 }
 
 /// Removes `<@BOTID>` / `<@!BOTID>` so the LLM sees only the question.
-fn strip_mention(text: &str, tags: &[String]) -> String {
+pub(crate) fn strip_mention(text: &str, tags: &[String]) -> String {
     let mut out = text.to_string();
     for t in tags {
         out = out.replace(t.as_str(), " ");

@@ -274,7 +274,7 @@ impl TelegramAdapter {
             }
             let mut jobs = Vec::new();
             for update in updates {
-                offset = offset.max(update.id.0 as i32 + 1);
+                offset = offset.max((update.id.0 as i32).saturating_add(1));
                 if let Some(job) = self.translate(update.id.0, update.kind) {
                     jobs.push(job);
                 }
@@ -345,16 +345,17 @@ impl TelegramAdapter {
             None => Content::NonText,
         };
         if !is_private {
-            let mentioned = msg.parse_entities().is_some_and(|entities| {
-                entities.iter().any(|e| match e.kind() {
-                    MessageEntityKind::Mention => e
-                        .text()
-                        .trim_start_matches('@')
-                        .eq_ignore_ascii_case(me_name),
+            let text = msg.text().unwrap_or_default();
+            let mentioned = msg
+                .entities()
+                .unwrap_or_default()
+                .iter()
+                .any(|e| match &e.kind {
+                    MessageEntityKind::Mention => entity_text(text, e.offset, e.length)
+                        .is_some_and(|t| t.trim_start_matches('@').eq_ignore_ascii_case(me_name)),
                     MessageEntityKind::TextMention { user } => user.id == self.me.user.id,
                     _ => false,
-                })
-            });
+                });
             let replied_to_me = msg
                 .reply_to_message()
                 .and_then(|r| r.from.as_ref())
@@ -687,30 +688,69 @@ fn keyboard(buttons: &[Button]) -> Option<InlineKeyboardMarkup> {
     Some(InlineKeyboardMarkup::new(vec![row]))
 }
 
-/// Removes `@botname` from a group message so the LLM sees only the question.
-fn strip_mention(text: &str, me: &str) -> String {
+/// Removes every `@me` (ASCII case-insensitive, the whole username) from a group message so
+/// the LLM sees only the question. It works on the original text's char boundaries: a
+/// lowercased copy can have other byte offsets (`Ω` shrinks, `İ` grows), so nothing is ever
+/// sliced at an offset found in another string.
+pub(crate) fn strip_mention(text: &str, me: &str) -> String {
     if me.is_empty() {
         return text.to_string();
     }
-    let needle = format!("@{}", me.to_lowercase());
-    let lower = text.to_lowercase();
+    let name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    // Lowercasing can change byte lengths for some scripts; fall back to the text as is.
-    if lower.len() != text.len() {
-        return text.to_string();
+    let mut rest = text;
+    while let Some(at) = rest.find('@') {
+        // '@' is one byte, so `at + 1` is a char boundary; `get` refuses any other.
+        let after = &rest[at + 1..];
+        let tail = after
+            .get(..me.len())
+            .filter(|name| name.eq_ignore_ascii_case(me))
+            .and_then(|_| after.get(me.len()..))
+            .filter(|tail| !tail.starts_with(name_char));
+        out.push_str(&rest[..at]);
+        match tail {
+            Some(tail) => {
+                out.push(' ');
+                rest = tail;
+            }
+            None => {
+                out.push('@');
+                rest = after;
+            }
+        }
     }
-    while let Some(pos) = lower[i..].find(&needle) {
-        out.push_str(&text[i..i + pos]);
-        i += pos + needle.len();
-    }
-    out.push_str(&text[i..]);
+    out.push_str(rest);
     let joined = out.split_whitespace().collect::<Vec<_>>().join(" ");
     if joined.is_empty() {
         text.to_string()
     } else {
         joined
     }
+}
+
+/// The text a message entity covers. Telegram counts `offset` and `length` in UTF-16 code
+/// units; `None` when they do not land on the text's char boundaries (or overflow), so a
+/// malformed entity is ignored instead of panicking (teloxide's `parse_entities` asserts).
+pub(crate) fn entity_text(text: &str, offset: usize, length: usize) -> Option<&str> {
+    let end = offset.checked_add(length)?;
+    let mut start_byte = None;
+    let mut units = 0usize;
+    let ends = text
+        .char_indices()
+        .chain(std::iter::once((text.len(), ' ')));
+    for (byte, c) in ends {
+        if units == offset {
+            start_byte = Some(byte);
+        }
+        if units == end {
+            return text.get(start_byte?..byte);
+        }
+        if units > end {
+            return None;
+        }
+        units += c.len_utf16();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -725,5 +765,31 @@ mod tests {
         );
         assert_eq!(strip_mention("hey @acme_bot, hi", "acme_bot"), "hey , hi");
         assert_eq!(strip_mention("@acme_bot", "acme_bot"), "@acme_bot");
+        assert_eq!(
+            strip_mention("@acme_botx @ACME_BOT!", "acme_bot"),
+            "@acme_botx !"
+        );
+    }
+
+    #[test]
+    fn strips_the_mention_between_case_folding_characters() {
+        // Lowercasing shrinks Ω (3 → 2 bytes) and grows İ (2 → 3 bytes): equal total
+        // lengths, shifted offsets. This panicked the polling task.
+        assert_eq!(
+            strip_mention("ΩΩ @acme_bot İİ question", "acme_bot"),
+            "ΩΩ İİ question"
+        );
+        assert_eq!(strip_mention("İ@Acme_Bot", "acme_bot"), "İ");
+    }
+
+    #[test]
+    fn entity_text_counts_utf16_and_refuses_bad_offsets() {
+        let t = "😀 @acme_bot hi";
+        assert_eq!(entity_text(t, 3, 9), Some("@acme_bot"));
+        assert_eq!(entity_text(t, 1, 2), None, "inside a surrogate pair");
+        assert_eq!(entity_text(t, 3, 999), None);
+        assert_eq!(entity_text(t, usize::MAX, 2), None);
+        assert_eq!(entity_text(t, 0, 0), Some(""));
+        assert_eq!(entity_text(t, 15, 0), Some(""));
     }
 }

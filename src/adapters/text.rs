@@ -51,6 +51,11 @@ fn blocks(text: &str) -> Vec<Block> {
                 if let Some((fence, lines)) = code.take() {
                     out.push(Block::Code { fence, lines });
                 }
+                // Text after a closing fence ("``` and then …") is kept as a paragraph line.
+                let tail = line.trim_start().trim_start_matches('`').trim_start();
+                if !tail.is_empty() {
+                    para.push(tail);
+                }
             }
             Some((_, lines)) => lines.push(line.to_string()),
             None if fence => {
@@ -136,9 +141,14 @@ fn split_block(block: &Block, limit: usize, measure: Measure) -> Vec<String> {
             pack_lines(&lines, limit, measure)
         }
         Block::Code { fence, lines } => {
-            // Each piece is a complete fenced block of its own.
             let overhead = measure(fence) + measure("\n\n```");
-            let inner = limit.saturating_sub(overhead).max(1);
+            if lines.is_empty() || overhead >= limit / 2 {
+                // No room for code beside the fence line: plain lines, so nothing is lost.
+                let all: Vec<String> = block.render().lines().map(str::to_string).collect();
+                return pack_lines(&all, limit, measure);
+            }
+            // Each piece is a complete fenced block of its own.
+            let inner = limit - overhead;
             pack_lines(lines, inner, measure)
                 .into_iter()
                 .map(|body| format!("{fence}\n{body}\n```"))
@@ -297,12 +307,15 @@ pub fn markdown_to_telegram_html(md: &str) -> String {
             Block::Code { fence, lines } => {
                 let lang = fence.trim_start_matches('`').trim();
                 let body = escape_html(&lines.join("\n"));
-                if lang.is_empty()
-                    || !lang
-                        .chars()
-                        .all(|c| c.is_alphanumeric() || "+-#_.".contains(c))
-                {
+                if lang.is_empty() {
                     out.push(format!("<pre>{body}</pre>"));
+                } else if !lang
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || "+-#_.".contains(c))
+                {
+                    // Not a language name: it is text, shown as the block's first line.
+                    let sep = if body.is_empty() { "" } else { "\n" };
+                    out.push(format!("<pre>{}{sep}{body}</pre>", escape_html(lang)));
                 } else {
                     out.push(format!(
                         "<pre><code class=\"language-{lang}\">{body}</code></pre>"
@@ -408,6 +421,17 @@ mod tests {
             assert!(char_len(p) <= 2000);
             assert!(p.starts_with("```rust\n") && p.ends_with("\n```"), "{p}");
         }
+    }
+
+    #[test]
+    fn nothing_is_lost_around_fences() {
+        // A fence line longer than half a message used to make the reply vanish.
+        let fence = format!("``` {}", "word ".repeat(40));
+        let parts = split_message(&fence, 100, char_len);
+        assert!(!parts.is_empty());
+        assert_eq!(parts.concat().matches("word").count(), 40, "{parts:#?}");
+        check("```\nx\n``` and then", "<pre>x</pre>\n\nand then");
+        check("```A: b\nx\n```", "<pre>A: b\nx</pre>");
     }
 
     #[test]

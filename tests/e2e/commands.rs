@@ -333,8 +333,13 @@ async fn user_cli_exports_and_forgets_without_a_daemon() {
     {
         let app = root.build();
         app.engine
-            .handle(&on(Platform::Telegram, "31", "cli question"))
+            .handle(&on(Platform::Telegram, "5550123", "cli question"))
             .await;
+        // The scan below can see the user (nothing is sealed here): it is not vacuous.
+        let rows = dump_text(&app.store);
+        for needle in ["5550123", "cli question", "echo: cli"] {
+            assert!(rows.iter().any(|(_, r)| r.contains(needle)), "{needle}");
+        }
     }
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_confab"))
@@ -346,7 +351,8 @@ async fn user_cli_exports_and_forgets_without_a_daemon() {
             .output()
             .expect("run confab")
     };
-    let out = tokio::task::block_in_place(|| run(&["user", "export", "tg:31", "--env", "staging"]));
+    let out =
+        tokio::task::block_in_place(|| run(&["user", "export", "tg:5550123", "--env", "staging"]));
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -355,7 +361,8 @@ async fn user_cli_exports_and_forgets_without_a_daemon() {
     );
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert!(doc.to_string().contains("cli question"));
-    let out = tokio::task::block_in_place(|| run(&["user", "forget", "tg:31", "--env", "staging"]));
+    let out =
+        tokio::task::block_in_place(|| run(&["user", "forget", "tg:5550123", "--env", "staging"]));
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -365,10 +372,20 @@ async fn user_cli_exports_and_forgets_without_a_daemon() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Deleted: 2 messages"));
     let bad = tokio::task::block_in_place(|| run(&["user", "export", "bob", "--env", "staging"]));
     assert_eq!(bad.status.code(), Some(2));
+    // Gone for real: an export finds nothing, and no stored row names the user or their text.
+    let out =
+        tokio::task::block_in_place(|| run(&["user", "export", "tg:5550123", "--env", "staging"]));
+    let export = String::from_utf8_lossy(&out.stdout);
+    assert!(!export.contains("cli question"), "{export}");
     let app = root.build();
     assert!(app
         .store
-        .user(&UserRef::new(Platform::Telegram, "31"))
+        .user(&UserRef::new(Platform::Telegram, "5550123"))
         .unwrap()
         .is_none());
+    for (tree, row) in dump_text(&app.store) {
+        for needle in ["5550123", "cli question", "echo: cli"] {
+            assert!(!row.contains(needle), "{tree}: {row}");
+        }
+    }
 }

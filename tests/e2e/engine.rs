@@ -61,13 +61,21 @@ async fn memory_survives_a_store_reopen() {
     );
 }
 
+/// Moves tokio's clock (which the rate limiter and the breaker read) forward by `d`,
+/// without waiting. Only between requests: nothing may be in flight.
+async fn jump(d: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(d).await;
+    tokio::time::resume();
+}
+
 #[tokio::test]
 async fn rate_limit_notice_once_per_window() {
     let llm = FakeOpenAi::start().await;
-    // 120/min = one message every 0.5 s, burst 2.
+    // One message a minute, burst 2: real time spent by the test cannot refill a slot.
     let root = Root::new(
         &llm.base_url,
-        "[limits]\nmessages_per_minute = 120\nburst = 2\n",
+        "[limits]\nmessages_per_minute = 1\nburst = 2\n",
     );
     let app = root.build();
     let mut replies = Vec::new();
@@ -79,14 +87,17 @@ async fn rate_limit_notice_once_per_window() {
     assert_eq!(kinds[1], Some(ReplyKind::Answer));
     assert_eq!(kinds[2], Some(ReplyKind::Notice(Rejection::RateLimited)));
     assert!(
-        text(&replies[2]).contains("Try again in"),
+        text(&replies[2]).contains("Try again in 1m."),
         "{}",
         text(&replies[2])
     );
     assert_eq!(&kinds[3..], &[None, None, None], "one notice per window");
     assert_eq!(llm.request_count(), 2);
+    // Just before the window ends: still limited, and still no second notice.
+    jump(Duration::from_secs(58)).await;
+    assert_eq!(kind(&app.engine.handle(&msg("1", "early")).await), None);
     // Once the window has passed, the user is served again, and a new burst gets a new notice.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    jump(Duration::from_secs(3)).await;
     let again = app.engine.handle(&msg("1", "later")).await;
     assert_eq!(kind(&again), Some(ReplyKind::Answer));
     let mut notices = 0;
@@ -97,6 +108,7 @@ async fn rate_limit_notice_once_per_window() {
         }
     }
     assert_eq!(notices, 1);
+    assert_eq!(llm.request_count(), 3);
     // other users are unaffected
     assert_eq!(
         kind(&app.engine.handle(&msg("2", "hi")).await),
@@ -282,7 +294,7 @@ async fn circuit_recovers_through_a_half_open_probe() {
     llm.set_default(Behavior::status(500));
     let root = Root::new(
         &llm.base_url,
-        "[llm]\nmax_retries = 0\nbreaker_failures = 1\nbreaker_cooldown_secs = 1\n",
+        "[llm]\nmax_retries = 0\nbreaker_failures = 1\nbreaker_cooldown_secs = 60\n",
     );
     let app = root.build();
     assert_eq!(
@@ -294,8 +306,18 @@ async fn circuit_recovers_through_a_half_open_probe() {
         MSG_LLM_UNAVAILABLE
     );
     llm.set_default(Behavior::Echo);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Still open just before the cool-down ends: no probe, no LLM call.
+    jump(Duration::from_secs(58)).await;
+    let calls = llm.request_count();
+    assert_eq!(
+        text(&app.engine.handle(&msg("3", "hi")).await),
+        MSG_LLM_UNAVAILABLE
+    );
+    assert_eq!(llm.request_count(), calls);
+    // After it, one probe goes through and closes the circuit.
+    jump(Duration::from_secs(3)).await;
     assert_eq!(text(&app.engine.handle(&msg("3", "hi")).await), "echo: hi");
+    assert_eq!(text(&app.engine.handle(&msg("4", "hi")).await), "echo: hi");
 }
 
 #[tokio::test]
@@ -467,27 +489,21 @@ async fn broken_stream_apologises() {
 #[tokio::test]
 async fn one_conversation_in_order_many_in_parallel() {
     let llm = FakeOpenAi::start().await;
-    llm.set_latency(Duration::from_millis(200));
+    // Long enough that every conversation's first question is sent before any answer returns.
+    llm.set_latency(Duration::from_secs(2));
     let root = Root::new(
         &llm.base_url,
-        "[limits]\nmessages_per_minute = 600\nburst = 50\n",
+        "[limits]\nmessages_per_minute = 600\nburst = 50\n[llm]\nmax_concurrent = 64\n",
     );
     let app = root.build();
-    let engine = app.engine.clone();
-    let mut tasks = Vec::new();
-    // 20 users × 3 messages, all sent at once
-    for u in 0..20 {
-        for i in 0..3 {
-            let engine = engine.clone();
-            let m = msg(&format!("u{u}"), &format!("q{i}"));
-            tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(i * 5)).await;
-                engine.handle(&m).await
-            }));
-        }
-    }
-    for t in tasks {
-        assert!(matches!(kind(&t.await.unwrap()), Some(ReplyKind::Answer)));
+    // 20 users × 3 messages, all handed to the engine at once, in this order: the order
+    // inside a conversation must come from the engine, not from the test's timing.
+    let messages: Vec<_> = (0..3)
+        .flat_map(|i| (0..20).map(move |u| msg(&format!("u{u}"), &format!("q{i}"))))
+        .collect();
+    let replies = futures::future::join_all(messages.iter().map(|m| app.engine.handle(m))).await;
+    for r in &replies {
+        assert_eq!(kind(r), Some(ReplyKind::Answer), "{}", text(r));
     }
     for u in 0..20 {
         let key = msg(&format!("u{u}"), "").conversation();
@@ -499,6 +515,21 @@ async fn one_conversation_in_order_many_in_parallel() {
             assert_eq!(pair[1].text, format!("echo: {}", pair[0].text));
         }
     }
+    // In parallel: the first 20 LLM requests were the 20 conversations' first questions.
+    let first: std::collections::HashSet<String> = llm
+        .requests()
+        .iter()
+        .take(20)
+        .map(|r| r.system().unwrap_or_default().to_string())
+        .collect();
+    let questions: Vec<String> = llm
+        .requests()
+        .iter()
+        .take(20)
+        .map(|r| r.last_user().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(first.len(), 20, "20 different users: {first:?}");
+    assert!(questions.iter().all(|q| q == "q0"), "{questions:?}");
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ mod commands;
 mod discord;
 mod engine;
 mod faults;
+mod flood;
 mod hardening;
 mod ops;
 mod ops_http;

@@ -32,6 +32,22 @@ fn signal(child: &std::process::Child, sig: &str) {
     assert!(status.success());
 }
 
+/// Polls the daemon's log until a line contains `needle`; panics with the log at `WAIT`.
+async fn wait_for_log(log: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
     loop {
@@ -167,7 +183,8 @@ async fn sighup_reloads_the_prompt() {
     )
     .unwrap();
     signal(&child, "-HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The daemon says when the new configuration is in force; wait for that, not a guess.
+    wait_for_log(&log, "configuration reloaded").await;
     tg.send_private(1, "H", "after");
     tg.wait_for_sent(2, WAIT).await;
     let systems: Vec<String> = llm
@@ -212,7 +229,7 @@ async fn production_style_json_logs_carry_env_and_update_span_but_no_text() {
     let mut child = spawn_daemon(&root, &log, "info");
     tg.send_private(1, "J", "a very private kiwi question");
     tg.wait_for_sent(1, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_log(&log, "update answered").await;
     signal(&child, "-TERM");
     assert_eq!(
         tokio::task::block_in_place(|| wait_exit(&mut child, WAIT)),

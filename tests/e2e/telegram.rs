@@ -452,5 +452,24 @@ async fn export_document_forget_button_and_cli_while_running() {
         sent.last()
     );
     assert_eq!(tg.count("answerCallbackQuery"), 1);
+    // and the data is gone: an export through the running daemon finds none of it
+    let r = root.path().to_path_buf();
+    let env_file = root.env_file();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_confab"))
+            .args(["user", "export", "tg:61", "--env", "staging", "--root"])
+            .arg(&r)
+            .arg("--env-file")
+            .arg(&env_file)
+            .output()
+            .expect("run confab")
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let export: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(export["conversations"], serde_json::json!([]), "{export}");
+    assert!(export["profile"].is_null(), "{export}");
+    assert!(!export.to_string().contains("pelican"), "{export}");
     daemon.stop().await.unwrap();
 }

@@ -590,34 +590,30 @@ fn utf16_len(s: &str) -> usize {
     s.encode_utf16().count()
 }
 
-/// `mention` entities for every `@username` (case-insensitive, whole word) in `text`.
+/// `mention` entities for every `@username` (ASCII case-insensitive, whole word) in `text`.
+/// Matches on the text's own char boundaries (a lowercased copy can have other offsets).
 fn mention_entities(text: &str, username: &str) -> Vec<Value> {
     let mut out = Vec::new();
     if username.is_empty() {
         return out;
     }
-    let needle = format!("@{}", username.to_lowercase());
-    let lower = text.to_lowercase();
-    // Lowercasing can change byte lengths for exotic chars; only trust it when it doesn't.
-    if lower.len() != text.len() {
-        return out;
-    }
-    let mut from = 0;
-    while let Some(pos) = lower[from..].find(&needle) {
-        let start = from + pos;
-        let end = start + needle.len();
+    let name_len = username.len() + 1;
+    for (start, _) in text.match_indices('@') {
+        let Some(candidate) = text.get(start + 1..start + name_len) else {
+            continue;
+        };
+        let end = start + name_len;
         let boundary = text[end..]
             .chars()
             .next()
             .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
-        if boundary {
+        if candidate.eq_ignore_ascii_case(username) && boundary {
             out.push(json!({
                 "type": "mention",
                 "offset": utf16_len(&text[..start]),
                 "length": utf16_len(&text[start..end]),
             }));
         }
-        from = end;
     }
     out
 }
