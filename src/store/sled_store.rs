@@ -1,13 +1,14 @@
 //! The sled 0.34 implementation of [`Store`] — the only module that knows sled.
 //!
-//! Trees (all values are JSON, so a corrupt entry can be detected and skipped):
+//! Trees (values are JSON, so a corrupt entry can be detected; key layout and sealing
+//! with a data key: [`super::layout`]):
 //! - `turns`:      conversation prefix + u64 sequence (big-endian) → [`Turn`]
-//! - `conv_index`: user ref + 0 + conversation prefix → () (export/forget without a full scan)
-//! - `users`:      `tg:123` → [`UserRecord`];  `usernames`: lowercase `@name` → `tg:123`
+//! - `conv_index`: user + conversation prefix → conversation (export/forget without a full scan)
+//! - `users`:      `tg:123` → [`UserRecord`];  `usernames`: `tg:name` (per platform) → `tg:123`
 //! - `cache`:      32-byte key → [`CacheEntry`]; `cache_time`: created_at (BE) + key → () for TTL/eviction
 //! - `audit`:      u64 sequence (BE) → [`AuditEntry`]
 //! - `handled`:    update id → [`HandledEntry`]
-//! - `meta`:       `schema_version` and adapter state
+//! - `meta`:       `schema_version`, key check and salt, engine and adapter state
 //! - `inbox`:      adapter key → received update not yet answered (replayed at start)
 
 use std::path::Path;
@@ -15,39 +16,33 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Db, Tree};
 
 use super::crypto;
+use super::layout::{parse_conv_prefix, time_key};
 use super::*;
-use crate::domain::Platform;
-
-const SEP: u8 = 0;
-
-/// Trees whose values carry message text (encrypted at rest when a data key is set).
-const SEALED_TREES: &[&str] = &["turns", "cache", "handled", "inbox"];
 
 pub struct SledStore {
-    db: Db,
-    turns: Tree,
-    conv_index: Tree,
-    users: Tree,
-    usernames: Tree,
-    cache: Tree,
-    cache_time: Tree,
-    audit: Tree,
-    handled: Tree,
-    meta: Tree,
-    inbox: Tree,
+    pub(super) db: Db,
+    pub(super) turns: Tree,
+    pub(super) conv_index: Tree,
+    pub(super) users: Tree,
+    pub(super) usernames: Tree,
+    pub(super) cache: Tree,
+    pub(super) cache_time: Tree,
+    pub(super) audit: Tree,
+    pub(super) handled: Tree,
+    pub(super) meta: Tree,
+    pub(super) inbox: Tree,
     /// `cache.len()` is O(n) in sled; keep a running count.
-    cache_count: AtomicUsize,
+    pub(super) cache_count: AtomicUsize,
     flusher: Flusher,
     /// Writers share it; a backup takes it exclusively for a point-in-time copy
     /// (sled has no snapshot across trees).
-    gate: std::sync::RwLock<()>,
-    cipher: Option<crypto::Cipher>,
+    pub(super) gate: std::sync::RwLock<()>,
+    /// Set with `CONFAB_DATA_KEY`: personal values sealed, ids and names in keys hashed.
+    pub(super) keys: Option<crypto::Keys>,
 }
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -148,78 +143,6 @@ fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-fn conv_prefix(key: &ConversationKey) -> Vec<u8> {
-    let mut p = Vec::with_capacity(key.bot.len() + key.chat.len() + key.user.len() + 8);
-    for part in [
-        key.bot.as_bytes(),
-        key.platform.prefix().as_bytes(),
-        key.chat.as_bytes(),
-        key.user.as_bytes(),
-    ] {
-        p.extend_from_slice(part);
-        p.push(SEP);
-    }
-    p
-}
-
-fn parse_conv_prefix(p: &[u8]) -> Option<ConversationKey> {
-    let parts: Vec<&[u8]> = p.split(|b| *b == SEP).collect();
-    // four parts plus the empty tail after the last separator
-    if parts.len() != 5 {
-        return None;
-    }
-    let s = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
-    let platform = match parts[1] {
-        b"tg" => Platform::Telegram,
-        b"dc" => Platform::Discord,
-        b"cli" => Platform::Terminal,
-        _ => return None,
-    };
-    Some(ConversationKey {
-        bot: s(parts[0])?,
-        platform,
-        chat: s(parts[2])?,
-        user: s(parts[3])?,
-    })
-}
-
-fn user_key(user: &UserRef) -> Vec<u8> {
-    user.to_string().into_bytes()
-}
-
-fn index_key(user: &UserRef, prefix: &[u8]) -> Vec<u8> {
-    let mut k = user_key(user);
-    k.push(SEP);
-    k.extend_from_slice(prefix);
-    k
-}
-
-fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(40);
-    k.extend_from_slice(&(at.max(0) as u64).to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-/// Replaces `needle` where it is not part of a longer id (`tg:1` must not match `tg:12`).
-fn replace_whole(hay: &str, needle: &str, with: &str) -> Option<String> {
-    let mut out = String::new();
-    let mut rest = hay;
-    let mut hit = false;
-    while let Some(pos) = rest.find(needle) {
-        let end = pos + needle.len();
-        let longer = rest[end..]
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_alphanumeric());
-        out.push_str(&rest[..pos]);
-        out.push_str(if longer { needle } else { with });
-        hit |= !longer;
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    hit.then_some(out)
-}
 
 impl SledStore {
     /// Opens (or creates) the store. `cache_capacity_mb` bounds sled's page cache
@@ -228,7 +151,8 @@ impl SledStore {
         Self::open_with_key(dir, cache_capacity_mb, flush_every_ms, None)
     }
 
-    /// Like [`SledStore::open`], encrypting message text with `key` (from `CONFAB_DATA_KEY`).
+    /// Like [`SledStore::open`], encrypting everything personal with `key` (from
+    /// `CONFAB_DATA_KEY`; see [`super::migrate`] for the first open of an older store).
     /// A key that does not match the store's, or a missing key for an encrypted store,
     /// is an error here — never garbage later.
     pub fn open_with_key(
@@ -238,44 +162,11 @@ impl SledStore {
         key: Option<&str>,
     ) -> StoreResult<SledStore> {
         let mut store = Self::open_plain(dir, cache_capacity_mb, flush_every_ms)?;
-        let check = store.meta.get("key_check").map_err(io)?;
-        match (key, check) {
-            (None, Some(_)) => {
-                return Err(StoreError::Open {
-                    path: dir.display().to_string(),
-                    reason: "the store is encrypted but CONFAB_DATA_KEY is not set".into(),
-                })
-            }
-            (None, None) => {}
-            (Some(k), check) => {
-                let cipher = crypto::Cipher::from_secret(k);
-                match check {
-                    Some(sealed) => {
-                        if cipher.open(&sealed).ok().as_deref() != Some(crypto::CHECK) {
-                            return Err(StoreError::Open {
-                                path: dir.display().to_string(),
-                                reason: "CONFAB_DATA_KEY does not match the key this store was encrypted with".into(),
-                            });
-                        }
-                    }
-                    None => {
-                        store
-                            .meta
-                            .insert("key_check", cipher.seal(crypto::CHECK))
-                            .map_err(io)?;
-                    }
-                }
-                store.cipher = Some(cipher);
-            }
-        }
+        store.apply_key(&dir.display().to_string(), key)?;
         Ok(store)
     }
 
-    fn open_plain(
-        dir: &Path,
-        cache_capacity_mb: u64,
-        flush_every_ms: u64,
-    ) -> StoreResult<SledStore> {
+    fn open_db(dir: &Path, cache_capacity_mb: u64, flush_every_ms: u64) -> StoreResult<Db> {
         let path = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
             path: path.clone(),
@@ -289,9 +180,9 @@ impl SledStore {
         // closed (a restart, a reopen) — on a busy disk that took over 2 s in CI: wait up
         // to 10 s before calling it taken.
         let mut attempts = 0;
-        let db = loop {
+        loop {
             match config.open() {
-                Ok(db) => break db,
+                Ok(db) => return Ok(db),
                 Err(sled::Error::Io(e))
                     if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 200 =>
                 {
@@ -300,7 +191,7 @@ impl SledStore {
                 }
                 Err(e) => {
                     return Err(StoreError::Open {
-                        path: path.clone(),
+                        path,
                         reason: match &e {
                             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
                                 "another process (a running confab?) holds the store's lock"
@@ -311,7 +202,16 @@ impl SledStore {
                     })
                 }
             }
-        };
+        }
+    }
+
+    fn open_plain(
+        dir: &Path,
+        cache_capacity_mb: u64,
+        flush_every_ms: u64,
+    ) -> StoreResult<SledStore> {
+        let path = dir.display().to_string();
+        let db = Self::open_db(dir, cache_capacity_mb, flush_every_ms)?;
         let t = |name: &str| db.open_tree(name).map_err(io);
         let store = SledStore {
             turns: t("turns")?,
@@ -327,7 +227,7 @@ impl SledStore {
             cache_count: AtomicUsize::new(0),
             flusher: Flusher::start(db.clone())?,
             gate: std::sync::RwLock::new(()),
-            cipher: None,
+            keys: None,
             db,
         };
         store.check_schema(&path)?;
@@ -353,6 +253,9 @@ impl SledStore {
                         supported: SCHEMA_VERSION,
                     });
                 }
+                if found < SCHEMA_VERSION {
+                    self.upgrade_schema(found)?;
+                }
                 Ok(())
             }
             None => {
@@ -364,7 +267,6 @@ impl SledStore {
         }
     }
 
-    /// The underlying database, for backup/restore (sled's export/import).
     /// Under load, a flush waits up to `window` for more callers to share it (group
     /// commit). Zero flushes at once. `store.group_commit_us` in the config.
     pub fn set_group_commit_window(&self, window: Duration) {
@@ -379,57 +281,23 @@ impl SledStore {
         &self.flusher.counts
     }
 
+    /// The underlying database, for backup/restore (sled's export/import).
     pub fn db(&self) -> &Db {
         &self.db
     }
 
-    fn encode<T: Serialize>(&self, tree: &'static str, v: &T) -> StoreResult<Vec<u8>> {
-        let plain = serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
-        Ok(self.seal(tree, plain))
+    /// Whether values are sealed with a data key.
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
     }
 
-    /// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps serving.
-    fn decode<T: DeserializeOwned>(
-        &self,
-        tree: &'static str,
-        key: &[u8],
-        bytes: &[u8],
-    ) -> Option<T> {
-        let plain = match self.unseal(bytes) {
-            Ok(p) => p,
-            Err(reason) => {
-                tracing::error!(tree, key = %String::from_utf8_lossy(key), %reason, "unreadable store entry skipped");
-                return None;
-            }
-        };
-        match serde_json::from_slice(&plain) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::error!(tree, key = %String::from_utf8_lossy(key), error = %e, "corrupt store entry skipped");
-                None
-            }
-        }
+    /// The authenticator for backups of this store (HMAC-SHA256 with a key derived from
+    /// the data key); `None` without a data key. Verify with [`super::backup_auth_for_rows`].
+    pub fn backup_auth(&self) -> Option<crypto::BackupAuth> {
+        self.keys.as_ref().map(crypto::Keys::backup_auth)
     }
 
-    /// Encrypts values of the trees that hold message text, when a data key is set.
-    fn seal(&self, tree: &str, plain: Vec<u8>) -> Vec<u8> {
-        match &self.cipher {
-            Some(c) if SEALED_TREES.contains(&tree) => c.seal(&plain),
-            _ => plain,
-        }
-    }
-
-    fn unseal<'a>(&self, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String> {
-        if !crypto::is_sealed(bytes) {
-            return Ok(std::borrow::Cow::Borrowed(bytes));
-        }
-        match &self.cipher {
-            Some(c) => c.open(bytes).map(std::borrow::Cow::Owned),
-            None => Err("encrypted, but no data key is set".into()),
-        }
-    }
-
-    fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+    pub(super) fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -459,7 +327,8 @@ impl SledStore {
         Ok(())
     }
 
-    /// Every (tree, key, value) in the store, for tests and audits of what is stored.
+    /// Every (tree, key, value) in the store as stored (sealed values stay sealed), for
+    /// backups and for audits of what is on disk.
     pub fn dump(&self) -> StoreResult<Vec<DumpRow>> {
         let mut out = Vec::new();
         for name in TREES {
@@ -470,6 +339,20 @@ impl SledStore {
             }
         }
         Ok(out)
+    }
+
+    /// Like [`SledStore::dump`] with every value decrypted that can be (tests, audits
+    /// of what is stored about someone).
+    pub fn dump_open(&self) -> StoreResult<Vec<DumpRow>> {
+        Ok(self
+            .dump()?
+            .into_iter()
+            .map(|(tree, k, v)| {
+                let open = self.unseal(&tree, &k, &v).map(|p| p.into_owned());
+                let v = open.unwrap_or(v);
+                (tree, k, v)
+            })
+            .collect())
     }
 
     fn scan_turns<'a>(
@@ -487,18 +370,23 @@ impl SledStore {
             })
     }
 
-    fn index_username(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
-        if let Some(name) = &record.username {
-            let name = name.trim_start_matches('@').to_lowercase();
-            if !name.is_empty() {
-                self.usernames
-                    .insert(name.as_bytes(), user_key(user))
+    /// Removes a cache row by its stored key (and its `cache_time` row).
+    pub(super) fn cache_remove_row(&self, row: &[u8; 32]) -> StoreResult<()> {
+        let _gate = self.write_gate();
+        if let Some(v) = self.cache.remove(row).map_err(io)? {
+            self.cache_count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(old) = self.decode::<CacheEntry>("cache", row, &v) {
+                self.cache_time
+                    .remove(time_key(old.created_at, row))
                     .map_err(io)?;
             }
         }
         Ok(())
     }
 }
+
+/// The `users` row change made inside [`SledStore::record_exchange`]'s transaction.
+type UserChange = (Option<String>, UserRecord);
 
 impl Store for SledStore {
     fn record_exchange(&self, exchange: Exchange<'_>) -> StoreResult<()> {
@@ -509,28 +397,33 @@ impl Store for SledStore {
             user,
         } = exchange;
         let _gate = self.write_gate();
-        let prefix = conv_prefix(key);
+        let prefix = self.conv_prefix(key);
         let mut rows = Vec::with_capacity(turns.len());
         for turn in turns {
             let seq = self.db.generate_id().map_err(io)?;
             let mut k = prefix.clone();
             k.extend_from_slice(&seq.to_be_bytes());
-            rows.push((k, self.encode("turns", turn)?));
+            let v = self.encode("turns", &k, turn)?;
+            rows.push((k, v));
         }
         let handled_row = match handled {
-            Some((id, entry)) => Some((id.as_bytes().to_vec(), self.encode("handled", entry)?)),
+            Some((id, entry)) => Some((
+                id.as_bytes().to_vec(),
+                self.encode("handled", id.as_bytes(), entry)?,
+            )),
             None => None,
         };
-        let idx = index_key(&key.user_ref(), &prefix);
+        let (idx, idx_value) = self.index_row(key);
+        let idx_value = self.seal("conv_index", &idx, &idx_value);
         let (user_ref, update) = match user {
             Some((u, f)) => (Some(u), Some(f)),
             None => (None, None),
         };
-        let user_row = user_ref.map(user_key);
+        let user_row = user_ref.map(|u| self.user_key(u));
         // sled retries the closure on conflicts and wants `Fn`: borrow through cells.
         let update = std::cell::RefCell::new(update);
         // (username before, record after) of the user, from the attempt that committed.
-        let user_change = std::cell::RefCell::new(None::<(Option<String>, UserRecord)>);
+        let user_change = std::cell::RefCell::new(None::<UserChange>);
         (&self.turns, &self.handled, &self.conv_index, &self.users)
             .transaction(|(turns_t, handled_t, index_t, users_t)| {
                 for (k, v) in &rows {
@@ -541,30 +434,34 @@ impl Store for SledStore {
                 }
                 // The index row is written once per conversation, not once per message.
                 if index_t.get(idx.as_slice())?.is_none() {
-                    index_t.insert(idx.as_slice(), &[] as &[u8])?;
+                    index_t.insert(idx.as_slice(), idx_value.as_slice())?;
                 }
                 if let (Some(k), Some(f)) = (&user_row, update.borrow_mut().as_mut()) {
-                    let old: Option<UserRecord> = users_t
-                        .get(k.as_slice())?
-                        .and_then(|v| self.decode("users", k, &v));
+                    // A corrupt record aborts: never replaced by a fresh one (a lifted ban).
+                    let old: Option<UserRecord> = match users_t.get(k.as_slice())? {
+                        Some(v) => Some(
+                            self.decode_strict("users", k, &v)
+                                .map_err(ConflictableTransactionError::Abort)?,
+                        ),
+                        None => None,
+                    };
                     let before = old.as_ref().and_then(|r| r.username.clone());
                     let mut rec = old.unwrap_or_default();
                     f(&mut rec);
                     let bytes = self
-                        .encode("users", &rec)
-                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                        .encode("users", k, &rec)
+                        .map_err(ConflictableTransactionError::Abort)?;
                     users_t.insert(k.as_slice(), bytes)?;
                     *user_change.borrow_mut() = Some((before, rec));
                 }
-                Ok::<(), ConflictableTransactionError<String>>(())
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
             })
-            .map_err(|e: TransactionError<String>| {
-                StoreError::Io(format!("append turns: {e:?}"))
+            .map_err(|e: TransactionError<StoreError>| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Io(format!("append turns: {e}")),
             })?;
         if let (Some(u), Some((before, rec))) = (user_ref, user_change.into_inner()) {
-            if rec.username != before {
-                self.index_username(u, &rec)?;
-            }
+            self.reindex_username(u, before.as_deref(), rec.username.as_deref())?;
         }
         Ok(())
     }
@@ -572,7 +469,7 @@ impl Store for SledStore {
     fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>> {
         let mut used = 0usize;
         let mut out = Vec::new();
-        for (_, turn) in self.scan_turns(&conv_prefix(key)).rev() {
+        for (_, turn) in self.scan_turns(&self.conv_prefix(key)).rev() {
             used += turn.tokens as usize;
             if used > max_tokens {
                 break;
@@ -584,17 +481,24 @@ impl Store for SledStore {
     }
 
     fn all_turns(&self, key: &ConversationKey) -> StoreResult<Vec<Turn>> {
-        Ok(self.scan_turns(&conv_prefix(key)).map(|(_, t)| t).collect())
+        Ok(self
+            .scan_turns(&self.conv_prefix(key))
+            .map(|(_, t)| t)
+            .collect())
     }
 
     fn user_conversations(&self, user: &UserRef) -> StoreResult<Vec<(ConversationKey, Vec<Turn>)>> {
-        let mut prefix = user_key(user);
-        prefix.push(SEP);
+        let prefix = self.index_user_prefix(user);
         let mut out = Vec::new();
         for item in self.conv_index.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(io)?;
-            let conv = &k[prefix.len()..];
-            match parse_conv_prefix(conv) {
+            let (k, v) = item.map_err(io)?;
+            // Without a key the conversation is the rest of the row's key (value empty).
+            let conv = if v.is_empty() && self.keys.is_none() {
+                Ok(k.get(prefix.len()..).unwrap_or_default().to_vec())
+            } else {
+                self.unseal("conv_index", &k, &v).map(|c| c.into_owned())
+            };
+            match conv.ok().and_then(|c| parse_conv_prefix(&c)) {
                 Some(key) => {
                     let turns = self.all_turns(&key)?;
                     out.push((key, turns));
@@ -607,7 +511,7 @@ impl Store for SledStore {
 
     fn clear_conversation(&self, key: &ConversationKey) -> StoreResult<usize> {
         let _gate = self.write_gate();
-        let prefix = conv_prefix(key);
+        let prefix = self.conv_prefix(key);
         let mut n = 0;
         let mut batch = sled::Batch::default();
         for item in self.turns.scan_prefix(&prefix).keys() {
@@ -615,9 +519,7 @@ impl Store for SledStore {
             n += 1;
         }
         self.turns.apply_batch(batch).map_err(io)?;
-        self.conv_index
-            .remove(index_key(&key.user_ref(), &prefix))
-            .map_err(io)?;
+        self.conv_index.remove(self.index_row(key).0).map_err(io)?;
         Ok(n)
     }
 
@@ -639,20 +541,24 @@ impl Store for SledStore {
     }
 
     fn user(&self, user: &UserRef) -> StoreResult<Option<UserRecord>> {
-        let key = user_key(user);
-        Ok(self
-            .users
-            .get(&key)
-            .map_err(io)?
-            .and_then(|v| self.decode("users", &key, &v)))
+        let key = self.user_key(user);
+        match self.users.get(&key).map_err(io)? {
+            Some(v) => self.decode_strict("users", &key, &v).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
         let _gate = self.write_gate();
-        self.users
-            .insert(user_key(user), self.encode("users", record)?)
-            .map_err(io)?;
-        self.index_username(user, record)
+        let key = self.user_key(user);
+        let bytes = self.encode("users", &key, record)?;
+        let old = self.users.insert(&key, bytes).map_err(io)?;
+        let before = old.and_then(|v| self.decode::<UserRecord>("users", &key, &v));
+        self.reindex_username(
+            user,
+            before.and_then(|r| r.username).as_deref(),
+            record.username.as_deref(),
+        )
     }
 
     fn update_user(
@@ -661,34 +567,43 @@ impl Store for SledStore {
         f: &mut dyn FnMut(&mut UserRecord),
     ) -> StoreResult<UserRecord> {
         let _gate = self.write_gate();
-        let key = user_key(user);
+        let key = self.user_key(user);
         let mut result = UserRecord::default();
-        let mut encode_err = None;
+        let mut failed = None;
         let mut username_before = None;
         self.users
             .fetch_and_update(&key, |old| {
-                let mut rec: UserRecord = old
-                    .and_then(|v| self.decode("users", &key, v))
-                    .unwrap_or_default();
-                username_before = rec.username.clone();
-                f(&mut rec);
-                let bytes = match serde_json::to_vec(&rec) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        encode_err = Some(e.to_string());
+                // A corrupt record is left as it is and reported, never replaced.
+                let mut rec: UserRecord = match old.map(|v| self.decode_strict("users", &key, v)) {
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => {
+                        failed = Some(e);
                         return old.map(|o| o.to_vec());
                     }
+                    None => UserRecord::default(),
                 };
-                result = rec;
-                Some(bytes)
+                username_before = rec.username.clone();
+                f(&mut rec);
+                match self.encode("users", &key, &rec) {
+                    Ok(bytes) => {
+                        result = rec;
+                        Some(bytes)
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        old.map(|o| o.to_vec())
+                    }
+                }
             })
             .map_err(io)?;
-        if let Some(e) = encode_err {
-            return Err(StoreError::Io(format!("encode user: {e}")));
+        if let Some(e) = failed {
+            return Err(e);
         }
-        if result.username != username_before {
-            self.index_username(user, &result)?;
-        }
+        self.reindex_username(
+            user,
+            username_before.as_deref(),
+            result.username.as_deref(),
+        )?;
         Ok(result)
     }
 
@@ -696,76 +611,53 @@ impl Store for SledStore {
         Ok(self.users.len())
     }
 
-    fn for_each_user(&self, f: &mut dyn FnMut(&UserRef, &UserRecord)) -> StoreResult<()> {
+    fn for_each_user(&self, f: &mut dyn FnMut(&UserRecord)) -> StoreResult<()> {
         for item in self.users.iter() {
             let (k, v) = item.map_err(io)?;
-            let user = String::from_utf8(k.to_vec())
-                .ok()
-                .and_then(|s| s.parse().ok());
-            match (user, self.decode::<UserRecord>("users", &k, &v)) {
-                (Some(user), Some(rec)) => f(&user, &rec),
-                _ => tracing::error!(tree = "users", "corrupt user entry skipped"),
+            if let Some(rec) = self.decode::<UserRecord>("users", &k, &v) {
+                f(&rec);
             }
         }
         Ok(())
     }
 
-    fn audit_redact(&self, user: &str, replacement: &str) -> StoreResult<usize> {
-        let _gate = self.write_gate();
-        let mut n = 0;
-        for item in self.audit.iter() {
-            let (k, v) = item.map_err(io)?;
-            let Some(mut e) = self.decode::<AuditEntry>("audit", &k, &v) else {
-                continue;
-            };
-            let mut changed = false;
-            for field in [&mut e.actor, &mut e.command, &mut e.result]
-                .into_iter()
-                .chain(e.target.as_mut())
-            {
-                if let Some(new) = replace_whole(field, user, replacement) {
-                    *field = new;
-                    changed = true;
-                }
-            }
-            if changed {
-                self.audit
-                    .insert(k, self.encode("audit", &e)?)
-                    .map_err(io)?;
-                n += 1;
-            }
+    fn find_username(&self, platform: Platform, username: &str) -> StoreResult<Option<UserRef>> {
+        let key = self.username_key(platform, username);
+        let Some(v) = self.usernames.get(&key).map_err(io)? else {
+            return Ok(None);
+        };
+        let found = self
+            .unseal("usernames", &key, &v)
+            .ok()
+            .and_then(|v| String::from_utf8(v.into_owned()).ok())
+            .and_then(|s| s.parse::<UserRef>().ok())
+            .filter(|u| u.platform == platform);
+        if found.is_none() {
+            tracing::error!(tree = "usernames", "corrupt store entry skipped");
         }
-        Ok(n)
-    }
-
-    fn find_username(&self, username: &str) -> StoreResult<Option<UserRef>> {
-        let name = username.trim_start_matches('@').to_lowercase();
-        Ok(self
-            .usernames
-            .get(name.as_bytes())
-            .map_err(io)?
-            .and_then(|v| String::from_utf8(v.to_vec()).ok())
-            .and_then(|s| s.parse().ok()))
+        Ok(found)
     }
 
     fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>> {
+        let row = self.cache_row_key(key);
         Ok(self
             .cache
-            .get(key)
+            .get(row)
             .map_err(io)?
-            .and_then(|v| self.decode("cache", key, &v)))
+            .and_then(|v| self.decode("cache", &row, &v)))
     }
 
     fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()> {
         let _gate = self.write_gate();
+        let row = self.cache_row_key(key);
         let old = self
             .cache
-            .insert(key, self.encode("cache", entry)?)
+            .insert(row, self.encode("cache", &row, entry)?)
             .map_err(io)?;
-        match old.and_then(|v| self.decode::<CacheEntry>("cache", key, &v)) {
+        match old.and_then(|v| self.decode::<CacheEntry>("cache", &row, &v)) {
             Some(old) => {
                 self.cache_time
-                    .remove(time_key(old.created_at, key))
+                    .remove(time_key(old.created_at, &row))
                     .map_err(io)?;
             }
             None => {
@@ -773,7 +665,7 @@ impl Store for SledStore {
             }
         }
         self.cache_time
-            .insert(time_key(entry.created_at, key), &[] as &[u8])
+            .insert(time_key(entry.created_at, &row), &[] as &[u8])
             .map_err(io)?;
         // Evict the oldest entries beyond the bound.
         while self.cache_count.load(Ordering::Relaxed) > max_entries {
@@ -788,16 +680,7 @@ impl Store for SledStore {
     }
 
     fn cache_remove(&self, key: &[u8; 32]) -> StoreResult<()> {
-        let _gate = self.write_gate();
-        if let Some(v) = self.cache.remove(key).map_err(io)? {
-            self.cache_count.fetch_sub(1, Ordering::Relaxed);
-            if let Some(old) = self.decode::<CacheEntry>("cache", key, &v) {
-                self.cache_time
-                    .remove(time_key(old.created_at, key))
-                    .map_err(io)?;
-            }
-        }
-        Ok(())
+        self.cache_remove_row(&self.cache_row_key(key))
     }
 
     fn cache_expire(&self, before: i64) -> StoreResult<usize> {
@@ -830,9 +713,9 @@ impl Store for SledStore {
 
     fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()> {
         let _gate = self.write_gate();
-        let seq = self.db.generate_id().map_err(io)?;
+        let seq = self.db.generate_id().map_err(io)?.to_be_bytes();
         self.audit
-            .insert(seq.to_be_bytes(), self.encode("audit", entry)?)
+            .insert(seq, self.encode("audit", &seq, entry)?)
             .map_err(io)?;
         Ok(())
     }
@@ -852,17 +735,19 @@ impl Store for SledStore {
     }
 
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>> {
+        let k = update.as_bytes();
         Ok(self
             .handled
-            .get(update.as_bytes())
+            .get(k)
             .map_err(io)?
-            .and_then(|v| self.decode("handled", update.as_bytes(), &v)))
+            .and_then(|v| self.decode("handled", k, &v)))
     }
 
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()> {
         let _gate = self.write_gate();
+        let k = update.as_bytes();
         self.handled
-            .insert(update.as_bytes(), self.encode("handled", entry)?)
+            .insert(k, self.encode("handled", k, entry)?)
             .map_err(io)?;
         Ok(())
     }
@@ -893,10 +778,16 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn meta_remove(&self, key: &str) -> StoreResult<()> {
+        let _gate = self.write_gate();
+        self.meta.remove(key).map_err(io)?;
+        Ok(())
+    }
+
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         let _gate = self.write_gate();
         self.inbox
-            .insert(key, self.seal("inbox", value.to_vec()))
+            .insert(key, self.seal("inbox", key.as_bytes(), value))
             .map_err(io)?;
         Ok(())
     }
@@ -911,7 +802,7 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.inbox.scan_prefix(prefix) {
             let (k, v) = item.map_err(io)?;
-            match (String::from_utf8(k.to_vec()), self.unseal(&v)) {
+            match (String::from_utf8(k.to_vec()), self.unseal("inbox", &k, &v)) {
                 (Ok(key), Ok(value)) => out.push((key, value.into_owned())),
                 _ => tracing::error!(tree = "inbox", "unreadable inbox entry skipped"),
             }
@@ -920,44 +811,7 @@ impl Store for SledStore {
     }
 
     fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport> {
-        let mut report = ForgetReport::default();
-        for (key, _) in self.user_conversations(user)? {
-            report.turns += self.clear_conversation(&key)?;
-            report.conversations += 1;
-        }
-        let ukey = user_key(user);
-        let gate = self.write_gate();
-        if let Some(v) = self.users.remove(&ukey).map_err(io)? {
-            report.user_record = true;
-            if let Some(rec) = self.decode::<UserRecord>("users", &ukey, &v) {
-                if let Some(name) = rec.username {
-                    let name = name.trim_start_matches('@').to_lowercase();
-                    self.usernames.remove(name.as_bytes()).map_err(io)?;
-                }
-            }
-        }
-        // Any leftover username pointing at this user (renamed users).
-        for item in self.usernames.iter() {
-            let (k, v) = item.map_err(io)?;
-            if v.as_ref() == ukey.as_slice() {
-                self.usernames.remove(k).map_err(io)?;
-            }
-        }
-        drop(gate);
-        for item in self.cache.iter() {
-            let (k, v) = item.map_err(io)?;
-            let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) else {
-                continue;
-            };
-            if self
-                .decode::<CacheEntry>("cache", &k, &v)
-                .is_some_and(|e| &e.origin == user)
-            {
-                self.cache_remove(&key)?;
-                report.cache_entries += 1;
-            }
-        }
-        Ok(report)
+        self.forget(user)
     }
 
     fn flush(&self) -> BoxFuture<'_, StoreResult<()>> {
@@ -1048,7 +902,7 @@ mod tests {
         let s = SledStore::open(dir.path(), 8, 500).unwrap();
         let k = key("1");
         s.append_turns(&k, &[turn("a", 1)], None).unwrap();
-        let mut bad = conv_prefix(&k);
+        let mut bad = s.conv_prefix(&k);
         bad.extend_from_slice(&u64::MAX.to_be_bytes());
         s.turns.insert(bad, b"{not json".as_slice()).unwrap();
         let got = s.recent_turns(&k, 100).unwrap();

@@ -19,6 +19,7 @@ fn on(platform: Platform, user: &str, said: &str) -> Inbound {
         user_name: format!("N{user}"),
         username: (platform == Platform::Telegram).then(|| format!("name{user}")),
         is_private: true,
+        forwarded: false,
         content: Content::Text(said.into()),
     }
 }
