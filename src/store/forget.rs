@@ -136,7 +136,11 @@ impl SledStore {
         let me = user.to_string();
         let names: Vec<String> = std::iter::once(me.clone())
             .chain(aliases.iter().map(|a| format!("@{a}")))
-            .chain(aliases.iter().map(|a| format!("{}:@{a}", user.platform.prefix())))
+            .chain(
+                aliases
+                    .iter()
+                    .map(|a| format!("{}:@{a}", user.platform.prefix())),
+            )
             .collect();
         let scrub = |s: &str| -> Option<String> {
             let mut out: Option<String> = None;

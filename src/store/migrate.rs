@@ -53,8 +53,8 @@ pub fn backup_auth_for_rows(
         path: "backup".into(),
         reason,
     };
-    let secret =
-        secret.ok_or_else(|| fail("the backup is encrypted but CONFAB_DATA_KEY is not set".into()))?;
+    let secret = secret
+        .ok_or_else(|| fail("the backup is encrypted but CONFAB_DATA_KEY is not set".into()))?;
     let salt = meta(KDF_SALT).unwrap_or_default();
     let keys = checked_keys(secret, salt, check).map_err(fail)?;
     Ok(Some(keys.backup_auth()))
@@ -166,7 +166,9 @@ impl SledStore {
                     true => legacy.open(&v).unwrap_or_else(|_| v.to_vec()),
                     false => v.to_vec(),
                 };
-                let (nk, nv) = self.rekey(name, &k, plain).unwrap_or_else(|p| (k.to_vec(), p));
+                let (nk, nv) = self
+                    .rekey(name, &k, plain)
+                    .unwrap_or_else(|p| (k.to_vec(), p));
                 if nk.as_slice() != k.as_ref() {
                     batch.remove(k);
                 }
@@ -181,7 +183,8 @@ impl SledStore {
             }
             tree.apply_batch(batch).map_err(io)?;
         }
-        self.cache_count.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.cache_count
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(rows = moved, "store encrypted at rest (one-time migration)");
         Ok(())
     }

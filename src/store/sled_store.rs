@@ -143,7 +143,6 @@ fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-
 impl SledStore {
     /// Opens (or creates) the store. `cache_capacity_mb` bounds sled's page cache
     /// (its default is 1 GB); `flush_every_ms` is the background flush period.
@@ -599,11 +598,7 @@ impl Store for SledStore {
         if let Some(e) = failed {
             return Err(e);
         }
-        self.reindex_username(
-            user,
-            username_before.as_deref(),
-            result.username.as_deref(),
-        )?;
+        self.reindex_username(user, username_before.as_deref(), result.username.as_deref())?;
         Ok(result)
     }
 
