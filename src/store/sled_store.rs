@@ -826,6 +826,7 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout;
     use super::*;
 
     fn key(user: &str) -> ConversationKey {
@@ -916,5 +917,199 @@ mod tests {
         }
         let err = SledStore::open(dir.path(), 8, 500).err().unwrap();
         assert!(matches!(err, StoreError::SchemaTooNew { .. }), "{err}");
+    }
+
+    const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn tg(id: &str) -> UserRef {
+        UserRef::new(Platform::Telegram, id)
+    }
+
+    fn banned(reason: &str) -> UserRecord {
+        UserRecord {
+            name: Some("Ann".into()),
+            username: Some("ann".into()),
+            banned: Some(Ban {
+                reason: reason.into(),
+                by: "tg:1".into(),
+                at: 1,
+                notified: false,
+            }),
+            ..UserRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_corrupt_user_record_is_an_error_and_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let u = tg("5");
+        s.users
+            .insert(s.user_key(&u), b"{broken".as_slice())
+            .unwrap();
+        assert!(matches!(
+            s.user(&u),
+            Err(StoreError::Corrupt { tree: "users", .. })
+        ));
+        assert!(s.update_user(&u, &mut |r| r.banned = None).is_err());
+        let mut book = |r: &mut UserRecord| r.usage.messages += 1;
+        let exchange = Exchange {
+            conversation: &key("5"),
+            turns: &[turn("hi", 1)],
+            handled: None,
+            user: Some((&u, &mut book)),
+        };
+        assert!(s.record_exchange(exchange).is_err());
+        assert!(s.all_turns(&key("5")).unwrap().is_empty(), "all or nothing");
+        let raw = s.users.get(s.user_key(&u)).unwrap().unwrap();
+        assert_eq!(raw.as_ref(), b"{broken");
+    }
+
+    #[test]
+    fn with_a_key_plaintext_and_moved_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some(KEY)).unwrap();
+        let (a, b) = (tg("1"), tg("2"));
+        s.put_user(&a, &banned("spam")).unwrap();
+        s.put_user(&b, &UserRecord::default()).unwrap();
+        // a plaintext record planted in place of b's: refused, not trusted
+        let plain = serde_json::to_vec(&UserRecord::default()).unwrap();
+        s.users.insert(s.user_key(&a), plain).unwrap();
+        assert!(s.user(&a).is_err());
+        // b's sealed record moved onto a's key does not open either
+        let sealed_b = s.users.get(s.user_key(&b)).unwrap().unwrap();
+        s.users.insert(s.user_key(&a), sealed_b).unwrap();
+        assert!(s.user(&a).is_err());
+        // a plaintext turn is skipped like any corrupt entry
+        let mut k = s.conv_prefix(&key("1"));
+        k.extend_from_slice(&1u64.to_be_bytes());
+        s.turns
+            .insert(k, serde_json::to_vec(&turn("planted", 1)).unwrap())
+            .unwrap();
+        assert!(s.all_turns(&key("1")).unwrap().is_empty());
+    }
+
+    /// A schema-1 store, encrypted the old way (text sealed as `CFE1` under the unsalted
+    /// key, everything else plain, usernames not per platform), opened with the key.
+    #[test]
+    fn an_old_encrypted_store_is_migrated_once_and_completely() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = crypto::LegacyCipher::from_secret("old passphrase");
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            let u = tg("7");
+            let rec = serde_json::to_vec(&banned("sock puppet")).unwrap();
+            s.users.insert("tg:7", rec).unwrap();
+            s.usernames.insert("ann", "tg:7").unwrap();
+            let prefix = layout::conv_prefix_plain(&key("7"));
+            for (i, t) in ["first secret", "second secret"].iter().enumerate() {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&(i as u64).to_be_bytes());
+                let v = legacy.seal(&serde_json::to_vec(&turn(t, 1)).unwrap());
+                s.turns.insert(k, v).unwrap();
+            }
+            let mut idx = u.to_string().into_bytes();
+            idx.push(0);
+            idx.extend_from_slice(&prefix);
+            s.conv_index.insert(idx, &[] as &[u8]).unwrap();
+            s.meta
+                .insert("key_check", legacy.seal(crypto::CHECK))
+                .unwrap();
+            s.meta
+                .insert("schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let wrong = SledStore::open_with_key(dir.path(), 8, 500, Some("other"));
+        assert!(wrong.err().unwrap().to_string().contains("does not match"));
+        let check = |s: &SledStore| {
+            let u = tg("7");
+            let rec = s.user(&u).unwrap().unwrap();
+            assert_eq!(rec.banned.unwrap().reason, "sock puppet");
+            assert_eq!(
+                s.find_username(Platform::Telegram, "@Ann").unwrap(),
+                Some(u.clone())
+            );
+            assert_eq!(s.find_username(Platform::Discord, "ann").unwrap(), None);
+            let convs = s.user_conversations(&u).unwrap();
+            let texts: Vec<_> = convs[0].1.iter().map(|t| t.text.as_str()).collect();
+            assert_eq!(texts, ["first secret", "second secret"]);
+            for (tree, k, v) in s.dump().unwrap() {
+                let row = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&k),
+                    String::from_utf8_lossy(&v)
+                );
+                for needle in ["secret", "sock", "ann", "Ann", "tg:7"] {
+                    assert!(!row.contains(needle), "{needle} in {tree}: {row}");
+                }
+            }
+        };
+        {
+            let s = SledStore::open_with_key(dir.path(), 8, 500, Some("old passphrase")).unwrap();
+            check(&s);
+            assert!(s.meta.get("key_check").unwrap().is_none(), "old check gone");
+            // an interrupted migration: a row still in the old form, marker not yet set
+            s.meta.remove("sealed").unwrap();
+            let rec = serde_json::to_vec(&banned("late")).unwrap();
+            s.users.insert("tg:8", rec).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some("old passphrase")).unwrap();
+        check(&s);
+        assert_eq!(
+            s.user(&tg("8")).unwrap().unwrap().banned.unwrap().reason,
+            "late"
+        );
+        drop(s);
+        let none = SledStore::open(dir.path(), 8, 500).err().unwrap();
+        assert!(
+            none.to_string().contains("CONFAB_DATA_KEY is not set"),
+            "{none}"
+        );
+    }
+
+    #[test]
+    fn a_schema_1_store_gets_per_platform_usernames() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            s.usernames.insert("vip", "dc:20").unwrap();
+            s.meta
+                .insert("schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        assert_eq!(
+            s.find_username(Platform::Discord, "VIP").unwrap(),
+            Some(UserRef::new(Platform::Discord, "20"))
+        );
+        assert_eq!(s.find_username(Platform::Telegram, "vip").unwrap(), None);
+        let v = s.meta.get("schema_version").unwrap().unwrap();
+        assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+    }
+
+    #[test]
+    fn cache_keys_are_hmacs_with_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some(KEY)).unwrap();
+        let e = CacheEntry {
+            reply: "r".into(),
+            tokens: 1,
+            reply_tokens: 1,
+            created_at: 100,
+            origin: tg("1"),
+            model: "m".into(),
+        };
+        s.cache_put(&[3; 32], &e, 10).unwrap();
+        assert_eq!(s.cache_get(&[3; 32]).unwrap(), Some(e));
+        assert!(
+            s.cache.get([3u8; 32]).unwrap().is_none(),
+            "not under the plain hash"
+        );
+        s.cache_remove(&[3; 32]).unwrap();
+        assert_eq!(s.cache_len(), 0);
+        assert_eq!(s.cache_time.len(), 0);
     }
 }

@@ -16,5 +16,6 @@ mod engine;
 mod faults;
 mod ops;
 mod ops_http;
+mod privacy;
 mod systemd;
 mod telegram;
