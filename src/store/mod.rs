@@ -4,6 +4,8 @@
 //! (a Redis one can be added later without touching the engine).
 
 pub mod crypto;
+mod dump;
+mod flush;
 mod forget;
 mod layout;
 mod migrate;

@@ -12,14 +12,15 @@
 //! - `inbox`:      adapter key → received update not yet answered (replayed at start)
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Db, Tree};
 
 use super::crypto;
+pub use super::flush::FlushCounts;
+use super::flush::Flusher;
 use super::layout::{parse_conv_prefix, time_key};
 use super::*;
 
@@ -43,83 +44,6 @@ pub struct SledStore {
     pub(super) gate: std::sync::RwLock<()>,
     /// Set with `CONFAB_DATA_KEY`: personal values sealed, ids and names in keys hashed.
     pub(super) keys: Option<crypto::Keys>,
-}
-
-type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
-
-/// Group commit on one dedicated thread. Every waiter that arrives while a flush runs
-/// is served by the next single `db.flush()`.
-///
-/// Why not `Db::flush_async`: sled 0.34 runs it on its small shared I/O pool, and with
-/// more concurrent callers than pool threads every thread blocks in `make_stable`
-/// waiting for a write that needs a pool thread — a deadlock (seen in our tests).
-struct Flusher {
-    tx: Option<std::sync::mpsc::Sender<FlushWaiter>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    counts: Arc<FlushCounts>,
-}
-
-/// How well group commit works: flushes done and the callers they served.
-#[derive(Debug, Default)]
-pub struct FlushCounts {
-    pub flushes: AtomicU64,
-    pub waiters: AtomicU64,
-    /// Group-commit window in microseconds (see [`SledStore::set_group_commit_window`]).
-    window_us: AtomicU64,
-}
-
-impl Flusher {
-    fn start(db: Db) -> StoreResult<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
-        let counts = Arc::new(FlushCounts::default());
-        let c = counts.clone();
-        let thread = std::thread::Builder::new()
-            .name("confab-flush".into())
-            .spawn(move || {
-                // Under load (the last flush served several callers), wait up to the
-                // window for more callers before flushing: fewer, fuller flushes. A lone
-                // caller never waits.
-                let mut busy = false;
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    let window = Duration::from_micros(c.window_us.load(Ordering::Relaxed));
-                    if busy && !window.is_zero() {
-                        let deadline = Instant::now() + window;
-                        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                            match rx.recv_timeout(left) {
-                                Ok(w) => batch.push(w),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    batch.extend(rx.try_iter());
-                    busy = batch.len() > 1;
-                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                    c.flushes.fetch_add(1, Ordering::Relaxed);
-                    c.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    for waiter in batch {
-                        let _ = waiter.send(result.clone());
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Io(format!("starting the flush thread: {e}")))?;
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-            counts,
-        })
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        // Closing the channel ends the thread; joining releases its handle on the
-        // database so the store can be reopened at once.
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// One stored (tree, key, value).
@@ -290,68 +214,8 @@ impl SledStore {
         self.keys.is_some()
     }
 
-    /// The authenticator for backups of this store (HMAC-SHA256 with a key derived from
-    /// the data key); `None` without a data key. Verify with [`super::backup_auth_for_rows`].
-    pub fn backup_auth(&self) -> Option<crypto::BackupAuth> {
-        self.keys.as_ref().map(crypto::Keys::backup_auth)
-    }
-
     pub(super) fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A consistent copy of every tree: writes pause while it is taken.
-    pub fn snapshot(&self) -> StoreResult<Vec<DumpRow>> {
-        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.dump()
-    }
-
-    /// Inserts rows (from a backup) into an empty store.
-    pub fn load_rows(&self, rows: &[DumpRow]) -> StoreResult<()> {
-        for (tree, k, v) in rows {
-            if !TREES.contains(&tree.as_str()) {
-                return Err(StoreError::Corrupt {
-                    tree: "backup",
-                    reason: format!("unknown tree {tree:?}"),
-                });
-            }
-            self.db
-                .open_tree(tree)
-                .map_err(io)?
-                .insert(k.as_slice(), v.as_slice())
-                .map_err(io)?;
-        }
-        self.cache_count.store(self.cache.len(), Ordering::Relaxed);
-        self.db.flush().map_err(io)?;
-        Ok(())
-    }
-
-    /// Every (tree, key, value) in the store as stored (sealed values stay sealed), for
-    /// backups and for audits of what is on disk.
-    pub fn dump(&self) -> StoreResult<Vec<DumpRow>> {
-        let mut out = Vec::new();
-        for name in TREES {
-            let tree = self.db.open_tree(name).map_err(io)?;
-            for item in tree.iter() {
-                let (k, v) = item.map_err(io)?;
-                out.push((name.to_string(), k.to_vec(), v.to_vec()));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Like [`SledStore::dump`] with every value decrypted that can be (tests, audits
-    /// of what is stored about someone).
-    pub fn dump_open(&self) -> StoreResult<Vec<DumpRow>> {
-        Ok(self
-            .dump()?
-            .into_iter()
-            .map(|(tree, k, v)| {
-                let open = self.unseal(&tree, &k, &v).map(|p| p.into_owned());
-                let v = open.unwrap_or(v);
-                (tree, k, v)
-            })
-            .collect())
     }
 
     fn scan_turns<'a>(
