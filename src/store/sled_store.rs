@@ -436,7 +436,8 @@ impl Store for SledStore {
         let mut username_before = None;
         self.users
             .fetch_and_update(&key, |old| {
-                // A corrupt record is left as it is and reported, never replaced.
+                failed = None; // sled may retry the closure
+                               // A corrupt record is left as it is and reported, never replaced.
                 let mut rec: UserRecord = match old.map(|v| self.decode_strict("users", &key, v)) {
                     Some(Ok(r)) => r,
                     Some(Err(e)) => {
