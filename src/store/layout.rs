@@ -178,7 +178,7 @@ impl SledStore {
     }
 
     /// Decodes a value; an unreadable one is an error naming the tree (never its
-    /// contents or key).
+    /// contents or key: the reason reaches logs).
     pub(super) fn decode_strict<T: DeserializeOwned>(
         &self,
         tree: &'static str,
@@ -188,9 +188,15 @@ impl SledStore {
         let plain = self
             .unseal(tree, key, bytes)
             .map_err(|reason| StoreError::Corrupt { tree, reason })?;
+        // serde's message can quote the value (a name, a text): give only where and what kind.
         serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
             tree,
-            reason: e.to_string(),
+            reason: format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
         })
     }
 

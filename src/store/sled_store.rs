@@ -828,6 +828,15 @@ mod tests {
         assert!(s.all_turns(&key("5")).unwrap().is_empty(), "all or nothing");
         let raw = s.users.get(s.user_key(&u)).unwrap().unwrap();
         assert_eq!(raw.as_ref(), b"{broken");
+        // the error (it is logged) never quotes the stored value
+        let secret = br#"{"name":"Zanzibar","first_seen":"Zanzibar"}"#;
+        s.users.insert(s.user_key(&u), secret.as_slice()).unwrap();
+        let err = s.user(&u).unwrap_err().to_string();
+        assert!(!err.contains("Zanzibar"), "{err}");
+        assert!(
+            err.starts_with("corrupt store entry in users: Data error"),
+            "{err}"
+        );
     }
 
     #[test]
