@@ -109,6 +109,7 @@ fn store(c: &mut Criterion) {
             reply: turns[1].text.clone(),
         },
         at: 1_763_700_000,
+        user: None,
     };
     let next = AtomicU64::new(0);
     c.bench_function("store/record_exchange", |b| {

@@ -351,6 +351,7 @@ pub async fn restore(
         &config.data_dir,
         force,
         config.store.cache_capacity_mb,
+        config.data_key.as_ref().map(|k| k.expose()),
     )?;
     Ok(format!(
         "restored {rows} rows into {}",

@@ -146,6 +146,10 @@ pub struct Inbound {
     pub username: Option<String>,
     /// Private chat (DM); in groups, non-text input is ignored silently.
     pub is_private: bool,
+    /// Forwarded from someone else (Telegram `forward_origin`): its text is never run as
+    /// a command, so an admin forwarding `/admin …` does not execute it.
+    #[serde(default)]
+    pub forwarded: bool,
     pub content: Content,
 }
 
@@ -231,6 +235,17 @@ pub struct Button {
     pub command: String,
 }
 
+/// Who may read a reply. The engine decides; adapters render it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Visibility {
+    /// Where the message came from (the chat, group or channel).
+    #[default]
+    Public,
+    /// Only the user who asked: in a group it goes to their DM (or says how to open
+    /// one); on Discord it is ephemeral. `/export`, `/usage`, `/forget`, every `/admin`.
+    Personal,
+}
+
 /// The engine's decision for one inbound message.
 #[derive(Debug, Clone)]
 pub enum Reply {
@@ -240,6 +255,7 @@ pub enum Reply {
         kind: ReplyKind,
         attachment: Option<Attachment>,
         buttons: Vec<Button>,
+        visibility: Visibility,
     },
     /// Send nothing (duplicate update, repeated over-limit message, non-text in a group).
     Silent,
@@ -252,6 +268,35 @@ impl Reply {
             kind,
             attachment: None,
             buttons: Vec::new(),
+            visibility: Visibility::Public,
+        }
+    }
+
+    /// The same reply, for the asking user's eyes only.
+    pub fn personal(self) -> Self {
+        match self {
+            Reply::Text {
+                text,
+                kind,
+                attachment,
+                buttons,
+                ..
+            } => Reply::Text {
+                text,
+                kind,
+                attachment,
+                buttons,
+                visibility: Visibility::Personal,
+            },
+            Reply::Silent => Reply::Silent,
+        }
+    }
+
+    /// Who may read it (`Public` for `Silent`).
+    pub fn visibility(&self) -> Visibility {
+        match self {
+            Reply::Text { visibility, .. } => *visibility,
+            Reply::Silent => Visibility::Public,
         }
     }
 

@@ -98,6 +98,7 @@ pub fn message(user: u64, text: &str) -> Inbound {
         user_name: "Bench".into(),
         username: None,
         is_private: true,
+        forwarded: false,
         content: Content::Text(text.into()),
     }
 }

@@ -499,6 +499,7 @@ impl DiscordAdapter {
                 .unwrap_or_else(|| author.name.clone()),
             username: Some(author.name.clone()),
             is_private,
+            forwarded: false,
             content,
         }
     }

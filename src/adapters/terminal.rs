@@ -42,6 +42,7 @@ impl TerminalChat {
                 user_name: self.user_name.clone(),
                 username: None,
                 is_private: true,
+                forwarded: false,
                 content: Content::Text(line),
             };
             let reply = if streaming {

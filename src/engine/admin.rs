@@ -9,9 +9,11 @@ use serde_json::json;
 use super::commands::{AdminCommand, UserArg};
 use super::limits::{human_duration, limit_key, utc_day};
 use super::{now_unix, Engine};
-use crate::domain::{Attachment, Button, Inbound, Rejection, Reply, ReplyKind, UserRef};
+use crate::domain::{
+    Attachment, Button, Inbound, Platform, Rejection, Reply, ReplyKind, UserRef, Visibility,
+};
 use crate::llm::BreakerState;
-use crate::store::{AuditEntry, Ban, ForgetReport, StoreError, StoreResult};
+use crate::store::{AuditEntry, Ban, ForgetReport, StoreError, StoreResult, UserRecord};
 
 /// How long a `/forget` waits for its confirmation.
 pub const FORGET_WINDOW: Duration = Duration::from_secs(300);
@@ -40,12 +42,13 @@ pub fn export_json(engine: &Engine, user: &UserRef) -> StoreResult<serde_json::V
     }))
 }
 
-/// Deletes everything about a user: turns, record, cache entries they originated,
-/// limiter state, and their id in the audit log. Used by `/forget` and `confab user forget`.
+/// Deletes everything about a user: turns, record, usernames, cache entries they
+/// originated, pending replies, their updates waiting in the inbox, limiter state, and
+/// their id, names and words in the audit log. Used by `/forget` and `confab user forget`.
 pub fn forget_user(engine: &Engine, user: &UserRef) -> StoreResult<ForgetReport> {
     let store = engine.store();
     let report = store.forget_user(user)?;
-    store.audit_redact(&user.to_string(), "[forgotten user]")?;
+    forget_inbox(engine, user)?;
     for bot in &engine.config().bots {
         engine
             .limits()
@@ -82,6 +85,25 @@ fn refused_command_name(text: &str) -> String {
     }
 }
 
+/// Inbox entries are the adapters' JSON jobs, each with the domain `inbound` it carries.
+/// The entry of the update being answered goes too (the adapter's remove is then a no-op).
+fn forget_inbox(engine: &Engine, user: &UserRef) -> StoreResult<usize> {
+    let store = engine.store();
+    let platform = serde_json::to_value(user.platform).unwrap_or_default();
+    let mut n = 0;
+    for (key, bytes) in store.inbox_scan("")? {
+        let Ok(job) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        let inbound = &job["inbound"];
+        if inbound["platform"] == platform && inbound["user_id"].as_str() == Some(&user.id) {
+            store.inbox_remove(&key)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 pub fn describe_forget(r: &ForgetReport) -> String {
     format!(
         "Deleted: {} messages in {} conversations, {} cached replies{}.",
@@ -115,6 +137,7 @@ impl Engine {
                 bytes,
             }),
             buttons: Vec::new(),
+            visibility: Visibility::Personal,
         })
     }
 
@@ -140,6 +163,7 @@ impl Engine {
                             command: "/forget cancel".into(),
                         },
                     ],
+                    visibility: Visibility::Personal,
                 });
             }
             Some(false) => {
@@ -169,10 +193,53 @@ impl Engine {
         }
     }
 
-    fn resolve(&self, arg: &UserArg) -> StoreResult<Option<UserRef>> {
-        match arg {
-            UserArg::Ref(r) => Ok(Some(r.clone())),
-            UserArg::Username(name) => self.store().find_username(name),
+    /// Finds the user an admin means. `@name` looks on the admin's own platform (both,
+    /// from the terminal); `tg:@name` / `dc:@name` on the one named. `Ok(Err(text))`
+    /// is the answer when nobody (or more than one user) matches.
+    fn resolve(&self, arg: &UserArg, from: Platform) -> StoreResult<Result<UserRef, String>> {
+        let (platform, name) = match arg {
+            UserArg::Ref(r) => return Ok(Ok(r.clone())),
+            UserArg::Username { platform, name } => (*platform, name),
+        };
+        let platforms: &[Platform] = match (platform, from) {
+            (Some(Platform::Telegram), _) | (None, Platform::Telegram) => &[Platform::Telegram],
+            (Some(Platform::Discord), _) | (None, Platform::Discord) => &[Platform::Discord],
+            _ => &[Platform::Telegram, Platform::Discord],
+        };
+        let mut found = Vec::new();
+        for p in platforms {
+            found.extend(self.store().find_username(*p, name)?);
+        }
+        Ok(match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(format!(
+                "I don't know {arg}: use tg:<id> or dc:<id>, or tg:@name / dc:@name for another platform."
+            )),
+            _ => Err(format!(
+                "@{name} is {}: say tg:@{name} or dc:@{name}.",
+                found
+                    .iter()
+                    .map(UserRef::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )),
+        })
+    }
+
+    /// `tg:123 (@vip, "Ann")`: whom an admin answer is about.
+    fn describe(&self, user: &UserRef) -> String {
+        match self.store().user(user) {
+            Ok(Some(r)) => {
+                let mut parts = Vec::new();
+                parts.extend(r.username.map(|u| format!("@{u}")));
+                parts.extend(r.name.map(|n| format!("{n:?}")));
+                match parts.is_empty() {
+                    true => user.to_string(),
+                    false => format!("{user} ({})", parts.join(", ")),
+                }
+            }
+            Ok(None) => format!("{user} (never seen)"),
+            Err(_) => format!("{user} (record unreadable)"),
         }
     }
 
@@ -206,17 +273,20 @@ impl Engine {
             }
         };
         let target = match cmd.target() {
-            Some(arg) => match self.resolve(arg)? {
-                Some(user) => Some(user),
-                None => {
-                    let msg = format!("I don't know {arg}: use tg:<id> or dc:<id>.");
+            Some(arg) => match self.resolve(arg, actor.platform)? {
+                Ok(user) => Some(user),
+                Err(msg) => {
                     self.audit(&actor, &command_text, Some(arg.to_string()), "unknown user");
                     return Ok(Reply::notice(Rejection::BadCommand, msg));
                 }
             },
             None => None,
         };
-        let (reply, result) = match self.run_admin(&actor, &cmd, target.as_ref()) {
+        let outcome = match &target {
+            Some(user) => self.run_on_user(&actor, &cmd, user),
+            None => self.run_admin(&cmd),
+        };
+        let (reply, result) = match outcome {
             Ok(reply) => (reply, "ok".to_string()),
             Err(e) => (format!("Failed: {e}"), format!("error: {e}")),
         };
@@ -229,88 +299,82 @@ impl Engine {
         Ok(Reply::text(reply, ReplyKind::Command))
     }
 
-    fn run_admin(
+    /// The admin commands about one user; every answer names whom it resolved.
+    fn run_on_user(
         &self,
         actor: &UserRef,
         cmd: &AdminCommand,
-        target: Option<&UserRef>,
+        user: &UserRef,
     ) -> Result<String, String> {
         let store = self.store();
         let err = |e: StoreError| e.to_string();
-        let target = || target.ok_or_else(|| "no user given".to_string());
+        let who = self.describe(user);
+        let update = |f: &mut dyn FnMut(&mut UserRecord)| store.update_user(user, f).map_err(err);
         Ok(match cmd {
-            AdminCommand::Stats => offload(|| self.stats_text()).map_err(err)?,
             AdminCommand::Ban { reason, .. } => {
-                let user = target()?;
-                let reason = if reason.is_empty() {
-                    "no reason given".to_string()
-                } else {
-                    reason.clone()
+                let reason = match reason.is_empty() {
+                    true => "no reason given".to_string(),
+                    false => reason.clone(),
                 };
-                store
-                    .update_user(user, &mut |r| {
-                        r.banned = Some(Ban {
-                            reason: reason.clone(),
-                            by: actor.to_string(),
-                            at: now_unix(),
-                            notified: false,
-                        })
+                update(&mut |r| {
+                    r.banned = Some(Ban {
+                        reason: reason.clone(),
+                        by: actor.to_string(),
+                        at: now_unix(),
+                        notified: false,
                     })
-                    .map_err(err)?;
-                format!("Banned {user} ({reason}).")
+                })?;
+                format!("Banned {who}: {reason}.")
             }
             AdminCommand::Unban { .. } => {
-                let user = target()?;
-                store
-                    .update_user(user, &mut |r| r.banned = None)
-                    .map_err(err)?;
-                format!("Unbanned {user}.")
+                update(&mut |r| r.banned = None)?;
+                format!("Unbanned {who}.")
             }
             AdminCommand::Limit {
                 per_minute,
                 daily_tokens,
                 ..
             } => {
-                let user = target()?;
-                store
-                    .update_user(user, &mut |r| {
-                        r.limit_per_minute = Some(*per_minute);
-                        if daily_tokens.is_some() {
-                            r.limit_daily_tokens = *daily_tokens;
-                        }
-                    })
-                    .map_err(err)?;
+                update(&mut |r| {
+                    r.limit_per_minute = Some(*per_minute);
+                    if daily_tokens.is_some() {
+                        r.limit_daily_tokens = *daily_tokens;
+                    }
+                })?;
                 match daily_tokens {
-                    Some(d) => format!("{user}: {per_minute} messages/minute, {d} tokens/day."),
-                    None => format!("{user}: {per_minute} messages/minute."),
+                    Some(d) => format!("{who}: {per_minute} messages/minute, {d} tokens/day."),
+                    None => format!("{who}: {per_minute} messages/minute."),
                 }
             }
             AdminCommand::LimitReset { .. } => {
-                let user = target()?;
-                store
-                    .update_user(user, &mut |r| {
-                        r.limit_per_minute = None;
-                        r.limit_daily_tokens = None;
-                    })
-                    .map_err(err)?;
-                format!("{user}: back to the configured limits.")
+                update(&mut |r| {
+                    r.limit_per_minute = None;
+                    r.limit_daily_tokens = None;
+                })?;
+                format!("{who}: back to the configured limits.")
             }
             AdminCommand::Reset { .. } => {
-                let user = target()?;
                 let mut turns = 0;
                 let convs = store.user_conversations(user).map_err(err)?;
                 for (key, _) in &convs {
                     turns += store.clear_conversation(key).map_err(err)?;
                 }
                 format!(
-                    "Cleared {turns} messages in {} conversations of {user}.",
+                    "Cleared {turns} messages in {} conversations of {who}.",
                     convs.len()
                 )
             }
-            AdminCommand::Whois { .. } => {
-                let user = target()?;
-                self.whois_text(user).map_err(err)?
-            }
+            AdminCommand::Whois { .. } => self.whois_text(user).map_err(err)?,
+            _ => return Err("this command takes no user".into()),
+        })
+    }
+
+    /// The admin commands about the whole service.
+    fn run_admin(&self, cmd: &AdminCommand) -> Result<String, String> {
+        let store = self.store();
+        let err = |e: StoreError| e.to_string();
+        Ok(match cmd {
+            AdminCommand::Stats => offload(|| self.stats_text()).map_err(err)?,
             AdminCommand::CacheStats => {
                 let s = &self.stats;
                 let (hits, misses) = (
@@ -348,32 +412,8 @@ impl Engine {
                 self.set_maintenance(None);
                 "Maintenance off.".to_string()
             }
-            AdminCommand::Audit { n } => {
-                let entries = store.audit_recent(*n).map_err(err)?;
-                if entries.is_empty() {
-                    "The audit log is empty.".to_string()
-                } else {
-                    entries
-                        .iter()
-                        .map(|e| {
-                            let when = chrono::DateTime::from_timestamp(e.at, 0)
-                                .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
-                                .unwrap_or_default();
-                            format!(
-                                "{when} {} {}{} → {}",
-                                e.actor,
-                                e.command,
-                                e.target
-                                    .as_ref()
-                                    .map(|t| format!(" [{t}]"))
-                                    .unwrap_or_default(),
-                                e.result
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                }
-            }
+            AdminCommand::Audit { n } => audit_text(&store.audit_recent(*n).map_err(err)?),
+            _ => return Err("this command needs a user".into()),
         })
     }
 
@@ -381,7 +421,7 @@ impl Engine {
         let store = self.store();
         let today = utc_day(now_unix());
         let (mut users, mut active_today, mut messages_today) = (0u64, 0u64, 0u64);
-        store.for_each_user(&mut |_, r| {
+        store.for_each_user(&mut |r| {
             users += 1;
             if r.usage.day == today {
                 active_today += 1;
@@ -457,6 +497,31 @@ impl Engine {
             }
         ))
     }
+}
+
+fn audit_text(entries: &[AuditEntry]) -> String {
+    if entries.is_empty() {
+        return "The audit log is empty.".to_string();
+    }
+    entries
+        .iter()
+        .map(|e| {
+            let when = chrono::DateTime::from_timestamp(e.at, 0)
+                .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            format!(
+                "{when} {} {}{} → {}",
+                e.actor,
+                e.command,
+                e.target
+                    .as_ref()
+                    .map(|t| format!(" [{t}]"))
+                    .unwrap_or_default(),
+                e.result
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn percent(part: u64, whole: u64) -> String {

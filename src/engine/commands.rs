@@ -1,7 +1,7 @@
 //! The command layer: parsing and help text. Commands are a closed enum; adapters only
 //! pass text through (Telegram's `/cmd@botname` suffix is stripped here).
 
-use crate::domain::UserRef;
+use crate::domain::{Platform, UserRef};
 
 /// User commands with their `/help` lines, in display order. Adapters register these
 /// (setMyCommands, Discord slash commands).
@@ -41,28 +41,53 @@ pub const ADMIN_USAGE: &[(&str, &str)] = &[
     ("audit [N]", "the last N admin actions (default 10)"),
 ];
 
-/// A user named in an admin command: `tg:<id>`, `dc:<id>`, or a Telegram `@username`.
+/// A user named in an admin command: `tg:<id>`, `dc:<id>`, or a username: `@name` on
+/// the admin's own platform, `tg:@name` / `dc:@name` on the one named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserArg {
     Ref(UserRef),
-    Username(String),
+    Username {
+        platform: Option<Platform>,
+        name: String,
+    },
 }
 
 impl std::fmt::Display for UserArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             UserArg::Ref(r) => write!(f, "{r}"),
-            UserArg::Username(u) => write!(f, "@{u}"),
+            UserArg::Username {
+                platform: Some(p),
+                name,
+            } => write!(f, "{}:@{name}", p.prefix()),
+            UserArg::Username {
+                platform: None,
+                name,
+            } => write!(f, "@{name}"),
         }
     }
 }
 
 fn user_arg(s: &str) -> Option<UserArg> {
-    if let Some(name) = s.strip_prefix('@') {
-        let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        return ok.then(|| UserArg::Username(name.to_string()));
-    }
-    s.parse().ok().map(UserArg::Ref)
+    let (platform, rest) = match s.split_once(":@") {
+        Some(("tg", name)) => (Some(Platform::Telegram), name),
+        Some(("dc", name)) => (Some(Platform::Discord), name),
+        Some(_) => return None,
+        None => match s.strip_prefix('@') {
+            Some(name) => (None, name),
+            None => return s.parse().ok().map(UserArg::Ref),
+        },
+    };
+    // Telegram: letters, digits, `_`; Discord also `.`.
+    let ok = !rest.is_empty()
+        && rest.len() <= 64
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    ok.then(|| UserArg::Username {
+        platform,
+        name: rest.to_string(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,7 +255,9 @@ pub fn help_text() -> String {
 }
 
 pub fn admin_usage() -> String {
-    let mut s = String::from("Usage: /admin <command>\nUSER is tg:<id>, dc:<id> or @username.\n");
+    let mut s = String::from(
+        "Usage: /admin <command>\nUSER is tg:<id>, dc:<id>, @username (on your platform) or tg:@username / dc:@username.\n",
+    );
     for (cmd, desc) in ADMIN_USAGE {
         s.push_str(&format!("/admin {cmd} — {desc}\n"));
     }
@@ -293,8 +320,20 @@ mod tests {
         assert_eq!(
             admin("/admin ban @Some_User"),
             Ok(AdminCommand::Ban {
-                user: UserArg::Username("Some_User".into()),
+                user: UserArg::Username {
+                    platform: None,
+                    name: "Some_User".into()
+                },
                 reason: String::new()
+            })
+        );
+        assert_eq!(
+            admin("/admin whois dc:@some.user"),
+            Ok(AdminCommand::Whois {
+                user: UserArg::Username {
+                    platform: Some(Platform::Discord),
+                    name: "some.user".into()
+                },
             })
         );
         assert_eq!(
@@ -325,6 +364,9 @@ mod tests {
             "/admin",
             "/admin ban",
             "/admin ban xx:1",
+            "/admin ban xx:@name",
+            "/admin ban tg:@",
+            "/admin ban @bad-name",
             "/admin limit tg:1",
             "/admin limit tg:1 zero",
             "/admin limit tg:1 0",

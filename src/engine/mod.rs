@@ -42,6 +42,8 @@ pub const MSG_BANNED: &str = "You have been blocked from using this bot.";
 pub const MSG_INTERNAL: &str = "Sorry, something went wrong on my side. Please try again.";
 pub const MSG_BUSY: &str =
     "I'm busy with many conversations right now. Please send that again in a minute.";
+/// `meta` key holding the maintenance message while maintenance mode is on.
+const MAINTENANCE_KEY: &str = "engine/maintenance";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -105,6 +107,16 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let prompts = Prompts::new(&config.prompts)?;
         let tokenizer = Tokenizer::load().map_err(EngineError::Tokenizer)?;
+        let maintenance = match store.meta_get(MAINTENANCE_KEY) {
+            Ok(m) => m.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            Err(e) => {
+                tracing::error!(error = %e, "could not read the stored maintenance mode");
+                None
+            }
+        };
+        if maintenance.is_some() {
+            tracing::warn!("maintenance mode is on (kept from before the restart)");
+        }
         Ok(Self {
             settings: RwLock::new(Arc::new(Settings {
                 config: Arc::new(config),
@@ -116,7 +128,7 @@ impl Engine {
             limits: Limits::new(),
             locks: ConversationLocks::default(),
             user_calls: ConversationLocks::default(),
-            maintenance: RwLock::new(None),
+            maintenance: RwLock::new(maintenance),
             started: Instant::now(),
             reloader: RwLock::new(None),
             system_tokens: Mutex::new(HashMap::new()),
@@ -209,7 +221,16 @@ impl Engine {
             .remove(user);
     }
 
+    /// Turns maintenance mode on (with the message non-admins get) or off. It is kept
+    /// in the store, so it survives a restart.
     pub fn set_maintenance(&self, message: Option<String>) {
+        let stored = match &message {
+            Some(m) => self.store.meta_put(MAINTENANCE_KEY, m.as_bytes()),
+            None => self.store.meta_remove(MAINTENANCE_KEY),
+        };
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "could not store the maintenance mode; it lasts until a restart");
+        }
         *self.maintenance.write().unwrap_or_else(|p| p.into_inner()) = message;
     }
 
@@ -339,6 +360,7 @@ impl Engine {
             let entry = HandledEntry {
                 state: Handled::Sent,
                 at: now_unix(),
+                user: None,
             };
             if let Err(e) = self.store.set_handled(&key, &entry) {
                 tracing::error!(error = %e, "could not record a sent reply");
@@ -411,7 +433,8 @@ impl Engine {
             }
         };
 
-        if let Some(cmd) = commands::parse(text) {
+        // Forwarded text is someone else's words: never run as a command.
+        if let Some(cmd) = commands::parse(text).filter(|_| !inbound.forwarded) {
             // Commands have their own, more generous quota: cheap, but not free.
             if !admin {
                 let key = limit_key(&inbound.bot, &commands_limit_user(&user));
@@ -774,6 +797,7 @@ impl Engine {
                 reply: reply.to_string(),
             },
             at: now,
+            user: Some(inbound.user()),
         };
         let today = utc_day(now);
         let mut book = |r: &mut UserRecord| {
@@ -785,7 +809,8 @@ impl Engine {
             if r.name.as_deref() != Some(inbound.user_name.as_str()) {
                 r.name = Some(inbound.user_name.clone());
             }
-            if inbound.username.is_some() && r.username != inbound.username {
+            // A platform with usernames says when one was dropped, too.
+            if inbound.platform != Platform::Terminal && r.username != inbound.username {
                 r.username = inbound.username.clone();
             }
             r.usage.tokens += cost;
@@ -812,6 +837,7 @@ impl Engine {
         bot: &BotConfig,
         record: Option<&UserRecord>,
     ) -> Result<Reply, StoreError> {
+        let cmd_is_personal = matches!(cmd, Command::Usage);
         let reply = match cmd {
             Command::Start => format!(
                 "Hi {}! I'm {}, an AI assistant. Just write to me.\n\n{}",
@@ -845,9 +871,14 @@ impl Engine {
                     )
                 }
             }
-            Command::Export => return self.export(inbound),
-            Command::Forget { confirm } => return self.forget(inbound, confirm),
-            Command::Admin(parsed) => return self.admin(inbound, text, parsed),
+            // Personal output: only the asking user may read it.
+            Command::Export => return self.export(inbound).map(Reply::personal),
+            Command::Forget { confirm } => {
+                return self.forget(inbound, confirm).map(Reply::personal)
+            }
+            Command::Admin(parsed) => {
+                return self.admin(inbound, text, parsed).map(Reply::personal)
+            }
             Command::Unknown(name) => {
                 return Ok(Reply::notice(
                     Rejection::BadCommand,
@@ -855,7 +886,11 @@ impl Engine {
                 ))
             }
         };
-        Ok(Reply::text(reply, ReplyKind::Command))
+        let reply = Reply::text(reply, ReplyKind::Command);
+        Ok(match cmd_is_personal {
+            true => reply.personal(),
+            false => reply,
+        })
     }
 
     /// Periodic housekeeping: memory retention, cache expiry, limiter pruning, old

@@ -2,15 +2,18 @@
 //! checked before anything is restored.
 //!
 //! Layout: `CONFAB-BACKUP 1\n`, a JSON header line, then per row: u16 tree-name length,
-//! name, u32 key length, key, u32 value length, value (all big-endian); then the SHA-256
-//! of everything before it.
+//! name, u32 key length, key, u32 value length, value (all big-endian); for an encrypted
+//! store (header `"mac": true`) the HMAC-SHA256 of all that under a key derived from
+//! `CONFAB_DATA_KEY` ([`crate::store::BackupAuth`]); then the SHA-256 of everything before it.
+//! Restoring with a data key requires a valid HMAC, so a backup edited without the key
+//! (a planted cache entry, a deleted ban) is refused.
 
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
 use crate::store::sled_store::DumpRow;
-use crate::store::{SledStore, SCHEMA_VERSION};
+use crate::store::{backup_auth_for_rows, BackupAuth, SledStore, SCHEMA_VERSION};
 
 const MAGIC: &[u8] = b"CONFAB-BACKUP 1\n";
 
@@ -24,6 +27,8 @@ pub enum BackupError {
     Malformed(String),
     #[error("backup is from a newer confab (schema {0}); upgrade confab first")]
     TooNew(u32),
+    #[error("backup is not authentic: {0}")]
+    Unauthenticated(String),
     #[error("{0}")]
     Io(String),
 }
@@ -33,16 +38,20 @@ struct Header {
     schema: u32,
     created_at: String,
     rows: u64,
+    /// An HMAC (keyed by the data key) follows the rows.
+    #[serde(default)]
+    mac: bool,
 }
 
-/// Serialises rows into backup bytes (header, rows, checksum).
-pub fn encode(rows: &[DumpRow]) -> Vec<u8> {
+/// Serialises rows into backup bytes (header, rows, HMAC with `auth`, checksum).
+pub fn encode(rows: &[DumpRow], auth: Option<&BackupAuth>) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     let header = Header {
         schema: SCHEMA_VERSION,
         created_at: chrono::Utc::now().to_rfc3339(),
         rows: rows.len() as u64,
+        mac: auth.is_some(),
     };
     out.extend_from_slice(
         serde_json::to_string(&header)
@@ -58,6 +67,10 @@ pub fn encode(rows: &[DumpRow]) -> Vec<u8> {
         out.extend_from_slice(&(v.len() as u32).to_be_bytes());
         out.extend_from_slice(v);
     }
+    if let Some(auth) = auth {
+        let tag = auth.mac(&out);
+        out.extend_from_slice(&tag);
+    }
     let sum: [u8; 32] = Sha256::digest(&out).into();
     out.extend_from_slice(&sum);
     out
@@ -72,8 +85,43 @@ fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], BackupError> {
     Ok(head)
 }
 
-/// Verifies the checksum and parses the rows.
+/// Verifies the checksum and, with `data_key`, the HMAC; then parses the rows. With a
+/// data key set, a backup without a valid HMAC is refused; an authenticated backup
+/// needs the key.
+pub fn decode_authenticated(
+    bytes: &[u8],
+    data_key: Option<&str>,
+) -> Result<Vec<DumpRow>, BackupError> {
+    let (rows, signed) = parse(bytes)?;
+    let auth = backup_auth_for_rows(&rows, data_key)
+        .map_err(|e| BackupError::Unauthenticated(e.to_string()))?;
+    match (auth, signed) {
+        (Some(auth), Some((body, tag))) if auth.verify(body, tag) => Ok(rows),
+        (Some(_), Some(_)) => Err(BackupError::Unauthenticated(
+            "HMAC mismatch (changed, or made with another CONFAB_DATA_KEY)".into(),
+        )),
+        (Some(_), None) => Err(BackupError::Unauthenticated(
+            "it is from an encrypted store but carries no HMAC".into(),
+        )),
+        (None, None) if data_key.is_some() => Err(BackupError::Unauthenticated(
+            "it carries no HMAC, but CONFAB_DATA_KEY is set (a backup of an unencrypted store: restore it with CONFAB_DATA_KEY unset if you trust it; the next start with the key encrypts it)".into(),
+        )),
+        (None, Some(_)) => Err(BackupError::Unauthenticated(
+            "it carries an HMAC but its key check is missing".into(),
+        )),
+        (None, None) => Ok(rows),
+    }
+}
+
+/// Verifies the checksum and parses the rows (integrity only; see [`decode_authenticated`]).
 pub fn decode(bytes: &[u8]) -> Result<Vec<DumpRow>, BackupError> {
+    parse(bytes).map(|(rows, _)| rows)
+}
+
+/// The rows, and (signed bytes, HMAC) when the header says there is an HMAC.
+type Parsed<'a> = (Vec<DumpRow>, Option<(&'a [u8], &'a [u8])>);
+
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, BackupError> {
     if !bytes.starts_with(MAGIC) || bytes.len() < MAGIC.len() + 32 {
         return Err(BackupError::NotABackup);
     }
@@ -92,6 +140,15 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<DumpRow>, BackupError> {
         return Err(BackupError::TooNew(header.schema));
     }
     rest = &rest[nl + 1..];
+    let mut signed = None;
+    if header.mac {
+        // The HMAC is the last 32 bytes before the checksum, inside `rest`.
+        let Some(rows_len) = rest.len().checked_sub(32) else {
+            return Err(BackupError::Malformed("no HMAC".into()));
+        };
+        rest = &rest[..rows_len];
+        signed = Some(body.split_at(body.len() - 32));
+    }
     let mut rows = Vec::with_capacity(header.rows as usize);
     while !rest.is_empty() {
         let b = take(&mut rest, 2)?;
@@ -111,7 +168,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<DumpRow>, BackupError> {
     if rows.len() as u64 != header.rows {
         return Err(BackupError::Malformed("row count".into()));
     }
-    Ok(rows)
+    Ok((rows, signed))
 }
 
 /// Writes a backup file atomically (temp file, fsync, rename) and keeps the newest
@@ -174,14 +231,16 @@ fn prune(out: &Path, keep: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Restores a verified backup into `data_dir`, which must be empty unless `force`.
+/// Restores a verified (and, with `data_key`, authenticated) backup into `data_dir`,
+/// which must be empty unless `force`.
 pub fn restore(
     bytes: &[u8],
     data_dir: &Path,
     force: bool,
     cache_mb: u64,
+    data_key: Option<&str>,
 ) -> Result<usize, BackupError> {
-    let rows = decode(bytes)?;
+    let rows = decode_authenticated(bytes, data_key)?;
     let io = |e: std::io::Error| BackupError::Io(format!("{}: {e}", data_dir.display()));
     let non_empty = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
     if non_empty {
@@ -211,7 +270,7 @@ mod tests {
             ("turns".to_string(), b"k1".to_vec(), b"v1".to_vec()),
             ("users".to_string(), b"tg:1".to_vec(), vec![0u8; 300]),
         ];
-        let bytes = encode(&rows);
+        let bytes = encode(&rows, None);
         assert_eq!(decode(&bytes).unwrap(), rows);
         let mut bad = bytes.clone();
         let mid = bad.len() / 2;

@@ -45,7 +45,7 @@ pub fn execute(engine: &Engine, store: &SledStore, req: &Request) -> (Response, 
     if let Request::Backup = req {
         return match store.snapshot() {
             Ok(rows) => {
-                let bytes = crate::ops::backup::encode(&rows);
+                let bytes = crate::ops::backup::encode(&rows, store.backup_auth().as_ref());
                 let resp = Response {
                     ok: true,
                     result: serde_json::json!({ "bytes": bytes.len(), "rows": rows.len() }),

@@ -4,6 +4,11 @@
 //! (a Redis one can be added later without touching the engine).
 
 pub mod crypto;
+mod dump;
+mod flush;
+mod forget;
+mod layout;
+mod migrate;
 pub mod sled_store;
 
 use std::future::Future;
@@ -11,12 +16,16 @@ use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ConversationKey, UserRef};
+use crate::domain::{ConversationKey, Platform, UserRef};
 
+pub use crypto::{BackupAuth, BackupMac};
+pub use forget::FORGOTTEN;
+pub use migrate::backup_auth_for_rows;
 pub use sled_store::SledStore;
 
-/// Bumped when the on-disk layout changes; `open` refuses a newer store.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
+/// older one. 2: usernames indexed per platform.
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -127,6 +136,9 @@ pub enum Handled {
 pub struct HandledEntry {
     pub state: Handled,
     pub at: i64,
+    /// Whose update it was (so `forget` finds pending replies to them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserRef>,
 }
 
 /// What `forget` deleted.
@@ -189,9 +201,12 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes every turn older than `before` (unix seconds); returns how many.
     fn purge_turns_before(&self, before: i64) -> StoreResult<usize>;
 
+    /// A user's record; `None` if never seen. An unreadable record is an error (never
+    /// an empty record: that would lift a ban).
     fn user(&self, user: &UserRef) -> StoreResult<Option<UserRecord>>;
     fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()>;
-    /// Read-modify-write of a user record, atomic against concurrent updates.
+    /// Read-modify-write of a user record, atomic against concurrent updates. An
+    /// unreadable record is left as it is and returned as an error.
     fn update_user(
         &self,
         user: &UserRef,
@@ -199,11 +214,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<UserRecord>;
     fn user_count(&self) -> StoreResult<usize>;
     /// Visits every user record (admin stats); corrupt records are skipped.
-    fn for_each_user(&self, f: &mut dyn FnMut(&UserRef, &UserRecord)) -> StoreResult<()>;
-    /// Rewrites audit entries that name `user` (as actor or target) to `replacement`.
-    fn audit_redact(&self, user: &str, replacement: &str) -> StoreResult<usize>;
-    /// Find a user by `@username` (case-insensitive) on a platform.
-    fn find_username(&self, username: &str) -> StoreResult<Option<UserRef>>;
+    fn for_each_user(&self, f: &mut dyn FnMut(&UserRecord)) -> StoreResult<()>;
+    /// The user who now has `@username` (case-insensitive) on `platform`.
+    fn find_username(&self, platform: Platform, username: &str) -> StoreResult<Option<UserRef>>;
 
     fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>>;
     /// Insert, then evict the oldest entries beyond `max_entries`.
@@ -228,6 +241,7 @@ pub trait Store: Send + Sync + 'static {
     /// Small named values for adapters (e.g. a Telegram getUpdates offset).
     fn meta_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
     fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
+    fn meta_remove(&self, key: &str) -> StoreResult<()>;
 
     /// Durable inbox of received-but-unanswered platform updates (adapter-owned bytes),
     /// so that a crash between receiving and answering loses nothing.
@@ -237,7 +251,9 @@ pub trait Store: Send + Sync + 'static {
     fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
 
     /// Deletes everything stored about a user: turns in every conversation, the user
-    /// record, and every cache entry the user originated.
+    /// record and usernames, every cache entry the user originated, pending replies to
+    /// them, and their id, usernames and words in the audit log (entries stay, naming
+    /// [`FORGOTTEN`]). Adapter-owned inbox entries are the caller's (the engine's).
     fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport>;
 
     /// Makes every write so far durable. Concurrent callers share one flush (group commit).

@@ -1,130 +1,49 @@
 //! The sled 0.34 implementation of [`Store`] — the only module that knows sled.
 //!
-//! Trees (all values are JSON, so a corrupt entry can be detected and skipped):
+//! Trees (values are JSON, so a corrupt entry can be detected; key layout and sealing
+//! with a data key: [`super::layout`]):
 //! - `turns`:      conversation prefix + u64 sequence (big-endian) → [`Turn`]
-//! - `conv_index`: user ref + 0 + conversation prefix → () (export/forget without a full scan)
-//! - `users`:      `tg:123` → [`UserRecord`];  `usernames`: lowercase `@name` → `tg:123`
+//! - `conv_index`: user + conversation prefix → conversation (export/forget without a full scan)
+//! - `users`:      `tg:123` → [`UserRecord`];  `usernames`: `tg:name` (per platform) → `tg:123`
 //! - `cache`:      32-byte key → [`CacheEntry`]; `cache_time`: created_at (BE) + key → () for TTL/eviction
 //! - `audit`:      u64 sequence (BE) → [`AuditEntry`]
 //! - `handled`:    update id → [`HandledEntry`]
-//! - `meta`:       `schema_version` and adapter state
+//! - `meta`:       `schema_version`, key check and salt, engine and adapter state
 //! - `inbox`:      adapter key → received update not yet answered (replayed at start)
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Db, Tree};
 
 use super::crypto;
+pub use super::flush::FlushCounts;
+use super::flush::Flusher;
+use super::layout::{parse_conv_prefix, time_key};
 use super::*;
-use crate::domain::Platform;
-
-const SEP: u8 = 0;
-
-/// Trees whose values carry message text (encrypted at rest when a data key is set).
-const SEALED_TREES: &[&str] = &["turns", "cache", "handled", "inbox"];
 
 pub struct SledStore {
-    db: Db,
-    turns: Tree,
-    conv_index: Tree,
-    users: Tree,
-    usernames: Tree,
-    cache: Tree,
-    cache_time: Tree,
-    audit: Tree,
-    handled: Tree,
-    meta: Tree,
-    inbox: Tree,
+    pub(super) db: Db,
+    pub(super) turns: Tree,
+    pub(super) conv_index: Tree,
+    pub(super) users: Tree,
+    pub(super) usernames: Tree,
+    pub(super) cache: Tree,
+    pub(super) cache_time: Tree,
+    pub(super) audit: Tree,
+    pub(super) handled: Tree,
+    pub(super) meta: Tree,
+    pub(super) inbox: Tree,
     /// `cache.len()` is O(n) in sled; keep a running count.
-    cache_count: AtomicUsize,
+    pub(super) cache_count: AtomicUsize,
     flusher: Flusher,
     /// Writers share it; a backup takes it exclusively for a point-in-time copy
     /// (sled has no snapshot across trees).
-    gate: std::sync::RwLock<()>,
-    cipher: Option<crypto::Cipher>,
-}
-
-type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
-
-/// Group commit on one dedicated thread. Every waiter that arrives while a flush runs
-/// is served by the next single `db.flush()`.
-///
-/// Why not `Db::flush_async`: sled 0.34 runs it on its small shared I/O pool, and with
-/// more concurrent callers than pool threads every thread blocks in `make_stable`
-/// waiting for a write that needs a pool thread — a deadlock (seen in our tests).
-struct Flusher {
-    tx: Option<std::sync::mpsc::Sender<FlushWaiter>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    counts: Arc<FlushCounts>,
-}
-
-/// How well group commit works: flushes done and the callers they served.
-#[derive(Debug, Default)]
-pub struct FlushCounts {
-    pub flushes: AtomicU64,
-    pub waiters: AtomicU64,
-    /// Group-commit window in microseconds (see [`SledStore::set_group_commit_window`]).
-    window_us: AtomicU64,
-}
-
-impl Flusher {
-    fn start(db: Db) -> StoreResult<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<FlushWaiter>();
-        let counts = Arc::new(FlushCounts::default());
-        let c = counts.clone();
-        let thread = std::thread::Builder::new()
-            .name("confab-flush".into())
-            .spawn(move || {
-                // Under load (the last flush served several callers), wait up to the
-                // window for more callers before flushing: fewer, fuller flushes. A lone
-                // caller never waits.
-                let mut busy = false;
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    let window = Duration::from_micros(c.window_us.load(Ordering::Relaxed));
-                    if busy && !window.is_zero() {
-                        let deadline = Instant::now() + window;
-                        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                            match rx.recv_timeout(left) {
-                                Ok(w) => batch.push(w),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    batch.extend(rx.try_iter());
-                    busy = batch.len() > 1;
-                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                    c.flushes.fetch_add(1, Ordering::Relaxed);
-                    c.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    for waiter in batch {
-                        let _ = waiter.send(result.clone());
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Io(format!("starting the flush thread: {e}")))?;
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-            counts,
-        })
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        // Closing the channel ends the thread; joining releases its handle on the
-        // database so the store can be reopened at once.
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    pub(super) gate: std::sync::RwLock<()>,
+    /// Set with `CONFAB_DATA_KEY`: personal values sealed, ids and names in keys hashed.
+    pub(super) keys: Option<crypto::Keys>,
 }
 
 /// One stored (tree, key, value).
@@ -148,79 +67,6 @@ fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-fn conv_prefix(key: &ConversationKey) -> Vec<u8> {
-    let mut p = Vec::with_capacity(key.bot.len() + key.chat.len() + key.user.len() + 8);
-    for part in [
-        key.bot.as_bytes(),
-        key.platform.prefix().as_bytes(),
-        key.chat.as_bytes(),
-        key.user.as_bytes(),
-    ] {
-        p.extend_from_slice(part);
-        p.push(SEP);
-    }
-    p
-}
-
-fn parse_conv_prefix(p: &[u8]) -> Option<ConversationKey> {
-    let parts: Vec<&[u8]> = p.split(|b| *b == SEP).collect();
-    // four parts plus the empty tail after the last separator
-    if parts.len() != 5 {
-        return None;
-    }
-    let s = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
-    let platform = match parts[1] {
-        b"tg" => Platform::Telegram,
-        b"dc" => Platform::Discord,
-        b"cli" => Platform::Terminal,
-        _ => return None,
-    };
-    Some(ConversationKey {
-        bot: s(parts[0])?,
-        platform,
-        chat: s(parts[2])?,
-        user: s(parts[3])?,
-    })
-}
-
-fn user_key(user: &UserRef) -> Vec<u8> {
-    user.to_string().into_bytes()
-}
-
-fn index_key(user: &UserRef, prefix: &[u8]) -> Vec<u8> {
-    let mut k = user_key(user);
-    k.push(SEP);
-    k.extend_from_slice(prefix);
-    k
-}
-
-fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(40);
-    k.extend_from_slice(&(at.max(0) as u64).to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-/// Replaces `needle` where it is not part of a longer id (`tg:1` must not match `tg:12`).
-fn replace_whole(hay: &str, needle: &str, with: &str) -> Option<String> {
-    let mut out = String::new();
-    let mut rest = hay;
-    let mut hit = false;
-    while let Some(pos) = rest.find(needle) {
-        let end = pos + needle.len();
-        let longer = rest[end..]
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_alphanumeric());
-        out.push_str(&rest[..pos]);
-        out.push_str(if longer { needle } else { with });
-        hit |= !longer;
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    hit.then_some(out)
-}
-
 impl SledStore {
     /// Opens (or creates) the store. `cache_capacity_mb` bounds sled's page cache
     /// (its default is 1 GB); `flush_every_ms` is the background flush period.
@@ -228,7 +74,8 @@ impl SledStore {
         Self::open_with_key(dir, cache_capacity_mb, flush_every_ms, None)
     }
 
-    /// Like [`SledStore::open`], encrypting message text with `key` (from `CONFAB_DATA_KEY`).
+    /// Like [`SledStore::open`], encrypting everything personal with `key` (from
+    /// `CONFAB_DATA_KEY`; see [`super::migrate`] for the first open of an older store).
     /// A key that does not match the store's, or a missing key for an encrypted store,
     /// is an error here — never garbage later.
     pub fn open_with_key(
@@ -238,44 +85,11 @@ impl SledStore {
         key: Option<&str>,
     ) -> StoreResult<SledStore> {
         let mut store = Self::open_plain(dir, cache_capacity_mb, flush_every_ms)?;
-        let check = store.meta.get("key_check").map_err(io)?;
-        match (key, check) {
-            (None, Some(_)) => {
-                return Err(StoreError::Open {
-                    path: dir.display().to_string(),
-                    reason: "the store is encrypted but CONFAB_DATA_KEY is not set".into(),
-                })
-            }
-            (None, None) => {}
-            (Some(k), check) => {
-                let cipher = crypto::Cipher::from_secret(k);
-                match check {
-                    Some(sealed) => {
-                        if cipher.open(&sealed).ok().as_deref() != Some(crypto::CHECK) {
-                            return Err(StoreError::Open {
-                                path: dir.display().to_string(),
-                                reason: "CONFAB_DATA_KEY does not match the key this store was encrypted with".into(),
-                            });
-                        }
-                    }
-                    None => {
-                        store
-                            .meta
-                            .insert("key_check", cipher.seal(crypto::CHECK))
-                            .map_err(io)?;
-                    }
-                }
-                store.cipher = Some(cipher);
-            }
-        }
+        store.apply_key(&dir.display().to_string(), key)?;
         Ok(store)
     }
 
-    fn open_plain(
-        dir: &Path,
-        cache_capacity_mb: u64,
-        flush_every_ms: u64,
-    ) -> StoreResult<SledStore> {
+    fn open_db(dir: &Path, cache_capacity_mb: u64, flush_every_ms: u64) -> StoreResult<Db> {
         let path = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
             path: path.clone(),
@@ -289,9 +103,9 @@ impl SledStore {
         // closed (a restart, a reopen) — on a busy disk that took over 2 s in CI: wait up
         // to 10 s before calling it taken.
         let mut attempts = 0;
-        let db = loop {
+        loop {
             match config.open() {
-                Ok(db) => break db,
+                Ok(db) => return Ok(db),
                 Err(sled::Error::Io(e))
                     if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 200 =>
                 {
@@ -300,7 +114,7 @@ impl SledStore {
                 }
                 Err(e) => {
                     return Err(StoreError::Open {
-                        path: path.clone(),
+                        path,
                         reason: match &e {
                             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
                                 "another process (a running confab?) holds the store's lock"
@@ -311,7 +125,16 @@ impl SledStore {
                     })
                 }
             }
-        };
+        }
+    }
+
+    fn open_plain(
+        dir: &Path,
+        cache_capacity_mb: u64,
+        flush_every_ms: u64,
+    ) -> StoreResult<SledStore> {
+        let path = dir.display().to_string();
+        let db = Self::open_db(dir, cache_capacity_mb, flush_every_ms)?;
         let t = |name: &str| db.open_tree(name).map_err(io);
         let store = SledStore {
             turns: t("turns")?,
@@ -327,7 +150,7 @@ impl SledStore {
             cache_count: AtomicUsize::new(0),
             flusher: Flusher::start(db.clone())?,
             gate: std::sync::RwLock::new(()),
-            cipher: None,
+            keys: None,
             db,
         };
         store.check_schema(&path)?;
@@ -353,6 +176,9 @@ impl SledStore {
                         supported: SCHEMA_VERSION,
                     });
                 }
+                if found < SCHEMA_VERSION {
+                    self.upgrade_schema(found)?;
+                }
                 Ok(())
             }
             None => {
@@ -364,7 +190,6 @@ impl SledStore {
         }
     }
 
-    /// The underlying database, for backup/restore (sled's export/import).
     /// Under load, a flush waits up to `window` for more callers to share it (group
     /// commit). Zero flushes at once. `store.group_commit_us` in the config.
     pub fn set_group_commit_window(&self, window: Duration) {
@@ -379,97 +204,18 @@ impl SledStore {
         &self.flusher.counts
     }
 
+    /// The underlying database, for backup/restore (sled's export/import).
     pub fn db(&self) -> &Db {
         &self.db
     }
 
-    fn encode<T: Serialize>(&self, tree: &'static str, v: &T) -> StoreResult<Vec<u8>> {
-        let plain = serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
-        Ok(self.seal(tree, plain))
+    /// Whether values are sealed with a data key.
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
     }
 
-    /// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps serving.
-    fn decode<T: DeserializeOwned>(
-        &self,
-        tree: &'static str,
-        key: &[u8],
-        bytes: &[u8],
-    ) -> Option<T> {
-        let plain = match self.unseal(bytes) {
-            Ok(p) => p,
-            Err(reason) => {
-                tracing::error!(tree, key = %String::from_utf8_lossy(key), %reason, "unreadable store entry skipped");
-                return None;
-            }
-        };
-        match serde_json::from_slice(&plain) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::error!(tree, key = %String::from_utf8_lossy(key), error = %e, "corrupt store entry skipped");
-                None
-            }
-        }
-    }
-
-    /// Encrypts values of the trees that hold message text, when a data key is set.
-    fn seal(&self, tree: &str, plain: Vec<u8>) -> Vec<u8> {
-        match &self.cipher {
-            Some(c) if SEALED_TREES.contains(&tree) => c.seal(&plain),
-            _ => plain,
-        }
-    }
-
-    fn unseal<'a>(&self, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String> {
-        if !crypto::is_sealed(bytes) {
-            return Ok(std::borrow::Cow::Borrowed(bytes));
-        }
-        match &self.cipher {
-            Some(c) => c.open(bytes).map(std::borrow::Cow::Owned),
-            None => Err("encrypted, but no data key is set".into()),
-        }
-    }
-
-    fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+    pub(super) fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A consistent copy of every tree: writes pause while it is taken.
-    pub fn snapshot(&self) -> StoreResult<Vec<DumpRow>> {
-        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.dump()
-    }
-
-    /// Inserts rows (from a backup) into an empty store.
-    pub fn load_rows(&self, rows: &[DumpRow]) -> StoreResult<()> {
-        for (tree, k, v) in rows {
-            if !TREES.contains(&tree.as_str()) {
-                return Err(StoreError::Corrupt {
-                    tree: "backup",
-                    reason: format!("unknown tree {tree:?}"),
-                });
-            }
-            self.db
-                .open_tree(tree)
-                .map_err(io)?
-                .insert(k.as_slice(), v.as_slice())
-                .map_err(io)?;
-        }
-        self.cache_count.store(self.cache.len(), Ordering::Relaxed);
-        self.db.flush().map_err(io)?;
-        Ok(())
-    }
-
-    /// Every (tree, key, value) in the store, for tests and audits of what is stored.
-    pub fn dump(&self) -> StoreResult<Vec<DumpRow>> {
-        let mut out = Vec::new();
-        for name in TREES {
-            let tree = self.db.open_tree(name).map_err(io)?;
-            for item in tree.iter() {
-                let (k, v) = item.map_err(io)?;
-                out.push((name.to_string(), k.to_vec(), v.to_vec()));
-            }
-        }
-        Ok(out)
     }
 
     fn scan_turns<'a>(
@@ -487,18 +233,23 @@ impl SledStore {
             })
     }
 
-    fn index_username(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
-        if let Some(name) = &record.username {
-            let name = name.trim_start_matches('@').to_lowercase();
-            if !name.is_empty() {
-                self.usernames
-                    .insert(name.as_bytes(), user_key(user))
+    /// Removes a cache row by its stored key (and its `cache_time` row).
+    pub(super) fn cache_remove_row(&self, row: &[u8; 32]) -> StoreResult<()> {
+        let _gate = self.write_gate();
+        if let Some(v) = self.cache.remove(row).map_err(io)? {
+            self.cache_count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(old) = self.decode::<CacheEntry>("cache", row, &v) {
+                self.cache_time
+                    .remove(time_key(old.created_at, row))
                     .map_err(io)?;
             }
         }
         Ok(())
     }
 }
+
+/// The `users` row change made inside [`SledStore::record_exchange`]'s transaction.
+type UserChange = (Option<String>, UserRecord);
 
 impl Store for SledStore {
     fn record_exchange(&self, exchange: Exchange<'_>) -> StoreResult<()> {
@@ -509,28 +260,33 @@ impl Store for SledStore {
             user,
         } = exchange;
         let _gate = self.write_gate();
-        let prefix = conv_prefix(key);
+        let prefix = self.conv_prefix(key);
         let mut rows = Vec::with_capacity(turns.len());
         for turn in turns {
             let seq = self.db.generate_id().map_err(io)?;
             let mut k = prefix.clone();
             k.extend_from_slice(&seq.to_be_bytes());
-            rows.push((k, self.encode("turns", turn)?));
+            let v = self.encode("turns", &k, turn)?;
+            rows.push((k, v));
         }
         let handled_row = match handled {
-            Some((id, entry)) => Some((id.as_bytes().to_vec(), self.encode("handled", entry)?)),
+            Some((id, entry)) => Some((
+                id.as_bytes().to_vec(),
+                self.encode("handled", id.as_bytes(), entry)?,
+            )),
             None => None,
         };
-        let idx = index_key(&key.user_ref(), &prefix);
+        let (idx, idx_value) = self.index_row(key);
+        let idx_value = self.seal("conv_index", &idx, &idx_value);
         let (user_ref, update) = match user {
             Some((u, f)) => (Some(u), Some(f)),
             None => (None, None),
         };
-        let user_row = user_ref.map(user_key);
+        let user_row = user_ref.map(|u| self.user_key(u));
         // sled retries the closure on conflicts and wants `Fn`: borrow through cells.
         let update = std::cell::RefCell::new(update);
         // (username before, record after) of the user, from the attempt that committed.
-        let user_change = std::cell::RefCell::new(None::<(Option<String>, UserRecord)>);
+        let user_change = std::cell::RefCell::new(None::<UserChange>);
         (&self.turns, &self.handled, &self.conv_index, &self.users)
             .transaction(|(turns_t, handled_t, index_t, users_t)| {
                 for (k, v) in &rows {
@@ -541,30 +297,34 @@ impl Store for SledStore {
                 }
                 // The index row is written once per conversation, not once per message.
                 if index_t.get(idx.as_slice())?.is_none() {
-                    index_t.insert(idx.as_slice(), &[] as &[u8])?;
+                    index_t.insert(idx.as_slice(), idx_value.as_slice())?;
                 }
                 if let (Some(k), Some(f)) = (&user_row, update.borrow_mut().as_mut()) {
-                    let old: Option<UserRecord> = users_t
-                        .get(k.as_slice())?
-                        .and_then(|v| self.decode("users", k, &v));
+                    // A corrupt record aborts: never replaced by a fresh one (a lifted ban).
+                    let old: Option<UserRecord> = match users_t.get(k.as_slice())? {
+                        Some(v) => Some(
+                            self.decode_strict("users", k, &v)
+                                .map_err(ConflictableTransactionError::Abort)?,
+                        ),
+                        None => None,
+                    };
                     let before = old.as_ref().and_then(|r| r.username.clone());
                     let mut rec = old.unwrap_or_default();
                     f(&mut rec);
                     let bytes = self
-                        .encode("users", &rec)
-                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                        .encode("users", k, &rec)
+                        .map_err(ConflictableTransactionError::Abort)?;
                     users_t.insert(k.as_slice(), bytes)?;
                     *user_change.borrow_mut() = Some((before, rec));
                 }
-                Ok::<(), ConflictableTransactionError<String>>(())
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
             })
-            .map_err(|e: TransactionError<String>| {
-                StoreError::Io(format!("append turns: {e:?}"))
+            .map_err(|e: TransactionError<StoreError>| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Io(format!("append turns: {e}")),
             })?;
         if let (Some(u), Some((before, rec))) = (user_ref, user_change.into_inner()) {
-            if rec.username != before {
-                self.index_username(u, &rec)?;
-            }
+            self.reindex_username(u, before.as_deref(), rec.username.as_deref())?;
         }
         Ok(())
     }
@@ -572,7 +332,7 @@ impl Store for SledStore {
     fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>> {
         let mut used = 0usize;
         let mut out = Vec::new();
-        for (_, turn) in self.scan_turns(&conv_prefix(key)).rev() {
+        for (_, turn) in self.scan_turns(&self.conv_prefix(key)).rev() {
             used += turn.tokens as usize;
             if used > max_tokens {
                 break;
@@ -584,17 +344,24 @@ impl Store for SledStore {
     }
 
     fn all_turns(&self, key: &ConversationKey) -> StoreResult<Vec<Turn>> {
-        Ok(self.scan_turns(&conv_prefix(key)).map(|(_, t)| t).collect())
+        Ok(self
+            .scan_turns(&self.conv_prefix(key))
+            .map(|(_, t)| t)
+            .collect())
     }
 
     fn user_conversations(&self, user: &UserRef) -> StoreResult<Vec<(ConversationKey, Vec<Turn>)>> {
-        let mut prefix = user_key(user);
-        prefix.push(SEP);
+        let prefix = self.index_user_prefix(user);
         let mut out = Vec::new();
         for item in self.conv_index.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(io)?;
-            let conv = &k[prefix.len()..];
-            match parse_conv_prefix(conv) {
+            let (k, v) = item.map_err(io)?;
+            // Without a key the conversation is the rest of the row's key (value empty).
+            let conv = if v.is_empty() && self.keys.is_none() {
+                Ok(k.get(prefix.len()..).unwrap_or_default().to_vec())
+            } else {
+                self.unseal("conv_index", &k, &v).map(|c| c.into_owned())
+            };
+            match conv.ok().and_then(|c| parse_conv_prefix(&c)) {
                 Some(key) => {
                     let turns = self.all_turns(&key)?;
                     out.push((key, turns));
@@ -607,7 +374,7 @@ impl Store for SledStore {
 
     fn clear_conversation(&self, key: &ConversationKey) -> StoreResult<usize> {
         let _gate = self.write_gate();
-        let prefix = conv_prefix(key);
+        let prefix = self.conv_prefix(key);
         let mut n = 0;
         let mut batch = sled::Batch::default();
         for item in self.turns.scan_prefix(&prefix).keys() {
@@ -615,9 +382,7 @@ impl Store for SledStore {
             n += 1;
         }
         self.turns.apply_batch(batch).map_err(io)?;
-        self.conv_index
-            .remove(index_key(&key.user_ref(), &prefix))
-            .map_err(io)?;
+        self.conv_index.remove(self.index_row(key).0).map_err(io)?;
         Ok(n)
     }
 
@@ -639,20 +404,24 @@ impl Store for SledStore {
     }
 
     fn user(&self, user: &UserRef) -> StoreResult<Option<UserRecord>> {
-        let key = user_key(user);
-        Ok(self
-            .users
-            .get(&key)
-            .map_err(io)?
-            .and_then(|v| self.decode("users", &key, &v)))
+        let key = self.user_key(user);
+        match self.users.get(&key).map_err(io)? {
+            Some(v) => self.decode_strict("users", &key, &v).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
         let _gate = self.write_gate();
-        self.users
-            .insert(user_key(user), self.encode("users", record)?)
-            .map_err(io)?;
-        self.index_username(user, record)
+        let key = self.user_key(user);
+        let bytes = self.encode("users", &key, record)?;
+        let old = self.users.insert(&key, bytes).map_err(io)?;
+        let before = old.and_then(|v| self.decode::<UserRecord>("users", &key, &v));
+        self.reindex_username(
+            user,
+            before.and_then(|r| r.username).as_deref(),
+            record.username.as_deref(),
+        )
     }
 
     fn update_user(
@@ -661,34 +430,40 @@ impl Store for SledStore {
         f: &mut dyn FnMut(&mut UserRecord),
     ) -> StoreResult<UserRecord> {
         let _gate = self.write_gate();
-        let key = user_key(user);
+        let key = self.user_key(user);
         let mut result = UserRecord::default();
-        let mut encode_err = None;
+        let mut failed = None;
         let mut username_before = None;
         self.users
             .fetch_and_update(&key, |old| {
-                let mut rec: UserRecord = old
-                    .and_then(|v| self.decode("users", &key, v))
-                    .unwrap_or_default();
-                username_before = rec.username.clone();
-                f(&mut rec);
-                let bytes = match serde_json::to_vec(&rec) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        encode_err = Some(e.to_string());
+                failed = None; // sled may retry the closure
+                               // A corrupt record is left as it is and reported, never replaced.
+                let mut rec: UserRecord = match old.map(|v| self.decode_strict("users", &key, v)) {
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => {
+                        failed = Some(e);
                         return old.map(|o| o.to_vec());
                     }
+                    None => UserRecord::default(),
                 };
-                result = rec;
-                Some(bytes)
+                username_before = rec.username.clone();
+                f(&mut rec);
+                match self.encode("users", &key, &rec) {
+                    Ok(bytes) => {
+                        result = rec;
+                        Some(bytes)
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        old.map(|o| o.to_vec())
+                    }
+                }
             })
             .map_err(io)?;
-        if let Some(e) = encode_err {
-            return Err(StoreError::Io(format!("encode user: {e}")));
+        if let Some(e) = failed {
+            return Err(e);
         }
-        if result.username != username_before {
-            self.index_username(user, &result)?;
-        }
+        self.reindex_username(user, username_before.as_deref(), result.username.as_deref())?;
         Ok(result)
     }
 
@@ -696,76 +471,53 @@ impl Store for SledStore {
         Ok(self.users.len())
     }
 
-    fn for_each_user(&self, f: &mut dyn FnMut(&UserRef, &UserRecord)) -> StoreResult<()> {
+    fn for_each_user(&self, f: &mut dyn FnMut(&UserRecord)) -> StoreResult<()> {
         for item in self.users.iter() {
             let (k, v) = item.map_err(io)?;
-            let user = String::from_utf8(k.to_vec())
-                .ok()
-                .and_then(|s| s.parse().ok());
-            match (user, self.decode::<UserRecord>("users", &k, &v)) {
-                (Some(user), Some(rec)) => f(&user, &rec),
-                _ => tracing::error!(tree = "users", "corrupt user entry skipped"),
+            if let Some(rec) = self.decode::<UserRecord>("users", &k, &v) {
+                f(&rec);
             }
         }
         Ok(())
     }
 
-    fn audit_redact(&self, user: &str, replacement: &str) -> StoreResult<usize> {
-        let _gate = self.write_gate();
-        let mut n = 0;
-        for item in self.audit.iter() {
-            let (k, v) = item.map_err(io)?;
-            let Some(mut e) = self.decode::<AuditEntry>("audit", &k, &v) else {
-                continue;
-            };
-            let mut changed = false;
-            for field in [&mut e.actor, &mut e.command, &mut e.result]
-                .into_iter()
-                .chain(e.target.as_mut())
-            {
-                if let Some(new) = replace_whole(field, user, replacement) {
-                    *field = new;
-                    changed = true;
-                }
-            }
-            if changed {
-                self.audit
-                    .insert(k, self.encode("audit", &e)?)
-                    .map_err(io)?;
-                n += 1;
-            }
+    fn find_username(&self, platform: Platform, username: &str) -> StoreResult<Option<UserRef>> {
+        let key = self.username_key(platform, username);
+        let Some(v) = self.usernames.get(&key).map_err(io)? else {
+            return Ok(None);
+        };
+        let found = self
+            .unseal("usernames", &key, &v)
+            .ok()
+            .and_then(|v| String::from_utf8(v.into_owned()).ok())
+            .and_then(|s| s.parse::<UserRef>().ok())
+            .filter(|u| u.platform == platform);
+        if found.is_none() {
+            tracing::error!(tree = "usernames", "corrupt store entry skipped");
         }
-        Ok(n)
-    }
-
-    fn find_username(&self, username: &str) -> StoreResult<Option<UserRef>> {
-        let name = username.trim_start_matches('@').to_lowercase();
-        Ok(self
-            .usernames
-            .get(name.as_bytes())
-            .map_err(io)?
-            .and_then(|v| String::from_utf8(v.to_vec()).ok())
-            .and_then(|s| s.parse().ok()))
+        Ok(found)
     }
 
     fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>> {
+        let row = self.cache_row_key(key);
         Ok(self
             .cache
-            .get(key)
+            .get(row)
             .map_err(io)?
-            .and_then(|v| self.decode("cache", key, &v)))
+            .and_then(|v| self.decode("cache", &row, &v)))
     }
 
     fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()> {
         let _gate = self.write_gate();
+        let row = self.cache_row_key(key);
         let old = self
             .cache
-            .insert(key, self.encode("cache", entry)?)
+            .insert(row, self.encode("cache", &row, entry)?)
             .map_err(io)?;
-        match old.and_then(|v| self.decode::<CacheEntry>("cache", key, &v)) {
+        match old.and_then(|v| self.decode::<CacheEntry>("cache", &row, &v)) {
             Some(old) => {
                 self.cache_time
-                    .remove(time_key(old.created_at, key))
+                    .remove(time_key(old.created_at, &row))
                     .map_err(io)?;
             }
             None => {
@@ -773,7 +525,7 @@ impl Store for SledStore {
             }
         }
         self.cache_time
-            .insert(time_key(entry.created_at, key), &[] as &[u8])
+            .insert(time_key(entry.created_at, &row), &[] as &[u8])
             .map_err(io)?;
         // Evict the oldest entries beyond the bound.
         while self.cache_count.load(Ordering::Relaxed) > max_entries {
@@ -788,16 +540,7 @@ impl Store for SledStore {
     }
 
     fn cache_remove(&self, key: &[u8; 32]) -> StoreResult<()> {
-        let _gate = self.write_gate();
-        if let Some(v) = self.cache.remove(key).map_err(io)? {
-            self.cache_count.fetch_sub(1, Ordering::Relaxed);
-            if let Some(old) = self.decode::<CacheEntry>("cache", key, &v) {
-                self.cache_time
-                    .remove(time_key(old.created_at, key))
-                    .map_err(io)?;
-            }
-        }
-        Ok(())
+        self.cache_remove_row(&self.cache_row_key(key))
     }
 
     fn cache_expire(&self, before: i64) -> StoreResult<usize> {
@@ -830,9 +573,9 @@ impl Store for SledStore {
 
     fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()> {
         let _gate = self.write_gate();
-        let seq = self.db.generate_id().map_err(io)?;
+        let seq = self.db.generate_id().map_err(io)?.to_be_bytes();
         self.audit
-            .insert(seq.to_be_bytes(), self.encode("audit", entry)?)
+            .insert(seq, self.encode("audit", &seq, entry)?)
             .map_err(io)?;
         Ok(())
     }
@@ -882,17 +625,19 @@ impl Store for SledStore {
     }
 
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>> {
+        let k = update.as_bytes();
         Ok(self
             .handled
-            .get(update.as_bytes())
+            .get(k)
             .map_err(io)?
-            .and_then(|v| self.decode("handled", update.as_bytes(), &v)))
+            .and_then(|v| self.decode("handled", k, &v)))
     }
 
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()> {
         let _gate = self.write_gate();
+        let k = update.as_bytes();
         self.handled
-            .insert(update.as_bytes(), self.encode("handled", entry)?)
+            .insert(k, self.encode("handled", k, entry)?)
             .map_err(io)?;
         Ok(())
     }
@@ -923,10 +668,16 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn meta_remove(&self, key: &str) -> StoreResult<()> {
+        let _gate = self.write_gate();
+        self.meta.remove(key).map_err(io)?;
+        Ok(())
+    }
+
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         let _gate = self.write_gate();
         self.inbox
-            .insert(key, self.seal("inbox", value.to_vec()))
+            .insert(key, self.seal("inbox", key.as_bytes(), value))
             .map_err(io)?;
         Ok(())
     }
@@ -941,7 +692,7 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.inbox.scan_prefix(prefix) {
             let (k, v) = item.map_err(io)?;
-            match (String::from_utf8(k.to_vec()), self.unseal(&v)) {
+            match (String::from_utf8(k.to_vec()), self.unseal("inbox", &k, &v)) {
                 (Ok(key), Ok(value)) => out.push((key, value.into_owned())),
                 _ => tracing::error!(tree = "inbox", "unreadable inbox entry skipped"),
             }
@@ -950,44 +701,7 @@ impl Store for SledStore {
     }
 
     fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport> {
-        let mut report = ForgetReport::default();
-        for (key, _) in self.user_conversations(user)? {
-            report.turns += self.clear_conversation(&key)?;
-            report.conversations += 1;
-        }
-        let ukey = user_key(user);
-        let gate = self.write_gate();
-        if let Some(v) = self.users.remove(&ukey).map_err(io)? {
-            report.user_record = true;
-            if let Some(rec) = self.decode::<UserRecord>("users", &ukey, &v) {
-                if let Some(name) = rec.username {
-                    let name = name.trim_start_matches('@').to_lowercase();
-                    self.usernames.remove(name.as_bytes()).map_err(io)?;
-                }
-            }
-        }
-        // Any leftover username pointing at this user (renamed users).
-        for item in self.usernames.iter() {
-            let (k, v) = item.map_err(io)?;
-            if v.as_ref() == ukey.as_slice() {
-                self.usernames.remove(k).map_err(io)?;
-            }
-        }
-        drop(gate);
-        for item in self.cache.iter() {
-            let (k, v) = item.map_err(io)?;
-            let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) else {
-                continue;
-            };
-            if self
-                .decode::<CacheEntry>("cache", &k, &v)
-                .is_some_and(|e| &e.origin == user)
-            {
-                self.cache_remove(&key)?;
-                report.cache_entries += 1;
-            }
-        }
-        Ok(report)
+        self.forget(user)
     }
 
     fn flush(&self) -> BoxFuture<'_, StoreResult<()>> {
@@ -1007,6 +721,7 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout;
     use super::*;
 
     fn key(user: &str) -> ConversationKey {
@@ -1078,7 +793,7 @@ mod tests {
         let s = SledStore::open(dir.path(), 8, 500).unwrap();
         let k = key("1");
         s.append_turns(&k, &[turn("a", 1)], None).unwrap();
-        let mut bad = conv_prefix(&k);
+        let mut bad = s.conv_prefix(&k);
         bad.extend_from_slice(&u64::MAX.to_be_bytes());
         s.turns.insert(bad, b"{not json".as_slice()).unwrap();
         let got = s.recent_turns(&k, 100).unwrap();
@@ -1097,5 +812,208 @@ mod tests {
         }
         let err = SledStore::open(dir.path(), 8, 500).err().unwrap();
         assert!(matches!(err, StoreError::SchemaTooNew { .. }), "{err}");
+    }
+
+    const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn tg(id: &str) -> UserRef {
+        UserRef::new(Platform::Telegram, id)
+    }
+
+    fn banned(reason: &str) -> UserRecord {
+        UserRecord {
+            name: Some("Ann".into()),
+            username: Some("ann".into()),
+            banned: Some(Ban {
+                reason: reason.into(),
+                by: "tg:1".into(),
+                at: 1,
+                notified: false,
+            }),
+            ..UserRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_corrupt_user_record_is_an_error_and_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let u = tg("5");
+        s.users
+            .insert(s.user_key(&u), b"{broken".as_slice())
+            .unwrap();
+        assert!(matches!(
+            s.user(&u),
+            Err(StoreError::Corrupt { tree: "users", .. })
+        ));
+        assert!(s.update_user(&u, &mut |r| r.banned = None).is_err());
+        let mut book = |r: &mut UserRecord| r.usage.messages += 1;
+        let exchange = Exchange {
+            conversation: &key("5"),
+            turns: &[turn("hi", 1)],
+            handled: None,
+            user: Some((&u, &mut book)),
+        };
+        assert!(s.record_exchange(exchange).is_err());
+        assert!(s.all_turns(&key("5")).unwrap().is_empty(), "all or nothing");
+        let raw = s.users.get(s.user_key(&u)).unwrap().unwrap();
+        assert_eq!(raw.as_ref(), b"{broken");
+        // the error (it is logged) never quotes the stored value
+        let secret = br#"{"name":"Zanzibar","first_seen":"Zanzibar"}"#;
+        s.users.insert(s.user_key(&u), secret.as_slice()).unwrap();
+        let err = s.user(&u).unwrap_err().to_string();
+        assert!(!err.contains("Zanzibar"), "{err}");
+        assert!(
+            err.starts_with("corrupt store entry in users: Data error"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn with_a_key_plaintext_and_moved_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some(KEY)).unwrap();
+        let (a, b) = (tg("1"), tg("2"));
+        s.put_user(&a, &banned("spam")).unwrap();
+        s.put_user(&b, &UserRecord::default()).unwrap();
+        // a plaintext record planted in place of b's: refused, not trusted
+        let plain = serde_json::to_vec(&UserRecord::default()).unwrap();
+        s.users.insert(s.user_key(&a), plain).unwrap();
+        assert!(s.user(&a).is_err());
+        // b's sealed record moved onto a's key does not open either
+        let sealed_b = s.users.get(s.user_key(&b)).unwrap().unwrap();
+        s.users.insert(s.user_key(&a), sealed_b).unwrap();
+        assert!(s.user(&a).is_err());
+        // a plaintext turn is skipped like any corrupt entry
+        let mut k = s.conv_prefix(&key("1"));
+        k.extend_from_slice(&1u64.to_be_bytes());
+        s.turns
+            .insert(k, serde_json::to_vec(&turn("planted", 1)).unwrap())
+            .unwrap();
+        assert!(s.all_turns(&key("1")).unwrap().is_empty());
+    }
+
+    /// A schema-1 store, encrypted the old way (text sealed as `CFE1` under the unsalted
+    /// key, everything else plain, usernames not per platform), opened with the key.
+    #[test]
+    fn an_old_encrypted_store_is_migrated_once_and_completely() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = crypto::LegacyCipher::from_secret("old passphrase");
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            let u = tg("7");
+            let rec = serde_json::to_vec(&banned("sock puppet")).unwrap();
+            s.users.insert("tg:7", rec).unwrap();
+            s.usernames.insert("ann", "tg:7").unwrap();
+            let prefix = layout::conv_prefix_plain(&key("7"));
+            for (i, t) in ["first secret", "second secret"].iter().enumerate() {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&(i as u64).to_be_bytes());
+                let v = legacy.seal(&serde_json::to_vec(&turn(t, 1)).unwrap());
+                s.turns.insert(k, v).unwrap();
+            }
+            let mut idx = u.to_string().into_bytes();
+            idx.push(0);
+            idx.extend_from_slice(&prefix);
+            s.conv_index.insert(idx, &[] as &[u8]).unwrap();
+            s.meta
+                .insert("key_check", legacy.seal(crypto::CHECK))
+                .unwrap();
+            s.meta
+                .insert("schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let wrong = SledStore::open_with_key(dir.path(), 8, 500, Some("other"));
+        assert!(wrong.err().unwrap().to_string().contains("does not match"));
+        let check = |s: &SledStore| {
+            let u = tg("7");
+            let rec = s.user(&u).unwrap().unwrap();
+            assert_eq!(rec.banned.unwrap().reason, "sock puppet");
+            assert_eq!(
+                s.find_username(Platform::Telegram, "@Ann").unwrap(),
+                Some(u.clone())
+            );
+            assert_eq!(s.find_username(Platform::Discord, "ann").unwrap(), None);
+            let convs = s.user_conversations(&u).unwrap();
+            let texts: Vec<_> = convs[0].1.iter().map(|t| t.text.as_str()).collect();
+            assert_eq!(texts, ["first secret", "second secret"]);
+            for (tree, k, v) in s.dump().unwrap() {
+                let row = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&k),
+                    String::from_utf8_lossy(&v)
+                );
+                for needle in ["secret", "sock", "ann", "Ann", "tg:7"] {
+                    assert!(!row.contains(needle), "{needle} in {tree}: {row}");
+                }
+            }
+        };
+        {
+            let s = SledStore::open_with_key(dir.path(), 8, 500, Some("old passphrase")).unwrap();
+            check(&s);
+            assert!(s.meta.get("key_check").unwrap().is_none(), "old check gone");
+            // an interrupted migration: a row still in the old form, marker not yet set
+            s.meta.remove("sealed").unwrap();
+            let rec = serde_json::to_vec(&banned("late")).unwrap();
+            s.users.insert("tg:8", rec).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some("old passphrase")).unwrap();
+        check(&s);
+        assert_eq!(
+            s.user(&tg("8")).unwrap().unwrap().banned.unwrap().reason,
+            "late"
+        );
+        drop(s);
+        let none = SledStore::open(dir.path(), 8, 500).err().unwrap();
+        assert!(
+            none.to_string().contains("CONFAB_DATA_KEY is not set"),
+            "{none}"
+        );
+    }
+
+    #[test]
+    fn a_schema_1_store_gets_per_platform_usernames() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            s.usernames.insert("vip", "dc:20").unwrap();
+            s.meta
+                .insert("schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        assert_eq!(
+            s.find_username(Platform::Discord, "VIP").unwrap(),
+            Some(UserRef::new(Platform::Discord, "20"))
+        );
+        assert_eq!(s.find_username(Platform::Telegram, "vip").unwrap(), None);
+        let v = s.meta.get("schema_version").unwrap().unwrap();
+        assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+    }
+
+    #[test]
+    fn cache_keys_are_hmacs_with_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some(KEY)).unwrap();
+        let e = CacheEntry {
+            reply: "r".into(),
+            tokens: 1,
+            reply_tokens: 1,
+            created_at: 100,
+            origin: tg("1"),
+            model: "m".into(),
+        };
+        s.cache_put(&[3; 32], &e, 10).unwrap();
+        assert_eq!(s.cache_get(&[3; 32]).unwrap(), Some(e));
+        assert!(
+            s.cache.get([3u8; 32]).unwrap().is_none(),
+            "not under the plain hash"
+        );
+        s.cache_remove(&[3; 32]).unwrap();
+        assert_eq!(s.cache_len(), 0);
+        assert_eq!(s.cache_time.len(), 0);
     }
 }

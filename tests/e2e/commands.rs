@@ -1,7 +1,7 @@
 //! User and admin commands through the engine, on every platform path, with their
 //! stored effects and the audit trail.
 
-use confab::domain::{Content, Inbound, Platform, Reply, ReplyKind, UserRef};
+use confab::domain::{Content, Inbound, Platform, Reply, ReplyKind, UserRef, Visibility};
 use confab::store::{SledStore, Store};
 
 use crate::fake_openai::FakeOpenAi;
@@ -19,6 +19,7 @@ fn on(platform: Platform, user: &str, said: &str) -> Inbound {
         user_name: format!("N{user}"),
         username: (platform == Platform::Telegram).then(|| format!("name{user}")),
         is_private: true,
+        forwarded: false,
         content: Content::Text(said.into()),
     }
 }
@@ -65,19 +66,26 @@ async fn admin_commands_on_every_platform_path() {
 
         type Effect = fn(&SledStore, &UserRef) -> bool;
         let table: Vec<(&str, &str, Effect)> = vec![
-            ("/admin ban tg:7 spam", "Banned tg:7 (spam)", |s, u| {
-                s.user(u)
-                    .unwrap()
-                    .unwrap()
-                    .banned
-                    .is_some_and(|b| b.reason == "spam")
-            }),
-            ("/admin unban @name7", "Unbanned tg:7", |s, u| {
-                s.user(u).unwrap().unwrap().banned.is_none()
-            }),
+            (
+                "/admin ban tg:7 spam",
+                "Banned tg:7 (@name7, \"N7\"): spam.",
+                |s, u| {
+                    s.user(u)
+                        .unwrap()
+                        .unwrap()
+                        .banned
+                        .is_some_and(|b| b.reason == "spam")
+                },
+            ),
+            // a username on another platform than the admin's needs its prefix
+            (
+                "/admin unban tg:@name7",
+                "Unbanned tg:7 (@name7, \"N7\").",
+                |s, u| s.user(u).unwrap().unwrap().banned.is_none(),
+            ),
             (
                 "/admin limit tg:7 10 2000",
-                "tg:7: 10 messages/minute, 2000 tokens/day",
+                "tg:7 (@name7, \"N7\"): 10 messages/minute, 2000 tokens/day",
                 |s, u| {
                     let r = s.user(u).unwrap().unwrap();
                     r.limit_per_minute == Some(10) && r.limit_daily_tokens == Some(2000)
@@ -91,7 +99,7 @@ async fn admin_commands_on_every_platform_path() {
             ("/admin whois tg:7", "tg:7: N7 @name7", |_, _| true),
             (
                 "/admin reset tg:7",
-                "Cleared 2 messages in 1 conversations of tg:7",
+                "Cleared 2 messages in 1 conversations of tg:7 (@name7",
                 |s, u| {
                     s.user_conversations(u)
                         .unwrap()
@@ -123,6 +131,7 @@ async fn admin_commands_on_every_platform_path() {
             let reply = e.handle(&admin(cmd)).await;
             let got = text(&reply);
             assert!(got.contains(want), "{platform:?} {cmd}: {got}");
+            assert_eq!(reply.visibility(), Visibility::Personal, "{cmd}");
             assert!(effect(store, &victim), "{platform:?} {cmd}: stored effect");
         }
         // maintenance: non-admins get the message, admins are served
@@ -388,4 +397,326 @@ async fn user_cli_exports_and_forgets_without_a_daemon() {
             assert!(!row.contains(needle), "{tree}: {row}");
         }
     }
+}
+
+#[tokio::test]
+async fn personal_output_is_personal_and_the_rest_public() {
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, ADMINS);
+    let app = root.build();
+    let e = &app.engine;
+    // asked in a group: the engine marks what only the asker may read
+    let in_group = |user: &str, said: &str| {
+        let mut m = on(Platform::Telegram, user, said);
+        m.chat_id = "-100500".into();
+        m.is_private = false;
+        m
+    };
+    e.handle(&in_group("5", "hello")).await;
+    for (user, cmd) in [
+        ("5", "/export"),
+        ("5", "/usage"),
+        ("5", "/forget"),
+        ("5", "/forget cancel"),
+        ("5", "/forget confirm"),
+        ("5", "/admin stats"), // refused, still personal
+        ("100", "/admin whois tg:5"),
+        ("100", "/admin stats"),
+        ("100", "/admin audit 3"),
+        ("100", "/admin ban tg:6 spam"),
+        ("100", "/admin frob"),
+        ("100", "/usage"),
+    ] {
+        let reply = e.handle(&in_group(user, cmd)).await;
+        assert_eq!(reply.visibility(), Visibility::Personal, "{cmd}: {reply:?}");
+    }
+    for cmd in ["/help", "/start", "a question", "/reset", "/nonsense"] {
+        let reply = e.handle(&in_group("7", cmd)).await;
+        assert_eq!(reply.visibility(), Visibility::Public, "{cmd}");
+    }
+    // Discord too: the decision does not depend on the platform
+    let reply = e
+        .handle(&on(Platform::Discord, "200", "/admin stats"))
+        .await;
+    assert_eq!(reply.visibility(), Visibility::Personal);
+}
+
+/// A Discord user renamed to a Telegram VIP's username must not receive the VIP's
+/// admin actions; a renamed user's old name resolves to nobody.
+#[tokio::test]
+async fn usernames_resolve_per_platform_and_renames_leave_nothing_stale() {
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, ADMINS);
+    let app = root.build();
+    let e = &app.engine;
+    let mut vip = on(Platform::Telegram, "10", "hi");
+    vip.username = Some("vip".into());
+    vip.user_name = "Ann".into();
+    e.handle(&vip).await;
+    // later, a Discord user takes the same name
+    let mut impostor = on(Platform::Discord, "20", "hi");
+    impostor.username = Some("VIP".into());
+    impostor.user_name = "Mallory".into();
+    e.handle(&impostor).await;
+
+    let got = text(
+        &e.handle(&on(Platform::Telegram, "100", "/admin limit @vip 99"))
+            .await,
+    );
+    assert_eq!(got, "tg:10 (@vip, \"Ann\"): 99 messages/minute.");
+    let rec = |p: Platform, id: &str| app.store.user(&UserRef::new(p, id)).unwrap().unwrap();
+    assert_eq!(rec(Platform::Telegram, "10").limit_per_minute, Some(99));
+    assert_eq!(rec(Platform::Discord, "20").limit_per_minute, None);
+    // a Discord admin's @vip is the Discord user; tg:@vip names the Telegram one
+    let got = text(
+        &e.handle(&on(Platform::Discord, "200", "/admin limit @vip 3"))
+            .await,
+    );
+    assert_eq!(got, "dc:20 (@VIP, \"Mallory\"): 3 messages/minute.");
+    let got = text(
+        &e.handle(&on(Platform::Discord, "200", "/admin whois tg:@vip"))
+            .await,
+    );
+    assert!(got.starts_with("tg:10: Ann @vip"), "{got}");
+    // from the terminal, @vip is ambiguous
+    let got = text(
+        &e.handle(&on(Platform::Terminal, "op", "/admin ban @vip"))
+            .await,
+    );
+    assert_eq!(got, "@vip is tg:10 and dc:20: say tg:@vip or dc:@vip.");
+    assert!(rec(Platform::Telegram, "10").banned.is_none());
+
+    // the VIP renames: the old name no longer resolves, the new one does
+    vip.username = Some("vip_new".into());
+    vip.content = Content::Text("renamed".into());
+    e.handle(&vip).await;
+    let got = text(
+        &e.handle(&on(Platform::Telegram, "100", "/admin ban @vip"))
+            .await,
+    );
+    assert!(got.starts_with("I don't know @vip"), "{got}");
+    let got = text(
+        &e.handle(&on(Platform::Telegram, "100", "/admin unban @vip_new"))
+            .await,
+    );
+    assert_eq!(got, "Unbanned tg:10 (@vip_new, \"Ann\").");
+    // dropping the username drops it from the index too
+    vip.username = None;
+    e.handle(&vip).await;
+    let got = text(
+        &e.handle(&on(Platform::Telegram, "100", "/admin whois @vip_new"))
+            .await,
+    );
+    assert!(got.starts_with("I don't know @vip_new"), "{got}");
+}
+
+/// Every (tree, key, value) with values decrypted, as text.
+fn dump_open_text(store: &SledStore) -> Vec<(String, String)> {
+    store
+        .dump_open()
+        .unwrap()
+        .into_iter()
+        .map(|(tree, k, v)| {
+            let row = format!(
+                "{} => {}",
+                String::from_utf8_lossy(&k),
+                String::from_utf8_lossy(&v)
+            );
+            (tree, row)
+        })
+        .collect()
+}
+
+/// Leaves a pending reply, an inbox entry, audit entries by and about the user and a
+/// username, then `/forget`s: no tree may hold the id or any of the words afterwards.
+async fn forget_leaves_nothing(data_key: Option<&str>) {
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, ADMINS);
+    if let Some(key) = data_key {
+        std::fs::write(root.env_file(), format!("CONFAB_DATA_KEY=\"{key}\"\n")).unwrap();
+    }
+    let app = root.build();
+    assert_eq!(app.store.is_encrypted(), data_key.is_some());
+    let e = &app.engine;
+    let user = |said: &str| on(Platform::Telegram, "4242", said);
+    let mut m = user("a unique question about zebras");
+    m.update_id = Some("90001".into());
+    e.handle(&m).await; // answered, never confirmed sent: a pending reply
+    e.handle(&user("another one")).await;
+    e.handle(&user("/admin ban tg:1 flamingo plans")).await; // refused, audited
+    for cmd in [
+        "/admin ban @name4242 rude about okapis",
+        "/admin unban tg:4242",
+        "/admin whois tg:@name4242",
+    ] {
+        e.handle(&on(Platform::Telegram, "100", cmd)).await;
+    }
+    // an update of theirs waiting in the inbox (the adapters' job format)
+    let mut waiting = user("still queued: narwhals");
+    waiting.update_id = Some("90002".into());
+    let job = serde_json::json!({ "inbound": waiting, "chat_id": 4242, "message_id": 9 });
+    app.store
+        .inbox_put(
+            "tg/assistant/00000000000000090002",
+            job.to_string().as_bytes(),
+        )
+        .unwrap();
+    e.handle(&on(Platform::Telegram, "77", "keep me")).await;
+    let before = dump_open_text(&app.store);
+    assert!(before.iter().any(|(_, r)| r.contains("zebras")), "seeded");
+    assert!(before.iter().any(|(t, _)| t == "inbox"), "seeded");
+
+    e.handle(&user("/forget")).await;
+    let done = text(&e.handle(&user("/forget confirm")).await);
+    assert!(
+        done.starts_with("Deleted: 4 messages in 1 conversations"),
+        "{done}"
+    );
+    for (tree, row) in dump_open_text(&app.store) {
+        for needle in [
+            "4242",
+            "zebras",
+            "another one",
+            "flamingo",
+            "okapis",
+            "narwhals",
+            "name4242",
+        ] {
+            assert!(!row.contains(needle), "{needle} left in {tree}: {row}");
+        }
+    }
+    // what admins did stays in the audit log, about nobody in particular
+    let audit = app.store.audit_recent(20).unwrap();
+    assert!(audit
+        .iter()
+        .any(|a| a.command == "/admin ban [redacted]"
+            && a.target.as_deref() == Some("[forgotten user]")));
+    // the other user is untouched
+    let other = on(Platform::Telegram, "77", "").conversation();
+    assert_eq!(app.store.all_turns(&other).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn forget_leaves_no_trace_in_any_tree() {
+    forget_leaves_nothing(None).await;
+}
+
+#[tokio::test]
+async fn forget_leaves_no_trace_in_any_tree_of_an_encrypted_store() {
+    forget_leaves_nothing(Some("a long passphrase for the forget test")).await;
+}
+
+#[tokio::test]
+async fn a_forwarded_admin_command_is_never_executed() {
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, ADMINS);
+    let app = root.build();
+    let e = &app.engine;
+    e.handle(&on(Platform::Telegram, "7", "hello")).await;
+    // the admin forwards someone's message that reads like a command
+    let mut fwd = on(Platform::Telegram, "100", "/admin ban tg:7 forwarded");
+    fwd.forwarded = true;
+    let reply = e.handle(&fwd).await;
+    assert_eq!(text(&reply), "echo: /admin ban tg:7 forwarded");
+    let victim = UserRef::new(Platform::Telegram, "7");
+    assert!(app.store.user(&victim).unwrap().unwrap().banned.is_none());
+    assert!(
+        app.store.audit_recent(10).unwrap().is_empty(),
+        "nothing ran"
+    );
+    // typed by the admin, it runs
+    fwd.forwarded = false;
+    e.handle(&fwd).await;
+    assert!(app.store.user(&victim).unwrap().unwrap().banned.is_some());
+}
+
+#[tokio::test]
+async fn maintenance_mode_survives_a_restart() {
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, ADMINS);
+    {
+        let app = root.build();
+        let on_ = on(
+            Platform::Telegram,
+            "100",
+            "/admin maintenance on back at noon",
+        );
+        app.engine.handle(&on_).await;
+    }
+    {
+        let app = root.build();
+        assert_eq!(app.engine.maintenance().as_deref(), Some("back at noon"));
+        let got = text(&app.engine.handle(&on(Platform::Telegram, "8", "hi")).await);
+        assert_eq!(got, "back at noon");
+        assert_eq!(llm.request_count(), 0);
+        let off = on(Platform::Telegram, "100", "/admin maintenance off");
+        app.engine.handle(&off).await;
+    }
+    let app = root.build();
+    assert_eq!(app.engine.maintenance(), None);
+    let got = text(&app.engine.handle(&on(Platform::Telegram, "8", "hi")).await);
+    assert_eq!(got, "echo: hi");
+}
+
+/// A banned user's record turns unreadable on disk: the user must not be served as a
+/// new (unbanned) user — they get the internal-error notice, and the LLM is not asked.
+#[tokio::test]
+async fn a_corrupt_user_record_is_refused_not_reset() {
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, ADMINS);
+    let data = root.path().join("data");
+    {
+        let app = root.build();
+        let e = &app.engine;
+        e.handle(&on(Platform::Telegram, "9", "hi")).await;
+        e.handle(&on(Platform::Telegram, "100", "/admin ban tg:9 abuse"))
+            .await;
+    }
+    {
+        let store = SledStore::open(&data, 8, 500).unwrap();
+        let users = store.db().open_tree("users").unwrap();
+        users.insert("tg:9", b"\xff{garbage".as_slice()).unwrap();
+        store.db().flush().unwrap();
+    }
+    let app = root.build();
+    let calls = llm.request_count();
+    let victim = UserRef::new(Platform::Telegram, "9");
+    assert!(
+        app.store.user(&victim).is_err(),
+        "an error, not an empty record"
+    );
+    for said in ["hi again", "/usage", "/export"] {
+        let got = text(&app.engine.handle(&on(Platform::Telegram, "9", said)).await);
+        assert_eq!(got, confab::engine::MSG_INTERNAL, "{said}");
+    }
+    assert_eq!(llm.request_count(), calls, "no LLM call");
+    // an admin's change does not overwrite it either (the ban would be gone)
+    let got = text(
+        &app.engine
+            .handle(&on(Platform::Telegram, "100", "/admin limit tg:9 5"))
+            .await,
+    );
+    assert!(
+        got.starts_with("Failed: corrupt store entry in users"),
+        "{got}"
+    );
+    let raw = app
+        .store
+        .db()
+        .open_tree("users")
+        .unwrap()
+        .get("tg:9")
+        .unwrap();
+    assert_eq!(raw.as_deref(), Some(b"\xff{garbage".as_slice()));
+    // everyone else is served
+    let got = text(
+        &app.engine
+            .handle(&on(Platform::Telegram, "10", "hello"))
+            .await,
+    );
+    assert_eq!(got, "echo: hello");
+    // the operator's way out: forget the record
+    confab::engine::admin::forget_user(&app.engine, &victim).unwrap();
+    let got = text(&app.engine.handle(&on(Platform::Telegram, "9", "hi")).await);
+    assert_eq!(got, "echo: hi");
 }

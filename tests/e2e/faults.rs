@@ -73,11 +73,12 @@ async fn a_corrupt_store_entry_is_skipped_and_the_daemon_keeps_serving() {
         first.update_id = None;
         app.engine.handle(&first).await;
     }
-    // Damage user 5's stored turns and user record on disk.
+    // Damage user 5's stored turns on disk. (A damaged user record is refused rather than
+    // skipped, so a ban cannot vanish: commands::a_corrupt_user_record_is_refused_not_reset.)
     {
         let store = SledStore::open(&root.path().join("data"), 8, 500).unwrap();
         let db = store.db();
-        for tree in ["turns", "users"] {
+        for tree in ["turns"] {
             let t = db.open_tree(tree).unwrap();
             let keys: Vec<_> = t.iter().keys().map(|k| k.unwrap()).collect();
             for k in keys {

@@ -92,6 +92,7 @@ pub fn msg(user: &str, text: &str) -> Inbound {
         user_name: format!("User{user}"),
         username: None,
         is_private: true,
+        forwarded: false,
         content: Content::Text(text.into()),
     }
 }

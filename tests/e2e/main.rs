@@ -18,5 +18,6 @@ mod flood;
 mod hardening;
 mod ops;
 mod ops_http;
+mod privacy;
 mod systemd;
 mod telegram;

@@ -1,0 +1,256 @@
+//! How rows are keyed and encoded, with and without a data key.
+//!
+//! Without a key, keys carry ids in the clear (`tg:123`, conversation prefixes, `tg:name`)
+//! and values are JSON. With a key, every value of a personal tree is sealed for its row
+//! (see [`super::crypto`]) and the ids and names in keys are replaced by keyed hashes:
+//! a conversation prefix by 16 bytes, a user by 32 (16 in `conv_index`), a username by
+//! 32, a cache key by its HMAC. A plaintext value in a sealed tree is a corrupt entry.
+
+use std::borrow::Cow;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::sled_store::SledStore;
+use super::{ConversationKey, StoreError, StoreResult, UserRef};
+use crate::domain::Platform;
+
+pub(super) const SEP: u8 = 0;
+
+/// Trees whose values are sealed when a data key is set (every tree but `meta` and
+/// `cache_time`, whose values are empty).
+pub(super) const SEALED_TREES: &[&str] = &[
+    "turns",
+    "conv_index",
+    "users",
+    "usernames",
+    "cache",
+    "audit",
+    "handled",
+    "inbox",
+];
+
+/// `bot \0 platform \0 chat \0 user \0`: the plain conversation prefix.
+pub(super) fn conv_prefix_plain(key: &ConversationKey) -> Vec<u8> {
+    let mut p = Vec::with_capacity(key.bot.len() + key.chat.len() + key.user.len() + 8);
+    for part in [
+        key.bot.as_bytes(),
+        key.platform.prefix().as_bytes(),
+        key.chat.as_bytes(),
+        key.user.as_bytes(),
+    ] {
+        p.extend_from_slice(part);
+        p.push(SEP);
+    }
+    p
+}
+
+pub(super) fn parse_conv_prefix(p: &[u8]) -> Option<ConversationKey> {
+    let parts: Vec<&[u8]> = p.split(|b| *b == SEP).collect();
+    // four parts plus the empty tail after the last separator
+    let [bot, platform, chat, user, tail] = parts.as_slice() else {
+        return None;
+    };
+    if !tail.is_empty() {
+        return None;
+    }
+    let s = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+    let platform = match *platform {
+        b"tg" => Platform::Telegram,
+        b"dc" => Platform::Discord,
+        b"cli" => Platform::Terminal,
+        _ => return None,
+    };
+    Some(ConversationKey {
+        bot: s(bot)?,
+        platform,
+        chat: s(chat)?,
+        user: s(user)?,
+    })
+}
+
+/// `@Name` → `name`: the form usernames are indexed by.
+pub(super) fn normalise_username(name: &str) -> String {
+    name.trim().trim_start_matches('@').to_lowercase()
+}
+
+pub(super) fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(40);
+    k.extend_from_slice(&(at.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+fn io_encode(e: serde_json::Error) -> StoreError {
+    StoreError::Io(format!("encode: {e}"))
+}
+
+impl SledStore {
+    /// `plain` as is, or its keyed hash (first `len` bytes) when a data key is set.
+    fn hide(&self, domain: &[u8], plain: Vec<u8>, len: usize) -> Vec<u8> {
+        match &self.keys {
+            Some(k) => k.index(domain, &plain)[..len.min(32)].to_vec(),
+            None => plain,
+        }
+    }
+
+    /// The prefix of a conversation's rows in `turns`.
+    pub(super) fn conv_prefix(&self, key: &ConversationKey) -> Vec<u8> {
+        self.hide(b"conv", conv_prefix_plain(key), 16)
+    }
+
+    /// The key of a user's row in `users`.
+    pub(super) fn user_key(&self, user: &UserRef) -> Vec<u8> {
+        self.hide(b"user", user.to_string().into_bytes(), 32)
+    }
+
+    /// The prefix of a user's rows in `conv_index`.
+    pub(super) fn index_user_prefix(&self, user: &UserRef) -> Vec<u8> {
+        let mut plain = user.to_string().into_bytes();
+        match &self.keys {
+            Some(k) => k.index(b"user", &plain)[..16].to_vec(),
+            None => {
+                plain.push(SEP);
+                plain
+            }
+        }
+    }
+
+    /// The `conv_index` row of a conversation: its key and (unsealed) value.
+    pub(super) fn index_row(&self, key: &ConversationKey) -> (Vec<u8>, Vec<u8>) {
+        let mut k = self.index_user_prefix(&key.user_ref());
+        k.extend_from_slice(&self.conv_prefix(key));
+        // With a key the conversation cannot be read back from the row's key.
+        let v = match &self.keys {
+            Some(_) => conv_prefix_plain(key),
+            None => Vec::new(),
+        };
+        (k, v)
+    }
+
+    /// The key of `@name` on `platform` in `usernames`.
+    pub(super) fn username_key(&self, platform: Platform, name: &str) -> Vec<u8> {
+        let plain = format!("{}:{}", platform.prefix(), normalise_username(name));
+        self.hide(b"username", plain.into_bytes(), 32)
+    }
+
+    /// The row key of a cache entry: the engine's SHA-256, keyed (HMAC) with a data key,
+    /// so a backup cannot confirm a guessed question.
+    pub(super) fn cache_row_key(&self, key: &[u8; 32]) -> [u8; 32] {
+        match &self.keys {
+            Some(k) => k.index(b"cache", key),
+            None => *key,
+        }
+    }
+
+    /// Seals `plain` for row `key` of `tree` when a data key is set and the tree is personal.
+    pub(super) fn seal(&self, tree: &str, key: &[u8], plain: &[u8]) -> Vec<u8> {
+        match &self.keys {
+            Some(k) if SEALED_TREES.contains(&tree) => k.seal(tree, key, plain),
+            _ => plain.to_vec(),
+        }
+    }
+
+    pub(super) fn unseal<'a>(
+        &self,
+        tree: &str,
+        key: &[u8],
+        bytes: &'a [u8],
+    ) -> Result<Cow<'a, [u8]>, String> {
+        match &self.keys {
+            Some(k) if SEALED_TREES.contains(&tree) => k.open(tree, key, bytes).map(Cow::Owned),
+            Some(_) => Ok(Cow::Borrowed(bytes)),
+            None if super::crypto::is_sealed(bytes) || super::crypto::is_sealed_v1(bytes) => {
+                Err("encrypted, but no data key is set".into())
+            }
+            None => Ok(Cow::Borrowed(bytes)),
+        }
+    }
+
+    pub(super) fn encode<T: Serialize>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        v: &T,
+    ) -> StoreResult<Vec<u8>> {
+        let plain = serde_json::to_vec(v).map_err(io_encode)?;
+        Ok(self.seal(tree, key, &plain))
+    }
+
+    /// Decodes a value; an unreadable one is an error naming the tree (never its
+    /// contents or key: the reason reaches logs).
+    pub(super) fn decode_strict<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> StoreResult<T> {
+        let plain = self
+            .unseal(tree, key, bytes)
+            .map_err(|reason| StoreError::Corrupt { tree, reason })?;
+        // serde's message can quote the value (a name, a text): give only where and what kind.
+        serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
+            tree,
+            reason: format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        })
+    }
+
+    /// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps
+    /// serving. The log names the tree, not the key (keys can hold ids and names).
+    pub(super) fn decode<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Option<T> {
+        match self.decode_strict(tree, key, bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(tree, error = %e, "corrupt store entry skipped");
+                None
+            }
+        }
+    }
+
+    /// Whether a `usernames` value names `user`.
+    pub(super) fn username_points_at(&self, key: &[u8], value: &[u8], user: &UserRef) -> bool {
+        self.unseal("usernames", key, value)
+            .is_ok_and(|v| v.as_ref() == user.to_string().as_bytes())
+    }
+
+    /// Moves the `usernames` index from `before` to `after` for `user`: the old name is
+    /// dropped if it still points at this user (renames leave nothing stale), the new one
+    /// points at them (the newest holder of a name on a platform wins).
+    pub(super) fn reindex_username(
+        &self,
+        user: &UserRef,
+        before: Option<&str>,
+        after: Option<&str>,
+    ) -> StoreResult<()> {
+        let norm = |n: Option<&str>| n.map(normalise_username).filter(|n| !n.is_empty());
+        let (before, after) = (norm(before), norm(after));
+        if before == after {
+            return Ok(());
+        }
+        let io = |e: sled::Error| StoreError::Io(e.to_string());
+        if let Some(old) = &before {
+            let k = self.username_key(user.platform, old);
+            if let Some(v) = self.usernames.get(&k).map_err(io)? {
+                if self.username_points_at(&k, &v, user) {
+                    self.usernames.remove(&k).map_err(io)?;
+                }
+            }
+        }
+        if let Some(new) = &after {
+            let k = self.username_key(user.platform, new);
+            let v = self.seal("usernames", &k, user.to_string().as_bytes());
+            self.usernames.insert(k, v).map_err(io)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,237 @@
+//! Opening a store with or without `CONFAB_DATA_KEY`, and the one-time migrations.
+//!
+//! - Schema 1 → 2 (any store): `usernames` keys become per platform (`tg:name`).
+//! - First open with a key (a plaintext store, or one encrypted by schema 1, where only
+//!   text was sealed with an unsalted key): a salt is stored, `meta/key_check2` sealed,
+//!   then every row of every personal tree is re-keyed and sealed for its row, the cache
+//!   is emptied (its keys cannot be re-derived), and `meta/sealed = 2` marks the end.
+//!   Each row moves in one atomic batch and an already sealed row is skipped, so a crash
+//!   mid-way is finished by the next open. Nothing is dropped: a value that cannot be
+//!   read stays a corrupt entry (a corrupt user record keeps refusing that user).
+
+use sled::{Batch, Tree};
+
+use super::crypto::{self, Keys, LegacyCipher};
+use super::layout::{conv_prefix_plain, parse_conv_prefix, SEP};
+use super::sled_store::{DumpRow, SledStore};
+use super::{StoreError, StoreResult, UserRef, SCHEMA_VERSION};
+
+pub(super) const KEY_CHECK1: &str = "key_check";
+pub(super) const KEY_CHECK2: &str = "key_check2";
+pub(super) const KDF_SALT: &str = "kdf_salt";
+pub(super) const SEALED: &str = "sealed";
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// The store's keys from `secret` and its salt row, checked against `key_check2`.
+fn checked_keys(secret: &str, salt: &[u8], check: &[u8]) -> Result<Keys, String> {
+    let keys = Keys::derive(secret, salt)?;
+    match keys.open("meta", KEY_CHECK2.as_bytes(), check) {
+        Ok(v) if v == crypto::CHECK2 => Ok(keys),
+        _ => Err("CONFAB_DATA_KEY does not match the key this store was encrypted with".into()),
+    }
+}
+
+/// The backup authenticator for rows of a backup (their `meta` rows carry the salt and
+/// the key check): `None` for a backup of an unencrypted store; an error when the backup
+/// is encrypted and `secret` is missing or wrong.
+pub fn backup_auth_for_rows(
+    rows: &[DumpRow],
+    secret: Option<&str>,
+) -> StoreResult<Option<crypto::BackupAuth>> {
+    let meta = |name: &str| {
+        rows.iter()
+            .find(|(t, k, _)| t == "meta" && k.as_slice() == name.as_bytes())
+            .map(|(_, _, v)| v.as_slice())
+    };
+    let Some(check) = meta(KEY_CHECK2) else {
+        return Ok(None);
+    };
+    let fail = |reason: String| StoreError::Open {
+        path: "backup".into(),
+        reason,
+    };
+    let secret = secret
+        .ok_or_else(|| fail("the backup is encrypted but CONFAB_DATA_KEY is not set".into()))?;
+    let salt = meta(KDF_SALT).unwrap_or_default();
+    let keys = checked_keys(secret, salt, check).map_err(fail)?;
+    Ok(Some(keys.backup_auth()))
+}
+
+impl SledStore {
+    /// Brings a schema-1 store to schema 2 (per-platform username keys).
+    pub(super) fn upgrade_schema(&self, found: u32) -> StoreResult<()> {
+        if found < 2 {
+            let mut batch = Batch::default();
+            for item in self.usernames.iter() {
+                let (k, v) = item.map_err(io)?;
+                // Schema-1 keys are bare names; usernames never contain ':'.
+                if k.contains(&b':') {
+                    continue;
+                }
+                let user = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse::<UserRef>().ok());
+                if let Some(user) = user {
+                    let name = String::from_utf8_lossy(&k).to_string();
+                    batch.insert(self.username_key(user.platform, &name), v);
+                }
+                batch.remove(k);
+            }
+            self.usernames.apply_batch(batch).map_err(io)?;
+        }
+        self.meta
+            .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Applies `CONFAB_DATA_KEY` (see the module docs). Wrong or missing keys are errors.
+    pub(super) fn apply_key(&mut self, path: &str, secret: Option<&str>) -> StoreResult<()> {
+        let fail = |reason: &str| StoreError::Open {
+            path: path.to_string(),
+            reason: reason.to_string(),
+        };
+        let check1 = self.meta.get(KEY_CHECK1).map_err(io)?;
+        let check2 = self.meta.get(KEY_CHECK2).map_err(io)?;
+        let Some(secret) = secret else {
+            if check1.is_some() || check2.is_some() {
+                return Err(fail(
+                    "the store is encrypted but CONFAB_DATA_KEY is not set",
+                ));
+            }
+            return Ok(());
+        };
+        let legacy = LegacyCipher::from_secret(secret);
+        if let (None, Some(c1)) = (&check2, &check1) {
+            if legacy.open(c1).ok().as_deref() != Some(crypto::CHECK) {
+                return Err(fail(
+                    "CONFAB_DATA_KEY does not match the key this store was encrypted with",
+                ));
+            }
+        }
+        let salt = match self.meta.get(KDF_SALT).map_err(io)? {
+            Some(s) => s.to_vec(),
+            None => {
+                let s = crypto::new_salt().to_vec();
+                self.meta.insert(KDF_SALT, s.as_slice()).map_err(io)?;
+                s
+            }
+        };
+        let keys = match &check2 {
+            Some(c) => checked_keys(secret, &salt, c).map_err(|r| fail(&r))?,
+            None => {
+                let keys = Keys::derive(secret, &salt).map_err(|r| fail(&r))?;
+                let check = keys.seal("meta", KEY_CHECK2.as_bytes(), crypto::CHECK2);
+                self.meta.insert(KEY_CHECK2, check).map_err(io)?;
+                keys
+            }
+        };
+        self.keys = Some(keys);
+        if self.meta.get(SEALED).map_err(io)?.as_deref() != Some(b"2".as_slice()) {
+            self.migrate_to_sealed(&legacy)?;
+            self.meta.remove(KEY_CHECK1).map_err(io)?;
+            self.meta.insert(SEALED, b"2".as_slice()).map_err(io)?;
+            self.db.flush().map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn migrate_to_sealed(&self, legacy: &LegacyCipher) -> StoreResult<()> {
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.cache.clear().map_err(io)?;
+        self.cache_time.clear().map_err(io)?;
+        let trees: [(&'static str, &Tree); 7] = [
+            ("turns", &self.turns),
+            ("conv_index", &self.conv_index),
+            ("users", &self.users),
+            ("usernames", &self.usernames),
+            ("audit", &self.audit),
+            ("handled", &self.handled),
+            ("inbox", &self.inbox),
+        ];
+        let mut moved = 0usize;
+        for (name, tree) in trees {
+            let mut batch = Batch::default();
+            let mut pending = 0;
+            for item in tree.iter() {
+                let (k, v) = item.map_err(io)?;
+                if crypto::is_sealed(&v) {
+                    continue; // done by an earlier, interrupted run
+                }
+                // Unreadable CFE1 values stay as they are (corrupt either way).
+                let plain = match crypto::is_sealed_v1(&v) {
+                    true => legacy.open(&v).unwrap_or_else(|_| v.to_vec()),
+                    false => v.to_vec(),
+                };
+                let (nk, nv) = self
+                    .rekey(name, &k, plain)
+                    .unwrap_or_else(|p| (k.to_vec(), p));
+                if nk.as_slice() != k.as_ref() {
+                    batch.remove(k);
+                }
+                let sealed = self.seal(name, &nk, &nv);
+                batch.insert(nk, sealed);
+                pending += 1;
+                moved += 1;
+                if pending >= 1000 {
+                    tree.apply_batch(std::mem::take(&mut batch)).map_err(io)?;
+                    pending = 0;
+                }
+            }
+            tree.apply_batch(batch).map_err(io)?;
+        }
+        self.cache_count
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(rows = moved, "store encrypted at rest (one-time migration)");
+        Ok(())
+    }
+
+    /// The sealed-layout key (and value) of a plaintext-layout row; `Err(value)` when the
+    /// key cannot be parsed (the row then stays where it is).
+    fn rekey(&self, tree: &str, k: &[u8], v: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), Vec<u8>> {
+        match tree {
+            "turns" => {
+                let Some(split) = k.len().checked_sub(8) else {
+                    return Err(v);
+                };
+                let (prefix, seq) = k.split_at(split);
+                let Some(conv) = parse_conv_prefix(prefix) else {
+                    return Err(v);
+                };
+                Ok(([self.conv_prefix(&conv).as_slice(), seq].concat(), v))
+            }
+            "conv_index" => {
+                let Some(at) = k.iter().position(|b| *b == SEP) else {
+                    return Err(v);
+                };
+                match parse_conv_prefix(&k[at + 1..]) {
+                    Some(conv) => {
+                        let (nk, nv) = self.index_row(&conv);
+                        debug_assert_eq!(nv, conv_prefix_plain(&conv));
+                        Ok((nk, nv))
+                    }
+                    None => Err(v),
+                }
+            }
+            "users" => match std::str::from_utf8(k).ok().and_then(|s| s.parse().ok()) {
+                Some(user) => Ok((self.user_key(&user), v)),
+                None => Err(v),
+            },
+            "usernames" => {
+                let user = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse::<UserRef>().ok());
+                let name = String::from_utf8_lossy(k);
+                let name = name.split_once(':').map_or(&*name, |(_, n)| n);
+                match user {
+                    Some(u) => Ok((self.username_key(u.platform, name), v)),
+                    None => Err(v),
+                }
+            }
+            _ => Ok((k.to_vec(), v)),
+        }
+    }
+}
