@@ -116,7 +116,23 @@ fn load_or_report(opts: &LoadOptions) -> Result<config::Config, ExitCode> {
     })
 }
 
+/// `check` prints warnings (they do not fail it); `run` logs them once logging is up.
+fn print_warnings(cfg: &config::Config) {
+    for w in config::warnings(cfg) {
+        eprintln!("warning: {w}");
+    }
+}
+
+fn log_warnings(cfg: &config::Config) {
+    for w in config::warnings(cfg) {
+        tracing::warn!(file = %w.file, key = %w.key, "{}", w.message);
+    }
+}
+
 fn main() -> ExitCode {
+    // Before anything is created: the store, the control socket and backups are the
+    // owner's alone (0700 directories, 0600 files), also outside systemd's UMask=.
+    confab::ops::restrict_umask();
     confab::memory::limit_arenas(2);
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -134,6 +150,7 @@ fn main() -> ExitCode {
             let opts = options(&common, true);
             return match load_or_report(&opts) {
                 Ok(cfg) => {
+                    print_warnings(&cfg);
                     if online {
                         confab::logging::init(LogFormat::Pretty, "warn", None);
                         if let Err(refused) = runtime.block_on(confab::app::verify_identities(&cfg))
@@ -161,7 +178,8 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            confab::logging::init(cfg.log.format, &cfg.log.level, Some(cfg.env.as_str()));
+            confab::logging::init_config(&cfg.log, Some(cfg.env.as_str()));
+            log_warnings(&cfg);
             runtime.block_on(confab::app::run(cfg, opts))
         }
         Cmd::Backup { common, out, keep } => {

@@ -239,3 +239,64 @@ async fn production_style_json_logs_carry_env_and_update_span_but_no_text() {
         .as_str()
         .is_some_and(|u| !u.is_empty()));
 }
+
+/// Every form a secret can take in a log line: as text, and as the hex or decimal bytes
+/// of a websocket frame dump.
+fn leaks(log: &str, secret: &str) -> Vec<&'static str> {
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    let dec = secret
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut found = Vec::new();
+    if log.contains(secret) {
+        found.push("text");
+    }
+    if log.contains(&hex) {
+        found.push("hex bytes");
+    }
+    if log.contains(&dec) {
+        found.push("decimal bytes");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_trace_never_prints_the_discord_token_or_an_interaction_token() {
+    use crate::fake_discord::FakeDiscord;
+    use crate::harness::{DC_APP_STAGING, DC_BOT_ID, DC_BOT_TOML, DC_TOKEN};
+    let llm = FakeOpenAi::start().await;
+    let dc = FakeDiscord::start(DC_TOKEN, DC_BOT_ID, DC_APP_STAGING).await;
+    let root = Root::discord(&llm.base_url, &dc.api_url, "", DC_BOT_TOML);
+    let log = root.path().join("daemon.log");
+    let mut child = spawn_daemon(&root, &log, "trace");
+    assert!(dc.wait_connected(WAIT).await, "the gateway session came up");
+    dc.send_dm(500, 42, "ann", "hello there");
+    dc.wait_for_messages(1, WAIT).await;
+    let id = dc.send_interaction("usage", serde_json::Value::Null, 42, "ann", 500, None);
+    let deadline = Instant::now() + WAIT;
+    while !dc.interaction_responses().iter().any(|(i, _)| *i == id) {
+        assert!(
+            Instant::now() < deadline,
+            "the interaction was never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "-TERM");
+    assert_eq!(
+        tokio::task::block_in_place(|| wait_exit(&mut child, WAIT)),
+        Some(0)
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.lines().count() > 20, "trace logging is on:\n{text}");
+    let token_part = DC_TOKEN.split('.').next_back().unwrap_or(DC_TOKEN);
+    for (what, secret) in [
+        ("bot token", DC_TOKEN),
+        ("bot token's secret part", token_part),
+        ("interaction token", &format!("itok-{id}")),
+    ] {
+        let found = leaks(&text, secret);
+        assert!(found.is_empty(), "{what} in the log as {found:?}");
+    }
+}
