@@ -300,3 +300,45 @@ async fn rust_log_trace_never_prints_the_discord_token_or_an_interaction_token()
         assert!(found.is_empty(), "{what} in the log as {found:?}");
     }
 }
+
+#[tokio::test]
+async fn an_llm_error_that_echoes_the_api_key_never_carries_it() {
+    use crate::fake_openai::Behavior;
+    use confab::llm::{ChatMessage, ChatRequest, ChatRole, LlmProvider, OpenAiProvider};
+    let key = "sk-proj-9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d";
+    let llm = FakeOpenAi::start().await;
+    let body = serde_json::json!({"error": {
+        "message": format!("Incorrect API key provided: {key}. You can find your API key at ..."),
+        "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+    let provider = OpenAiProvider::new(&llm.base_url, key, Duration::from_secs(5)).unwrap();
+    let request = || ChatRequest {
+        model: "m".into(),
+        messages: vec![ChatMessage::new(ChatRole::User, "hi".to_string())],
+        temperature: None,
+        max_tokens: None,
+    };
+    for stream in [false, true] {
+        llm.push(Behavior::Status {
+            code: 401,
+            retry_after: None,
+            body: Some(body.to_string()),
+        });
+        let err = if stream {
+            match provider.stream(request()).await {
+                Err(e) => e,
+                Ok(mut s) => match futures::StreamExt::next(&mut s).await {
+                    Some(Err(e)) => e,
+                    other => panic!(
+                        "stream: expected an error, got {:?}",
+                        other.map(|r| r.is_ok())
+                    ),
+                },
+            }
+        } else {
+            provider.complete(request()).await.unwrap_err()
+        };
+        let text = format!("{err} / {err:?}");
+        assert!(!text.contains(key), "stream={stream}: {text}");
+        assert!(text.contains("[REDACTED]"), "stream={stream}: {text}");
+    }
+}
