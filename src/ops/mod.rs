@@ -1,6 +1,7 @@
 //! Operator interfaces outside the chat apps.
 
 pub mod backup;
+mod backup_file;
 pub mod control;
 pub mod http;
 pub mod notify;

@@ -44,8 +44,8 @@ pub struct SledStore {
     /// `cache.len()` is O(n) in sled; keep a running count.
     cache_count: AtomicUsize,
     flusher: Flusher,
-    /// Writers share it; a backup takes it exclusively for a point-in-time copy
-    /// (sled has no snapshot across trees).
+    /// Writers share it; a backup takes it exclusively while it reads one batch of
+    /// rows (sled has no snapshot across trees), never for the whole copy.
     gate: std::sync::RwLock<()>,
     cipher: Option<crypto::Cipher>,
 }
@@ -130,6 +130,14 @@ impl Drop for Flusher {
 /// One stored (tree, key, value).
 pub type DumpRow = (String, Vec<u8>, Vec<u8>);
 
+/// Where the next [`SledStore::dump_batch`] starts: a tree (index into the order
+/// given) and the last key already copied from it.
+#[derive(Debug, Clone, Default)]
+pub struct DumpCursor {
+    pub tree: usize,
+    pub after: Option<Vec<u8>>,
+}
+
 /// The tree names, for tools that walk the whole store (backup, tests).
 pub const TREES: &[&str] = &[
     "turns",
@@ -143,6 +151,24 @@ pub const TREES: &[&str] = &[
     "meta",
     "inbox",
 ];
+
+/// Creates the store's directory owner-only (0700) and tightens an existing wider one:
+/// the directory guards every file sled writes below it (the daemon's umask 0077 makes
+/// those 0600 as well).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not make the data dir owner-only (chmod 700 it)");
+        }
+    }
+    Ok(())
+}
 
 fn io(e: sled::Error) -> StoreError {
     StoreError::Io(e.to_string())
@@ -277,7 +303,7 @@ impl SledStore {
         flush_every_ms: u64,
     ) -> StoreResult<SledStore> {
         let path = dir.display().to_string();
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+        create_private_dir(dir).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -433,10 +459,41 @@ impl SledStore {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A consistent copy of every tree: writes pause while it is taken.
-    pub fn snapshot(&self) -> StoreResult<Vec<DumpRow>> {
+    /// The next batch of a backup: up to `max` rows of the trees named in `order`,
+    /// starting after `from`; returns the rows and where the next batch starts (`None`
+    /// when every tree is done). Writers pause only while one batch is read, so a batch
+    /// is one point in time and the copy as a whole never stops them for long.
+    pub fn dump_batch(
+        &self,
+        order: &[&str],
+        from: &DumpCursor,
+        max: usize,
+    ) -> StoreResult<(Vec<DumpRow>, Option<DumpCursor>)> {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.dump()
+        let mut rows = Vec::new();
+        let mut after = from.after.clone();
+        for (i, name) in order.iter().enumerate().skip(from.tree) {
+            let tree = self.db.open_tree(name).map_err(io)?;
+            let iter = match after.take() {
+                Some(k) => tree.range::<&[u8], _>((
+                    std::ops::Bound::Excluded(k.as_slice()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => tree.iter(),
+            };
+            for item in iter {
+                let (k, v) = item.map_err(io)?;
+                rows.push((name.to_string(), k.to_vec(), v.to_vec()));
+                if rows.len() >= max.max(1) {
+                    let next = DumpCursor {
+                        tree: i,
+                        after: Some(k.to_vec()),
+                    };
+                    return Ok((rows, Some(next)));
+                }
+            }
+        }
+        Ok((rows, None))
     }
 
     /// Inserts rows (from a backup) into an empty store.
