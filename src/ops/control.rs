@@ -150,16 +150,18 @@ async fn handle(
 ) -> std::io::Result<()> {
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
+    // The request line is read (bounded) before anything is answered, so a client
+    // never writes into a closed connection.
+    let mut line = String::new();
+    BufReader::new(read.take(64 * 1024))
+        .read_line(&mut line)
+        .await?;
     if !peer.is_some_and(peer_allowed) {
         tracing::warn!(target: "security", peer_uid = ?peer, "control socket connection refused: not the daemon's user or root");
         let text = "permission denied: the control socket serves only the daemon's user and root";
         write_line(&mut write, &refusal(text.into())).await?;
         return write.shutdown().await;
     }
-    let mut line = String::new();
-    BufReader::new(read.take(64 * 1024))
-        .read_line(&mut line)
-        .await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Backup) => return stream_backup(store, write).await,
         Ok(req) => tokio::task::spawn_blocking(move || execute(&engine, &req))

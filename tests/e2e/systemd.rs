@@ -294,7 +294,7 @@ fn chown(path: &Path, uid: u32) {
 }
 
 /// Where the emulation cannot run, the reason (printed, and the test passes).
-fn emulation_unavailable() -> Option<&'static str> {
+pub(crate) fn emulation_unavailable() -> Option<&'static str> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root: cannot play PID 1 (chown, setpriv)");
