@@ -1319,6 +1319,12 @@ api_url = "api.telegram.org"
             ..opts.clone()
         };
         assert_eq!(ok(load_with(&named, &vars)).log.level, "warn");
+        // Production accepts the credential whatever its mode bits (systemd keeps its
+        // directory private to the unit); the operator's own file is still checked.
+        let prod = t.opts(Env::Production);
+        set_mode(&cred, 0o644);
+        let secrets = [vars[0], ("OPENAI_API_KEY", GOOD_KEY)];
+        assert_eq!(ok(load_with(&prod, &secrets)).log.level, "debug");
         std::fs::remove_file(&cred).expect("rm");
         assert_eq!(ok(load_with(&opts, &vars)).log.level, "warn");
     }

@@ -36,6 +36,9 @@ pub(crate) struct EnvFile {
     pub path: PathBuf,
     pub display: String,
     pub explicit: bool,
+    /// A systemd credential: systemd made it readable by the service's user only (its
+    /// directory is private to the unit), so the world-readable rule does not apply.
+    pub credential: bool,
 }
 
 /// The credential name the systemd unit loads the env file as.
@@ -53,6 +56,7 @@ impl EnvFile {
                 path: p.clone(),
                 display,
                 explicit: true,
+                credential: false,
             };
         }
         let credential = credentials_dir
@@ -64,6 +68,7 @@ impl EnvFile {
                 display: path.to_string_lossy().into_owned(),
                 path,
                 explicit: true,
+                credential: true,
             };
         }
         let name = format!(".env.{}", opts.env);
@@ -71,6 +76,7 @@ impl EnvFile {
             path: opts.root.join(&name),
             display: name,
             explicit: false,
+            credential: false,
         }
     }
 }
@@ -112,7 +118,7 @@ fn read_env_file(file: &EnvFile, env: Env, problems: &mut Vec<Problem>) -> Vec<(
             return Vec::new();
         }
     };
-    if env == Env::Production {
+    if env == Env::Production && !file.credential {
         check_permissions(&file.path, &file.display, problems);
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -227,6 +233,7 @@ mod tests {
             path: PathBuf::from("/nonexistent/confab-test-env"),
             display: "x".into(),
             explicit: false,
+            credential: false,
         };
         let mut problems = Vec::new();
         let vars = collect_vars(
