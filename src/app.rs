@@ -77,18 +77,21 @@ pub fn retry_policy(cfg: &Config) -> RetryPolicy {
     }
 }
 
+/// Opens the store of `config.data_dir` with the data key.
+fn open_store(config: &Config) -> anyhow::Result<SledStore> {
+    SledStore::open_with_key(
+        &config.data_dir,
+        config.store.cache_capacity_mb,
+        config.store.flush_every_ms,
+        config.data_key.as_ref().map(|k| k.expose()),
+    )
+    .with_context(|| format!("opening the store in {}", config.data_dir.display()))
+}
+
 /// Opens the store and builds the engine. Fails with a clear message (e.g. the store is
 /// locked by a running daemon, or not writable).
 pub fn build(config: Config) -> anyhow::Result<App> {
-    let store = Arc::new(
-        SledStore::open_with_key(
-            &config.data_dir,
-            config.store.cache_capacity_mb,
-            config.store.flush_every_ms,
-            config.data_key.as_ref().map(|k| k.expose()),
-        )
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
-    );
+    let store = Arc::new(open_store(&config)?);
     store.set_group_commit_window(std::time::Duration::from_micros(
         config.store.group_commit_us,
     ));
@@ -209,12 +212,15 @@ pub async fn serve_with(
     if let Some(tx) = hooks.http_addr {
         let _ = tx.send(http.addr);
     }
+    let control_path = crate::ops::control::socket_path(&app.engine.config().data_dir);
+    let control_listener = crate::ops::control::bind(&control_path)
+        .with_context(|| format!("binding the control socket {}", control_path.display()))?;
     let shutdown = Shutdown::new();
     spawn_sweeper(app.engine.clone(), &shutdown);
-    let control_path = crate::ops::control::socket_path(&app.engine.config().data_dir);
     let control_socket = tokio::spawn(crate::ops::control::serve(
         app.engine.clone(),
         app.store.clone(),
+        control_listener,
         control_path,
         shutdown.token.clone(),
     ));
@@ -255,10 +261,8 @@ pub async fn serve_with(
     for p in pollers {
         let _ = p.await;
     }
-    match control_socket.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "control socket failed"),
-        Err(e) => tracing::warn!(error = %e, "control socket task failed"),
-        Ok(Ok(())) => {}
+    if let Err(e) = control_socket.await {
+        tracing::warn!(error = %e, "control socket task failed");
     }
     shutdown.tracker.close();
     let timeout = Duration::from_secs(app.engine.config().shutdown_timeout_secs);
@@ -286,14 +290,6 @@ pub async fn user_command(
     config: Config,
     req: crate::ops::control::Request,
 ) -> anyhow::Result<crate::ops::control::Response> {
-    Ok(control_request(config, req).await?.0)
-}
-
-/// Sends a control request to the running daemon, or runs it on the store directly.
-async fn control_request(
-    config: Config,
-    req: crate::ops::control::Request,
-) -> anyhow::Result<(crate::ops::control::Response, Option<Vec<u8>>)> {
     let path = crate::ops::control::socket_path(&config.data_dir);
     if let Some(answer) = crate::ops::control::call(&path, &req)
         .await
@@ -302,37 +298,58 @@ async fn control_request(
         return Ok(answer);
     }
     let app = build(config)?;
-    let (engine, store) = (app.engine.clone(), app.store.clone());
-    let answer =
-        tokio::task::spawn_blocking(move || crate::ops::control::execute(&engine, &store, &req))
-            .await
-            .context("running the command")?;
+    let engine = app.engine.clone();
+    let answer = tokio::task::spawn_blocking(move || crate::ops::control::execute(&engine, &req))
+        .await
+        .context("running the command")?;
     app.store.flush().await.context("flushing the store")?;
     Ok(answer)
 }
 
-/// `confab backup`: a verified, consistent copy of the store, also while the daemon runs.
+/// `confab backup`: streamed from the running daemon (its control socket) or straight
+/// from the store when none runs, into a private temp file that is verified (checksum
+/// and every row) before it is renamed into place.
 pub async fn backup(
     config: Config,
     out: &std::path::Path,
     keep: Option<usize>,
 ) -> anyhow::Result<String> {
-    let (resp, bytes) = control_request(config, crate::ops::control::Request::Backup).await?;
-    let bytes = match (resp.ok, bytes) {
-        (true, Some(b)) => b,
-        _ => anyhow::bail!("backup failed: {}", resp.result),
-    };
-    let rows = crate::ops::backup::decode(&bytes).context("verifying the backup")?;
-    let path = crate::ops::backup::write_file(&bytes, out, keep)?;
+    use crate::ops::backup::{self, BackupFile};
+    let mut file = BackupFile::create(out, keep)?;
+    let path = crate::ops::control::socket_path(&config.data_dir);
+    let mut sink = tokio::fs::File::from_std(file.file()?.try_clone()?);
+    let streamed = crate::ops::control::backup_into(&path, &mut sink)
+        .await
+        .with_context(|| format!("talking to the daemon at {}", path.display()))?;
+    drop(sink);
+    match streamed {
+        Some(Ok(_)) => {}
+        Some(Err(reason)) => anyhow::bail!("backup failed: {reason}"),
+        None => {
+            let store = Arc::new(open_store(&config)?);
+            let mut w = std::io::BufWriter::new(file.file()?.try_clone()?);
+            tokio::task::spawn_blocking(move || {
+                backup::write_store(store, &mut w)?;
+                std::io::Write::flush(&mut w)
+                    .map_err(|e| backup::BackupError::Io(format!("writing the backup: {e}")))
+            })
+            .await
+            .context("writing the backup")??;
+        }
+    }
+    let done = tokio::task::spawn_blocking(move || file.finish())
+        .await
+        .context("verifying the backup")??;
     Ok(format!(
         "backup written: {} ({} rows, {} bytes, sha256 verified)",
-        path.display(),
-        rows.len(),
-        bytes.len()
+        done.path.display(),
+        done.rows,
+        done.bytes
     ))
 }
 
-/// `confab restore`: refuses while a daemon runs, or into a non-empty data dir without `force`.
+/// `confab restore`: refuses while a daemon runs, or into a non-empty data dir without
+/// `force`; a failed restore leaves the data dir as it was.
 pub async fn restore(
     config: Config,
     from: &std::path::Path,
@@ -345,14 +362,14 @@ pub async fn restore(
             config.data_dir.display()
         );
     }
-    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
-    let rows = crate::ops::backup::restore(
-        &bytes,
-        &config.data_dir,
-        force,
-        config.store.cache_capacity_mb,
-        config.data_key.as_ref().map(|k| k.expose()),
-    )?;
+    let (from, dir) = (from.to_path_buf(), config.data_dir.clone());
+    let cache_mb = config.store.cache_capacity_mb;
+    let data_key = config.data_key.as_ref().map(|k| k.expose().to_string());
+    let rows = tokio::task::spawn_blocking(move || {
+        crate::ops::backup::restore(&from, &dir, force, cache_mb, data_key.as_deref())
+    })
+    .await
+    .context("restoring")??;
     Ok(format!(
         "restored {rows} rows into {}",
         config.data_dir.display()

@@ -2,11 +2,19 @@
 //! `log.level`. Every line carries the environment (`"env":"staging"` in JSON, a
 //! `[staging]` prefix in pretty logs), including lines from spawned tasks. Message
 //! text is only ever logged at debug or below.
+//!
+//! serenity, tungstenite, reqwest, hyper and teloxide log request routes, interaction
+//! tokens and the gateway IDENTIFY frame (the bot token, as frame bytes) at debug and
+//! trace. Those targets are capped at info — even under `RUST_LOG=trace` — unless
+//! `log.unsafe_debug = true`.
 
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -43,14 +51,53 @@ where
     }
 }
 
-/// Installs the global subscriber. Safe to call once; later calls are ignored.
+/// Log targets (prefixes) that print secrets below info.
+const SECRET_BEARING: &[&str] = &[
+    "serenity",
+    "tungstenite",
+    "tokio_tungstenite",
+    "async_tungstenite",
+    "reqwest",
+    "hyper",
+    "h2",
+    "rustls",
+    "teloxide",
+];
+
+/// The cap ANDed with the level filter: everything passes except the secret-bearing
+/// targets below info (unless `unsafe_debug`).
+fn secret_cap(unsafe_debug: bool) -> Targets {
+    let cap = Targets::new().with_default(LevelFilter::TRACE);
+    if unsafe_debug {
+        return cap;
+    }
+    SECRET_BEARING
+        .iter()
+        .fold(cap, |cap, t| cap.with_target(*t, LevelFilter::INFO))
+}
+
+/// Installs the global subscriber with the secret cap on. Safe to call once; later
+/// calls are ignored.
 pub fn init(format: LogFormat, level: &str, env: Option<&'static str>) {
+    init_with(format, level, env, false);
+}
+
+/// The daemon's logging from `[log]`: format, level and `unsafe_debug`.
+pub fn init_config(log: &crate::config::LogConfig, env: Option<&'static str>) {
+    init_with(log.format, &log.level, env, log.unsafe_debug);
+    if log.unsafe_debug {
+        tracing::warn!("log.unsafe_debug is on: debug/trace logs of the HTTP and gateway clients can contain tokens");
+    }
+}
+
+fn init_with(format: LogFormat, level: &str, env: Option<&'static str>, unsafe_debug: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    let cap = secret_cap(unsafe_debug);
     let _ = match format {
         LogFormat::Json => builder
             .event_format(WithEnv {
@@ -63,6 +110,8 @@ pub fn init(format: LogFormat, level: &str, env: Option<&'static str>) {
                 json: true,
             })
             .fmt_fields(format::JsonFields::new())
+            .finish()
+            .with(cap)
             .try_init(),
         LogFormat::Pretty => builder
             .event_format(WithEnv {
@@ -70,6 +119,36 @@ pub fn init(format: LogFormat, level: &str, env: Option<&'static str>) {
                 env,
                 json: false,
             })
+            .finish()
+            .with(cap)
             .try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passes(cap: &Targets, target: &str, level: tracing::Level) -> bool {
+        cap.would_enable(target, &level)
+    }
+
+    #[test]
+    fn secret_bearing_targets_are_capped_at_info_unless_unsafe_debug() {
+        let cap = secret_cap(false);
+        use tracing::Level;
+        for t in [
+            "serenity::gateway::ws",
+            "tungstenite::protocol",
+            "reqwest::connect",
+            "hyper_util::client",
+            "teloxide_core::net",
+        ] {
+            assert!(!passes(&cap, t, Level::DEBUG), "{t}");
+            assert!(passes(&cap, t, Level::INFO), "{t}");
+        }
+        assert!(passes(&cap, "confab::engine", Level::TRACE));
+        let open = secret_cap(true);
+        assert!(passes(&open, "serenity::gateway::ws", Level::TRACE));
+    }
 }

@@ -447,7 +447,12 @@ pub fn load_with_env(
 ) -> Result<Config, Problems> {
     let mut problems = Vec::new();
 
-    let env_file = EnvFile::for_options(opts);
+    let process_env: Vec<(String, String)> = process_env.into_iter().collect();
+    let credentials = process_env
+        .iter()
+        .find(|(k, _)| k == "CREDENTIALS_DIRECTORY")
+        .map(|(_, v)| v.clone());
+    let env_file = EnvFile::for_options(opts, credentials.as_deref());
     let vars = secrets::collect_vars(&env_file, opts.env, process_env, &mut problems);
 
     // config/<env>.toml, with overrides applied to the parsed table.
@@ -507,35 +512,27 @@ pub fn load_with_env(
     }
 }
 
-/// Check a prompt template: it must compile, and render with the standard fields
-/// (`bot_name`, `user_name`, `platform`, `date`) without errors such as an unknown
-/// filter. Fields beyond those four are allowed (the engine may supply them).
+/// What an operator should know that does not stop confab: `check` prints these as
+/// `warning: file: key: …` lines, `run` logs them at warn.
+pub fn warnings(config: &Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if config.env == Env::Production && config.data_key.is_none() {
+        out.push(Problem::new(
+            "env",
+            DATA_KEY_ENV,
+            format!(
+                "{DATA_KEY_ENV} is not set: message text is stored unencrypted \
+                 (set 64 hex characters, e.g. `openssl rand -hex 32`)"
+            ),
+        ));
+    }
+    out
+}
+
+/// Check a prompt template with the engine's own renderer and variables
+/// (`bot_name`, `user_name`, `platform`, `date`): what passes here renders at run time.
 pub fn check_template(source: &str) -> Result<(), String> {
-    let env = minijinja::Environment::new();
-    let sample: BTreeMap<&str, &str> = [
-        ("bot_name", "assistant"),
-        ("user_name", "Ada"),
-        ("platform", "telegram"),
-        ("date", "2025-01-01"),
-    ]
-    .into_iter()
-    .collect();
-    env.template_from_str(source)
-        .and_then(|t| match t.render(&sample) {
-            // The engine may pass more fields than the sample (`{{ chat.title }}`).
-            Err(e) if e.kind() == minijinja::ErrorKind::UndefinedError => Ok(()),
-            other => other.map(|_| ()),
-        })
-        .map_err(|e| {
-            let what = match e.detail() {
-                Some(d) => format!("{}: {d}", e.kind()),
-                None => e.kind().to_string(),
-            };
-            match e.line() {
-                Some(line) => format!("line {line}: {what}"),
-                None => what,
-            }
-        })
+    crate::engine::prompt::Prompts::check(source)
 }
 
 fn load_prompts(root: &Path, problems: &mut Vec<Problem>) -> BTreeMap<String, String> {
@@ -1225,7 +1222,10 @@ api_url = "api.telegram.org"
             Err("line 1: syntax error: unexpected end of input, expected end of block".into())
         );
         assert!(check_template("{{ user_name | nosuchfilter }}").is_err());
-        assert_eq!(check_template("{{ chat.title }} {{ extra }}"), Ok(()));
+        // The engine renders strictly: a field it does not pass is an error here too.
+        let e = check_template("Hi {{ user_name }}.\nBe {{ tone }}.").unwrap_err();
+        assert!(e.starts_with("line 2: undefined value"), "{e}");
+        assert!(check_template("{{ chat.title }}").is_err());
     }
 
     #[test]
@@ -1264,16 +1264,68 @@ api_url = "api.telegram.org"
             require_platform_tokens: true,
             ..opts
         };
-        let c = ok(load_with(
-            &opts,
-            &[
-                ("OPENAI_API_KEY", GOOD_KEY),
-                ("ASSISTANT_TELEGRAM_TOKEN", GOOD_TG),
-                ("ASSISTANT_DISCORD_TOKEN", GOOD_DC),
-            ],
-        ));
+        let secrets = [
+            ("OPENAI_API_KEY", GOOD_KEY),
+            ("ASSISTANT_TELEGRAM_TOKEN", GOOD_TG),
+            ("ASSISTANT_DISCORD_TOKEN", GOOD_DC),
+        ];
+        // No admin ships: production refuses until the operator names one.
+        check(
+            load_with(&opts, &secrets),
+            &["config/production.toml: admins: production needs at least one admin"],
+        );
+        let with_admin = [secrets.as_slice(), &[("CONFAB__ADMINS__TELEGRAM", "42")]].concat();
+        let c = ok(load_with(&opts, &with_admin));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/confab/production"));
-        assert!(c.is_admin_telegram(123456789) && c.is_admin_discord(987654321012345678));
+        assert_eq!(c.admins.telegram, vec![42]);
+        assert!(c.admins.discord.is_empty());
+    }
+
+    #[test]
+    fn production_without_a_data_key_warns_but_loads() {
+        let t = Tree::new();
+        let opts = t.opts(Env::Production);
+        let c = ok(load_with(&opts, &[("OPENAI_API_KEY", GOOD_KEY)]));
+        let w: Vec<String> = warnings(&c).iter().map(|p| p.to_string()).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("env: CONFAB_DATA_KEY: CONFAB_DATA_KEY is not set"),
+            "{w:?}"
+        );
+        let c = ok(load_with(
+            &opts,
+            &[("OPENAI_API_KEY", GOOD_KEY), (DATA_KEY_ENV, GOOD_KEY)],
+        ));
+        assert!(warnings(&c).is_empty());
+        let c = ok(t.load(Env::Staging, &[]));
+        assert!(warnings(&c).is_empty(), "staging does not warn");
+    }
+
+    #[test]
+    fn the_systemd_credential_is_the_env_file_unless_one_is_named() {
+        let t = Tree::new();
+        let creds = tempfile::tempdir().expect("tmp");
+        let cred = creds.path().join("env");
+        std::fs::write(&cred, "CONFAB__LOG__LEVEL=debug\n").expect("write");
+        set_mode(&cred, 0o400);
+        t.write(".env.staging", "CONFAB__LOG__LEVEL=warn\n");
+        let dir = creds.path().to_string_lossy().into_owned();
+        let vars = [("CREDENTIALS_DIRECTORY", dir.as_str())];
+        let opts = t.opts(Env::Staging);
+        assert_eq!(ok(load_with(&opts, &vars)).log.level, "debug");
+        let named = LoadOptions {
+            env_file: Some(t.dir.path().join(".env.staging")),
+            ..opts.clone()
+        };
+        assert_eq!(ok(load_with(&named, &vars)).log.level, "warn");
+        // Production accepts the credential whatever its mode bits (systemd keeps its
+        // directory private to the unit); the operator's own file is still checked.
+        let prod = t.opts(Env::Production);
+        set_mode(&cred, 0o644);
+        let secrets = [vars[0], ("OPENAI_API_KEY", GOOD_KEY)];
+        assert_eq!(ok(load_with(&prod, &secrets)).log.level, "debug");
+        std::fs::remove_file(&cred).expect("rm");
+        assert_eq!(ok(load_with(&opts, &vars)).log.level, "warn");
     }
 }

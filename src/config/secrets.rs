@@ -6,9 +6,16 @@ use std::path::{Path, PathBuf};
 use super::{Env, LoadOptions, Problem};
 
 /// The variables a load sees: the process environment, over the env file.
-#[derive(Debug, Clone, Default)]
+/// Holds secret values: its `Debug` prints the names only.
+#[derive(Clone, Default)]
 pub(crate) struct Vars {
     map: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Vars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.map.keys()).finish()
+    }
 }
 
 impl Vars {
@@ -21,36 +28,55 @@ impl Vars {
     }
 }
 
-/// The env file in use: `--env-file` if given, else `<root>/.env.<env>`, and how to name it in problems.
+/// The env file in use, and how to name it in problems: `--env-file` if given; else the
+/// systemd credential `$CREDENTIALS_DIRECTORY/env` when it exists (`LoadCredential=env:…`:
+/// systemd reads the root-only file and hands the service a private copy); else
+/// `<root>/.env.<env>`.
 pub(crate) struct EnvFile {
     pub path: PathBuf,
     pub display: String,
     pub explicit: bool,
+    /// A systemd credential: systemd made it readable by the service's user only (its
+    /// directory is private to the unit), so the world-readable rule does not apply.
+    pub credential: bool,
 }
 
+/// The credential name the systemd unit loads the env file as.
+pub(crate) const CREDENTIAL: &str = "env";
+
 impl EnvFile {
-    pub fn for_options(opts: &LoadOptions) -> Self {
-        match &opts.env_file {
-            Some(p) => {
-                let display = p
-                    .strip_prefix(&opts.root)
-                    .unwrap_or(p)
-                    .to_string_lossy()
-                    .into_owned();
-                Self {
-                    path: p.clone(),
-                    display,
-                    explicit: true,
-                }
-            }
-            None => {
-                let name = format!(".env.{}", opts.env);
-                Self {
-                    path: opts.root.join(&name),
-                    display: name,
-                    explicit: false,
-                }
-            }
+    pub fn for_options(opts: &LoadOptions, credentials_dir: Option<&str>) -> Self {
+        if let Some(p) = &opts.env_file {
+            let display = p
+                .strip_prefix(&opts.root)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned();
+            return Self {
+                path: p.clone(),
+                display,
+                explicit: true,
+                credential: false,
+            };
+        }
+        let credential = credentials_dir
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(CREDENTIAL))
+            .filter(|p| p.exists());
+        if let Some(path) = credential {
+            return Self {
+                display: path.to_string_lossy().into_owned(),
+                path,
+                explicit: true,
+                credential: true,
+            };
+        }
+        let name = format!(".env.{}", opts.env);
+        Self {
+            path: opts.root.join(&name),
+            display: name,
+            explicit: false,
+            credential: false,
         }
     }
 }
@@ -92,7 +118,7 @@ fn read_env_file(file: &EnvFile, env: Env, problems: &mut Vec<Problem>) -> Vec<(
             return Vec::new();
         }
     };
-    if env == Env::Production {
+    if env == Env::Production && !file.credential {
         check_permissions(&file.path, &file.display, problems);
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -199,6 +225,29 @@ mod tests {
         check("sk-replace-with-real-key", Some("looks like a placeholder"));
         check("123456:XXXXXXXXXXXXXXXX", Some("looks like a placeholder"));
         check("123456:AAH9f8s7d6f5g4h3j2k1", None);
+    }
+
+    #[test]
+    fn vars_debug_prints_names_not_values() {
+        let file = EnvFile {
+            path: PathBuf::from("/nonexistent/confab-test-env"),
+            display: "x".into(),
+            explicit: false,
+            credential: false,
+        };
+        let mut problems = Vec::new();
+        let vars = collect_vars(
+            &file,
+            Env::Staging,
+            [(
+                "OPENAI_API_KEY".to_string(),
+                "sk-live-0123456789".to_string(),
+            )],
+            &mut problems,
+        );
+        let shown = format!("{vars:?}");
+        assert!(shown.contains("OPENAI_API_KEY"), "{shown}");
+        assert!(!shown.contains("sk-live"), "{shown}");
     }
 
     #[test]

@@ -29,12 +29,52 @@ pub struct PromptError {
     pub reason: String,
 }
 
+/// The one template environment: `confab check` and the engine render alike.
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    // Prompts are plain text, not HTML.
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env
+}
+
+/// `line N: kind: detail` for a template error (no template source, no values).
+fn describe(e: &minijinja::Error) -> String {
+    let what = match e.detail() {
+        Some(d) => format!("{}: {d}", e.kind()),
+        None => e.kind().to_string(),
+    };
+    let what = if e.kind() == minijinja::ErrorKind::UndefinedError {
+        format!("{what} (a prompt may use only {{{{bot_name}}}}, {{{{user_name}}}}, {{{{platform}}}} and {{{{date}}}})")
+    } else {
+        what
+    };
+    match e.line() {
+        Some(line) => format!("line {line}: {what}"),
+        None => what,
+    }
+}
+
 impl Prompts {
+    /// What `confab check` and config loading run on every `prompts/<name>.md`: compile
+    /// the template and render it exactly as the engine does (same environment, strict
+    /// undefined values) with sample values of every field the engine passes.
+    pub fn check(source: &str) -> Result<(), String> {
+        let env = environment();
+        let sample = PromptVars {
+            bot_name: "assistant",
+            user_name: "Ada",
+            platform: "telegram",
+            date: "2025-01-01",
+        };
+        env.template_from_str(source)
+            .and_then(|t| t.render(&sample))
+            .map(|_| ())
+            .map_err(|e| describe(&e))
+    }
+
     pub fn new(sources: &BTreeMap<String, String>) -> Result<Self, PromptError> {
-        let mut env = Environment::new();
-        // Prompts are plain text, not HTML.
-        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        let mut env = environment();
         for (name, src) in sources {
             env.add_template_owned(name.clone(), src.clone())
                 .map_err(|e| PromptError {

@@ -28,6 +28,30 @@ struct HttpStatus {
 
 pub struct OpenAiProvider {
     client: Client<OpenAIConfig>,
+    /// Kept only to scrub it from error texts (a server may echo it back).
+    key: std::sync::Arc<str>,
+}
+
+/// Replaces the API key (and its longer fragments) in an error text. A key shorter than
+/// 8 characters is not a real secret and replacing it would mangle ordinary words.
+fn scrub_text(text: String, key: &str) -> String {
+    if key.len() < 8 || !text.contains(key) {
+        return text;
+    }
+    text.replace(key, "[REDACTED]")
+}
+
+/// The same error with the API key scrubbed from every text it carries.
+fn scrub(e: LlmError, key: &str) -> LlmError {
+    match e {
+        LlmError::Connect(m) => LlmError::Connect(scrub_text(m, key)),
+        LlmError::Rejected { status, message } => LlmError::Rejected {
+            status,
+            message: scrub_text(message, key),
+        },
+        LlmError::BadResponse(m) => LlmError::BadResponse(scrub_text(m, key)),
+        other => other,
+    }
 }
 
 /// Parses `Retry-After` in its seconds form (the form LLM APIs use).
@@ -66,6 +90,7 @@ impl OpenAiProvider {
             .with_api_key(api_key);
         Ok(Self {
             client: Client::with_config(config).with_http_service(service),
+            key: api_key.into(),
         })
     }
 
@@ -102,8 +127,9 @@ impl OpenAiProvider {
     }
 }
 
-/// Maps async-openai's error to what the caller can act on. Never includes the API key
-/// (it travels in a header, and reqwest's messages name only the URL).
+/// Maps async-openai's error to what the caller can act on. The API key travels in a
+/// header and reqwest's messages name only the URL, but a server may echo the key in its
+/// error message: callers pass the result through [`scrub`].
 fn map_error(e: OpenAIError) -> LlmError {
     match e {
         OpenAIError::Boxed(b) => match b.downcast::<HttpStatus>() {
@@ -159,7 +185,7 @@ impl LlmProvider for OpenAiProvider {
                 .chat()
                 .create(request)
                 .await
-                .map_err(map_error)?;
+                .map_err(|e| scrub(map_error(e), &self.key))?;
             let text = resp
                 .choices
                 .into_iter()
@@ -189,18 +215,22 @@ impl LlmProvider for OpenAiProvider {
                 .chat()
                 .create_stream(request)
                 .await
-                .map_err(map_error)?;
-            let deltas = stream.filter_map(|item| async move {
-                match item {
-                    Ok(chunk) => chunk
-                        .choices
-                        .into_iter()
-                        .next()
-                        .and_then(|c| c.delta.content)
-                        .filter(|s| !s.is_empty())
-                        .map(Ok),
-                    // Any stream error (including an `{"error":…}` event) ends the stream.
-                    Err(e) => Some(Err(map_error(e))),
+                .map_err(|e| scrub(map_error(e), &self.key))?;
+            let key = self.key.clone();
+            let deltas = stream.filter_map(move |item| {
+                let key = key.clone();
+                async move {
+                    match item {
+                        Ok(chunk) => chunk
+                            .choices
+                            .into_iter()
+                            .next()
+                            .and_then(|c| c.delta.content)
+                            .filter(|s| !s.is_empty())
+                            .map(Ok),
+                        // Any stream error (including an `{"error":…}` event) ends the stream.
+                        Err(e) => Some(Err(scrub(map_error(e), &key))),
+                    }
                 }
             });
             Ok(Box::pin(deltas) as DeltaStream)
@@ -211,6 +241,29 @@ impl LlmProvider for OpenAiProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_is_scrubbed_from_every_error_text() {
+        let key = "sk-live-0123456789abcdef";
+        let e = scrub(
+            LlmError::Rejected {
+                status: 401,
+                message: format!("Incorrect API key provided: {key}."),
+            },
+            key,
+        );
+        assert_eq!(
+            e.to_string(),
+            "LLM rejected the request (HTTP 401): Incorrect API key provided: [REDACTED]."
+        );
+        let e = scrub(LlmError::Connect(format!("GET https://x/?key={key}")), key);
+        assert!(!e.to_string().contains(key));
+        let e = scrub(LlmError::BadResponse("no".into()), "");
+        assert_eq!(
+            e.to_string(),
+            "LLM returned an empty or malformed answer: no"
+        );
+    }
 
     #[test]
     fn retry_after_seconds() {

@@ -1,21 +1,65 @@
-//! Backups: a point-in-time copy of every store tree in one file, with a SHA-256 trailer
-//! checked before anything is restored.
+//! Backups: every store tree streamed into one file, with a SHA-256 trailer that
+//! `restore` checks before it touches anything.
 //!
-//! Layout: `CONFAB-BACKUP 1\n`, a JSON header line, then per row: u16 tree-name length,
-//! name, u32 key length, key, u32 value length, value (all big-endian); for an encrypted
-//! store (header `"mac": true`) the HMAC-SHA256 of all that under a key derived from
-//! `CONFAB_DATA_KEY` ([`crate::store::BackupAuth`]); then the SHA-256 of everything before it.
-//! Restoring with a data key requires a valid HMAC, so a backup edited without the key
-//! (a planted cache entry, a deleted ban) is refused.
+//! Layout (version 2): `CONFAB-BACKUP 2\n`, a JSON header line (`schema`, `created_at`),
+//! then per row the byte 1, u16 tree-name length, name, u32 key length, key, u32 value
+//! length, value (all big-endian); then the byte 0 and the u64 row count; for an
+//! encrypted store (header `"mac": true`) the HMAC-SHA256 of everything so far under a
+//! key derived from `CONFAB_DATA_KEY` ([`crate::store::BackupAuth`]); then the SHA-256 of
+//! everything before it. Restoring with a data key requires a valid HMAC, so a backup
+//! edited without the key (a planted cache entry, a deleted ban) is refused. Version 1
+//! files (rows untagged, the row count in the header, no HMAC) still restore.
+//!
+//! Consistency: the store is read in batches of [`BATCH_ROWS`] rows; writers pause
+//! while one batch is read (a batch is one point in time) and run between batches, so
+//! a backup never stops them for the whole copy and never holds more than a batch in
+//! memory. Every row is a committed value; a write made while the backup runs may or
+//! may not be in it. Trees are copied in [`ORDER`]: rows that need another row come
+//! first (turns before their `conv_index` entry, cache entries before `cache_time`,
+//! usernames before users, the adapters' offsets in `meta` before the `inbox`, the inbox
+//! before the `handled` markers), so a row in the backup has the rows it needs unless
+//! those were deleted while the backup ran, and no received update is lost between
+//! offset and inbox.
+//!
+//! Reading never trusts a length: each is checked against what is left of the file
+//! before anything is allocated.
 
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::store::sled_store::DumpRow;
-use crate::store::{backup_auth_for_rows, BackupAuth, SledStore, SCHEMA_VERSION};
+use crate::store::sled_store::{DumpCursor, DumpRow, TREES};
+use crate::store::{backup_auth_for_rows, BackupAuth, BackupMac, SledStore, SCHEMA_VERSION};
 
-const MAGIC: &[u8] = b"CONFAB-BACKUP 1\n";
+pub use super::backup_file::{BackupFile, Summary};
+
+const MAGIC: &[u8] = b"CONFAB-BACKUP 2\n";
+const MAGIC_V1: &[u8] = b"CONFAB-BACKUP 1\n";
+const TAG_ROW: u8 = 1;
+const TAG_END: u8 = 0;
+const SUM_LEN: u64 = 32;
+const MAX_HEADER: u64 = 4096;
+/// Rows read per pause of the writers.
+pub const BATCH_ROWS: usize = 512;
+/// Rows (or bytes) a restore inserts per flush.
+const RESTORE_BATCH_ROWS: usize = 4096;
+const RESTORE_BATCH_BYTES: usize = 8 << 20;
+
+/// Tree order of a backup (see the module docs); every tree of the store, once.
+pub const ORDER: &[&str] = &[
+    "turns",
+    "conv_index",
+    "cache",
+    "cache_time",
+    "usernames",
+    "users",
+    "audit",
+    "meta",
+    "inbox",
+    "handled",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -37,227 +81,406 @@ pub enum BackupError {
 struct Header {
     schema: u32,
     created_at: String,
-    rows: u64,
-    /// An HMAC (keyed by the data key) follows the rows.
+    /// Version 1 only: the row count (version 2 ends with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rows: Option<u64>,
+    /// An HMAC (keyed by the data key) follows the row count.
     #[serde(default)]
     mac: bool,
 }
 
-/// Serialises rows into backup bytes (header, rows, HMAC with `auth`, checksum).
-pub fn encode(rows: &[DumpRow], auth: Option<&BackupAuth>) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(MAGIC);
-    let header = Header {
-        schema: SCHEMA_VERSION,
-        created_at: chrono::Utc::now().to_rfc3339(),
-        rows: rows.len() as u64,
-        mac: auth.is_some(),
-    };
-    out.extend_from_slice(
-        serde_json::to_string(&header)
-            .unwrap_or_default()
-            .as_bytes(),
-    );
-    out.push(b'\n');
-    for (tree, k, v) in rows {
-        out.extend_from_slice(&(tree.len() as u16).to_be_bytes());
-        out.extend_from_slice(tree.as_bytes());
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(k);
-        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(v);
-    }
-    if let Some(auth) = auth {
-        let tag = auth.mac(&out);
-        out.extend_from_slice(&tag);
-    }
-    let sum: [u8; 32] = Sha256::digest(&out).into();
-    out.extend_from_slice(&sum);
-    out
+const MAC_LEN: u64 = 32;
+
+/// Appends the backup format to a buffer piece by piece, hashing as it goes.
+pub struct Encoder {
+    hasher: Sha256,
+    mac: Option<BackupMac>,
+    rows: u64,
 }
 
-fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], BackupError> {
-    if buf.len() < n {
-        return Err(BackupError::Malformed("unexpected end".into()));
-    }
-    let (head, rest) = buf.split_at(n);
-    *buf = rest;
-    Ok(head)
-}
-
-/// Verifies the checksum and, with `data_key`, the HMAC; then parses the rows. With a
-/// data key set, a backup without a valid HMAC is refused; an authenticated backup
-/// needs the key.
-pub fn decode_authenticated(
-    bytes: &[u8],
-    data_key: Option<&str>,
-) -> Result<Vec<DumpRow>, BackupError> {
-    let (rows, signed) = parse(bytes)?;
-    let auth = backup_auth_for_rows(&rows, data_key)
-        .map_err(|e| BackupError::Unauthenticated(e.to_string()))?;
-    match (auth, signed) {
-        (Some(auth), Some((body, tag))) if auth.verify(body, tag) => Ok(rows),
-        (Some(_), Some(_)) => Err(BackupError::Unauthenticated(
-            "HMAC mismatch (changed, or made with another CONFAB_DATA_KEY)".into(),
-        )),
-        (Some(_), None) => Err(BackupError::Unauthenticated(
-            "it is from an encrypted store but carries no HMAC".into(),
-        )),
-        (None, None) if data_key.is_some() => Err(BackupError::Unauthenticated(
-            "it carries no HMAC, but CONFAB_DATA_KEY is set (a backup of an unencrypted store: restore it with CONFAB_DATA_KEY unset if you trust it; the next start with the key encrypts it)".into(),
-        )),
-        (None, Some(_)) => Err(BackupError::Unauthenticated(
-            "it carries an HMAC but its key check is missing".into(),
-        )),
-        (None, None) => Ok(rows),
-    }
-}
-
-/// Verifies the checksum and parses the rows (integrity only; see [`decode_authenticated`]).
-pub fn decode(bytes: &[u8]) -> Result<Vec<DumpRow>, BackupError> {
-    parse(bytes).map(|(rows, _)| rows)
-}
-
-/// The rows, and (signed bytes, HMAC) when the header says there is an HMAC.
-type Parsed<'a> = (Vec<DumpRow>, Option<(&'a [u8], &'a [u8])>);
-
-fn parse(bytes: &[u8]) -> Result<Parsed<'_>, BackupError> {
-    if !bytes.starts_with(MAGIC) || bytes.len() < MAGIC.len() + 32 {
-        return Err(BackupError::NotABackup);
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if Sha256::digest(body).as_slice() != sum {
-        return Err(BackupError::Checksum);
-    }
-    let mut rest = &body[MAGIC.len()..];
-    let nl = rest
-        .iter()
-        .position(|b| *b == b'\n')
-        .ok_or_else(|| BackupError::Malformed("no header".into()))?;
-    let header: Header = serde_json::from_slice(&rest[..nl])
-        .map_err(|e| BackupError::Malformed(format!("header: {e}")))?;
-    if header.schema > SCHEMA_VERSION {
-        return Err(BackupError::TooNew(header.schema));
-    }
-    rest = &rest[nl + 1..];
-    let mut signed = None;
-    if header.mac {
-        // The HMAC is the last 32 bytes before the checksum, inside `rest`.
-        let Some(rows_len) = rest.len().checked_sub(32) else {
-            return Err(BackupError::Malformed("no HMAC".into()));
+impl Encoder {
+    /// Magic and header; with `auth` (an encrypted store) the file will carry an HMAC.
+    pub fn start(out: &mut Vec<u8>, auth: Option<&BackupAuth>) -> Encoder {
+        let at = out.len();
+        out.extend_from_slice(MAGIC);
+        let header = Header {
+            schema: SCHEMA_VERSION,
+            created_at: chrono::Utc::now().to_rfc3339(),
+            rows: None,
+            mac: auth.is_some(),
         };
-        rest = &rest[..rows_len];
-        signed = Some(body.split_at(body.len() - 32));
-    }
-    let mut rows = Vec::with_capacity(header.rows as usize);
-    while !rest.is_empty() {
-        let b = take(&mut rest, 2)?;
-        let n = u16::from_be_bytes([b[0], b[1]]) as usize;
-        let tree = String::from_utf8(take(&mut rest, n)?.to_vec())
-            .map_err(|_| BackupError::Malformed("tree name".into()))?;
-        let len = |rest: &mut &[u8]| -> Result<usize, BackupError> {
-            let b = take(rest, 4)?;
-            Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        // Serialising plain fields cannot fail; an empty header would fail restore.
+        out.extend_from_slice(&serde_json::to_vec(&header).unwrap_or_default());
+        out.push(b'\n');
+        let mut enc = Encoder {
+            hasher: Sha256::new(),
+            mac: auth.map(BackupAuth::start),
+            rows: 0,
         };
-        let kl = len(&mut rest)?;
-        let k = take(&mut rest, kl)?.to_vec();
-        let vl = len(&mut rest)?;
-        let v = take(&mut rest, vl)?.to_vec();
-        rows.push((tree, k, v));
+        enc.absorb(&out[at..]);
+        enc
     }
-    if rows.len() as u64 != header.rows {
-        return Err(BackupError::Malformed("row count".into()));
-    }
-    Ok((rows, signed))
-}
 
-/// Writes a backup file atomically (temp file, fsync, rename) and keeps the newest
-/// `keep` files of the same stem when `keep` is given.
-pub fn write_file(
-    bytes: &[u8],
-    out: &Path,
-    keep: Option<usize>,
-) -> Result<std::path::PathBuf, BackupError> {
-    use std::io::Write;
-    let io = |e: std::io::Error| BackupError::Io(format!("{}: {e}", out.display()));
-    // With --keep, each run gets its own timestamped name next to `out`.
-    let target = match keep {
-        Some(_) => {
-            let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("confab");
-            let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("backup");
-            out.with_file_name(format!(
-                "{stem}-{}.{ext}",
-                chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-            ))
+    fn absorb(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        if let Some(mac) = &mut self.mac {
+            mac.update(bytes);
         }
-        None => out.to_path_buf(),
-    };
-    if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let tmp = target.with_extension("partial");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
+
+    pub fn row(
+        &mut self,
+        out: &mut Vec<u8>,
+        tree: &str,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<(), BackupError> {
+        let too_long =
+            |what: &str| BackupError::Malformed(format!("{what} too long for the format"));
+        let tree_len = u16::try_from(tree.len()).map_err(|_| too_long("tree name"))?;
+        let k_len = u32::try_from(k.len()).map_err(|_| too_long("key"))?;
+        let v_len = u32::try_from(v.len()).map_err(|_| too_long("value"))?;
+        let at = out.len();
+        out.push(TAG_ROW);
+        out.extend_from_slice(&tree_len.to_be_bytes());
+        out.extend_from_slice(tree.as_bytes());
+        out.extend_from_slice(&k_len.to_be_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&v_len.to_be_bytes());
+        out.extend_from_slice(v);
+        self.absorb(&out[at..]);
+        self.rows += 1;
+        Ok(())
     }
-    std::fs::rename(&tmp, &target).map_err(io)?;
-    if let Some(keep) = keep {
-        prune(out, keep).map_err(io)?;
+
+    pub fn rows(&self) -> u64 {
+        self.rows
     }
-    Ok(target)
+
+    /// End marker, row count, the HMAC (encrypted stores) and the checksum.
+    pub fn finish(mut self, out: &mut Vec<u8>) {
+        let at = out.len();
+        out.push(TAG_END);
+        out.extend_from_slice(&self.rows.to_be_bytes());
+        self.absorb(&out[at..]);
+        if let Some(mac) = self.mac.take() {
+            let tag = mac.finish();
+            out.extend_from_slice(&tag);
+            self.hasher.update(tag);
+        }
+        out.extend_from_slice(&self.hasher.finalize());
+    }
 }
 
-fn prune(out: &Path, keep: usize) -> std::io::Result<()> {
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("confab");
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{stem}-")) && !n.ends_with(".partial"))
-        })
-        .collect();
-    files.sort();
-    let excess = files.len().saturating_sub(keep);
-    for old in files.into_iter().take(excess) {
-        std::fs::remove_file(old)?;
+/// A backup of a store as a sequence of byte chunks (header, one chunk per batch of
+/// rows, trailer). Each [`Chunks::next_chunk`] reads one batch: call it off the async
+/// runtime (`spawn_blocking`).
+pub struct Chunks {
+    store: Arc<SledStore>,
+    encoder: Option<Encoder>,
+    cursor: Option<DumpCursor>,
+    header: Option<Vec<u8>>,
+}
+
+impl Chunks {
+    pub fn new(store: Arc<SledStore>) -> Chunks {
+        let mut header = Vec::new();
+        let encoder = Encoder::start(&mut header, store.backup_auth().as_ref());
+        Chunks {
+            store,
+            encoder: Some(encoder),
+            cursor: Some(DumpCursor::default()),
+            header: Some(header),
+        }
+    }
+
+    /// The next bytes of the backup; `None` after the trailer.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, BackupError> {
+        if let Some(h) = self.header.take() {
+            return Ok(Some(h));
+        }
+        let mut out = Vec::new();
+        if let (Some(from), Some(enc)) = (self.cursor.take(), self.encoder.as_mut()) {
+            let (rows, next) = self
+                .store
+                .dump_batch(ORDER, &from, BATCH_ROWS)
+                .map_err(|e| BackupError::Io(e.to_string()))?;
+            for (tree, k, v) in &rows {
+                enc.row(&mut out, tree, k, v)?;
+            }
+            self.cursor = next;
+            if self.cursor.is_some() {
+                return Ok(Some(out));
+            }
+        }
+        match self.encoder.take() {
+            Some(enc) => {
+                enc.finish(&mut out);
+                Ok(Some(out))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// The backup bytes of `rows`, in memory (small stores, tests); with `auth` signed.
+pub fn encode(rows: &[DumpRow], auth: Option<&BackupAuth>) -> Result<Vec<u8>, BackupError> {
+    let mut out = Vec::new();
+    let mut enc = Encoder::start(&mut out, auth);
+    for (tree, k, v) in rows {
+        enc.row(&mut out, tree, k, v)?;
+    }
+    enc.finish(&mut out);
+    Ok(out)
+}
+
+/// Streams a whole store into `w` (no daemon running: the CLI holds the store).
+pub fn write_store(store: Arc<SledStore>, w: &mut impl std::io::Write) -> Result<(), BackupError> {
+    let mut chunks = Chunks::new(store);
+    while let Some(bytes) = chunks.next_chunk()? {
+        w.write_all(&bytes)
+            .map_err(|e| BackupError::Io(format!("writing the backup: {e}")))?;
     }
     Ok(())
 }
 
-/// Restores a verified (and, with `data_key`, authenticated) backup into `data_dir`,
-/// which must be empty unless `force`.
+// ---------------------------------------------------------------------------
+// Reading
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    V1,
+    V2,
+}
+
+/// The part of a backup file before the checksum, read with every length checked
+/// against what is left of it.
+struct Body<R> {
+    r: R,
+    left: u64,
+}
+
+impl<R: BufRead> Body<R> {
+    fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>, BackupError> {
+        if n > self.left {
+            return Err(BackupError::Malformed(format!(
+                "{what}: length {n} runs past the end of the file"
+            )));
+        }
+        let mut buf = Vec::new();
+        (&mut self.r)
+            .take(n)
+            .read_to_end(&mut buf)
+            .map_err(|e| BackupError::Io(format!("reading the backup: {e}")))?;
+        if buf.len() as u64 != n {
+            return Err(BackupError::Malformed(format!("{what}: unexpected end")));
+        }
+        self.left -= n;
+        Ok(buf)
+    }
+
+    fn int<const N: usize>(&mut self, what: &str) -> Result<[u8; N], BackupError> {
+        let b = self.bytes(N as u64, what)?;
+        <[u8; N]>::try_from(b.as_slice()).map_err(|_| BackupError::Malformed(what.into()))
+    }
+
+    fn header(&mut self) -> Result<Header, BackupError> {
+        let mut line = Vec::new();
+        (&mut self.r)
+            .take(MAX_HEADER.min(self.left))
+            .read_until(b'\n', &mut line)
+            .map_err(|e| BackupError::Io(format!("reading the backup: {e}")))?;
+        self.left -= line.len() as u64;
+        if line.pop() != Some(b'\n') {
+            return Err(BackupError::Malformed("no header line".into()));
+        }
+        let header: Header = serde_json::from_slice(&line)
+            .map_err(|e| BackupError::Malformed(format!("header: {e}")))?;
+        if header.schema > SCHEMA_VERSION {
+            return Err(BackupError::TooNew(header.schema));
+        }
+        Ok(header)
+    }
+
+    fn row(&mut self) -> Result<DumpRow, BackupError> {
+        let n = u16::from_be_bytes(self.int("tree name length")?);
+        let name = self.bytes(n.into(), "tree name")?;
+        let tree = TREES
+            .iter()
+            .find(|t| t.as_bytes() == name.as_slice())
+            .ok_or_else(|| {
+                BackupError::Malformed(format!("unknown tree {:?}", String::from_utf8_lossy(&name)))
+            })?;
+        let k_len = u32::from_be_bytes(self.int("key length")?);
+        let k = self.bytes(k_len.into(), "key")?;
+        let v_len = u32::from_be_bytes(self.int("value length")?);
+        let v = self.bytes(v_len.into(), "value")?;
+        Ok((tree.to_string(), k, v))
+    }
+}
+
+/// Opens a backup and checks its magic and checksum (one streaming pass).
+fn open_verified(path: &Path) -> Result<(std::fs::File, u64, Version), BackupError> {
+    let io = |e: std::io::Error| BackupError::Io(format!("{}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut magic = [0u8; 16];
+    if len < MAGIC.len() as u64 + SUM_LEN || file.read_exact(&mut magic).is_err() {
+        return Err(BackupError::NotABackup);
+    }
+    let version = match &magic[..] {
+        m if m == MAGIC => Version::V2,
+        m if m == MAGIC_V1 => Version::V1,
+        _ => return Err(BackupError::NotABackup),
+    };
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let body = len - SUM_LEN;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut (&mut file).take(body), &mut hasher).map_err(io)?;
+    let mut sum = [0u8; SUM_LEN as usize];
+    file.read_exact(&mut sum).map_err(io)?;
+    if hasher.finalize().as_slice() != sum {
+        return Err(BackupError::Checksum);
+    }
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    Ok((file, body, version))
+}
+
+/// Parses every row of a checksum-verified backup, handing them to `sink` in batches.
+/// Returns the row count and the HMAC, when the backup carries one.
+fn read_rows(
+    file: std::fs::File,
+    body: u64,
+    version: Version,
+    sink: &mut dyn FnMut(Vec<DumpRow>) -> Result<(), BackupError>,
+) -> Result<(u64, Option<Vec<u8>>), BackupError> {
+    let mut b = Body {
+        r: BufReader::new(file),
+        left: body,
+    };
+    b.bytes(MAGIC.len() as u64, "magic")?;
+    let header = b.header()?;
+    let (mut count, mut batch, mut batch_bytes) = (0u64, Vec::new(), 0usize);
+    loop {
+        let row = match version {
+            Version::V1 if b.left == 0 => break,
+            Version::V1 => b.row()?,
+            Version::V2 => match b.int::<1>("row tag")?[0] {
+                TAG_ROW => b.row()?,
+                TAG_END => break,
+                t => return Err(BackupError::Malformed(format!("unknown row tag {t}"))),
+            },
+        };
+        count += 1;
+        batch_bytes += row.1.len() + row.2.len();
+        batch.push(row);
+        if batch.len() >= RESTORE_BATCH_ROWS || batch_bytes >= RESTORE_BATCH_BYTES {
+            sink(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
+        }
+    }
+    let expected = match version {
+        Version::V1 => header.rows,
+        Version::V2 => Some(u64::from_be_bytes(b.int("row count")?)),
+    };
+    let tag = match (version, header.mac) {
+        (Version::V2, true) => Some(b.bytes(MAC_LEN, "HMAC")?),
+        _ => None,
+    };
+    if expected != Some(count) || b.left != 0 {
+        return Err(BackupError::Malformed("row count".into()));
+    }
+    if !batch.is_empty() {
+        sink(batch)?;
+    }
+    Ok((count, tag))
+}
+
+/// With a data key, a backup must carry a valid HMAC under the key its own `meta` rows
+/// name (salt and key check); without one, an authenticated backup is refused too.
+fn authenticate(
+    file: &std::fs::File,
+    body: u64,
+    version: Version,
+    data_key: Option<&str>,
+) -> Result<(), BackupError> {
+    let io = |e: std::io::Error| BackupError::Io(format!("reading the backup: {e}"));
+    let rewind = |mut f: &std::fs::File| f.seek(SeekFrom::Start(0)).map(|_| ()).map_err(io);
+    let mut meta = Vec::new();
+    let (_, tag) = read_rows(file.try_clone().map_err(io)?, body, version, &mut |batch| {
+        meta.extend(batch.into_iter().filter(|(t, _, _)| t == "meta"));
+        Ok(())
+    })?;
+    rewind(file)?;
+    let auth = backup_auth_for_rows(&meta, data_key)
+        .map_err(|e| BackupError::Unauthenticated(e.to_string()))?;
+    let unauthentic = |why: &str| Err(BackupError::Unauthenticated(why.into()));
+    match (auth, tag) {
+        (Some(auth), Some(tag)) => {
+            let mut mac = auth.start();
+            let mut signed = file.take(body - MAC_LEN);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = signed.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                mac.update(&buf[..n]);
+            }
+            rewind(file)?;
+            if mac.verify(&tag) {
+                Ok(())
+            } else {
+                unauthentic("HMAC mismatch (changed, or made with another CONFAB_DATA_KEY)")
+            }
+        }
+        (Some(_), None) => unauthentic("it is from an encrypted store but carries no HMAC"),
+        (None, None) if data_key.is_some() => unauthentic(
+            "it carries no HMAC, but CONFAB_DATA_KEY is set (a backup of an unencrypted store: restore it with CONFAB_DATA_KEY unset if you trust it; the next start with the key encrypts it)",
+        ),
+        (None, Some(_)) => unauthentic("it carries an HMAC but its key check is missing"),
+        (None, None) => Ok(()),
+    }
+}
+
+/// Checks a backup file completely (checksum, then every row) without keeping rows.
+pub fn verify(path: &Path) -> Result<u64, BackupError> {
+    let (file, body, version) = open_verified(path)?;
+    read_rows(file, body, version, &mut |_| Ok(())).map(|(count, _)| count)
+}
+
+/// Restores a backup into `data_dir`, which must be empty unless `force`. The file is
+/// checked first; the rows go into a new sibling directory, which replaces `data_dir`
+/// only once every row is in and flushed: a failed restore leaves `data_dir` as it was.
 pub fn restore(
-    bytes: &[u8],
+    from: &Path,
     data_dir: &Path,
     force: bool,
     cache_mb: u64,
     data_key: Option<&str>,
-) -> Result<usize, BackupError> {
-    let rows = decode_authenticated(bytes, data_key)?;
-    let io = |e: std::io::Error| BackupError::Io(format!("{}: {e}", data_dir.display()));
+) -> Result<u64, BackupError> {
+    let (file, body, version) = open_verified(from)?;
+    authenticate(&file, body, version, data_key)?;
     let non_empty = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
-    if non_empty {
-        if !force {
-            return Err(BackupError::Io(format!(
-                "{} is not empty; restore into an empty data dir, or pass --force to replace it",
-                data_dir.display()
-            )));
-        }
-        std::fs::remove_dir_all(data_dir).map_err(io)?;
+    if non_empty && !force {
+        return Err(BackupError::Io(format!(
+            "{} is not empty; restore into an empty data dir, or pass --force to replace it",
+            data_dir.display()
+        )));
     }
-    let store =
-        SledStore::open(data_dir, cache_mb, 500).map_err(|e| BackupError::Io(e.to_string()))?;
-    store
-        .load_rows(&rows)
-        .map_err(|e| BackupError::Io(e.to_string()))?;
-    Ok(rows.len())
+    let staging = super::backup_file::Sibling::create(data_dir, "restore")?;
+    let rows = {
+        let store = SledStore::open(staging.path(), cache_mb, 500)
+            .map_err(|e| BackupError::Io(e.to_string()))?;
+        read_rows(file, body, version, &mut |batch| {
+            store
+                .load_rows(&batch)
+                .map_err(|e| BackupError::Io(e.to_string()))
+        })?
+        .0
+    };
+    staging.replace(data_dir)?;
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -265,21 +488,91 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_backup_order_names_every_tree_once() {
+        let mut order = ORDER.to_vec();
+        let mut trees = TREES.to_vec();
+        order.sort_unstable();
+        trees.sort_unstable();
+        assert_eq!(order, trees);
+    }
+
+    fn encode(rows: &[(&str, &[u8], &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut enc = Encoder::start(&mut out, None);
+        for (t, k, v) in rows {
+            enc.row(&mut out, t, k, v).unwrap();
+        }
+        enc.finish(&mut out);
+        out
+    }
+
+    #[test]
     fn round_trip_and_damage_detection() {
-        let rows = vec![
-            ("turns".to_string(), b"k1".to_vec(), b"v1".to_vec()),
-            ("users".to_string(), b"tg:1".to_vec(), vec![0u8; 300]),
-        ];
-        let bytes = encode(&rows, None);
-        assert_eq!(decode(&bytes).unwrap(), rows);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let bytes = encode(&[("turns", b"k1", b"v1"), ("users", b"tg:1", &[0u8; 300])]);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(verify(&path).unwrap(), 2);
         let mut bad = bytes.clone();
         let mid = bad.len() / 2;
         bad[mid] ^= 1;
-        assert!(matches!(decode(&bad), Err(BackupError::Checksum)));
-        assert!(matches!(decode(b"hello"), Err(BackupError::NotABackup)));
-        assert!(matches!(
-            decode(&bytes[..bytes.len() - 5]),
-            Err(BackupError::Checksum)
-        ));
+        std::fs::write(&path, &bad).unwrap();
+        assert!(matches!(verify(&path), Err(BackupError::Checksum)));
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(matches!(verify(&path), Err(BackupError::NotABackup)));
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        assert!(matches!(verify(&path), Err(BackupError::Checksum)));
+    }
+
+    /// A file with a valid checksum whose lengths and counts lie.
+    fn sealed(body: Vec<u8>) -> Vec<u8> {
+        let mut out = body;
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    #[test]
+    fn crafted_lengths_and_counts_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let v1 = |header: &str, rows: &[u8]| {
+            let mut b = MAGIC_V1.to_vec();
+            b.extend_from_slice(header.as_bytes());
+            b.push(b'\n');
+            b.extend_from_slice(rows);
+            sealed(b)
+        };
+        let huge = format!(r#"{{"schema":1,"created_at":"x","rows":{}}}"#, u64::MAX);
+        let cases = [
+            v1(&huge, &[]),
+            v1(
+                &huge,
+                &[0, 5, b't', b'u', b'r', b'n', b's', 0xff, 0xff, 0xff, 0xff],
+            ),
+            v1(r#"{"schema":1,"created_at":"x","rows":0}"#, &[0xff, 0xff]),
+            v1(
+                r#"{"schema":1,"created_at":"x","rows":1}"#,
+                &[0, 4, b'n', b'o', b'p', b'e', 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+            sealed([MAGIC, b"{\"schema\":1,\"created_at\":\"x\"}\n", &[7]].concat()),
+            sealed(
+                [
+                    MAGIC,
+                    b"{\"schema\":1,\"created_at\":\"x\"}\n",
+                    &[0],
+                    &u64::MAX.to_be_bytes(),
+                ]
+                .concat(),
+            ),
+            sealed([MAGIC, b"no header line".as_slice()].concat()),
+        ];
+        for (i, bytes) in cases.iter().enumerate() {
+            std::fs::write(&path, bytes).unwrap();
+            match verify(&path) {
+                Err(BackupError::Malformed(_)) => {}
+                other => panic!("case {i}: {other:?}"),
+            }
+        }
     }
 }

@@ -1,12 +1,15 @@
-//! The daemon's local control socket (`<data_dir>/control.sock`, mode 0600): lets
-//! `confab user export|forget` work while the daemon holds the store's lock.
-//! Protocol: one JSON request line, one JSON response line.
+//! The daemon's local control socket (`<data_dir>/control.sock`, mode 0600, created
+//! under umask 0077): lets `confab user export|forget` and `confab backup` work while the
+//! daemon holds the store's lock. Only the daemon's own user and root may use it (the
+//! peer's uid is checked with SO_PEERCRED on every connection).
+//! Protocol: one JSON request line, one JSON response line (a backup then streams).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +27,8 @@ pub enum Request {
     Forget {
         user: String,
     },
-    /// A consistent backup; the response line is followed by `result.bytes` raw bytes.
+    /// A backup; the response line is followed by the backup file's bytes until the
+    /// connection closes (see `ops::backup`).
     Backup,
 }
 
@@ -39,32 +43,8 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("control.sock")
 }
 
-/// Runs a request against the engine and store (in the daemon, or directly when none
-/// runs). A backup also returns its bytes.
-pub fn execute(engine: &Engine, store: &SledStore, req: &Request) -> (Response, Option<Vec<u8>>) {
-    if let Request::Backup = req {
-        return match store.snapshot() {
-            Ok(rows) => {
-                let bytes = crate::ops::backup::encode(&rows, store.backup_auth().as_ref());
-                let resp = Response {
-                    ok: true,
-                    result: serde_json::json!({ "bytes": bytes.len(), "rows": rows.len() }),
-                };
-                (resp, Some(bytes))
-            }
-            Err(e) => (
-                Response {
-                    ok: false,
-                    result: serde_json::Value::String(e.to_string()),
-                },
-                None,
-            ),
-        };
-    }
-    (execute_user(engine, req), None)
-}
-
-fn execute_user(engine: &Engine, req: &Request) -> Response {
+/// Runs a user request against the engine (in the daemon, or directly when none runs).
+pub fn execute(engine: &Engine, req: &Request) -> Response {
     let fail = |e: String| Response {
         ok: false,
         result: serde_json::Value::String(e),
@@ -98,20 +78,36 @@ fn execute_user(engine: &Engine, req: &Request) -> Response {
     }
 }
 
+/// Binds the control socket; the daemon calls it before it starts serving, so a socket
+/// that cannot be bound stops start-up. The process umask (0077, set in `main`) makes
+/// the socket owner-only from its creation; the chmod covers library callers.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    // A socket left by a killed daemon: we hold the store's lock, so it is stale. Only
+    // a socket is removed; anything else there is the operator's and makes bind fail.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Only the daemon's own user and root may use the socket.
+fn peer_allowed(peer_uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    peer_uid == me || peer_uid == 0
+}
+
 /// Serves the control socket until `stop`.
 pub async fn serve(
     engine: Arc<Engine>,
     store: Arc<SledStore>,
+    listener: UnixListener,
     path: PathBuf,
     stop: CancellationToken,
-) -> std::io::Result<()> {
-    // A socket left by a killed daemon: we hold the store's lock, so it is stale.
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -132,7 +128,19 @@ pub async fn serve(
         });
     }
     let _ = std::fs::remove_file(&path);
-    Ok(())
+}
+
+fn refusal(text: String) -> Response {
+    Response {
+        ok: false,
+        result: serde_json::Value::String(text),
+    }
+}
+
+async fn write_line(write: &mut OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await
 }
 
 async fn handle(
@@ -140,53 +148,77 @@ async fn handle(
     store: Arc<SledStore>,
     stream: UnixStream,
 ) -> std::io::Result<()> {
+    let peer = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
+    // The request line is read (bounded) before anything is answered, so a client
+    // never writes into a closed connection.
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let (response, payload) = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => tokio::task::spawn_blocking(move || execute(&engine, &store, &req))
+    BufReader::new(read.take(64 * 1024))
+        .read_line(&mut line)
+        .await?;
+    if !peer.is_some_and(peer_allowed) {
+        tracing::warn!(target: "security", peer_uid = ?peer, "control socket connection refused: not the daemon's user or root");
+        let text = "permission denied: the control socket serves only the daemon's user and root";
+        write_line(&mut write, &refusal(text.into())).await?;
+        return write.shutdown().await;
+    }
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Backup) => return stream_backup(store, write).await,
+        Ok(req) => tokio::task::spawn_blocking(move || execute(&engine, &req))
             .await
-            .unwrap_or_else(|e| {
-                let resp = Response {
-                    ok: false,
-                    result: serde_json::Value::String(e.to_string()),
-                };
-                (resp, None)
-            }),
-        Err(e) => (
-            Response {
-                ok: false,
-                result: serde_json::Value::String(format!("bad request: {e}")),
-            },
-            None,
-        ),
+            .unwrap_or_else(|e| refusal(e.to_string())),
+        Err(e) => refusal(format!("bad request: {e}")),
     };
-    let mut out = serde_json::to_vec(&response).unwrap_or_default();
-    out.push(b'\n');
-    write.write_all(&out).await?;
-    if let Some(bytes) = payload {
-        write.write_all(&bytes).await?;
+    write_line(&mut write, &response).await?;
+    write.shutdown().await
+}
+
+/// A backup: one response line, then the backup bytes until the connection closes.
+/// One batch of rows at a time is read (off the runtime) and written, so a slow reader
+/// holds neither memory nor the store's writers.
+async fn stream_backup(store: Arc<SledStore>, mut write: OwnedWriteHalf) -> std::io::Result<()> {
+    let start = Response {
+        ok: true,
+        result: serde_json::json!({ "stream": 2 }),
+    };
+    write_line(&mut write, &start).await?;
+    let mut chunks = crate::ops::backup::Chunks::new(store);
+    loop {
+        let (back, next) = tokio::task::spawn_blocking(move || {
+            let next = chunks.next_chunk();
+            (chunks, next)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        chunks = back;
+        match next.map_err(std::io::Error::other)? {
+            Some(bytes) => write.write_all(&bytes).await?,
+            None => break,
+        }
     }
     write.shutdown().await
 }
 
-/// Sends a request to a running daemon; `Ok(None)` when no daemon listens.
-pub async fn call(
-    path: &Path,
-    req: &Request,
-) -> std::io::Result<Option<(Response, Option<Vec<u8>>)>> {
-    let stream = match UnixStream::connect(path).await {
-        Ok(s) => s,
+/// Connects to a running daemon; `Ok(None)` when no daemon listens.
+async fn connect(path: &Path) -> std::io::Result<Option<UnixStream>> {
+    match UnixStream::connect(path).await {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Ok(None)
+            Ok(None)
         }
-        Err(e) => return Err(e),
-    };
+        Err(e) => Err(e),
+    }
+}
+
+async fn send(
+    stream: UnixStream,
+    req: &Request,
+) -> std::io::Result<(Response, BufReader<OwnedReadHalf>)> {
     let (read, mut write) = stream.into_split();
     let mut body = serde_json::to_vec(req).map_err(std::io::Error::other)?;
     body.push(b'\n');
@@ -195,17 +227,31 @@ pub async fn call(
     let mut line = String::new();
     reader.read_line(&mut line).await?;
     let resp: Response = serde_json::from_str(&line).map_err(std::io::Error::other)?;
-    let payload = match (
-        req,
-        resp.ok,
-        resp.result.get("bytes").and_then(|b| b.as_u64()),
-    ) {
-        (Request::Backup, true, Some(n)) => {
-            let mut bytes = vec![0u8; n as usize];
-            tokio::io::AsyncReadExt::read_exact(&mut reader, &mut bytes).await?;
-            Some(bytes)
-        }
-        _ => None,
+    Ok((resp, reader))
+}
+
+/// Sends a user request to a running daemon; `Ok(None)` when no daemon listens.
+pub async fn call(path: &Path, req: &Request) -> std::io::Result<Option<Response>> {
+    match connect(path).await? {
+        Some(stream) => Ok(Some(send(stream, req).await?.0)),
+        None => Ok(None),
+    }
+}
+
+/// Asks a running daemon for a backup and copies it into `sink` as it arrives;
+/// `Ok(None)` when no daemon listens, `Ok(Some(Err(reason)))` when it refused.
+pub async fn backup_into(
+    path: &Path,
+    sink: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> std::io::Result<Option<Result<u64, String>>> {
+    let Some(stream) = connect(path).await? else {
+        return Ok(None);
     };
-    Ok(Some((resp, payload)))
+    let (resp, mut reader) = send(stream, &Request::Backup).await?;
+    if !resp.ok {
+        return Ok(Some(Err(resp.result.to_string())));
+    }
+    let n = tokio::io::copy(&mut reader, sink).await?;
+    sink.flush().await?;
+    Ok(Some(Ok(n)))
 }

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::crypto;
-use super::sled_store::{DumpRow, SledStore, TREES};
+use super::sled_store::{DumpCursor, DumpRow, SledStore, TREES};
 use super::{StoreError, StoreResult};
 
 fn io(e: sled::Error) -> StoreError {
@@ -17,10 +17,41 @@ impl SledStore {
         self.keys.as_ref().map(crypto::Keys::backup_auth)
     }
 
-    /// A consistent copy of every tree: writes pause while it is taken.
-    pub fn snapshot(&self) -> StoreResult<Vec<DumpRow>> {
+    /// The next batch of a backup: up to `max` rows of the trees named in `order`,
+    /// starting after `from`; returns the rows and where the next batch starts (`None`
+    /// when every tree is done). Writers pause only while one batch is read, so a batch
+    /// is one point in time and the copy as a whole never stops them for long.
+    pub fn dump_batch(
+        &self,
+        order: &[&str],
+        from: &DumpCursor,
+        max: usize,
+    ) -> StoreResult<(Vec<DumpRow>, Option<DumpCursor>)> {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.dump()
+        let mut rows = Vec::new();
+        let mut after = from.after.clone();
+        for (i, name) in order.iter().enumerate().skip(from.tree) {
+            let tree = self.db.open_tree(name).map_err(io)?;
+            let iter = match after.take() {
+                Some(k) => tree.range::<&[u8], _>((
+                    std::ops::Bound::Excluded(k.as_slice()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => tree.iter(),
+            };
+            for item in iter {
+                let (k, v) = item.map_err(io)?;
+                rows.push((name.to_string(), k.to_vec(), v.to_vec()));
+                if rows.len() >= max.max(1) {
+                    let next = DumpCursor {
+                        tree: i,
+                        after: Some(k.to_vec()),
+                    };
+                    return Ok((rows, Some(next)));
+                }
+            }
+        }
+        Ok((rows, None))
     }
 
     /// Inserts rows (from a backup) into an empty store.

@@ -39,8 +39,8 @@ pub struct SledStore {
     /// `cache.len()` is O(n) in sled; keep a running count.
     pub(super) cache_count: AtomicUsize,
     flusher: Flusher,
-    /// Writers share it; a backup takes it exclusively for a point-in-time copy
-    /// (sled has no snapshot across trees).
+    /// Writers share it; a backup takes it exclusively while it reads one batch of
+    /// rows (sled has no snapshot across trees), never for the whole copy.
     pub(super) gate: std::sync::RwLock<()>,
     /// Set with `CONFAB_DATA_KEY`: personal values sealed, ids and names in keys hashed.
     pub(super) keys: Option<crypto::Keys>,
@@ -48,6 +48,32 @@ pub struct SledStore {
 
 /// One stored (tree, key, value).
 pub type DumpRow = (String, Vec<u8>, Vec<u8>);
+
+/// Where the next [`SledStore::dump_batch`] starts: a tree (index into the order
+/// given) and the last key already copied from it.
+#[derive(Debug, Clone, Default)]
+pub struct DumpCursor {
+    pub tree: usize,
+    pub after: Option<Vec<u8>>,
+}
+
+/// Creates the store's directory owner-only (0700) and tightens an existing wider one:
+/// the directory guards every file sled writes below it (the daemon's umask 0077 makes
+/// those 0600 as well).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not make the data dir owner-only (chmod 700 it)");
+        }
+    }
+    Ok(())
+}
 
 /// The tree names, for tools that walk the whole store (backup, tests).
 pub const TREES: &[&str] = &[
@@ -91,7 +117,7 @@ impl SledStore {
 
     fn open_db(dir: &Path, cache_capacity_mb: u64, flush_every_ms: u64) -> StoreResult<Db> {
         let path = dir.display().to_string();
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+        create_private_dir(dir).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: e.to_string(),
         })?;

@@ -172,21 +172,23 @@ async fn a_backup_edited_without_the_key_is_refused() {
     set_key(&root, HEX_KEY);
     let app = root.build();
     populate(&app).await;
-    let rows = app.store.snapshot().unwrap();
+    let rows = app.store.dump().unwrap();
     let auth = app
         .store
         .backup_auth()
         .expect("an encrypted store signs its backups");
-    let good = backup::encode(&rows, Some(&auth));
+    let good = backup::encode(&rows, Some(&auth)).unwrap();
     let restore = |bytes: &[u8], key: Option<&str>| {
         let dir = tempfile::tempdir().unwrap();
-        let r = backup::restore(bytes, &dir.path().join("data"), false, 8, key);
+        let file = dir.path().join("backup.confab");
+        std::fs::write(&file, bytes).unwrap();
+        let r = backup::restore(&file, &dir.path().join("data"), false, 8, key);
         (dir, r)
     };
 
     // the authentic backup restores, and opens with the key
     let (dir, r) = restore(&good, Some(HEX_KEY));
-    assert_eq!(r.unwrap(), rows.len());
+    assert_eq!(r.unwrap(), rows.len() as u64);
     let restored =
         SledStore::open_with_key(&dir.path().join("data"), 8, 500, Some(HEX_KEY)).unwrap();
     let banned = restored.user(&"tg:31".parse().unwrap()).unwrap().unwrap();
@@ -200,7 +202,7 @@ async fn a_backup_edited_without_the_key_is_refused() {
         vec![7; 32],
         br#"{"reply":"visit evil.example"}"#.to_vec(),
     ));
-    let mut bytes = backup::encode(&planted, Some(&auth));
+    let mut bytes = backup::encode(&planted, Some(&auth)).unwrap();
     let cut = bytes.len() - 64; // forge: keep the old HMAC
     bytes[cut..cut + 32].copy_from_slice(&good[good.len() - 64..good.len() - 32]);
     let (_d, r) = restore(&resum(bytes), Some(HEX_KEY));
@@ -212,7 +214,7 @@ async fn a_backup_edited_without_the_key_is_refused() {
         .filter(|(t, _, _)| t != "users")
         .cloned()
         .collect();
-    let (_d, r) = restore(&backup::encode(&unbanned, None), Some(HEX_KEY));
+    let (_d, r) = restore(&backup::encode(&unbanned, None).unwrap(), Some(HEX_KEY));
     assert!(matches!(r, Err(BackupError::Unauthenticated(_))), "{r:?}");
 
     // one flipped byte, checksum recomputed
@@ -224,7 +226,7 @@ async fn a_backup_edited_without_the_key_is_refused() {
     // signed with another key
     let other = tempfile::tempdir().unwrap();
     let other = SledStore::open_with_key(other.path(), 8, 500, Some(&"ab".repeat(32))).unwrap();
-    let forged = backup::encode(&rows, other.backup_auth().as_ref());
+    let forged = backup::encode(&rows, other.backup_auth().as_ref()).unwrap();
     let (_d, r) = restore(&forged, Some(HEX_KEY));
     assert!(matches!(r, Err(BackupError::Unauthenticated(_))), "{r:?}");
 
