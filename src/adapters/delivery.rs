@@ -57,7 +57,7 @@ pub const PANIC_TRIES: u32 = 3;
 /// Inbox key prefix of parked updates (never replayed).
 pub const PARKED: &str = "parked/";
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Streaming drafts: at most one edit per this interval.
 const EDIT_EVERY: Duration = Duration::from_secs(1);
 /// The longest wait a platform's 429 can impose on us; longer answers are cut to this.
@@ -223,7 +223,7 @@ impl Retry {
         }
     }
 
-    /// Exponential backoff with full jitter: a random wait up to 1 s, 2 s, 4 s … 60 s.
+    /// Exponential backoff with full jitter: a random wait up to 1 s, 2 s, 4 s … 30 s.
     fn backoff(&mut self) -> Duration {
         let cap = BACKOFF_FIRST
             .saturating_mul(1u32 << self.attempt.min(16))
