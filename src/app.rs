@@ -8,8 +8,9 @@ use anyhow::Context;
 
 use futures::FutureExt;
 
-use crate::adapters::delivery::{supervise, DeliveryStats};
+use crate::adapters::delivery::DeliveryStats;
 use crate::adapters::discord::{self, DiscordAdapter};
+use crate::adapters::supervise;
 use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
@@ -231,29 +232,13 @@ pub async fn serve_with(
     ));
     // Intake (polling) stops first; replies in flight run on the tracker and finish.
     let intake = shutdown.token.child_token();
-    // A poller or gateway task that dies is restarted (not connected meanwhile).
-    let mut pollers = Vec::new();
-    let supervised = |label: String, connected, run: Box<dyn Fn() -> Intake + Send + Sync>| {
-        tokio::spawn(supervise(
-            label,
-            connected,
-            intake.clone(),
-            app.delivery.clone(),
-            run,
-        ))
-    };
-    for a in telegram_adapters {
-        let (label, connected) = (format!("telegram/{}", a.name()), a.connected.clone());
-        let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
-        let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();
-        pollers.push(supervised(label, connected, Box::new(run)));
-    }
-    for a in discord_adapters {
-        let (label, connected) = (format!("discord/{}", a.name()), a.connected.clone());
-        let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
-        let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();
-        pollers.push(supervised(label, connected, Box::new(run)));
-    }
+    let pollers = start_intake(
+        telegram_adapters,
+        discord_adapters,
+        &intake,
+        &shutdown,
+        &app.delivery,
+    );
     tracing::info!(%env, bots = app.engine.config().bots.len(), "confab running");
 
     crate::ops::notify::ready();
@@ -301,6 +286,40 @@ pub async fn serve_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts every adapter's poller / gateway under a supervisor: a task that dies is
+/// restarted (its platform reads as not connected meanwhile).
+fn start_intake(
+    telegram: Vec<Arc<TelegramAdapter>>,
+    discord: Vec<Arc<DiscordAdapter>>,
+    intake: &tokio_util::sync::CancellationToken,
+    shutdown: &Shutdown,
+    stats: &Arc<DeliveryStats>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let supervised = |label: String, connected, run: Box<dyn Fn() -> Intake + Send + Sync>| {
+        tokio::spawn(supervise(
+            label,
+            connected,
+            intake.clone(),
+            stats.clone(),
+            run,
+        ))
+    };
+    let mut pollers = Vec::new();
+    for a in telegram {
+        let (label, connected) = (format!("telegram/{}", a.name()), a.connected.clone());
+        let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
+        let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();
+        pollers.push(supervised(label, connected, Box::new(run)));
+    }
+    for a in discord {
+        let (label, connected) = (format!("discord/{}", a.name()), a.connected.clone());
+        let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
+        let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();
+        pollers.push(supervised(label, connected, Box::new(run)));
+    }
+    pollers
 }
 
 /// `confab user export|forget`: through the running daemon's control socket, or

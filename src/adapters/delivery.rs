@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -320,44 +320,6 @@ fn park<J: Serialize>(store: &dyn Store, stats: &DeliveryStats, key: &str, entry
         tracing::error!(key, error = %e, "could not remove a parked update from the inbox");
     }
     tracing::error!(key = %parked, tries = PANIC_TRIES, "update parked after repeated panics");
-}
-
-/// Restarts a dead long-running task (a poller, a gateway) with backoff until `stop`;
-/// `connected` is false while it is down, so readiness reports it.
-pub async fn supervise<F, Fut>(
-    label: String,
-    connected: Arc<AtomicBool>,
-    stop: CancellationToken,
-    stats: Arc<DeliveryStats>,
-    make: F,
-) where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let mut backoff = BACKOFF_FIRST;
-    loop {
-        let started = Instant::now();
-        let result = tokio::spawn(make()).await;
-        if stop.is_cancelled() {
-            return;
-        }
-        connected.store(false, Ordering::Relaxed);
-        bump(&stats.task_restarts);
-        if started.elapsed() > BACKOFF_MAX {
-            backoff = BACKOFF_FIRST;
-        }
-        match result {
-            Err(e) if e.is_panic() => {
-                tracing::error!(task = %label, retry_in = ?backoff, "task panicked; restarting")
-            }
-            _ => tracing::warn!(task = %label, retry_in = ?backoff, "task stopped; restarting"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
 }
 
 /// Aborts a helper task (typing, streaming edits) when dropped, also on a panic.
@@ -777,7 +739,7 @@ impl<P: Outbound> Delivery<P> {
 mod tests {
     use super::*;
     use crate::store::SledStore;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicBool, AtomicU32};
 
     /// An operation that fails with `errors` in turn, then succeeds; counts calls.
     fn scripted(
@@ -995,44 +957,5 @@ mod tests {
         let stored = store.inbox_scan("dc/bot/").expect("scan");
         let entry: Entry<Job> = serde_json::from_slice(&stored[0].1).expect("json");
         assert_eq!(entry.panics, 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_dead_task_is_restarted_and_reported_down_meanwhile() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let connected = Arc::new(AtomicBool::new(false));
-        let (stop, stats) = (CancellationToken::new(), Arc::new(DeliveryStats::default()));
-        let make = {
-            let (calls, connected, stop) = (calls.clone(), connected.clone(), stop.clone());
-            move || {
-                let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
-                let (connected, stop) = (connected.clone(), stop.clone());
-                async move {
-                    connected.store(true, Ordering::Relaxed);
-                    assert!(n > 1, "the first run dies");
-                    stop.cancelled().await
-                }
-            }
-        };
-        let label = "telegram/bot".to_string();
-        let task = tokio::spawn(supervise(
-            label,
-            connected.clone(),
-            stop.clone(),
-            stats.clone(),
-            make,
-        ));
-        while calls.load(Ordering::Relaxed) < 1 || connected.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // Down between the panic and the restart (1 s later).
-        assert_eq!(calls.load(Ordering::Relaxed), 1);
-        while calls.load(Ordering::Relaxed) < 2 || !connected.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(stats.snapshot().task_restarts, 1);
-        stop.cancel();
-        task.await.expect("supervisor ends with stop");
-        assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 }

@@ -11,10 +11,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The typing indicator is shown only once an answer takes longer than this: quick
@@ -198,6 +200,48 @@ impl<T: Send + 'static> SerialQueue<T> {
     }
 }
 
+/// A restarted task's first wait; doubled per quick death up to the next constant.
+const SUPERVISOR_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const SUPERVISOR_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Restarts a dead long-running task (a poller, a gateway) with backoff until `stop`;
+/// `connected` is false while it is down, so readiness reports it.
+pub async fn supervise<F, Fut>(
+    label: String,
+    connected: Arc<AtomicBool>,
+    stop: CancellationToken,
+    stats: Arc<delivery::DeliveryStats>,
+    make: F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = SUPERVISOR_BACKOFF_FIRST;
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = tokio::spawn(make()).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        connected.store(false, Ordering::Relaxed);
+        delivery::bump(&stats.task_restarts);
+        if started.elapsed() > SUPERVISOR_BACKOFF_MAX {
+            backoff = SUPERVISOR_BACKOFF_FIRST;
+        }
+        match result {
+            Err(e) if e.is_panic() => {
+                tracing::error!(task = %label, retry_in = ?backoff, "task panicked; restarting")
+            }
+            _ => tracing::warn!(task = %label, retry_in = ?backoff, "task stopped; restarting"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(SUPERVISOR_BACKOFF_MAX);
+    }
+}
+
 /// Outbound throttling to stay inside a platform's limits: per chat, per group chat,
 /// and for the whole bot. Waits rather than fails.
 pub struct Throttle {
@@ -343,6 +387,8 @@ pub fn redact(text: &str, secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
 
     fn queue<T: Send + 'static>(per_key: usize, total: usize) -> SerialQueue<T> {
         SerialQueue::new(per_key, total, std::time::Duration::ZERO)
@@ -475,5 +521,47 @@ mod tests {
             "POST https://api.telegram.org/bot[REDACTED]/GetMe"
         );
         assert_eq!(redact("x ABCdefGHIjklMNOpqr y", t), "x [REDACTED] y");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_task_is_restarted_and_reported_down_meanwhile() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let connected = Arc::new(AtomicBool::new(false));
+        let (stop, stats) = (
+            CancellationToken::new(),
+            Arc::new(delivery::DeliveryStats::default()),
+        );
+        let make = {
+            let (calls, connected, stop) = (calls.clone(), connected.clone(), stop.clone());
+            move || {
+                let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
+                let (connected, stop) = (connected.clone(), stop.clone());
+                async move {
+                    connected.store(true, Ordering::Relaxed);
+                    assert!(n > 1, "the first run dies");
+                    stop.cancelled().await
+                }
+            }
+        };
+        let label = "telegram/bot".to_string();
+        let task = tokio::spawn(supervise(
+            label,
+            connected.clone(),
+            stop.clone(),
+            stats.clone(),
+            make,
+        ));
+        while calls.load(Ordering::Relaxed) < 1 || connected.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Down between the panic and the restart (1 s later).
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        while calls.load(Ordering::Relaxed) < 2 || !connected.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.snapshot().task_restarts, 1);
+        stop.cancel();
+        task.await.expect("supervisor ends with stop");
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 }
