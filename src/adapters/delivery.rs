@@ -521,10 +521,11 @@ impl<P: Outbound> Delivery<P> {
     /// Counts an overflow and tells the user, at most once per conversation per minute.
     pub fn busy(self: &Arc<Self>, job: &P::Job, full: Full, tracker: &TaskTracker) {
         bump(&self.stats.overflow);
-        tracing::warn!(bot = %self.bot, ?full, "queue full; update refused with a busy notice");
         if !self.notice_due(&P::inbound(job).conversation().to_string()) {
+            tracing::debug!(bot = %self.bot, ?full, "queue full; update refused");
             return;
         }
+        tracing::warn!(bot = %self.bot, ?full, "queue full; update refused with a busy notice");
         let (out, job) = (self.out.clone(), job.clone());
         tracker.spawn(async move {
             if let Err(e) = out.send_part(&job, BUSY_NOTICE, &[]).await {
@@ -533,8 +534,10 @@ impl<P: Outbound> Delivery<P> {
         });
     }
 
-    /// Whether a busy notice may go to `conversation` now (and records it).
+    /// Whether a busy notice may go to `conversation` now (and records it). The record
+    /// is bounded: when it is full of recent notices, no more are sent.
     pub fn notice_due(&self, conversation: &str) -> bool {
+        const MAX_RECORDED: usize = 10_000;
         let now = Instant::now();
         let mut notices = self.notices.lock().unwrap_or_else(|p| p.into_inner());
         if notices
@@ -543,8 +546,11 @@ impl<P: Outbound> Delivery<P> {
         {
             return false;
         }
-        if notices.len() >= 10_000 {
+        if notices.len() >= MAX_RECORDED {
             notices.retain(|_, t| now.duration_since(*t) < BUSY_EVERY);
+            if notices.len() >= MAX_RECORDED {
+                return false;
+            }
         }
         notices.insert(conversation.to_string(), now);
         true

@@ -4,7 +4,8 @@
 //! promise: each received update is written to the durable inbox *before* its offset is
 //! confirmed to Telegram, replayed from there after a crash, and removed once answered.
 //! The engine's handled-update markers make a replay answer at most once more (only a
-//! reply that was being sent at the moment of the crash can repeat).
+//! reply that was being sent at the moment of the crash can repeat). Queuing, retries
+//! and the finish are `delivery.rs`'s; this module translates and renders (`TgOut`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
