@@ -639,11 +639,17 @@ impl EventHandler for Handler {
             Interaction::Component(c) => Interact::Component(Box::new(c)),
             _ => return,
         };
+        let a = self.adapter.clone();
+        let intake = AssertUnwindSafe(a.intake_interaction(it, self.tracker.clone()));
+        if self
+            .tracker
+            .track_future(intake.catch_unwind())
+            .await
+            .is_err()
         {
-            let a = self.adapter.clone();
-            self.tracker
-                .track_future(a.intake_interaction(it, self.tracker.clone()))
-                .await;
+            let a = &self.adapter;
+            bump(&a.delivery.stats().update_panics);
+            tracing::error!(bot = %a.name, "taking in an interaction panicked; skipped");
         }
     }
 

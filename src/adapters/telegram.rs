@@ -649,6 +649,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn server_errors_are_retried_and_refusals_are_not() {
+        let token = Secret::new("7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string());
+        let kind = |e: RequestError| match classify(&e, &token) {
+            SendError::RetryAfter(d) => format!("wait {}", d.as_secs()),
+            SendError::Transient(_) => "transient".to_string(),
+            SendError::Permanent(_) => "permanent".to_string(),
+        };
+        let unknown = |d: &str| RequestError::Api(ApiError::Unknown(d.to_string()));
+        assert_eq!(kind(unknown("Bad Gateway")), "transient");
+        assert_eq!(kind(unknown("Internal Server Error")), "transient");
+        assert_eq!(kind(unknown("Bad Request: something new")), "permanent");
+        assert_eq!(kind(unknown("Forbidden: bot was kicked")), "permanent");
+        assert_eq!(kind(RequestError::Api(ApiError::BotBlocked)), "permanent");
+        assert_eq!(kind(RequestError::Api(ApiError::ChatNotFound)), "permanent");
+        let wait = teloxide::types::Seconds::from_seconds(3);
+        assert_eq!(kind(RequestError::RetryAfter(wait)), "wait 3");
+    }
+
+    #[test]
     fn strips_the_mention() {
         assert_eq!(
             strip_mention("@Acme_Bot what is 2+2?", "acme_bot"),

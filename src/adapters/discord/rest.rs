@@ -70,8 +70,12 @@ fn new_message(job: &Job, content: &str, buttons: &[Button]) -> CreateMessage {
 
 /// Seconds (a float) from a 429's body or headers, bounded.
 fn seconds(v: Option<f64>) -> Option<Duration> {
-    v.and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .map(|d| d.min(RETRY_AFTER_MAX))
+    let s = v.filter(|s| s.is_finite() && *s >= 0.0)?;
+    Some(if s >= RETRY_AFTER_MAX.as_secs_f64() {
+        RETRY_AFTER_MAX
+    } else {
+        Duration::try_from_secs_f64(s).ok()?
+    })
 }
 
 /// A 429's wait and whether it is global: the body's `retry_after` / `global`, else the
@@ -356,5 +360,62 @@ impl Outbound for DcOut {
         self.create(job, new_message(job, &a.file_name, &[]), Some(a))
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn a_429_says_how_long_in_its_body_or_its_headers() {
+        let body =
+            json!({"message": "You are being rate limited.", "retry_after": 3.5, "global": false});
+        let h = headers(&[("retry-after", "4"), ("x-ratelimit-reset-after", "3.9")]);
+        assert_eq!(rate_limit(&h, &body), (Duration::from_millis(3500), false));
+        assert_eq!(
+            rate_limit(&h, &Value::Null),
+            (Duration::from_millis(3900), false)
+        );
+        let h = headers(&[("retry-after", "4")]);
+        assert_eq!(
+            rate_limit(&h, &Value::Null),
+            (Duration::from_secs(4), false)
+        );
+        assert_eq!(
+            rate_limit(&HeaderMap::new(), &Value::Null),
+            (RATE_LIMIT_WAIT, false)
+        );
+    }
+
+    #[test]
+    fn a_global_429_is_recognised_by_body_or_headers() {
+        let global = json!({"retry_after": 1.0, "global": true});
+        assert!(rate_limit(&HeaderMap::new(), &global).1);
+        assert!(rate_limit(&headers(&[("x-ratelimit-global", "true")]), &Value::Null).1);
+        assert!(rate_limit(&headers(&[("x-ratelimit-scope", "global")]), &Value::Null).1);
+        assert!(!rate_limit(&headers(&[("x-ratelimit-scope", "user")]), &Value::Null).1);
+    }
+
+    #[test]
+    fn hostile_waits_are_bounded_and_never_panic() {
+        for v in [json!(-1.0), json!(1e300), json!("soon"), json!(null)] {
+            let (wait, _) = rate_limit(
+                &headers(&[("retry-after", "NaN")]),
+                &json!({"retry_after": v}),
+            );
+            assert!(wait <= RETRY_AFTER_MAX, "{wait:?}");
+        }
+        let (wait, _) = rate_limit(&HeaderMap::new(), &json!({"retry_after": 1e300}));
+        assert_eq!(wait, RETRY_AFTER_MAX);
     }
 }
