@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use futures::FutureExt;
+
+use crate::adapters::delivery::DeliveryStats;
 use crate::adapters::discord::{self, DiscordAdapter};
+use crate::adapters::supervise;
 use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
@@ -14,6 +18,9 @@ use crate::engine::Engine;
 use crate::llm::{OpenAiProvider, ResilientLlm, RetryPolicy};
 use crate::shutdown::{self, Shutdown, Signal};
 use crate::store::{SledStore, Store};
+
+/// A poller's or gateway's run future.
+type Intake = futures::future::BoxFuture<'static, ()>;
 
 /// How often the sweeper runs (retention, cache expiry, limiter pruning).
 const SWEEP_EVERY: Duration = Duration::from_secs(300);
@@ -59,6 +66,8 @@ pub struct Identities {
 pub struct App {
     pub engine: Arc<Engine>,
     pub store: Arc<SledStore>,
+    /// The adapters' delivery counters (retries, failures, panics, overflow).
+    pub delivery: Arc<DeliveryStats>,
 }
 
 pub fn retry_policy(cfg: &Config) -> RetryPolicy {
@@ -113,7 +122,11 @@ pub fn build(config: Config) -> anyhow::Result<App> {
     let llm = Arc::new(ResilientLlm::new(Arc::new(provider), retry_policy(&config)));
     let dyn_store: Arc<dyn Store> = store.clone();
     let engine = Arc::new(Engine::new(config, dyn_store, llm).context("building the engine")?);
-    Ok(App { engine, store })
+    Ok(App {
+        engine,
+        store,
+        delivery: Arc::default(),
+    })
 }
 
 fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {
@@ -185,7 +198,7 @@ pub async fn serve_with(
     for v in identities.telegram {
         tracing::info!(bot = %v.name, username = ?v.me.user.username, "telegram bot verified");
         let label = format!("telegram/{}", v.name);
-        let adapter = TelegramAdapter::new(v, app.engine.clone());
+        let adapter = TelegramAdapter::new(v, app.engine.clone(), app.delivery.clone());
         readiness.add_platform(label, adapter.connected.clone());
         telegram_adapters.push(adapter);
     }
@@ -193,7 +206,7 @@ pub async fn serve_with(
     for v in identities.discord {
         tracing::info!(bot = %v.name, user = %v.username, application_id = %v.application_id, "discord bot verified");
         let label = format!("discord/{}", v.name);
-        let adapter = DiscordAdapter::new(v, app.engine.clone());
+        let adapter = DiscordAdapter::new(v, app.engine.clone(), app.delivery.clone());
         readiness.add_platform(label, adapter.connected.clone());
         discord_adapters.push(adapter);
     }
@@ -226,17 +239,13 @@ pub async fn serve_with(
     ));
     // Intake (polling) stops first; replies in flight run on the tracker and finish.
     let intake = shutdown.token.child_token();
-    let mut pollers = Vec::new();
-    for adapter in telegram_adapters {
-        pollers.push(tokio::spawn(
-            adapter.run(intake.clone(), shutdown.tracker.clone()),
-        ));
-    }
-    for adapter in discord_adapters {
-        pollers.push(tokio::spawn(
-            adapter.run(intake.clone(), shutdown.tracker.clone()),
-        ));
-    }
+    let pollers = start_intake(
+        telegram_adapters,
+        discord_adapters,
+        &intake,
+        &shutdown,
+        &app.delivery,
+    );
     tracing::info!(%env, bots = app.engine.config().bots.len(), "confab running");
 
     crate::ops::notify::ready();
@@ -282,6 +291,40 @@ pub async fn serve_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts every adapter's poller / gateway under a supervisor: a task that dies is
+/// restarted (its platform reads as not connected meanwhile).
+fn start_intake(
+    telegram: Vec<Arc<TelegramAdapter>>,
+    discord: Vec<Arc<DiscordAdapter>>,
+    intake: &tokio_util::sync::CancellationToken,
+    shutdown: &Shutdown,
+    stats: &Arc<DeliveryStats>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let supervised = |label: String, connected, run: Box<dyn Fn() -> Intake + Send + Sync>| {
+        tokio::spawn(supervise(
+            label,
+            connected,
+            intake.clone(),
+            stats.clone(),
+            run,
+        ))
+    };
+    let mut pollers = Vec::new();
+    for a in telegram {
+        let (label, connected) = (format!("telegram/{}", a.name()), a.connected.clone());
+        let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
+        let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();
+        pollers.push(supervised(label, connected, Box::new(run)));
+    }
+    for a in discord {
+        let (label, connected) = (format!("discord/{}", a.name()), a.connected.clone());
+        let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
+        let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();
+        pollers.push(supervised(label, connected, Box::new(run)));
+    }
+    pollers
 }
 
 /// `confab user export|forget`: through the running daemon's control socket, or

@@ -1,57 +1,56 @@
 //! Discord adapter on serenity — the only module that imports serenity.
 //!
-//! serenity's `Client` runs the gateway (heartbeats, reconnect, RESUME); every REST call
-//! goes through our own `Http` (one rate limiter for everything we send). Messages follow
-//! the same delivery contract as Telegram: each one is written to the durable inbox before
-//! it is handled, replayed from there after a crash, and removed once answered. A gateway
-//! RESUME that replays an event is answered at most once: the engine's handled markers
-//! make the second copy silent.
+//! serenity's `Client` runs the gateway (heartbeats, reconnect, RESUME). Replies go out
+//! through serenity's request builder and its rate limiter (default URL) or straight to
+//! the configured URL (limiter off), so a 429's `retry_after` (body or headers) and its
+//! `global` flag reach our delivery machinery (`delivery.rs`): a global 429 pauses every
+//! send of the bot. Messages follow the same delivery contract as Telegram: each one is
+//! written to the durable inbox before it is handled, replayed from there after a crash,
+//! and removed once answered. A gateway RESUME that replays an event is answered at most
+//! once: the engine's handled markers make the second copy silent.
 //!
 //! serenity runs every event handler on its own task, started in any order, so two
 //! messages of one conversation may reach us out of order. Intake is therefore synchronous
-//! (inbox write + pending set, no await), each conversation keeps its pending work sorted
-//! by snowflake id (creation order), and its `SerialQueue` worker waits a few milliseconds
-//! (`SETTLE`) and then always takes the oldest. The inbox is flushed before a message is
-//! handled (group commit).
+//! (inbox write + queue, no await), each conversation's queue is ordered by snowflake id
+//! (creation order), and its worker waits a few milliseconds (`SETTLE`) and then always
+//! takes the oldest. The inbox is flushed before a message is handled (group commit).
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use serenity::all::{
     ApplicationId, ChannelId, Client, ClientBuilder, Command, CommandInteraction,
     CommandOptionType, ComponentInteraction, ConnectionStage, Context, CreateActionRow,
-    CreateAllowedMentions, CreateAttachment, CreateButton, CreateCommand, CreateCommandOption,
-    CreateInteractionResponse, CreateInteractionResponseFollowup, CreateInteractionResponseMessage,
-    CreateMessage, EditMessage, EventHandler, GatewayIntents, GuildId, Http, HttpBuilder,
-    HttpError, Interaction, Message, MessageId, Ready, ResumedEvent, ShardStageUpdateEvent, User,
-    UserId,
+    CreateAttachment, CreateButton, CreateCommand, CreateCommandOption, CreateInteractionResponse,
+    CreateInteractionResponseFollowup, CreateInteractionResponseMessage, EventHandler,
+    GatewayIntents, GuildId, Http, HttpBuilder, HttpError, Interaction, Message, MessageId, Ready,
+    ResumedEvent, ShardStageUpdateEvent, User, UserId,
 };
-use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::delivery::{bump, Delivery, DeliveryStats, BUSY_NOTICE};
 use super::text::{char_len, split_message};
-use super::{redact, stream_draft, DraftPut, SerialQueue, Throttle};
+use super::{redact, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
 use crate::engine::commands::USER_COMMANDS;
 use crate::engine::Engine;
 
+mod rest;
+use rest::{mentions, DcOut};
+
 /// Discord's message limit, in characters.
 const DC_LIMIT: usize = 2000;
 /// With this API URL serenity's own rate limiter stays on (it ignores any proxy).
 const DEFAULT_API_URL: &str = "https://discord.com";
-const SEND_ATTEMPTS: u32 = 5;
-/// Streaming edits: at most one per this interval per message.
-const EDIT_EVERY: Duration = Duration::from_secs(1);
-/// Discord shows "typing…" for about 10 s per request.
-const TYPING_EVERY: Duration = Duration::from_secs(8);
-/// Our answer to a 429 (serenity's error keeps neither `retry_after` nor the headers).
+/// A 429 that names no wait (serenity's limiter passes no details on).
 const RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
 /// How long a conversation's worker waits before taking its oldest pending work.
 const SETTLE: Duration = Duration::from_millis(10);
@@ -80,7 +79,7 @@ pub struct IdentityError {
 
 /// The REST client. A non-default `discord.api_url` (a test fake or a proxy) needs
 /// serenity's rate limiter off, because the limiter ignores the proxy; we then throttle
-/// ourselves (see [`DiscordAdapter::throttle`]).
+/// ourselves (see [`DcOut`]).
 fn build_http(cfg: &Config, token: &Secret) -> Http {
     let builder = HttpBuilder::new(token.expose());
     if limiter_off(cfg) {
@@ -161,7 +160,7 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
 
 /// A received message, as kept in the durable inbox until answered.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Job {
+pub struct Job {
     inbound: Inbound,
     channel_id: ChannelId,
     /// The user's message; replies in guilds reference it.
@@ -169,64 +168,19 @@ struct Job {
     is_group: bool,
 }
 
-/// Work waiting for its conversation's turn.
-enum Work {
-    Message {
-        key: String,
-        job: Box<Job>,
-    },
-    /// A slash command or button press, already acknowledged (not in the inbox: it
-    /// expires after 15 minutes).
-    Interaction(Interact),
-}
-
-/// Outcome of delivering a reply.
-enum Delivery {
-    Sent,
-    /// Discord refused for good (no access, unknown channel): do not retry.
-    Refused(String),
-    /// Still failing after retries (network, 5xx, 429): keep the job for the next start.
-    Failed(String),
-}
-
-enum Retry {
-    RateLimited,
-    Transient,
-    Never,
-}
-
-fn classify(e: &serenity::Error) -> Retry {
-    match e {
-        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) => match r.status_code.as_u16() {
-            429 => Retry::RateLimited,
-            500..=599 => Retry::Transient,
-            _ => Retry::Never,
-        },
-        serenity::Error::Http(HttpError::Request(_)) | serenity::Error::Io(_) => Retry::Transient,
-        _ => Retry::Never,
-    }
-}
-
-type Pending = HashMap<String, BTreeMap<u64, Work>>;
-
 pub struct DiscordAdapter {
     name: String,
     user_id: UserId,
     application_id: ApplicationId,
-    http: Arc<Http>,
     token: Secret,
-    engine: Arc<Engine>,
-    /// Our outbound throttling; `None` while serenity's own rate limiter is on.
-    throttle: Option<Throttle>,
-    queue: SerialQueue<String>,
-    pending: Mutex<Pending>,
+    delivery: Arc<Delivery<DcOut>>,
     commands_registered: AtomicBool,
     /// True while the gateway session is up; read by readiness checks.
     pub connected: Arc<AtomicBool>,
 }
 
 impl DiscordAdapter {
-    pub fn new(v: Verified, engine: Arc<Engine>) -> Arc<Self> {
+    pub fn new(v: Verified, engine: Arc<Engine>, stats: Arc<DeliveryStats>) -> Arc<Self> {
         let cfg = engine.config();
         let d = &cfg.discord;
         let throttle = limiter_off(&cfg).then(|| {
@@ -236,91 +190,62 @@ impl DiscordAdapter {
                 d.global_per_second,
             )
         });
+        let out = Arc::new(DcOut::new(
+            v.http,
+            v.token.clone(),
+            v.application_id,
+            throttle,
+        ));
+        let prefix = format!("dc/{}/", v.name);
+        let delivery = Delivery::new(out, engine, stats, &v.name, prefix, SETTLE);
         Arc::new(Self {
             name: v.name,
             user_id: v.user_id,
             application_id: v.application_id,
-            http: v.http,
             token: v.token,
-            engine,
-            throttle,
-            queue: SerialQueue::default(),
-            pending: Mutex::new(HashMap::new()),
+            delivery,
             commands_registered: AtomicBool::new(false),
             connected: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The bot's name (its `bots/<name>.toml`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     fn scrub(&self, e: &serenity::Error) -> String {
         redact(&format!("{e:?}"), self.token.expose())
     }
 
-    fn inbox_prefix(&self) -> String {
-        format!("dc/{}/", self.name)
+    fn http(&self) -> &Http {
+        &self.delivery.out().http
+    }
+
+    fn engine(&self) -> &Arc<Engine> {
+        self.delivery.engine()
     }
 
     /// Replays the inbox, then runs the gateway until `stop` is cancelled. Handlers run
     /// on `tracker` so shutdown can wait for in-flight replies.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
-        self.replay_inbox(&tracker);
-        let intents = GatewayIntents::GUILD_MESSAGES
-            | GatewayIntents::DIRECT_MESSAGES
-            | GatewayIntents::MESSAGE_CONTENT;
+        self.delivery.attach(stop.clone());
+        self.delivery.replay(&tracker).await;
         let mut backoff = Duration::from_secs(1);
-        let mut prune = tokio::time::interval(Duration::from_secs(300));
-        'outer: loop {
-            let http = build_http(&self.engine.config(), &self.token);
-            http.set_application_id(self.application_id);
-            let handler = Handler {
-                adapter: self.clone(),
-                tracker: tracker.clone(),
-            };
-            let built = ClientBuilder::new_with_http(http, intents)
-                .event_handler(handler)
-                .await;
-            let mut client: Client = match built {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(bot = %self.name, error = %self.scrub(&e), "could not build the Discord client");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    continue;
-                }
-            };
-            let shards = client.shard_manager.clone();
-            let started = tokio::time::Instant::now();
-            let result = {
-                let start = client.start();
-                tokio::pin!(start);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => {
-                            shards.shutdown_all().await;
-                            break 'outer;
-                        }
-                        _ = prune.tick() => {
-                            if let Some(t) = &self.throttle {
-                                t.prune();
-                            }
-                        }
-                        r = &mut start => break r,
-                    }
-                }
-            };
-            self.connected.store(false, Ordering::Relaxed);
-            if started.elapsed() > Duration::from_secs(60) {
-                backoff = Duration::from_secs(1);
-            }
-            match result {
+        while !stop.is_cancelled() {
+            let started = Instant::now();
+            match self.clone().gateway(&stop, &tracker).await {
+                Ok(()) if stop.is_cancelled() => break,
                 Ok(()) => {
                     tracing::warn!(bot = %self.name, retry_in = ?backoff, "discord gateway stopped; reconnecting")
                 }
                 Err(e) => {
-                    tracing::error!(bot = %self.name, error = %self.scrub(&e), retry_in = ?backoff, "discord gateway failed; reconnecting")
+                    tracing::error!(bot = %self.name, error = %e, retry_in = ?backoff, "discord gateway failed; reconnecting")
                 }
+            }
+            self.connected.store(false, Ordering::Relaxed);
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_secs(1);
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -332,111 +257,61 @@ impl DiscordAdapter {
         tracing::info!(bot = %self.name, "discord gateway stopped");
     }
 
-    fn replay_inbox(self: &Arc<Self>, tracker: &TaskTracker) {
-        let store = self.engine.store().clone();
-        match store.inbox_scan(&self.inbox_prefix()) {
-            Ok(pending) => {
-                if !pending.is_empty() {
-                    tracing::info!(bot = %self.name, count = pending.len(), "replaying unanswered messages");
+    /// One gateway client, until it ends or `stop` (then `Ok`). Errors are redacted.
+    async fn gateway(
+        self: Arc<Self>,
+        stop: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(), String> {
+        let intents = GatewayIntents::GUILD_MESSAGES
+            | GatewayIntents::DIRECT_MESSAGES
+            | GatewayIntents::MESSAGE_CONTENT;
+        let http = build_http(&self.engine().config(), &self.token);
+        http.set_application_id(self.application_id);
+        let handler = Handler {
+            adapter: self.clone(),
+            tracker: tracker.clone(),
+        };
+        let mut client: Client = ClientBuilder::new_with_http(http, intents)
+            .event_handler(handler)
+            .await
+            .map_err(|e| format!("building the client: {}", self.scrub(&e)))?;
+        let shards = client.shard_manager.clone();
+        let mut prune = tokio::time::interval(Duration::from_secs(300));
+        let start = client.start();
+        tokio::pin!(start);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    shards.shutdown_all().await;
+                    return Ok(());
                 }
-                for (key, bytes) in pending {
-                    match serde_json::from_slice::<Job>(&bytes) {
-                        Ok(job) => {
-                            let id = job.message_id.get();
-                            let conv = job.inbound.conversation().to_string();
-                            self.enqueue(
-                                id,
-                                conv,
-                                Work::Message {
-                                    key,
-                                    job: Box::new(job),
-                                },
-                                tracker,
-                            );
-                        }
-                        Err(e) => {
-                            tracing::error!(key, error = %e, "corrupt inbox entry skipped");
-                            let _ = store.inbox_remove(&key);
-                        }
+                _ = prune.tick() => {
+                    if let Some(t) = &self.delivery.out().throttle {
+                        t.prune();
                     }
                 }
+                r = &mut start => return r.map_err(|e| self.scrub(&e)),
             }
-            Err(e) => tracing::error!(error = %e, "could not read the inbox"),
-        }
-    }
-
-    /// Adds work to its conversation and wakes the conversation's worker. The same id
-    /// twice (a gateway replay while the first copy still waits) is queued once.
-    fn enqueue(self: &Arc<Self>, id: u64, conv: String, work: Work, tracker: &TaskTracker) {
-        let fresh = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.entry(conv.clone())
-                .or_default()
-                .insert(id, work)
-                .is_none()
-        };
-        if fresh {
-            let this = self.clone();
-            self.queue.push(conv.clone(), conv, tracker, move |conv| {
-                let this = this.clone();
-                async move { this.next(conv).await }
-            });
-        }
-    }
-
-    /// Runs the oldest pending work of one conversation.
-    async fn next(self: Arc<Self>, conv: String) {
-        // Let the handler tasks of the same burst (started by serenity in any order) land.
-        tokio::time::sleep(SETTLE).await;
-        let work = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let work = p.get_mut(&conv).and_then(|m| m.pop_first()).map(|(_, w)| w);
-            if p.get(&conv).is_some_and(BTreeMap::is_empty) {
-                p.remove(&conv);
-            }
-            work
-        };
-        match work {
-            // A span per update, attached to the future (not entered across awaits).
-            Some(Work::Message { key, job }) => {
-                // The inbox entry is durable before the message is handled (group commit).
-                if let Err(e) = self.engine.store().flush().await {
-                    tracing::error!(error = %e, "store flush failed for a received message");
-                }
-                let span = tracing::info_span!("update", platform = "discord", bot = %self.name, update = %job.message_id);
-                self.process(key, *job).instrument(span).await
-            }
-            Some(Work::Interaction(it)) => {
-                let span = tracing::info_span!("update", platform = "discord", bot = %self.name, update = it.id());
-                self.answer_interaction(it).instrument(span).await
-            }
-            None => {}
         }
     }
 
     /// MESSAGE_CREATE → inbox → queue. Synchronous on purpose: serenity starts the
     /// handler tasks of a burst in any order, and the sooner each message is in its
-    /// conversation's pending set, the surer the oldest-first order.
+    /// conversation's queue, the surer the oldest-first order.
     fn intake(self: &Arc<Self>, msg: Message, tracker: &TaskTracker) {
-        let Some(job) = self.translate(&msg) else {
-            return;
-        };
-        let store = self.engine.store();
-        let key = format!("{}{:020}", self.inbox_prefix(), msg.id.get());
-        match serde_json::to_vec(&job) {
-            Ok(bytes) => {
-                if let Err(e) = store.inbox_put(&key, &bytes) {
-                    tracing::error!(error = %e, "could not store a received message");
-                }
+        let id = msg.id.get();
+        let job = match std::panic::catch_unwind(AssertUnwindSafe(|| self.translate(&msg))) {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(_) => {
+                bump(&self.delivery.stats().update_panics);
+                tracing::error!(bot = %self.name, update = id, "translating a message panicked; skipped");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "could not encode a received message"),
-        }
-        let conv = job.inbound.conversation().to_string();
-        let work = Work::Message {
-            key,
-            job: Box::new(job),
         };
-        self.enqueue(msg.id.get(), conv, work, tracker);
+        let key = format!("dc/{}/{:020}", self.name, id);
+        self.delivery.admit(key, job, tracker);
     }
 
     /// Platform message → `Inbound`, applying the guild rules (mention or reply to the bot).
@@ -504,224 +379,6 @@ impl DiscordAdapter {
         }
     }
 
-    fn streaming(&self) -> bool {
-        self.engine
-            .config()
-            .bot(&self.name)
-            .is_some_and(|b| b.stream)
-    }
-
-    async fn process(self: Arc<Self>, key: String, job: Job) {
-        let typing = self.spawn_typing(job.channel_id);
-        let delivery = if self.streaming() {
-            let (tx, rx) = watch::channel(String::new());
-            let editor = tokio::spawn(self.clone().stream_edits(job.clone(), rx));
-            let reply = self.engine.handle_streaming(&job.inbound, Some(&tx)).await;
-            drop(tx);
-            typing.abort();
-            let streamed = editor.await.ok().flatten();
-            self.deliver(&job, &reply, streamed).await
-        } else {
-            let reply = self.engine.handle(&job.inbound).await;
-            typing.abort();
-            self.deliver(&job, &reply, None).await
-        };
-        match delivery {
-            Delivery::Sent => {}
-            Delivery::Refused(why) => {
-                tracing::warn!(reason = %why, "discord refused the reply; dropping it");
-            }
-            Delivery::Failed(why) => {
-                // Left in the inbox: the next start answers it (the engine resends the stored reply).
-                tracing::error!(reason = %why, "reply not delivered; kept for retry at next start");
-                return;
-            }
-        }
-        self.finish(&job.inbound, Some(&key)).await;
-    }
-
-    /// Marks the reply sent, clears the inbox entry and makes both durable.
-    async fn finish(&self, inbound: &Inbound, inbox_key: Option<&str>) {
-        let store = self.engine.store();
-        self.engine.mark_sent(inbound);
-        if let Some(key) = inbox_key {
-            if let Err(e) = store.inbox_remove(key) {
-                tracing::error!(error = %e, "could not clear an answered message from the inbox");
-            }
-        }
-        // Durable "sent": after a crash, only a reply whose send was in flight can repeat.
-        if let Err(e) = store.flush().await {
-            tracing::error!(error = %e, "store flush failed after a reply");
-        }
-    }
-
-    fn spawn_typing(&self, channel: ChannelId) -> tokio::task::JoinHandle<()> {
-        let http = self.http.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(super::TYPING_AFTER).await;
-            loop {
-                let _ = http.broadcast_typing(channel).await;
-                tokio::time::sleep(TYPING_EVERY).await;
-            }
-        })
-    }
-
-    async fn throttle_wait(&self, chat: ChannelId, is_group: bool) {
-        if let Some(t) = &self.throttle {
-            t.wait(&chat.get().to_string(), is_group).await;
-        }
-    }
-
-    /// One REST call with throttling; waits out 429s and retries network errors and 5xx.
-    async fn with_retry<T, F, Fut>(
-        &self,
-        chat: ChannelId,
-        is_group: bool,
-        mut op: F,
-    ) -> Result<T, serenity::Error>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = serenity::Result<T>>,
-    {
-        let mut attempt = 0;
-        loop {
-            self.throttle_wait(chat, is_group).await;
-            let err = match op().await {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            attempt += 1;
-            if attempt >= SEND_ATTEMPTS {
-                return Err(err);
-            }
-            match classify(&err) {
-                Retry::RateLimited => {
-                    tracing::info!(wait = ?RATE_LIMIT_WAIT, "discord asked us to slow down");
-                    tokio::time::sleep(RATE_LIMIT_WAIT).await;
-                }
-                Retry::Transient => {
-                    tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
-                }
-                Retry::Never => return Err(err),
-            }
-        }
-    }
-
-    fn delivery(&self, result: Result<(), serenity::Error>) -> Delivery {
-        match result {
-            Ok(()) => Delivery::Sent,
-            Err(e) => match classify(&e) {
-                Retry::Never => Delivery::Refused(self.scrub(&e)),
-                _ => Delivery::Failed(self.scrub(&e)),
-            },
-        }
-    }
-
-    /// No `@everyone`, role or user pings from LLM text; a reply still notifies its author.
-    fn mentions() -> CreateAllowedMentions {
-        CreateAllowedMentions::new().replied_user(true)
-    }
-
-    fn new_message(job: &Job, content: &str) -> CreateMessage {
-        let mut m = CreateMessage::new()
-            .content(content)
-            .allowed_mentions(Self::mentions());
-        if job.is_group {
-            m = m.reference_message((job.channel_id, job.message_id));
-        }
-        m
-    }
-
-    /// Shows the reply growing: one message, edited at most once per `EDIT_EVERY`.
-    /// Returns the streamed message's id, if one was sent.
-    async fn stream_edits(
-        self: Arc<Self>,
-        job: Job,
-        rx: watch::Receiver<String>,
-    ) -> Option<MessageId> {
-        let (this, job) = (&*self, &job);
-        stream_draft(rx, DC_LIMIT, EDIT_EVERY, move |message, text| async move {
-            this.throttle_wait(job.channel_id, job.is_group).await;
-            let result = match message {
-                None => job
-                    .channel_id
-                    .send_message(&*this.http, Self::new_message(job, &text))
-                    .await
-                    .map(|m| m.id),
-                Some(id) => job
-                    .channel_id
-                    .edit_message(&*this.http, id, EditMessage::new().content(text))
-                    .await
-                    .map(|_| id),
-            };
-            match result {
-                Ok(id) => DraftPut::Shown(id),
-                Err(e) => DraftPut::Failed(this.scrub(&e)),
-            }
-        })
-        .await
-    }
-
-    async fn deliver(&self, job: &Job, reply: &Reply, streamed: Option<MessageId>) -> Delivery {
-        let Reply::Text {
-            text,
-            attachment,
-            buttons,
-            ..
-        } = reply
-        else {
-            return Delivery::Sent;
-        };
-        let mut parts = split_message(text, DC_LIMIT, char_len);
-        // The buttons go under the last part.
-        let rows = (!buttons.is_empty()).then(|| components(buttons));
-        if let Some(id) = streamed.filter(|_| !parts.is_empty()) {
-            // The streamed draft becomes the final first part.
-            let first = parts.remove(0);
-            let edit = self
-                .with_retry(job.channel_id, job.is_group, || {
-                    let mut e = EditMessage::new().content(first.clone());
-                    if let (true, Some(rows)) = (parts.is_empty(), &rows) {
-                        e = e.components(rows.clone());
-                    }
-                    job.channel_id.edit_message(&*self.http, id, e)
-                })
-                .await;
-            if let Err(e) = edit {
-                tracing::debug!(error = %self.scrub(&e), "final edit failed; sending the reply normally");
-                parts = split_message(text, DC_LIMIT, char_len);
-            }
-        }
-        let last = parts.len().saturating_sub(1);
-        for (i, part) in parts.iter().enumerate() {
-            let sent = self
-                .with_retry(job.channel_id, job.is_group, || {
-                    let mut m = Self::new_message(job, part);
-                    if let (true, Some(rows)) = (i == last, &rows) {
-                        m = m.components(rows.clone());
-                    }
-                    job.channel_id.send_message(&*self.http, m)
-                })
-                .await;
-            match self.delivery(sent.map(|_| ())) {
-                Delivery::Sent => {}
-                other => return other,
-            }
-        }
-        if let Some(a) = attachment {
-            let sent = self
-                .with_retry(job.channel_id, job.is_group, || {
-                    job.channel_id.send_message(
-                        &*self.http,
-                        Self::new_message(job, &a.file_name).add_file(file(a)),
-                    )
-                })
-                .await;
-            return self.delivery(sent.map(|_| ()));
-        }
-        Delivery::Sent
-    }
-
     /// Global slash commands: the user commands, `ask` and `admin`. Registered once per
     /// process (at the first READY); Discord keeps them across restarts.
     async fn register_commands(&self) {
@@ -749,26 +406,41 @@ impl DiscordAdapter {
                     "e.g. stats, ban dc:123 spam, maintenance on",
                 )),
         );
-        if let Err(e) = Command::set_global_commands(&*self.http, commands).await {
+        if let Err(e) = Command::set_global_commands(self.http(), commands).await {
             self.commands_registered.store(false, Ordering::SeqCst);
             tracing::warn!(bot = %self.name, error = %self.scrub(&e), "registering slash commands failed");
         }
     }
 
     /// INTERACTION_CREATE (slash command or button press): acknowledge at once
-    /// (Discord's 3-second deadline), then queue the work behind the conversation's
-    /// earlier messages.
+    /// (Discord's 3-second deadline), then queue the answer behind the conversation's
+    /// earlier messages — or, when the queue is full, answer with the busy notice.
     async fn intake_interaction(self: Arc<Self>, it: Interact, tracker: TaskTracker) {
         if it.user().bot {
             return;
         }
-        if let Err(e) = it.acknowledge(&self.http).await {
+        if let Err(e) = it.acknowledge(self.http()).await {
             // Expired, or already acknowledged (a replayed event): nothing more to do.
             tracing::warn!(bot = %self.name, error = %redact(&self.scrub(&e), it.token()), "could not acknowledge an interaction");
             return;
         }
         let conv = self.interaction_inbound(&it).conversation().to_string();
-        self.enqueue(it.id(), conv, Work::Interaction(it), &tracker);
+        let id = it.id();
+        if let Err(full) = self.delivery.room(&conv) {
+            bump(&self.delivery.stats().overflow);
+            tracing::warn!(bot = %self.name, ?full, "queue full; interaction answered with a busy notice");
+            let f = CreateInteractionResponseFollowup::new().content(BUSY_NOTICE);
+            let _ = self.delivery.out().followup(&it, f, None).await;
+            return;
+        }
+        let span =
+            tracing::info_span!("update", platform = "discord", bot = %self.name, update = id);
+        let task = self.clone().answer_interaction(it).instrument(span).boxed();
+        if let Err(full) = self.delivery.enqueue_task(conv, id, task, &tracker) {
+            // Filled up between the check and now; the follow-up is lost with the task.
+            bump(&self.delivery.stats().overflow);
+            tracing::warn!(bot = %self.name, ?full, "queue full; interaction dropped");
+        }
     }
 
     /// What the engine sees: the prompt for `/ask`, `/<name> <options>` for other slash
@@ -804,9 +476,8 @@ impl DiscordAdapter {
 
     async fn answer_interaction(self: Arc<Self>, it: Interact) {
         let inbound = self.interaction_inbound(&it);
-        let reply = self.engine.handle(&inbound).await;
-        let (channel, guild) = it.place();
-        let is_group = guild.is_some();
+        let reply = self.engine().handle(&inbound).await;
+        let out = self.delivery.out();
         let result = match &reply {
             Reply::Text {
                 text,
@@ -814,44 +485,49 @@ impl DiscordAdapter {
                 buttons,
                 ..
             } => {
+                let mut retry = self.delivery.retry_budget();
                 let parts = split_message(text, DC_LIMIT, char_len);
                 let last = parts.len().saturating_sub(1);
                 let mut result = Ok(());
                 for (i, part) in parts.iter().enumerate() {
+                    let mut f = CreateInteractionResponseFollowup::new()
+                        .content(part.clone())
+                        .allowed_mentions(mentions());
+                    if i == last && !buttons.is_empty() {
+                        f = f.components(components(buttons));
+                    }
                     result = self
-                        .with_retry(channel, is_group, || {
-                            let mut f = CreateInteractionResponseFollowup::new()
-                                .content(part.clone())
-                                .allowed_mentions(Self::mentions());
-                            if i == last && !buttons.is_empty() {
-                                f = f.components(components(buttons));
-                            }
-                            it.followup(&self.http, f)
-                        })
+                        .delivery
+                        .send_retrying(&mut retry, || out.followup(&it, f.clone(), None))
                         .await;
                     if result.is_err() {
                         break;
                     }
                 }
                 if let (Ok(()), Some(a)) = (&result, attachment) {
+                    let f = CreateInteractionResponseFollowup::new().content(a.file_name.clone());
                     result = self
-                        .with_retry(channel, is_group, || {
-                            let f = CreateInteractionResponseFollowup::new()
-                                .content(a.file_name.clone())
-                                .add_file(file(a));
-                            it.followup(&self.http, f)
-                        })
+                        .delivery
+                        .send_retrying(&mut retry, || out.followup(&it, f.clone(), Some(a)))
                         .await;
                 }
                 result
             }
-            Reply::Silent => it.nothing_to_say(&self.http).await,
+            Reply::Silent => it.nothing_to_say(self.http()).await.map_err(|e| {
+                super::delivery::Failed::Permanent(redact(&self.scrub(&e), it.token()))
+            }),
         };
-        if let Err(e) = result {
-            // A follow-up cannot be retried after a restart (the interaction expires).
-            tracing::warn!(reason = %redact(&self.scrub(&e), it.token()), "interaction reply not delivered");
-        }
-        self.finish(&inbound, None).await;
+        // A follow-up cannot be retried after a restart (the interaction expires).
+        let outcome = result.map_err(|f| match f {
+            super::delivery::Failed::Permanent(why) => {
+                super::delivery::Failed::Permanent(redact(&why, it.token()))
+            }
+            super::delivery::Failed::Expired(why) => {
+                super::delivery::Failed::Expired(redact(&why, it.token()))
+            }
+            other => other,
+        });
+        self.delivery.conclude(outcome, &inbound, None).await;
     }
 }
 
@@ -906,17 +582,6 @@ impl Interact {
         }
     }
 
-    async fn followup(
-        &self,
-        http: &Http,
-        f: CreateInteractionResponseFollowup,
-    ) -> serenity::Result<()> {
-        match self {
-            Interact::Command(c) => c.create_followup(http, f).await.map(|_| ()),
-            Interact::Component(c) => c.create_followup(http, f).await.map(|_| ()),
-        }
-    }
-
     /// The engine has nothing to say (e.g. a repeated over-limit message).
     async fn nothing_to_say(&self, http: &Http) -> serenity::Result<()> {
         match self {
@@ -944,7 +609,7 @@ fn components(buttons: &[Button]) -> Vec<CreateActionRow> {
         .collect()
 }
 
-fn file(a: &Attachment) -> CreateAttachment {
+fn attachment(a: &Attachment) -> CreateAttachment {
     CreateAttachment::bytes(a.bytes.clone(), a.file_name.clone())
 }
 
@@ -975,11 +640,17 @@ impl EventHandler for Handler {
             Interaction::Component(c) => Interact::Component(Box::new(c)),
             _ => return,
         };
+        let a = self.adapter.clone();
+        let intake = AssertUnwindSafe(a.intake_interaction(it, self.tracker.clone()));
+        if self
+            .tracker
+            .track_future(intake.catch_unwind())
+            .await
+            .is_err()
         {
-            let a = self.adapter.clone();
-            self.tracker
-                .track_future(a.intake_interaction(it, self.tracker.clone()))
-                .await;
+            let a = &self.adapter;
+            bump(&a.delivery.stats().update_panics);
+            tracing::error!(bot = %a.name, "taking in an interaction panicked; skipped");
         }
     }
 

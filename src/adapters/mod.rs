@@ -1,84 +1,244 @@
 //! Adapters translate platform updates into [`crate::domain::Inbound`] and replies back.
 //! They decide no policy: that is the engine's job.
 
+pub mod delivery;
 pub mod discord;
 pub mod telegram;
 pub mod terminal;
 pub mod text;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The typing indicator is shown only once an answer takes longer than this: quick
 /// answers (cache hits, notices) need none, and each indicator is a platform API call.
 pub const TYPING_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Runs jobs of one key (a conversation) strictly in order, different keys concurrently.
-/// A key's worker exists only while it has queued jobs.
+/// Runs the jobs of one key (a conversation) one at a time, oldest `order` first
+/// (Telegram's update id, Discord's snowflake), different keys concurrently. A key's
+/// worker exists only while it has jobs. Bounded: at most `max_per_key` jobs (waiting
+/// and running) per key and `max_total` in all; [`SerialQueue::push`] refuses beyond
+/// that. A job whose `order` is already waiting or running for its key is dropped (a
+/// replayed update). A panicking job is caught and logged; its key's later jobs still run.
 pub struct SerialQueue<T> {
-    queues: Arc<Mutex<HashMap<String, VecDeque<T>>>>,
+    lanes: Arc<Mutex<Lanes<T>>>,
+    max_per_key: usize,
+    max_total: usize,
+    /// Pause before each job: lets jobs that arrive in one burst but out of order land
+    /// first, so the oldest is taken (Discord starts its event handlers in any order).
+    settle: std::time::Duration,
+}
+
+struct Lanes<T> {
+    by_key: HashMap<String, Lane<T>>,
+    /// Jobs waiting or running, every key.
+    total: usize,
+}
+
+struct Lane<T> {
+    waiting: BTreeMap<u64, T>,
+    running: Option<u64>,
+}
+
+impl<T> Lane<T> {
+    fn len(&self) -> usize {
+        self.waiting.len() + usize::from(self.running.is_some())
+    }
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The conversation already has `max_per_key` jobs.
+    Conversation,
+    /// The adapter already has `max_total` jobs.
+    Adapter,
 }
 
 impl<T> Clone for SerialQueue<T> {
     fn clone(&self) -> Self {
         Self {
-            queues: self.queues.clone(),
-        }
-    }
-}
-
-impl<T> Default for SerialQueue<T> {
-    fn default() -> Self {
-        Self {
-            queues: Arc::new(Mutex::new(HashMap::new())),
+            lanes: self.lanes.clone(),
+            max_per_key: self.max_per_key,
+            max_total: self.max_total,
+            settle: self.settle,
         }
     }
 }
 
 impl<T: Send + 'static> SerialQueue<T> {
-    pub fn push<F, Fut>(&self, key: String, job: T, tracker: &TaskTracker, run: F)
+    pub fn new(max_per_key: usize, max_total: usize, settle: std::time::Duration) -> Self {
+        Self {
+            lanes: Arc::new(Mutex::new(Lanes {
+                by_key: HashMap::new(),
+                total: 0,
+            })),
+            max_per_key: max_per_key.max(1),
+            max_total: max_total.max(1),
+            settle,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lanes<T>> {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether one more job of `key` would be accepted now.
+    pub fn room(&self, key: &str) -> Result<(), Full> {
+        Self::check(&self.lock(), key, self.max_per_key, self.max_total)
+    }
+
+    fn check(lanes: &Lanes<T>, key: &str, per_key: usize, total: usize) -> Result<(), Full> {
+        if lanes.by_key.get(key).is_some_and(|l| l.len() >= per_key) {
+            return Err(Full::Conversation);
+        }
+        if lanes.total >= total {
+            return Err(Full::Adapter);
+        }
+        Ok(())
+    }
+
+    /// Queues `job` as number `order` of `key`; `run` runs it on `tracker`. `Ok(false)`:
+    /// that order was already queued or running, so this copy was dropped. A full queue
+    /// hands the job back.
+    pub fn push<F, Fut>(
+        &self,
+        key: String,
+        order: u64,
+        job: T,
+        tracker: &TaskTracker,
+        run: F,
+    ) -> Result<bool, (Full, T)>
     where
         F: Fn(T) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(q) = map.get_mut(&key) {
-            q.push_back(job);
-            return;
+        let mut lanes = self.lock();
+        if let Some(lane) = lanes.by_key.get(&key) {
+            if lane.running == Some(order) || lane.waiting.contains_key(&order) {
+                return Ok(false);
+            }
         }
-        map.insert(key.clone(), VecDeque::from([job]));
-        drop(map);
-        let queues = self.queues.clone();
+        if let Err(full) = Self::check(&lanes, &key, self.max_per_key, self.max_total) {
+            return Err((full, job));
+        }
+        lanes.total += 1;
+        if let Some(lane) = lanes.by_key.get_mut(&key) {
+            lane.waiting.insert(order, job);
+            return Ok(true);
+        }
+        let lane = Lane {
+            waiting: BTreeMap::from([(order, job)]),
+            running: None,
+        };
+        lanes.by_key.insert(key.clone(), lane);
+        drop(lanes);
+        let (queue, settle) = (self.clone(), self.settle);
         tracker.spawn(async move {
             loop {
-                let next = {
-                    let mut map = queues.lock().unwrap_or_else(|p| p.into_inner());
-                    match map.get_mut(&key).and_then(|q| q.pop_front()) {
-                        Some(job) => job,
-                        None => {
-                            map.remove(&key);
-                            break;
-                        }
-                    }
+                if !settle.is_zero() {
+                    tokio::time::sleep(settle).await;
+                }
+                let Some(job) = queue.next_of(&key) else {
+                    break;
                 };
-                run(next).await;
+                let done = AssertUnwindSafe(async { run(job).await }).catch_unwind();
+                if done.await.is_err() {
+                    tracing::error!("a queued job panicked; its conversation goes on");
+                }
+                queue.done(&key);
             }
         });
+        Ok(true)
+    }
+
+    /// Takes the oldest job of `key`, or removes the key's lane when it has none.
+    fn next_of(&self, key: &str) -> Option<T> {
+        let mut lanes = self.lock();
+        let lane = lanes.by_key.get_mut(key)?;
+        match lane.waiting.pop_first() {
+            Some((order, job)) => {
+                lane.running = Some(order);
+                Some(job)
+            }
+            None => {
+                lanes.by_key.remove(key);
+                None
+            }
+        }
+    }
+
+    fn done(&self, key: &str) {
+        let mut lanes = self.lock();
+        lanes.total = lanes.total.saturating_sub(1);
+        if let Some(lane) = lanes.by_key.get_mut(key) {
+            lane.running = None;
+        }
     }
 
     /// Jobs waiting (not counting the ones running).
     pub fn queued(&self) -> usize {
-        self.queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(VecDeque::len)
-            .sum()
+        self.lock().by_key.values().map(|l| l.waiting.len()).sum()
+    }
+
+    /// Jobs waiting or running.
+    pub fn len(&self) -> usize {
+        self.lock().total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A restarted task's first wait; doubled per quick death up to the next constant.
+const SUPERVISOR_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const SUPERVISOR_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Restarts a dead long-running task (a poller, a gateway) with backoff until `stop`;
+/// `connected` is false while it is down, so readiness reports it.
+pub async fn supervise<F, Fut>(
+    label: String,
+    connected: Arc<AtomicBool>,
+    stop: CancellationToken,
+    stats: Arc<delivery::DeliveryStats>,
+    make: F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = SUPERVISOR_BACKOFF_FIRST;
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = tokio::spawn(make()).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        connected.store(false, Ordering::Relaxed);
+        delivery::bump(&stats.task_restarts);
+        if started.elapsed() > SUPERVISOR_BACKOFF_MAX {
+            backoff = SUPERVISOR_BACKOFF_FIRST;
+        }
+        match result {
+            Err(e) if e.is_panic() => {
+                tracing::error!(task = %label, retry_in = ?backoff, "task panicked; restarting")
+            }
+            _ => tracing::warn!(task = %label, retry_in = ?backoff, "task stopped; restarting"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(SUPERVISOR_BACKOFF_MAX);
     }
 }
 
@@ -227,21 +387,34 @@ pub fn redact(text: &str, secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    fn queue<T: Send + 'static>(per_key: usize, total: usize) -> SerialQueue<T> {
+        SerialQueue::new(per_key, total, std::time::Duration::ZERO)
+    }
 
     #[tokio::test]
     async fn serial_queue_keeps_order_per_key() {
         let tracker = TaskTracker::new();
-        let q = SerialQueue::default();
+        let q = queue(100, 100);
         let seen = Arc::new(Mutex::new(Vec::new()));
         for i in 0..20u32 {
             let seen = seen.clone();
-            q.push(format!("k{}", i % 2), i, &tracker, move |job| {
-                let seen = seen.clone();
-                async move {
-                    tokio::task::yield_now().await;
-                    seen.lock().unwrap().push(job);
-                }
-            });
+            let pushed = q.push(
+                format!("k{}", i % 2),
+                u64::from(i),
+                i,
+                &tracker,
+                move |job| {
+                    let seen = seen.clone();
+                    async move {
+                        tokio::task::yield_now().await;
+                        seen.lock().unwrap().push(job);
+                    }
+                },
+            );
+            assert_eq!(pushed.ok(), Some(true));
         }
         tracker.close();
         tracker.wait().await;
@@ -250,6 +423,91 @@ mod tests {
         assert_eq!(evens, (0..20).step_by(2).collect::<Vec<_>>());
         assert_eq!(seen.len(), 20);
         assert_eq!(q.queued(), 0);
+        assert!(q.is_empty());
+    }
+
+    /// A job that never finishes until `gate` opens.
+    fn blocked(
+        gate: Arc<tokio::sync::Notify>,
+        seen: Arc<Mutex<Vec<u32>>>,
+    ) -> impl Fn(u32) -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static {
+        move |job| {
+            let (gate, seen) = (gate.clone(), seen.clone());
+            async move {
+                gate.notified().await;
+                seen.lock().unwrap().push(job);
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn serial_queue_is_bounded_per_key_and_in_all_and_drops_replays() {
+        let tracker = TaskTracker::new();
+        let q = queue(3, 5);
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let run = || blocked(gate.clone(), seen.clone());
+        for i in 0..3u32 {
+            assert_eq!(
+                q.push("a".into(), u64::from(i), i, &tracker, run()).ok(),
+                Some(true)
+            );
+        }
+        // The same update again (a replay) is dropped, whether waiting or running.
+        tokio::task::yield_now().await;
+        assert_eq!(q.push("a".into(), 0, 0, &tracker, run()).ok(), Some(false));
+        assert_eq!(q.push("a".into(), 2, 2, &tracker, run()).ok(), Some(false));
+        // A fourth job of the conversation does not fit; another conversation's does.
+        let refused = q.push("a".into(), 3, 3, &tracker, run());
+        assert!(matches!(refused, Err((Full::Conversation, 3))));
+        assert_eq!(q.room("a"), Err(Full::Conversation));
+        for i in 10..12u32 {
+            assert_eq!(
+                q.push("b".into(), u64::from(i), i, &tracker, run()).ok(),
+                Some(true)
+            );
+        }
+        // Five in all: a third conversation waits too.
+        assert_eq!(q.len(), 5);
+        assert!(matches!(
+            q.push("c".into(), 20, 20, &tracker, run()),
+            Err((Full::Adapter, 20))
+        ));
+        // Drained, everything ran once, in order per conversation.
+        while !q.is_empty() {
+            gate.notify_waiters();
+            tokio::task::yield_now().await;
+        }
+        tracker.close();
+        tracker.wait().await;
+        let seen = seen.lock().unwrap().clone();
+        let a: Vec<u32> = seen.iter().copied().filter(|n| *n < 10).collect();
+        assert_eq!(a, vec![0, 1, 2]);
+        assert_eq!(seen.len(), 5);
+        assert_eq!(q.room("c"), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_does_not_stop_its_conversation() {
+        let tracker = TaskTracker::new();
+        let q = queue(10, 10);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..3u32 {
+            let seen = seen.clone();
+            let run = move |job: u32| {
+                let seen = seen.clone();
+                async move {
+                    assert_ne!(job, 1, "job 1 panics");
+                    seen.lock().unwrap().push(job);
+                }
+            };
+            q.push("k".into(), u64::from(i), i, &tracker, run).ok();
+        }
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(*seen.lock().unwrap(), vec![0, 2]);
+        assert!(q.is_empty());
     }
 
     #[test]
@@ -263,5 +521,47 @@ mod tests {
             "POST https://api.telegram.org/bot[REDACTED]/GetMe"
         );
         assert_eq!(redact("x ABCdefGHIjklMNOpqr y", t), "x [REDACTED] y");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_task_is_restarted_and_reported_down_meanwhile() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let connected = Arc::new(AtomicBool::new(false));
+        let (stop, stats) = (
+            CancellationToken::new(),
+            Arc::new(delivery::DeliveryStats::default()),
+        );
+        let make = {
+            let (calls, connected, stop) = (calls.clone(), connected.clone(), stop.clone());
+            move || {
+                let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
+                let (connected, stop) = (connected.clone(), stop.clone());
+                async move {
+                    connected.store(true, Ordering::Relaxed);
+                    assert!(n > 1, "the first run dies");
+                    stop.cancelled().await
+                }
+            }
+        };
+        let label = "telegram/bot".to_string();
+        let task = tokio::spawn(supervise(
+            label,
+            connected.clone(),
+            stop.clone(),
+            stats.clone(),
+            make,
+        ));
+        while calls.load(Ordering::Relaxed) < 1 || connected.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Down between the panic and the restart (1 s later).
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        while calls.load(Ordering::Relaxed) < 2 || !connected.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.snapshot().task_restarts, 1);
+        stop.cancel();
+        task.await.expect("supervisor ends with stop");
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 }

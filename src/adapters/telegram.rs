@@ -4,8 +4,10 @@
 //! promise: each received update is written to the durable inbox *before* its offset is
 //! confirmed to Telegram, replayed from there after a crash, and removed once answered.
 //! The engine's handled-update markers make a replay answer at most once more (only a
-//! reply that was being sent at the moment of the crash can repeat).
+//! reply that was being sent at the moment of the crash can repeat). Queuing, retries
+//! and the finish are `delivery.rs`'s; this module translates and renders (`TgOut`).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,17 +20,17 @@ use teloxide::requests::Requester;
 use teloxide::types::{
     AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, InlineKeyboardButton,
     InlineKeyboardMarkup, InputFile, Me, MessageEntityKind, MessageId, ParseMode, ReplyParameters,
-    UpdateKind,
+    Update, UpdateKind,
 };
 use teloxide::{ApiError, Bot, RequestError};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::delivery::{bump, Delivery, DeliveryStats, Outbound, SendError, SendResult};
 use super::text::{markdown_to_telegram_html, split_message, utf16_len};
-use super::{redact, stream_draft, DraftPut, SerialQueue, Throttle};
+use super::{redact, DraftPut, Throttle};
 use crate::config::{BotConfig, Config, Secret};
-use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
+use crate::domain::{Attachment, Button, Content, Inbound, Platform};
 use crate::engine::commands::USER_COMMANDS;
 use crate::engine::Engine;
 
@@ -37,9 +39,6 @@ const SPLIT_AT: usize = 3800;
 const TG_LIMIT: usize = 4096;
 /// Long-poll timeout; teloxide's HTTP client gives up at 17 s.
 const POLL_SECS: u32 = 10;
-const SEND_ATTEMPTS: u32 = 5;
-/// Streaming edits: at most one per this interval per chat.
-const EDIT_EVERY: Duration = Duration::from_secs(1);
 
 /// A bot whose token was checked against the configured identity.
 pub struct Verified {
@@ -135,7 +134,7 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
 
 /// A received update, as kept in the durable inbox until answered.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Job {
+pub struct Job {
     inbound: Inbound,
     chat_id: i64,
     /// The user's message; replies in groups quote it.
@@ -151,48 +150,47 @@ pub struct TelegramAdapter {
     bot: Bot,
     me: Me,
     token: Secret,
-    engine: Arc<Engine>,
-    throttle: Throttle,
-    queue: SerialQueue<(String, Job)>,
+    delivery: Arc<Delivery<TgOut>>,
     /// Set once polling works; read by readiness checks.
     pub connected: Arc<AtomicBool>,
 }
 
-/// Outcome of delivering a reply.
-enum Delivery {
-    Sent,
-    /// Telegram refused for good (blocked by the user, chat gone): do not retry.
-    Refused(String),
-    /// Still failing after retries (network): keep the job for the next start.
-    Failed(String),
-}
-
 impl TelegramAdapter {
-    pub fn new(v: Verified, engine: Arc<Engine>) -> Arc<Self> {
+    pub fn new(v: Verified, engine: Arc<Engine>, stats: Arc<DeliveryStats>) -> Arc<Self> {
         let cfg = engine.config();
         let t = &cfg.telegram;
-        Arc::new(Self {
-            name: v.name,
-            bot: v.bot,
-            me: v.me,
-            token: v.token,
+        let out = Arc::new(TgOut {
+            bot: v.bot.clone(),
+            token: v.token.clone(),
             throttle: Throttle::new(
                 t.per_chat_per_minute,
                 t.group_per_minute,
                 t.global_per_second,
             ),
-            engine,
-            queue: SerialQueue::default(),
+        });
+        let prefix = format!("tg/{}/", v.name);
+        let delivery = Delivery::new(out, engine, stats, &v.name, prefix, Duration::ZERO);
+        Arc::new(Self {
+            name: v.name,
+            bot: v.bot,
+            me: v.me,
+            token: v.token,
+            delivery,
             connected: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    fn scrub(&self, e: &RequestError) -> String {
-        redact(&format!("{e:?}"), self.token.expose())
+    /// The bot's name (its `bots/<name>.toml`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    fn inbox_prefix(&self) -> String {
-        format!("tg/{}/", self.name)
+    fn scrub(&self, e: &RequestError) -> String {
+        scrub(e, &self.token)
+    }
+
+    fn inbox_key(&self, update_id: u32) -> String {
+        format!("tg/{}/{:020}", self.name, update_id)
     }
 
     fn offset_key(&self) -> String {
@@ -200,8 +198,10 @@ impl TelegramAdapter {
     }
 
     /// Registers commands, replays the inbox, then polls until `stop` is cancelled.
-    /// Handlers run on `tracker` so shutdown can wait for in-flight replies.
+    /// Handlers run on `tracker` so shutdown can wait for in-flight replies. A restart
+    /// (after a panic) replays again; updates already queued are not queued twice.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
+        self.delivery.attach(stop.clone());
         let commands: Vec<BotCommand> = USER_COMMANDS
             .iter()
             .map(|(c, d)| BotCommand::new(*c, *d))
@@ -209,24 +209,8 @@ impl TelegramAdapter {
         if let Err(e) = self.bot.set_my_commands(commands).await {
             tracing::warn!(bot = %self.name, error = %self.scrub(&e), "setMyCommands failed");
         }
-        let store = self.engine.store().clone();
-        match store.inbox_scan(&self.inbox_prefix()) {
-            Ok(pending) => {
-                if !pending.is_empty() {
-                    tracing::info!(bot = %self.name, count = pending.len(), "replaying unanswered updates");
-                }
-                for (key, bytes) in pending {
-                    match serde_json::from_slice::<Job>(&bytes) {
-                        Ok(job) => self.dispatch(key, job, &tracker),
-                        Err(e) => {
-                            tracing::error!(key, error = %e, "corrupt inbox entry skipped");
-                            let _ = store.inbox_remove(&key);
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "could not read the inbox"),
-        }
+        self.delivery.replay(&tracker).await;
+        let store = self.delivery_store();
         let mut offset: i32 = store
             .meta_get(&self.offset_key())
             .ok()
@@ -236,7 +220,14 @@ impl TelegramAdapter {
             .unwrap_or(0);
         let mut backoff = Duration::from_millis(500);
         let mut prune = tokio::time::interval(Duration::from_secs(300));
-        loop {
+        while !stop.is_cancelled() {
+            // Bounded intake: no new updates while the queues are full.
+            if self.delivery.saturated() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
             let poll = self
                 .bot
                 .get_updates()
@@ -245,7 +236,7 @@ impl TelegramAdapter {
                 .allowed_updates(vec![AllowedUpdate::Message, AllowedUpdate::CallbackQuery]);
             let result = tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = prune.tick() => { self.throttle.prune(); continue; }
+                _ = prune.tick() => { self.delivery.out().throttle.prune(); continue; }
                 r = poll => r,
             };
             let updates = match result {
@@ -254,80 +245,66 @@ impl TelegramAdapter {
                     backoff = Duration::from_millis(500);
                     u
                 }
-                Err(RequestError::RetryAfter(s)) => {
-                    tokio::time::sleep(s.duration()).await;
-                    continue;
-                }
                 Err(e) => {
-                    self.connected.store(false, Ordering::Relaxed);
-                    tracing::warn!(bot = %self.name, error = %self.scrub(&e), retry_in = ?backoff, "getUpdates failed");
+                    let wait = match &e {
+                        RequestError::RetryAfter(s) => s.duration(),
+                        _ => {
+                            self.connected.store(false, Ordering::Relaxed);
+                            tracing::warn!(bot = %self.name, error = %self.scrub(&e), retry_in = ?backoff, "getUpdates failed");
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            backoff / 2
+                        }
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => continue,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
                 }
             };
-            if updates.is_empty() {
-                continue;
-            }
-            let mut jobs = Vec::new();
-            for update in updates {
-                offset = offset.max((update.id.0 as i32).saturating_add(1));
-                if let Some(job) = self.translate(update.id.0, update.kind) {
-                    jobs.push(job);
-                }
-            }
-            // Durable before Telegram is told (by the next poll's offset) to forget them.
-            let mut keyed = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                let key = format!(
-                    "{}{:020}",
-                    self.inbox_prefix(),
-                    job.inbound
-                        .update_id
-                        .as_deref()
-                        .unwrap_or("0")
-                        .parse::<u64>()
-                        .unwrap_or(0)
-                );
-                match serde_json::to_vec(&job) {
-                    Ok(bytes) => {
-                        if let Err(e) = store.inbox_put(&key, &bytes) {
-                            tracing::error!(error = %e, "could not store a received update");
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "could not encode a received update"),
-                }
-                keyed.push((key, job));
-            }
-            if let Err(e) = store.flush().await {
-                tracing::error!(error = %e, "store flush failed; not confirming updates");
-                continue;
-            }
-            if let Err(e) = store.meta_put(&self.offset_key(), offset.to_string().as_bytes()) {
-                tracing::error!(error = %e, "could not store the update offset");
-            }
-            for (key, job) in keyed {
-                self.dispatch(key, job, &tracker);
-            }
+            offset = self.intake(updates, offset, &tracker).await;
         }
         self.connected.store(false, Ordering::Relaxed);
         tracing::info!(bot = %self.name, "telegram polling stopped");
     }
 
-    fn dispatch(self: &Arc<Self>, key: String, job: Job, tracker: &TaskTracker) {
-        let conv = job.inbound.conversation().to_string();
-        let this = self.clone();
-        self.queue
-            .push(conv, (key, job), tracker, move |(key, job)| {
-                let this = this.clone();
-                async move { this.process(key, job).await }
-            });
+    fn delivery_store(&self) -> Arc<dyn crate::store::Store> {
+        self.delivery.engine().store().clone()
     }
 
-    /// Platform update → `Inbound`, applying the group rules (mention, reply, command).
+    /// One getUpdates batch: translate, store in the inbox and queue (or refuse with a
+    /// busy notice), then confirm the new offset. Returns the new offset.
+    async fn intake(&self, updates: Vec<Update>, mut offset: i32, tracker: &TaskTracker) -> i32 {
+        if updates.is_empty() {
+            return offset;
+        }
+        for update in updates {
+            let id = update.id.0;
+            offset = offset.max(i32::try_from(id).unwrap_or(i32::MAX).saturating_add(1));
+            let translated =
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.translate(id, update.kind)));
+            match translated {
+                Ok(Some(job)) => {
+                    // Durable before Telegram is told (by the next poll's offset) to forget it.
+                    self.delivery.admit(self.inbox_key(id), job, tracker);
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    bump(&self.delivery.stats().update_panics);
+                    tracing::error!(bot = %self.name, update = id, "translating an update panicked; skipped");
+                }
+            }
+        }
+        let store = self.delivery_store();
+        if let Err(e) = store.flush().await {
+            tracing::error!(error = %e, "store flush failed; not confirming updates");
+            return offset;
+        }
+        if let Err(e) = store.meta_put(&self.offset_key(), offset.to_string().as_bytes()) {
+            tracing::error!(error = %e, "could not store the update offset");
+        }
+        offset
+    }
+
     fn translate(&self, update_id: u32, kind: UpdateKind) -> Option<Job> {
         let msg = match kind {
             UpdateKind::Message(msg) => msg,
@@ -418,13 +395,135 @@ impl TelegramAdapter {
             callback_id: Some(q.id.0.clone()),
         })
     }
+}
 
-    async fn process(self: Arc<Self>, key: String, job: Job) {
-        let span = tracing::info_span!("update", platform = "telegram", bot = %self.name, update = job.inbound.update_id.as_deref().unwrap_or(""));
-        tracing::Instrument::instrument(self.process_in_span(key, job), span).await
+/// Telegram's outbound side: HTML rendering with plain-text fallback, inline keyboards,
+/// throttling; every call classified for the delivery machinery.
+pub struct TgOut {
+    bot: Bot,
+    token: Secret,
+    throttle: Throttle,
+}
+
+fn scrub(e: &RequestError, token: &Secret) -> String {
+    match e {
+        // The raw answer can hold message text.
+        RequestError::InvalidJson { .. } => "invalid JSON from the Bot API".to_string(),
+        _ => redact(&format!("{e:?}"), token.expose()),
+    }
+}
+
+/// Retry or not: 429 waits what Telegram asked; network errors, unparsable answers and
+/// 5xx (teloxide reports them as unknown API errors) are transient; a known API error,
+/// or an unknown one that names a 4xx (`Bad Request: …`, `Forbidden: …`), is permanent.
+fn classify(e: &RequestError, token: &Secret) -> SendError {
+    let why = scrub(e, token);
+    match e {
+        RequestError::RetryAfter(s) => SendError::RetryAfter(s.duration()),
+        RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => {
+            SendError::Transient(why)
+        }
+        RequestError::Api(ApiError::Unknown(d)) if !names_client_error(d) => {
+            SendError::Transient(why)
+        }
+        _ => SendError::Permanent(why),
+    }
+}
+
+fn names_client_error(description: &str) -> bool {
+    [
+        "Bad Request",
+        "Unauthorized",
+        "Forbidden",
+        "Not Found",
+        "Conflict",
+        "Request Entity Too Large",
+    ]
+    .iter()
+    .any(|p| description.starts_with(p))
+}
+
+impl TgOut {
+    async fn wait(&self, job: &Job) {
+        self.throttle
+            .wait(&job.chat_id.to_string(), job.is_group)
+            .await;
     }
 
-    async fn process_in_span(self: Arc<Self>, key: String, job: Job) {
+    /// One sendMessage.
+    async fn send(
+        &self,
+        job: &Job,
+        text: &str,
+        mode: Option<ParseMode>,
+        markup: Option<InlineKeyboardMarkup>,
+    ) -> Result<(), RequestError> {
+        self.wait(job).await;
+        let mut req = self.bot.send_message(ChatId(job.chat_id), text.to_string());
+        if let Some(mode) = mode {
+            req = req.parse_mode(mode);
+        }
+        if job.is_group {
+            let id = MessageId(job.message_id);
+            req = req.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
+        }
+        if let Some(m) = markup {
+            req = req.reply_markup(m);
+        }
+        req.await.map(|_| ())
+    }
+
+    /// One editMessageText; "not modified" counts as done.
+    async fn edit(
+        &self,
+        job: &Job,
+        id: MessageId,
+        text: &str,
+        mode: Option<ParseMode>,
+        markup: Option<InlineKeyboardMarkup>,
+    ) -> Result<(), RequestError> {
+        self.wait(job).await;
+        let mut req = self
+            .bot
+            .edit_message_text(ChatId(job.chat_id), id, text.to_string());
+        if let Some(mode) = mode {
+            req = req.parse_mode(mode);
+        }
+        if let Some(m) = markup {
+            req = req.reply_markup(m);
+        }
+        match req.await {
+            Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Outbound for TgOut {
+    type Job = Job;
+    type MsgId = MessageId;
+    const PLATFORM: &'static str = "telegram";
+    const DRAFT_LIMIT: usize = TG_LIMIT;
+    /// Telegram shows "typing…" for 5 s per action.
+    const TYPING_EVERY: Duration = Duration::from_secs(4);
+
+    fn inbound(job: &Job) -> &Inbound {
+        &job.inbound
+    }
+
+    fn order(job: &Job) -> u64 {
+        job.inbound
+            .update_id
+            .as_deref()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn split(&self, text: &str) -> Vec<String> {
+        split_message(text, SPLIT_AT, utf16_len)
+    }
+
+    async fn before(&self, job: &Job) {
         if let Some(id) = &job.callback_id {
             // Stops the button's spinner; failure is cosmetic.
             let _ = self
@@ -432,249 +531,81 @@ impl TelegramAdapter {
                 .answer_callback_query(CallbackQueryId(id.clone()))
                 .await;
         }
-        let chat = ChatId(job.chat_id);
-        let typing = self.spawn_typing(chat);
-        let streaming = self
-            .engine
-            .config()
-            .bot(&self.name)
-            .is_some_and(|b| b.stream);
-        let delivery = if streaming {
-            let (tx, rx) = watch::channel(String::new());
-            let editor = tokio::spawn(self.clone().stream_edits(job.clone(), rx));
-            let reply = self.engine.handle_streaming(&job.inbound, Some(&tx)).await;
-            drop(tx);
-            typing.abort();
-            let streamed = editor.await.ok().flatten();
-            self.deliver(&job, &reply, streamed).await
-        } else {
-            let reply = self.engine.handle(&job.inbound).await;
-            typing.abort();
-            self.deliver(&job, &reply, None).await
-        };
-        let store = self.engine.store();
-        match delivery {
-            Delivery::Sent => tracing::info!("update answered"),
-            Delivery::Refused(why) => {
-                tracing::warn!(reason = %why, "telegram refused the reply; dropping it");
-            }
-            Delivery::Failed(why) => {
-                // Left in the inbox: the next start answers it (the engine resends the stored reply).
-                tracing::error!(reason = %why, "reply not delivered; kept for retry at next start");
-                return;
-            }
-        }
-        self.engine.mark_sent(&job.inbound);
-        if let Err(e) = store.inbox_remove(&key) {
-            tracing::error!(error = %e, "could not clear an answered update from the inbox");
-        }
-        // Durable "sent": after a crash, only a reply whose send was in flight can repeat.
-        if let Err(e) = store.flush().await {
-            tracing::error!(error = %e, "store flush failed after a reply");
-        }
     }
 
-    fn spawn_typing(self: &Arc<Self>, chat: ChatId) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(super::TYPING_AFTER).await;
-            loop {
-                // Telegram shows "typing…" for 5 s per action.
-                let _ = this.bot.send_chat_action(chat, ChatAction::Typing).await;
-                tokio::time::sleep(Duration::from_secs(4)).await;
-            }
-        })
-    }
-
-    /// Shows the reply growing: one message, edited at most once per `EDIT_EVERY`.
-    /// Returns the streamed message's id, if one was sent.
-    async fn stream_edits(
-        self: Arc<Self>,
-        job: Job,
-        rx: watch::Receiver<String>,
-    ) -> Option<MessageId> {
-        let chat = ChatId(job.chat_id);
-        let (this, job) = (&*self, &job);
-        stream_draft(rx, TG_LIMIT, EDIT_EVERY, move |message, text| async move {
-            this.throttle
-                .wait(&job.chat_id.to_string(), job.is_group)
-                .await;
-            let result = match message {
-                None => this.bot.send_message(chat, text).await.map(|m| m.id),
-                Some(id) => this.bot.edit_message_text(chat, id, text).await.map(|_| id),
-            };
-            match result {
-                Ok(id) => DraftPut::Shown(id),
-                Err(RequestError::Api(ApiError::MessageNotModified)) => DraftPut::Unchanged,
-                Err(e) => DraftPut::Failed(this.scrub(&e)),
-            }
-        })
-        .await
-    }
-
-    async fn deliver(&self, job: &Job, reply: &Reply, streamed: Option<MessageId>) -> Delivery {
-        let Reply::Text {
-            text,
-            attachment,
-            buttons,
-            ..
-        } = reply
-        else {
-            return Delivery::Sent;
-        };
-        let keyboard = keyboard(buttons);
-        let chat = ChatId(job.chat_id);
-        let reply_to = job.is_group.then_some(MessageId(job.message_id));
-        let mut parts = split_message(text, SPLIT_AT, utf16_len).into_iter();
-        if let Some(id) = streamed {
-            // Replace the streamed draft with the formatted first part.
-            if let Some(first) = parts.next() {
-                if let Err(why) = self.edit_formatted(job, id, &first).await {
-                    tracing::debug!(reason = %why, "final edit failed; sending the reply normally");
-                    parts = split_message(text, SPLIT_AT, utf16_len).into_iter();
-                }
-            }
-        }
-        let parts: Vec<String> = parts.collect();
-        let last = parts.len().saturating_sub(1);
-        for (i, part) in parts.into_iter().enumerate() {
-            let markup = if i == last { keyboard.clone() } else { None };
-            match self
-                .send_formatted(job, chat, &part, reply_to, markup)
-                .await
-            {
-                Delivery::Sent => {}
-                other => return other,
-            }
-        }
-        if let Some(a) = attachment {
-            return self.send_document(job, chat, a).await;
-        }
-        Delivery::Sent
-    }
-
-    async fn edit_formatted(&self, job: &Job, id: MessageId, part: &str) -> Result<(), String> {
-        let chat = ChatId(job.chat_id);
-        let html = markdown_to_telegram_html(part);
-        self.throttle
-            .wait(&job.chat_id.to_string(), job.is_group)
+    async fn typing(&self, job: &Job) {
+        let _ = self
+            .bot
+            .send_chat_action(ChatId(job.chat_id), ChatAction::Typing)
             .await;
-        let first = if utf16_len(&html) <= TG_LIMIT {
-            self.bot
-                .edit_message_text(chat, id, html)
-                .parse_mode(ParseMode::Html)
-                .await
-        } else {
-            self.bot.edit_message_text(chat, id, part.to_string()).await
+    }
+
+    async fn draft(&self, job: &Job, id: Option<MessageId>, text: String) -> DraftPut<MessageId> {
+        self.wait(job).await;
+        let chat = ChatId(job.chat_id);
+        let result = match id {
+            None => self.bot.send_message(chat, text).await.map(|m| m.id),
+            Some(id) => self.bot.edit_message_text(chat, id, text).await.map(|_| id),
         };
-        match first {
-            Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Ok(()),
-            Err(RequestError::Api(ApiError::CantParseEntities(_))) => {
-                match self.bot.edit_message_text(chat, id, part.to_string()).await {
-                    Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Ok(()),
-                    Err(e) => Err(self.scrub(&e)),
-                }
-            }
-            Err(e) => Err(self.scrub(&e)),
+        match result {
+            Ok(id) => DraftPut::Shown(id),
+            Err(RequestError::Api(ApiError::MessageNotModified)) => DraftPut::Unchanged,
+            Err(e) => DraftPut::Failed(scrub(&e, &self.token)),
         }
     }
 
-    /// Sends one part as HTML; if Telegram rejects the entities, resends it as plain text.
-    async fn send_formatted(
-        &self,
-        job: &Job,
-        chat: ChatId,
-        part: &str,
-        reply_to: Option<MessageId>,
-        markup: Option<InlineKeyboardMarkup>,
-    ) -> Delivery {
+    /// HTML; if Telegram rejects the entities (or the HTML is too long), plain text.
+    async fn send_part(&self, job: &Job, part: &str, buttons: &[Button]) -> SendResult<()> {
+        let markup = keyboard(buttons);
         let html = markdown_to_telegram_html(part);
         if utf16_len(&html) <= TG_LIMIT {
-            let sent = self
-                .send(
-                    job,
-                    chat,
-                    &html,
-                    Some(ParseMode::Html),
-                    reply_to,
-                    markup.clone(),
-                )
-                .await;
-            match sent {
+            match self
+                .send(job, &html, Some(ParseMode::Html), markup.clone())
+                .await
+            {
                 Err(RequestError::Api(ApiError::CantParseEntities(_))) => {
                     tracing::debug!("formatting rejected; resending as plain text");
                 }
-                other => return self.delivery(other),
+                other => return other.map_err(|e| classify(&e, &self.token)),
             }
         }
-        let plain = self.send(job, chat, part, None, reply_to, markup).await;
-        self.delivery(plain)
+        self.send(job, part, None, markup)
+            .await
+            .map_err(|e| classify(&e, &self.token))
     }
 
-    fn delivery(&self, result: Result<(), RequestError>) -> Delivery {
-        match result {
-            Ok(()) => Delivery::Sent,
-            Err(
-                e @ (RequestError::Network(_) | RequestError::Io(_) | RequestError::RetryAfter(_)),
-            ) => Delivery::Failed(self.scrub(&e)),
-            Err(e) => Delivery::Refused(self.scrub(&e)),
-        }
-    }
-
-    /// One message with throttling; waits out 429s and retries network errors.
-    async fn send(
+    async fn edit_part(
         &self,
         job: &Job,
-        chat: ChatId,
-        text: &str,
-        mode: Option<ParseMode>,
-        reply_to: Option<MessageId>,
-        markup: Option<InlineKeyboardMarkup>,
-    ) -> Result<(), RequestError> {
-        let mut attempt = 0;
-        loop {
-            self.throttle
-                .wait(&job.chat_id.to_string(), job.is_group)
-                .await;
-            let mut req = self.bot.send_message(chat, text.to_string());
-            if let Some(mode) = mode {
-                req = req.parse_mode(mode);
-            }
-            if let Some(id) = reply_to {
-                req = req.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
-            }
-            if let Some(m) = &markup {
-                req = req.reply_markup(m.clone());
-            }
-            let err = match req.await {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
-            attempt += 1;
-            match &err {
-                RequestError::RetryAfter(s) if attempt < SEND_ATTEMPTS => {
-                    tracing::info!(wait = ?s.duration(), "telegram asked us to slow down");
-                    tokio::time::sleep(s.duration()).await;
-                }
-                RequestError::Network(_) | RequestError::Io(_) if attempt < SEND_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
-                }
-                _ => return Err(err),
+        id: MessageId,
+        part: &str,
+        buttons: &[Button],
+    ) -> SendResult<()> {
+        let markup = keyboard(buttons);
+        let html = markdown_to_telegram_html(part);
+        if utf16_len(&html) <= TG_LIMIT {
+            match self
+                .edit(job, id, &html, Some(ParseMode::Html), markup.clone())
+                .await
+            {
+                Err(RequestError::Api(ApiError::CantParseEntities(_))) => {}
+                other => return other.map_err(|e| classify(&e, &self.token)),
             }
         }
+        self.edit(job, id, part, None, markup)
+            .await
+            .map_err(|e| classify(&e, &self.token))
     }
 
-    async fn send_document(&self, job: &Job, chat: ChatId, a: &Attachment) -> Delivery {
-        self.throttle
-            .wait(&job.chat_id.to_string(), job.is_group)
-            .await;
+    async fn send_file(&self, job: &Job, a: &Attachment) -> SendResult<()> {
+        self.wait(job).await;
         let file = InputFile::memory(a.bytes.clone()).file_name(a.file_name.clone());
-        let result = self
-            .bot
-            .send_document(chat, file)
+        self.bot
+            .send_document(ChatId(job.chat_id), file)
             .caption(a.file_name.clone())
-            .await;
-        self.delivery(result.map(|_| ()))
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&e, &self.token))
     }
 }
 
@@ -758,6 +689,25 @@ pub(crate) fn entity_text(text: &str, offset: usize, length: usize) -> Option<&s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_errors_are_retried_and_refusals_are_not() {
+        let token = Secret::new("7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string());
+        let kind = |e: RequestError| match classify(&e, &token) {
+            SendError::RetryAfter(d) => format!("wait {}", d.as_secs()),
+            SendError::Transient(_) => "transient".to_string(),
+            SendError::Permanent(_) => "permanent".to_string(),
+        };
+        let unknown = |d: &str| RequestError::Api(ApiError::Unknown(d.to_string()));
+        assert_eq!(kind(unknown("Bad Gateway")), "transient");
+        assert_eq!(kind(unknown("Internal Server Error")), "transient");
+        assert_eq!(kind(unknown("Bad Request: something new")), "permanent");
+        assert_eq!(kind(unknown("Forbidden: bot was kicked")), "permanent");
+        assert_eq!(kind(RequestError::Api(ApiError::BotBlocked)), "permanent");
+        assert_eq!(kind(RequestError::Api(ApiError::ChatNotFound)), "permanent");
+        let wait = teloxide::types::Seconds::from_seconds(3);
+        assert_eq!(kind(RequestError::RetryAfter(wait)), "wait 3");
+    }
 
     #[test]
     fn strips_the_mention() {

@@ -386,16 +386,22 @@ async fn the_token_never_reaches_the_logs() {
     dc.send_dm(553, 53, "tom", "rate limited");
     wait_for(&dc, "answer after the 429", |m| m.channel_id == 553).await;
     wait_for(&dc, "answer after the 500", |m| m.channel_id == 552).await;
-    let statuses: Vec<u16> = dc
+    let calls: Vec<(Instant, u16)> = dc
         .calls()
         .into_iter()
         .filter(|c| c.method == "POST" && c.path.ends_with("/channels/553/messages"))
-        .map(|c| c.status)
+        .map(|c| (c.at, c.status))
         .collect();
+    let statuses: Vec<u16> = calls.iter().map(|c| c.1).collect();
     assert_eq!(
         statuses,
         vec![429, 200],
         "the 429 was waited out and retried"
+    );
+    let waited = calls[1].0 - calls[0].0;
+    assert!(
+        waited >= Duration::from_millis(500),
+        "retried {waited:?} after a 429 asking for 0.5 s"
     );
     dc.shutdown();
     tokio::time::sleep(Duration::from_secs(2)).await;

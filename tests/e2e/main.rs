@@ -11,6 +11,7 @@ mod harness;
 
 mod cli;
 mod commands;
+mod delivery;
 mod discord;
 mod engine;
 mod faults;

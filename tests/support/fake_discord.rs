@@ -89,6 +89,8 @@ pub struct ApiCall {
     pub body: Value,
     /// Status the fake answered with.
     pub status: u16,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 struct Identity {
@@ -115,12 +117,17 @@ struct ChannelInfo {
     recipient: Option<(u64, String)>,
 }
 
+#[derive(Clone)]
 struct FailRule {
     method: String,
     path_contains: String,
     status: u16,
     body: Value,
     retry_after: Option<f64>,
+    /// A rule for every matching call until then ([`FakeDiscord::fail_for`]), not once.
+    until: Option<Instant>,
+    /// A global 429: `"global": true` and `X-RateLimit-Global` / `-Scope: global`.
+    global: bool,
 }
 
 enum Out {
@@ -674,6 +681,36 @@ impl FakeDiscord {
             status,
             body,
             retry_after,
+            until: None,
+            global: false,
+        });
+    }
+
+    /// Every REST call matching like [`fail_next`](Self::fail_next) fails with
+    /// `status` for the next `duration` (an outage while the daemon runs).
+    pub fn fail_for(&self, method: &str, path_contains: &str, status: u16, duration: Duration) {
+        lock(&self.state).fail_rules.push(FailRule {
+            method: method.to_string(),
+            path_contains: path_contains.to_string(),
+            status,
+            body: Value::Null,
+            retry_after: None,
+            until: Some(Instant::now() + duration),
+            global: false,
+        });
+    }
+
+    /// The next matching call gets a global 429 (`retry_after` seconds, body and
+    /// headers): Discord's "the whole bot is rate limited".
+    pub fn fail_next_global(&self, method: &str, path_contains: &str, retry_after: f64) {
+        lock(&self.state).fail_rules.push(FailRule {
+            method: method.to_string(),
+            path_contains: path_contains.to_string(),
+            status: 429,
+            body: Value::Null,
+            retry_after: Some(retry_after),
+            until: None,
+            global: true,
         });
     }
 
@@ -1190,17 +1227,24 @@ async fn rest(
     }
 
     // Scripted failure?
+    let now = Instant::now();
+    st.fail_rules
+        .retain(|r| r.until.is_none_or(|until| until > now));
     let rule = st.fail_rules.iter().position(|r| {
         (r.method == "*" || r.method.eq_ignore_ascii_case(method.as_str()))
             && path.contains(&r.path_contains)
     });
     if let Some(i) = rule {
-        let r = st.fail_rules.remove(i);
+        let r = if st.fail_rules[i].until.is_some() {
+            st.fail_rules[i].clone()
+        } else {
+            st.fail_rules.remove(i)
+        };
         let retry = r.retry_after.unwrap_or(1.0);
         let body = if !r.body.is_null() {
             r.body
         } else if r.status == 429 {
-            json!({"message": "You are being rate limited.", "retry_after": retry, "global": false, "code": 0})
+            json!({"message": "You are being rate limited.", "retry_after": retry, "global": r.global, "code": 0})
         } else {
             let reason = StatusCode::from_u16(r.status)
                 .ok()
@@ -1213,6 +1257,7 @@ async fn rest(
             path: path.clone(),
             body: parsed.json,
             status: r.status,
+            at: now,
         });
         if st.verbose {
             eprintln!("fake_discord: {method} {path} -> {} (scripted)", r.status);
@@ -1230,7 +1275,12 @@ async fn rest(
                 HeaderValue::from_str(&secs).unwrap(),
             );
             h.insert("x-ratelimit-bucket", HeaderValue::from_static("fakebucket"));
-            h.insert("x-ratelimit-scope", HeaderValue::from_static("user"));
+            if r.global {
+                h.insert("x-ratelimit-global", HeaderValue::from_static("true"));
+                h.insert("x-ratelimit-scope", HeaderValue::from_static("global"));
+            } else {
+                h.insert("x-ratelimit-scope", HeaderValue::from_static("user"));
+            }
         }
         return resp;
     }
@@ -1253,6 +1303,7 @@ async fn rest(
         path: path.clone(),
         body: parsed.json,
         status,
+        at: Instant::now(),
     });
     if st.verbose {
         eprintln!("fake_discord: {method} {path} -> {status}");

@@ -93,6 +93,8 @@ pub struct ApiCall {
     /// multipart bodies also get `"_multipart": {"content_type","body_len"}`).
     pub body: Value,
     pub status: u16,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 /// Raw text and markup of a message the bot sent (for "not modified" checks).
@@ -131,7 +133,22 @@ struct TgState {
     commands: Vec<(String, String)>,
     chat_actions: Vec<(i64, String)>,
     faults: HashMap<String, VecDeque<Fault>>,
+    /// Faults that answer every call of a method until a moment (see
+    /// [`FakeTelegram::fail_for`]).
+    outages: Vec<(String, Fault, std::time::Instant)>,
     down: bool,
+}
+
+impl TgState {
+    /// The fault of an outage of `method` still running, if any.
+    fn outage_fault(&mut self, method: &str) -> Option<Fault> {
+        let now = std::time::Instant::now();
+        self.outages.retain(|(_, _, until)| *until > now);
+        self.outages
+            .iter()
+            .find(|(m, _, _)| m == method)
+            .map(|(_, f, _)| f.clone())
+    }
 }
 
 struct Inner {
@@ -200,6 +217,7 @@ impl FakeTelegram {
                 commands: Vec::new(),
                 chat_actions: Vec::new(),
                 faults: HashMap::new(),
+                outages: Vec::new(),
                 down: false,
             }),
             updates_changed: Notify::new(),
@@ -481,6 +499,26 @@ impl FakeTelegram {
             .entry(method.to_ascii_lowercase())
             .or_default()
             .push_back(fault);
+    }
+
+    /// Every call of `method` (case-insensitive) gets `fault` for the next `duration`
+    /// (an outage while the daemon runs), after any [`fail_next`](Self::fail_next) faults.
+    pub fn fail_for(&self, method: &str, fault: Fault, duration: Duration) {
+        let until = std::time::Instant::now() + duration;
+        self.st()
+            .outages
+            .push((method.to_ascii_lowercase(), fault, until));
+    }
+
+    /// Arrival times and statuses of the calls of `method`, in order.
+    pub fn attempts(&self, method: &str) -> Vec<(std::time::Instant, u16)> {
+        let m = method.to_ascii_lowercase();
+        self.st()
+            .calls
+            .iter()
+            .filter(|c| c.method == m)
+            .map(|c| (c.at, c.status))
+            .collect()
     }
 
     /// Stop accepting: the listener closes (new connections are refused),
@@ -1159,12 +1197,16 @@ async fn handle(
                 method: method.clone(),
                 body: json_body.clone(),
                 status: 0,
+                at: std::time::Instant::now(),
             });
             st.calls.len() - 1
         });
         let authorized = token == st.token;
         let fault = if authorized && !st.down {
-            st.faults.get_mut(&method).and_then(VecDeque::pop_front)
+            st.faults
+                .get_mut(&method)
+                .and_then(VecDeque::pop_front)
+                .or_else(|| st.outage_fault(&method))
         } else {
             None
         };
