@@ -85,9 +85,31 @@ pub fn init(format: LogFormat, level: &str, env: Option<&'static str>) {
 /// The daemon's logging from `[log]`: format, level and `unsafe_debug`.
 pub fn init_config(log: &crate::config::LogConfig, env: Option<&'static str>) {
     init_with(log.format, &log.level, env, log.unsafe_debug);
+    install_panic_hook();
     if log.unsafe_debug {
         tracing::warn!("log.unsafe_debug is on: debug/trace logs of the HTTP and gateway clients can contain tokens");
     }
+}
+
+/// Panics are logged as one `error` line with where they happened, never with their
+/// message: a panic while handling an update can quote the user's text (SPEC §11). The
+/// adapters catch them per update and count them; this only decides what reaches the log.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "unknown".into());
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        tracing::error!(
+            target: "panic",
+            location = location.as_str(),
+            thread,
+            error.kind = "panic",
+            "a thread panicked (its message is withheld: it can quote user text)"
+        );
+    }));
 }
 
 fn init_with(format: LogFormat, level: &str, env: Option<&'static str>, unsafe_debug: bool) {
