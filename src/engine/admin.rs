@@ -531,3 +531,31 @@ fn percent(part: u64, whole: u64) -> String {
         format!("{:.1}%", part as f64 * 100.0 / whole as f64)
     }
 }
+
+#[cfg(test)]
+mod offload_tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// With one runtime worker, a whole-tree scan run through `offload` must not stall
+    /// the other tasks (a plain blocking call would hold the only worker).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_long_scan_does_not_stall_the_runtime() {
+        let scan = tokio::spawn(async {
+            // Queued on this worker while it runs the scan.
+            let flag = Arc::new(AtomicBool::new(false));
+            let seen = flag.clone();
+            tokio::spawn(async move { seen.store(true, Ordering::SeqCst) });
+            super::offload(|| {
+                let until = Instant::now() + Duration::from_secs(5);
+                while !flag.load(Ordering::SeqCst) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                flag.load(Ordering::SeqCst)
+            })
+        });
+        let progressed = scan.await.expect("scan task");
+        assert!(progressed, "other tasks ran while the scan blocked");
+    }
+}
