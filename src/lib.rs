@@ -7,12 +7,17 @@
 //! - [`engine`]   — the pipeline: dedupe, ban, commands, validation, limits, budget, memory,
 //!   prompt, cache, LLM, memory append. Imports no SDK, no sled, no async-openai.
 //! - [`llm`]      — provider trait, async-openai implementation, retry/breaker/concurrency.
-//! - [`store`]    — `Store` trait and its sled implementation.
-//! - [`adapters`] — platform adapters (terminal today); translate, never decide.
+//! - [`store`]    — the `Store` trait and its sled implementation (encryption at rest,
+//!   migrations, dumps for backups).
+//! - [`adapters`] — Telegram (teloxide), Discord (serenity) and the terminal; one shared
+//!   delivery machinery (durable inbox, retries, panics parked); translate, never decide.
 //! - [`app`]      — composition root: builds everything and runs it; ordered shutdown.
-//! - [`ops`]      — operator interfaces: the local control socket.
+//! - [`ops`]      — operator interfaces: the ops HTTP endpoint (`/healthz`, `/readyz`,
+//!   `/metrics`), the local control socket, backups, sd_notify.
 //! - [`shutdown`] — cancellation, task tracking, signals.
-//! - [`logging`]  — tracing setup (pretty or JSON), `env` on every line.
+//! - [`logging`]  — tracing setup (pretty or JSON), `env` on every line, secret-bearing
+//!   targets capped, panics logged without their message.
+//! - [`memory`]   — allocator tuning (glibc arenas, returning freed heap after sweeps).
 
 pub mod adapters;
 pub mod app;
