@@ -2,8 +2,7 @@
 //! its typed command come from one entry of [`ADMIN_COMMANDS`].
 
 use super::args::{Arg, Bound, UserArg};
-use super::{Access, Spec};
-use crate::domain::Visibility;
+use super::Spec;
 
 /// The `/admin` subcommands, in usage order. Several entries may share a name (forms
 /// of one subcommand); the first whose arguments fit wins.
@@ -141,21 +140,14 @@ pub const ADMIN_COMMANDS: &[Spec<AdminCommand>] = &[
 /// How many audit entries `/admin audit` shows without a number.
 const AUDIT_DEFAULT: u64 = 10;
 
-/// Every admin subcommand acts as an operator and answers only the operator.
+/// Every admin subcommand is for operators, and answers only the operator.
 const fn sub(
     name: &'static str,
     args: &'static [Arg],
     help: &'static str,
     build: fn(&Bound) -> Option<AdminCommand>,
 ) -> Spec<AdminCommand> {
-    Spec {
-        name,
-        args,
-        help,
-        access: Access::Admin,
-        visibility: Visibility::Personal,
-        build,
-    }
+    Spec::new(name, args, help, build).for_admins().personal()
 }
 
 fn on_user(b: &Bound, action: UserAction) -> Option<AdminCommand> {

@@ -40,6 +40,39 @@ pub struct Spec<T: 'static> {
 }
 
 impl<T> Spec<T> {
+    /// A command anyone may run, answered where it was asked.
+    const fn new(
+        name: &'static str,
+        args: &'static [Arg],
+        help: &'static str,
+        build: fn(&Bound) -> Option<T>,
+    ) -> Self {
+        Spec {
+            name,
+            args,
+            help,
+            access: Access::User,
+            visibility: Visibility::Public,
+            build,
+        }
+    }
+
+    /// Only operators may run it.
+    const fn for_admins(self) -> Self {
+        Spec {
+            access: Access::Admin,
+            ..self
+        }
+    }
+
+    /// Only the asker may read its answer.
+    const fn personal(self) -> Self {
+        Spec {
+            visibility: Visibility::Personal,
+            ..self
+        }
+    }
+
     /// `name ARG…` as the usage text shows it.
     pub fn synopsis(&self) -> String {
         std::iter::once(self.name.to_string())
@@ -71,38 +104,28 @@ impl<T> Eq for Spec<T> {}
 
 /// The commands, in `/help` order.
 pub const COMMANDS: &[Spec<Action>] = &[
-    user(
-        "start",
-        &[],
-        "Start talking with the assistant",
-        Visibility::Public,
-        |_| Some(Action::Start),
-    ),
-    user("help", &[], "List the commands", Visibility::Public, |_| {
-        Some(Action::Help)
+    Spec::new("start", &[], "Start talking with the assistant", |_| {
+        Some(Action::Start)
     }),
-    user(
-        "reset",
-        &[],
-        "Clear this conversation's memory",
-        Visibility::Public,
-        |_| Some(Action::Reset),
-    ),
-    user(
+    Spec::new("help", &[], "List the commands", |_| Some(Action::Help)),
+    Spec::new("reset", &[], "Clear this conversation's memory", |_| {
+        Some(Action::Reset)
+    }),
+    Spec::new(
         "usage",
         &[],
         "Show your limits and today's token use",
-        Visibility::Personal,
         |_| Some(Action::Usage),
-    ),
-    user(
+    )
+    .personal(),
+    Spec::new(
         "export",
         &[],
         "Get everything stored about you as a JSON file",
-        Visibility::Personal,
         |_| Some(Action::Export),
-    ),
-    user(
+    )
+    .personal(),
+    Spec::new(
         "forget",
         &[Arg::Choice {
             name: "answer",
@@ -111,30 +134,30 @@ pub const COMMANDS: &[Spec<Action>] = &[
             optional: true,
         }],
         "Delete all your data (asks for confirmation)",
-        Visibility::Personal,
         |b| {
             Some(Action::Forget {
                 confirm: b.choice(0).map(|c| c == 0),
             })
         },
-    ),
-    Spec {
-        name: "admin",
-        args: &[Arg::Rest {
+    )
+    .personal(),
+    Spec::new(
+        "admin",
+        &[Arg::Rest {
             name: "command",
             help: "e.g. stats, ban dc:123 spam, maintenance on",
             optional: true,
         }],
-        help: "Operator commands (admins only)",
-        access: Access::Admin,
-        visibility: Visibility::Personal,
-        build: |b| Some(Action::Admin(parse_admin(b.words(0)))),
-    },
+        "Operator commands (admins only)",
+        |b| Some(Action::Admin(parse_admin(b.words(0)))),
+    )
+    .for_admins()
+    .personal(),
 ];
 
 /// Not a command: where a platform offers slash commands only (Discord), `/ask`
 /// carries an ordinary message, its argument. Registered there, never parsed.
-pub const ASK: Spec<Action> = user(
+pub const ASK: Spec<Action> = Spec::new(
     "ask",
     &[Arg::Rest {
         name: "prompt",
@@ -142,26 +165,8 @@ pub const ASK: Spec<Action> = user(
         optional: false,
     }],
     "Ask the assistant",
-    Visibility::Public,
     |_| None,
 );
-
-const fn user(
-    name: &'static str,
-    args: &'static [Arg],
-    help: &'static str,
-    visibility: Visibility,
-    build: fn(&Bound) -> Option<Action>,
-) -> Spec<Action> {
-    Spec {
-        name,
-        args,
-        help,
-        access: Access::User,
-        visibility,
-        build,
-    }
-}
 
 /// The commands every user may run: `/help` lists them, Telegram's menu shows them.
 pub fn user_commands() -> impl Iterator<Item = &'static Spec<Action>> {

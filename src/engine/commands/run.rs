@@ -30,43 +30,31 @@ impl Engine {
                 ))
             }
         };
-        let reply = match spec.access {
-            Access::Admin if !self.is_admin(&inbound.user()) => self.refuse_admin(inbound, text),
-            _ => self.run_action(action, inbound, text, cfg, bot, record)?,
+        let said = |answer: String| Reply::text(answer, ReplyKind::Command);
+        let reply = match action {
+            _ if spec.access == Access::Admin && !self.is_admin(&inbound.user()) => {
+                self.refuse_admin(inbound, text)
+            }
+            Action::Start => said(format!(
+                "Hi {}! I'm {}, an AI assistant. Just write to me.\n\n{}",
+                inbound.user_name,
+                bot.name,
+                help_text()
+            )),
+            Action::Help => said(help_text()),
+            Action::Reset => {
+                let n = self.store.clear_conversation(&inbound.conversation())?;
+                said(format!("Done: I forgot this conversation ({n} messages)."))
+            }
+            Action::Usage => said(self.usage_text(inbound, cfg, bot, record)),
+            Action::Export => self.export(inbound)?,
+            Action::Forget { confirm } => self.forget(inbound, confirm)?,
+            Action::Admin(parsed) => self.admin(inbound, text, parsed)?,
         };
         Ok(match spec.visibility {
             Visibility::Personal => reply.personal(),
             Visibility::Public => reply,
         })
-    }
-
-    fn run_action(
-        &self,
-        action: Action,
-        inbound: &Inbound,
-        text: &str,
-        cfg: &Config,
-        bot: &BotConfig,
-        record: Option<&UserRecord>,
-    ) -> Result<Reply, StoreError> {
-        let answer = match action {
-            Action::Start => format!(
-                "Hi {}! I'm {}, an AI assistant. Just write to me.\n\n{}",
-                inbound.user_name,
-                bot.name,
-                help_text()
-            ),
-            Action::Help => help_text(),
-            Action::Reset => {
-                let n = self.store.clear_conversation(&inbound.conversation())?;
-                format!("Done: I forgot this conversation ({n} messages).")
-            }
-            Action::Usage => self.usage_text(inbound, cfg, bot, record),
-            Action::Export => return self.export(inbound),
-            Action::Forget { confirm } => return self.forget(inbound, confirm),
-            Action::Admin(parsed) => return self.admin(inbound, text, parsed),
-        };
-        Ok(Reply::text(answer, ReplyKind::Command))
     }
 
     fn usage_text(
