@@ -12,7 +12,9 @@ pub use admin::{
     parse as parse_admin, usage as admin_usage, AdminCommand, ServiceAction, UserAction,
     ADMIN_COMMANDS,
 };
-pub use args::{bind, Arg, Bound, UserArg};
+pub use args::{Arg, Bound, UserArg};
+
+use args::bind;
 
 use crate::domain::Visibility;
 
