@@ -40,7 +40,7 @@ use super::text::{char_len, split_message};
 use super::{redact, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
-use crate::engine::commands::USER_COMMANDS;
+use crate::engine::commands::{self, Arg};
 use crate::engine::Engine;
 
 mod rest;
@@ -55,9 +55,7 @@ const RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
 /// How long a conversation's worker waits before taking its oldest pending work.
 const SETTLE: Duration = Duration::from_millis(10);
 /// The slash command that talks to the assistant.
-const ASK: &str = "ask";
-/// The slash command for operators; its text goes to the engine as `/admin <command>`.
-const ADMIN: &str = "admin";
+const ASK: &str = commands::ASK.name;
 
 /// A bot whose token was checked against the configured application id.
 pub struct Verified {
@@ -379,33 +377,21 @@ impl DiscordAdapter {
         }
     }
 
-    /// Global slash commands: the user commands, `ask` and `admin`. Registered once per
-    /// process (at the first READY); Discord keeps them across restarts.
+    /// Global slash commands, as declared: every command (`admin` takes its text as one
+    /// option) and `ask`. Registered once per process (at the first READY); Discord
+    /// keeps them across restarts.
     async fn register_commands(&self) {
         if self.commands_registered.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut commands: Vec<CreateCommand> = USER_COMMANDS
-            .iter()
-            .map(|(name, desc)| CreateCommand::new(*name).description(*desc))
+        let commands: Vec<CreateCommand> = commands::slash_commands()
+            .map(|spec| {
+                let command = CreateCommand::new(spec.name).description(spec.help);
+                spec.args
+                    .iter()
+                    .fold(command, |c, arg| c.add_option(slash_option(arg)))
+            })
             .collect();
-        commands.push(
-            CreateCommand::new(ASK)
-                .description("Ask the assistant")
-                .add_option(
-                    CreateCommandOption::new(CommandOptionType::String, "prompt", "Your message")
-                        .required(true),
-                ),
-        );
-        commands.push(
-            CreateCommand::new(ADMIN)
-                .description("Operator commands (admins only)")
-                .add_option(CreateCommandOption::new(
-                    CommandOptionType::String,
-                    "command",
-                    "e.g. stats, ban dc:123 spam, maintenance on",
-                )),
-        );
         if let Err(e) = Command::set_global_commands(self.http(), commands).await {
             self.commands_registered.store(false, Ordering::SeqCst);
             tracing::warn!(bot = %self.name, error = %self.scrub(&e), "registering slash commands failed");
@@ -671,6 +657,20 @@ impl EventHandler for Handler {
             .connected
             .store(event.new == ConnectionStage::Connected, Ordering::Relaxed);
     }
+}
+
+/// A declared argument as a slash-command option. Every option is a string: the
+/// engine reads the values as the words after the command's name.
+fn slash_option(arg: &Arg) -> CreateCommandOption {
+    let option = CreateCommandOption::new(
+        CommandOptionType::String,
+        arg.name().to_lowercase(),
+        arg.help(),
+    )
+    .required(!arg.optional());
+    arg.choices()
+        .into_iter()
+        .fold(option, |o, choice| o.add_string_choice(choice, choice))
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use super::text::{markdown_to_telegram_html, split_message, utf16_len};
 use super::{redact, DraftPut, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform};
-use crate::engine::commands::USER_COMMANDS;
+use crate::engine::commands;
 use crate::engine::Engine;
 
 /// Telegram's limit is 4096; leave room for HTML entities added by formatting.
@@ -202,9 +202,9 @@ impl TelegramAdapter {
     /// (after a panic) replays again; updates already queued are not queued twice.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
         self.delivery.attach(stop.clone());
-        let commands: Vec<BotCommand> = USER_COMMANDS
-            .iter()
-            .map(|(c, d)| BotCommand::new(*c, *d))
+        // The menu everyone sees: the user commands, as declared.
+        let commands: Vec<BotCommand> = commands::user_commands()
+            .map(|spec| BotCommand::new(spec.name, spec.help))
             .collect();
         if let Err(e) = self.bot.set_my_commands(commands).await {
             tracing::warn!(bot = %self.name, error = %self.scrub(&e), "setMyCommands failed");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::commands::{AdminCommand, UserArg};
+use super::commands::{AdminCommand, ServiceAction, UserAction, UserArg};
 use super::limits::{human_duration, limit_key, utc_day};
 use super::{now_unix, Engine};
 use crate::domain::{
@@ -17,6 +17,15 @@ use crate::store::{AuditEntry, Ban, ForgetReport, StoreError, StoreResult, UserR
 
 /// How long a `/forget` waits for its confirmation.
 pub const FORGET_WINDOW: Duration = Duration::from_secs(300);
+
+/// Why an admin command that was allowed and understood could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Reload(String),
+}
 
 /// Everything stored about a user, as the JSON `/export` and `confab user export` return.
 pub fn export_json(engine: &Engine, user: &UserRef) -> StoreResult<serde_json::Value> {
@@ -137,7 +146,8 @@ impl Engine {
                 bytes,
             }),
             buttons: Vec::new(),
-            visibility: Visibility::Personal,
+            // `commands::COMMANDS` decides who may read it.
+            visibility: Visibility::default(),
         })
     }
 
@@ -163,7 +173,7 @@ impl Engine {
                             command: "/forget cancel".into(),
                         },
                     ],
-                    visibility: Visibility::Personal,
+                    visibility: Visibility::default(),
                 });
             }
             Some(false) => {
@@ -243,6 +253,26 @@ impl Engine {
         }
     }
 
+    /// An operator command from someone who is not one: a security log line, an audit
+    /// entry and a refusal.
+    pub(super) fn refuse_admin(&self, inbound: &Inbound, text: &str) -> Reply {
+        let actor = inbound.user();
+        tracing::warn!(target: "security", actor = %actor, "admin command refused for a non-admin");
+        // Only the command's name: a stranger's text is not ours to keep.
+        self.audit(
+            &actor,
+            &refused_command_name(text),
+            None,
+            "refused: not an admin",
+        );
+        Reply::notice(
+            Rejection::NotAdmin,
+            "Sorry, admin commands are for operators only.",
+        )
+    }
+
+    /// `/admin …` from an operator: every attempt is audited, and every answer about a
+    /// user names whom it resolved.
     pub(super) fn admin(
         &self,
         inbound: &Inbound,
@@ -251,20 +281,6 @@ impl Engine {
     ) -> StoreResult<Reply> {
         let actor = inbound.user();
         let command_text: String = text.chars().take(200).collect();
-        if !self.is_admin(&actor) {
-            tracing::warn!(target: "security", actor = %actor, "admin command refused for a non-admin");
-            // Only the command's name: a stranger's text is not ours to keep.
-            self.audit(
-                &actor,
-                &refused_command_name(text),
-                None,
-                "refused: not an admin",
-            );
-            return Ok(Reply::notice(
-                Rejection::NotAdmin,
-                "Sorry, admin commands are for operators only.",
-            ));
-        }
         let cmd = match parsed {
             Ok(cmd) => cmd,
             Err(usage) => {
@@ -272,19 +288,19 @@ impl Engine {
                 return Ok(Reply::notice(Rejection::BadCommand, usage));
             }
         };
-        let target = match cmd.target() {
-            Some(arg) => match self.resolve(arg, actor.platform)? {
-                Ok(user) => Some(user),
-                Err(msg) => {
-                    self.audit(&actor, &command_text, Some(arg.to_string()), "unknown user");
-                    return Ok(Reply::notice(Rejection::BadCommand, msg));
-                }
-            },
-            None => None,
-        };
-        let outcome = match &target {
-            Some(user) => self.run_on_user(&actor, &cmd, user),
-            None => self.run_admin(&cmd),
+        let (target, outcome) = match &cmd {
+            AdminCommand::OnUser { user: arg, action } => {
+                let user = match self.resolve(arg, actor.platform)? {
+                    Ok(user) => user,
+                    Err(msg) => {
+                        self.audit(&actor, &command_text, Some(arg.to_string()), "unknown user");
+                        return Ok(Reply::notice(Rejection::BadCommand, msg));
+                    }
+                };
+                let outcome = self.run_on_user(&actor, action, &user);
+                (Some(user), outcome)
+            }
+            AdminCommand::Service(action) => (None, self.run_service(action)),
         };
         let (reply, result) = match outcome {
             Ok(reply) => (reply, "ok".to_string()),
@@ -303,15 +319,14 @@ impl Engine {
     fn run_on_user(
         &self,
         actor: &UserRef,
-        cmd: &AdminCommand,
+        action: &UserAction,
         user: &UserRef,
-    ) -> Result<String, String> {
+    ) -> Result<String, AdminError> {
         let store = self.store();
-        let err = |e: StoreError| e.to_string();
         let who = self.describe(user);
-        let update = |f: &mut dyn FnMut(&mut UserRecord)| store.update_user(user, f).map_err(err);
-        Ok(match cmd {
-            AdminCommand::Ban { reason, .. } => {
+        let update = |f: &mut dyn FnMut(&mut UserRecord)| store.update_user(user, f);
+        Ok(match action {
+            UserAction::Ban { reason } => {
                 let reason = match reason.is_empty() {
                     true => "no reason given".to_string(),
                     false => reason.clone(),
@@ -326,14 +341,13 @@ impl Engine {
                 })?;
                 format!("Banned {who}: {reason}.")
             }
-            AdminCommand::Unban { .. } => {
+            UserAction::Unban => {
                 update(&mut |r| r.banned = None)?;
                 format!("Unbanned {who}.")
             }
-            AdminCommand::Limit {
+            UserAction::Limit {
                 per_minute,
                 daily_tokens,
-                ..
             } => {
                 update(&mut |r| {
                     r.limit_per_minute = Some(*per_minute);
@@ -346,36 +360,34 @@ impl Engine {
                     None => format!("{who}: {per_minute} messages/minute."),
                 }
             }
-            AdminCommand::LimitReset { .. } => {
+            UserAction::LimitReset => {
                 update(&mut |r| {
                     r.limit_per_minute = None;
                     r.limit_daily_tokens = None;
                 })?;
                 format!("{who}: back to the configured limits.")
             }
-            AdminCommand::Reset { .. } => {
+            UserAction::Reset => {
                 let mut turns = 0;
-                let convs = store.user_conversations(user).map_err(err)?;
+                let convs = store.user_conversations(user)?;
                 for (key, _) in &convs {
-                    turns += store.clear_conversation(key).map_err(err)?;
+                    turns += store.clear_conversation(key)?;
                 }
                 format!(
                     "Cleared {turns} messages in {} conversations of {who}.",
                     convs.len()
                 )
             }
-            AdminCommand::Whois { .. } => self.whois_text(user).map_err(err)?,
-            _ => return Err("this command takes no user".into()),
+            UserAction::Whois => self.whois_text(user)?,
         })
     }
 
     /// The admin commands about the whole service.
-    fn run_admin(&self, cmd: &AdminCommand) -> Result<String, String> {
+    fn run_service(&self, action: &ServiceAction) -> Result<String, AdminError> {
         let store = self.store();
-        let err = |e: StoreError| e.to_string();
-        Ok(match cmd {
-            AdminCommand::Stats => offload(|| self.stats_text()).map_err(err)?,
-            AdminCommand::CacheStats => {
+        Ok(match action {
+            ServiceAction::Stats => offload(|| self.stats_text())?,
+            ServiceAction::CacheStats => {
                 let s = &self.stats;
                 let (hits, misses) = (
                     s.cache_hits.load(Ordering::Relaxed),
@@ -388,12 +400,12 @@ impl Engine {
                     s.cache_tokens_saved.load(Ordering::Relaxed)
                 )
             }
-            AdminCommand::CacheClear => {
-                let n = store.cache_clear().map_err(err)?;
+            ServiceAction::CacheClear => {
+                let n = store.cache_clear()?;
                 format!("Cache cleared ({n} entries).")
             }
-            AdminCommand::Reload => {
-                self.reload_now()?;
+            ServiceAction::Reload => {
+                self.reload_now().map_err(AdminError::Reload)?;
                 let cfg = self.config();
                 format!(
                     "Reloaded: {} bots, {} prompts.",
@@ -401,19 +413,18 @@ impl Engine {
                     cfg.prompts.len()
                 )
             }
-            AdminCommand::MaintenanceOn { message } => {
+            ServiceAction::MaintenanceOn { message } => {
                 let msg = message.clone().unwrap_or_else(|| {
                     "The assistant is down for maintenance. Please try again later.".into()
                 });
                 self.set_maintenance(Some(msg.clone()));
                 format!("Maintenance on. Non-admins now get: {msg}")
             }
-            AdminCommand::MaintenanceOff => {
+            ServiceAction::MaintenanceOff => {
                 self.set_maintenance(None);
                 "Maintenance off.".to_string()
             }
-            AdminCommand::Audit { n } => audit_text(&store.audit_recent(*n).map_err(err)?),
-            _ => return Err("this command needs a user".into()),
+            ServiceAction::Audit { n } => audit_text(&store.audit_recent(*n)?),
         })
     }
 

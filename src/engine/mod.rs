@@ -27,7 +27,6 @@ use crate::llm::{ChatMessage, ChatRequest, ChatResponse, ChatRole, LlmError, Res
 use crate::store::{
     CacheEntry, Exchange, Handled, HandledEntry, Role, Store, StoreError, Turn, UserRecord,
 };
-use commands::Command;
 use limits::{human_duration, limit_key, secs_until_reset, utc_day, Limits, RateDecision};
 use ordering::ConversationLocks;
 use prompt::{PromptVars, Prompts, Tokenizer};
@@ -826,71 +825,6 @@ impl Engine {
             user: Some((&user, &mut book)),
         })?;
         self.store.flush().await
-    }
-
-    fn command(
-        &self,
-        cmd: Command,
-        inbound: &Inbound,
-        text: &str,
-        cfg: &Config,
-        bot: &BotConfig,
-        record: Option<&UserRecord>,
-    ) -> Result<Reply, StoreError> {
-        let cmd_is_personal = matches!(cmd, Command::Usage);
-        let reply = match cmd {
-            Command::Start => format!(
-                "Hi {}! I'm {}, an AI assistant. Just write to me.\n\n{}",
-                inbound.user_name,
-                bot.name,
-                commands::help_text()
-            ),
-            Command::Help => commands::help_text(),
-            Command::Reset => {
-                let n = self.store.clear_conversation(&inbound.conversation())?;
-                format!("Done: I forgot this conversation ({n} messages).")
-            }
-            Command::Usage => {
-                let limits = self.effective_limits(cfg, bot, record);
-                let now = now_unix();
-                let today = utc_day(now);
-                let used = record
-                    .filter(|r| r.usage.day == today)
-                    .map_or(0, |r| r.usage.tokens);
-                if self.is_admin(&inbound.user()) {
-                    format!("You are an admin: no limits apply. Tokens used today: {used}.")
-                } else {
-                    format!(
-                        "Limits: {} messages per minute (burst {}), {} tokens per day.\nUsed today: {} tokens ({} left). The budget resets in {} (midnight UTC).",
-                        limits.per_minute,
-                        limits.burst,
-                        limits.daily_tokens,
-                        used,
-                        limits.daily_tokens.saturating_sub(used),
-                        human_duration(secs_until_reset(now) as u64)
-                    )
-                }
-            }
-            // Personal output: only the asking user may read it.
-            Command::Export => return self.export(inbound).map(Reply::personal),
-            Command::Forget { confirm } => {
-                return self.forget(inbound, confirm).map(Reply::personal)
-            }
-            Command::Admin(parsed) => {
-                return self.admin(inbound, text, parsed).map(Reply::personal)
-            }
-            Command::Unknown(name) => {
-                return Ok(Reply::notice(
-                    Rejection::BadCommand,
-                    format!("Unknown command /{name}.\n{}", commands::help_text()),
-                ))
-            }
-        };
-        let reply = Reply::text(reply, ReplyKind::Command);
-        Ok(match cmd_is_personal {
-            true => reply.personal(),
-            false => reply,
-        })
     }
 
     /// Periodic housekeeping: memory retention, cache expiry, limiter pruning, old

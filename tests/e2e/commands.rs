@@ -7,6 +7,8 @@ use confab::store::{SledStore, Store};
 use crate::fake_openai::FakeOpenAi;
 use crate::harness::{text, Root};
 
+mod declared;
+
 const ADMINS: &str = "[admins]\ntelegram = [100]\ndiscord = [200]\n[limits]\nburst = 50\nmessages_per_minute = 600\ncommands_burst = 100\n";
 
 fn on(platform: Platform, user: &str, said: &str) -> Inbound {
