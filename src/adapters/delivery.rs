@@ -18,6 +18,11 @@
 //!   the update in the inbox for the next start.
 //! - A permanent refusal (chat gone, bot blocked, bad request) is not retried: logged
 //!   without text, counted (`delivery_failed`), marked handled, removed from the inbox.
+//! - A `Personal` reply to an update from a shared place (group, guild channel) goes to
+//!   the user's private chat ([`Outbound::private_chat`]); the place gets only a short
+//!   note without content ([`PrivateNote`]), which says how to open a private chat when
+//!   the platform refused it ([`SendError::Unreachable`]). The private chat is the
+//!   reply's delivery target: the same retries, the same finish.
 //! - A panic while handling one update is caught, logged with the update's key (no text)
 //!   and counted (`update_panics`); the update is tried again, and after
 //!   [`PANIC_TRIES`] panics (counted durably in its inbox entry) it is parked under
@@ -44,7 +49,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{stream_draft, DraftPut, Full, SerialQueue};
-use crate::domain::{Attachment, Button, Inbound, Reply};
+use crate::domain::{Attachment, Button, Inbound, Reply, Visibility};
 use crate::engine::Engine;
 use crate::store::Store;
 
@@ -72,6 +77,19 @@ pub enum SendError {
     Transient(String),
     /// Refused for good (chat gone, bot blocked, bad request): never retried.
     Permanent(String),
+    /// The user cannot be written to privately (never opened a private chat with the
+    /// bot, blocked it, or accepts no DMs): refused for good, never retried.
+    Unreachable(String),
+}
+
+/// What a shared place (group, guild channel) is told when a personal reply to one of
+/// its messages went to the user's private chat. Never the reply's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrivateNote {
+    /// The answer is in the user's private chat.
+    Sent,
+    /// The platform refused the private chat: how the user can make it possible.
+    Refused,
 }
 
 pub type SendResult<T> = Result<T, SendError>;
@@ -174,6 +192,16 @@ pub trait Outbound: Send + Sync + 'static {
         job: &Self::Job,
         file: &Attachment,
     ) -> impl Future<Output = SendResult<()>> + Send;
+    /// The job aimed at the user's private chat (Telegram: the chat with the user's id;
+    /// Discord: the DM channel, opened if needed), for a personal reply to an update
+    /// from a shared place. One attempt.
+    fn private_chat(&self, job: &Self::Job) -> impl Future<Output = SendResult<Self::Job>> + Send;
+    /// Tells the shared place of `job` where its personal reply went (no content).
+    fn private_note(
+        &self,
+        job: &Self::Job,
+        note: PrivateNote,
+    ) -> impl Future<Output = SendResult<()>> + Send;
 }
 
 /// An inbox entry: the adapter's job plus how often handling it panicked.
@@ -202,6 +230,8 @@ pub enum Item<J> {
 #[derive(Debug, PartialEq)]
 pub enum Failed {
     Permanent(String),
+    /// The user's private chat refused it ([`SendError::Unreachable`]).
+    Unreachable(String),
     /// Still failing when `delivery.max_retry_secs` ran out.
     Expired(String),
     /// Shutdown began while waiting to retry.
@@ -250,6 +280,7 @@ where
         let (wait, why) = match op().await {
             Ok(v) => return Ok(v),
             Err(SendError::Permanent(why)) => return Err(Failed::Permanent(why)),
+            Err(SendError::Unreachable(why)) => return Err(Failed::Unreachable(why)),
             Err(SendError::RetryAfter(d)) => (d.min(RETRY_AFTER_MAX), "rate limited".into()),
             Err(SendError::Transient(why)) => (retry.backoff(), why),
         };
@@ -636,9 +667,59 @@ impl<P: Outbound> Delivery<P> {
         })))
     }
 
-    /// Sends a reply: split, the streamed draft edited into the first part, buttons
-    /// under the last, then the file; each call retried per [`retrying`].
+    /// Sends a reply where it belongs: a `Personal` reply to an update from a shared
+    /// place goes to the user's private chat (see [`Delivery::deliver_privately`]),
+    /// anything else to where the update came from (see [`Delivery::deliver_here`]).
     pub async fn deliver(
+        &self,
+        job: &P::Job,
+        reply: &Reply,
+        streamed: Option<P::MsgId>,
+    ) -> Result<(), Failed> {
+        if reply.visibility() == Visibility::Personal && !P::inbound(job).is_private {
+            let note = |n| self.out.private_note(job, n);
+            return self.deliver_privately(job, reply, note).await;
+        }
+        self.deliver_here(job, reply, streamed).await
+    }
+
+    /// A personal reply to `job`, which came from a shared place: the whole reply
+    /// (parts, buttons, file) goes to the user's private chat, then `note` tells the
+    /// place where it went — or, when the platform refused the private chat, how to
+    /// open one. Nothing of the reply reaches the place.
+    pub async fn deliver_privately<N, Fut>(
+        &self,
+        job: &P::Job,
+        reply: &Reply,
+        note: N,
+    ) -> Result<(), Failed>
+    where
+        N: Fn(PrivateNote) -> Fut,
+        Fut: Future<Output = SendResult<()>>,
+    {
+        let (stats, stop) = (&*self.stats, self.stop_token());
+        let mut retry = Retry::new(self.max_retry);
+        let private = retrying(&mut retry, stats, &stop, || self.out.private_chat(job)).await;
+        let sent = match private {
+            Ok(dm) => self.deliver_here(&dm, reply, None).await,
+            Err(e) => Err(e),
+        };
+        let told = match sent {
+            Ok(()) => PrivateNote::Sent,
+            Err(Failed::Unreachable(why)) => {
+                tracing::info!(reason = %why, "the user's private chat refused a personal reply; telling the group how to open one");
+                PrivateNote::Refused
+            }
+            Err(other) => return Err(other),
+        };
+        let mut retry = Retry::new(self.max_retry);
+        retrying(&mut retry, stats, &stop, || note(told)).await
+    }
+
+    /// Sends a reply to the job's own chat: split, the streamed draft edited into the
+    /// first part, buttons under the last, then the file; each call retried per
+    /// [`retrying`].
+    pub async fn deliver_here(
         &self,
         job: &P::Job,
         reply: &Reply,
@@ -695,7 +776,7 @@ impl<P: Outbound> Delivery<P> {
     ) {
         match outcome {
             Ok(()) => tracing::info!("update answered"),
-            Err(Failed::Permanent(why)) => {
+            Err(Failed::Permanent(why) | Failed::Unreachable(why)) => {
                 bump(&self.stats.delivery_failed);
                 tracing::warn!(reason = %why, "{} refused the reply; dropping it", P::PLATFORM);
             }

@@ -26,7 +26,9 @@ use teloxide::{ApiError, Bot, RequestError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::{bump, Delivery, DeliveryStats, Outbound, SendError, SendResult};
+use super::delivery::{
+    bump, Delivery, DeliveryStats, Outbound, PrivateNote, SendError, SendResult,
+};
 use super::text::{markdown_to_telegram_html, split_message, utf16_len};
 use super::{redact, DraftPut, Throttle};
 use crate::config::{BotConfig, Config, Secret};
@@ -162,6 +164,7 @@ impl TelegramAdapter {
         let out = Arc::new(TgOut {
             bot: v.bot.clone(),
             token: v.token.clone(),
+            username: v.me.user.username.clone().unwrap_or_default(),
             throttle: Throttle::new(
                 t.per_chat_per_minute,
                 t.group_per_minute,
@@ -402,6 +405,8 @@ impl TelegramAdapter {
 pub struct TgOut {
     bot: Bot,
     token: Secret,
+    /// The bot's own username (the `https://t.me/<name>` link of a private-chat note).
+    username: String,
     throttle: Throttle,
 }
 
@@ -414,12 +419,22 @@ fn scrub(e: &RequestError, token: &Secret) -> String {
 }
 
 /// Retry or not: 429 waits what Telegram asked; network errors, unparsable answers and
-/// 5xx (teloxide reports them as unknown API errors) are transient; a known API error,
-/// or an unknown one that names a 4xx (`Bad Request: …`, `Forbidden: …`), is permanent.
+/// 5xx (teloxide reports them as unknown API errors) are transient; a user who blocked
+/// the bot or never started a private chat with it is unreachable; any other known API
+/// error, or an unknown one that names a 4xx (`Bad Request: …`, `Forbidden: …`), is
+/// permanent.
 fn classify(e: &RequestError, token: &Secret) -> SendError {
     let why = scrub(e, token);
     match e {
         RequestError::RetryAfter(s) => SendError::RetryAfter(s.duration()),
+        RequestError::Api(ApiError::BotBlocked | ApiError::CantInitiateConversation) => {
+            SendError::Unreachable(why)
+        }
+        // Telegram's current wording is "Forbidden: bot can't initiate conversation
+        // with a user", which teloxide does not know (it expects "Unauthorized: …").
+        RequestError::Api(ApiError::Unknown(d)) if refuses_private_chat(d) => {
+            SendError::Unreachable(why)
+        }
         RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => {
             SendError::Transient(why)
         }
@@ -427,6 +442,29 @@ fn classify(e: &RequestError, token: &Secret) -> SendError {
             SendError::Transient(why)
         }
         _ => SendError::Permanent(why),
+    }
+}
+
+fn refuses_private_chat(description: &str) -> bool {
+    description.starts_with("Forbidden: ")
+        && (description.contains("bot can't initiate conversation")
+            || description.contains("bot was blocked by the user"))
+}
+
+/// The note in a group whose personal answer went to the user's private chat: the
+/// user's `@username` (else first name), never the answer.
+fn private_note_text(inbound: &Inbound, note: PrivateNote, bot_username: &str) -> String {
+    match note {
+        PrivateNote::Sent => {
+            let name = match &inbound.username {
+                Some(u) if !u.is_empty() => format!("@{u}"),
+                _ => inbound.user_name.clone(),
+            };
+            format!("{name}, I've sent you the answer in a private message.")
+        }
+        PrivateNote::Refused => format!(
+            "To get this, open a private chat with me first: https://t.me/{bot_username} and send the command there."
+        ),
     }
 }
 
@@ -607,6 +645,31 @@ impl Outbound for TgOut {
             .map(|_| ())
             .map_err(|e| classify(&e, &self.token))
     }
+
+    /// A private chat's id is the user's id; no quoting there (the message quoted is
+    /// in the group), and a button press was already answered in [`Outbound::before`].
+    async fn private_chat(&self, job: &Job) -> SendResult<Job> {
+        let user: i64 = job
+            .inbound
+            .user_id
+            .parse()
+            .map_err(|_| SendError::Permanent("the user id is not a Telegram id".into()))?;
+        Ok(Job {
+            inbound: job.inbound.clone(),
+            chat_id: user,
+            message_id: job.message_id,
+            is_group: false,
+            callback_id: None,
+        })
+    }
+
+    /// Plain text (a name may hold `<` or `_`), quoting the user's message.
+    async fn private_note(&self, job: &Job, note: PrivateNote) -> SendResult<()> {
+        let text = private_note_text(&job.inbound, note, &self.username);
+        self.send(job, &text, None, None)
+            .await
+            .map_err(|e| classify(&e, &self.token))
+    }
 }
 
 /// The engine's buttons as an inline keyboard (one row); the press sends the command back.
@@ -697,13 +760,20 @@ mod tests {
             SendError::RetryAfter(d) => format!("wait {}", d.as_secs()),
             SendError::Transient(_) => "transient".to_string(),
             SendError::Permanent(_) => "permanent".to_string(),
+            SendError::Unreachable(_) => "unreachable".to_string(),
         };
         let unknown = |d: &str| RequestError::Api(ApiError::Unknown(d.to_string()));
         assert_eq!(kind(unknown("Bad Gateway")), "transient");
         assert_eq!(kind(unknown("Internal Server Error")), "transient");
         assert_eq!(kind(unknown("Bad Request: something new")), "permanent");
+        assert_eq!(kind(RequestError::Api(ApiError::BotBlocked)), "unreachable");
+        assert_eq!(
+            kind(unknown(
+                "Forbidden: bot can't initiate conversation with a user"
+            )),
+            "unreachable"
+        );
         assert_eq!(kind(unknown("Forbidden: bot was kicked")), "permanent");
-        assert_eq!(kind(RequestError::Api(ApiError::BotBlocked)), "permanent");
         assert_eq!(kind(RequestError::Api(ApiError::ChatNotFound)), "permanent");
         let wait = teloxide::types::Seconds::from_seconds(3);
         assert_eq!(kind(RequestError::RetryAfter(wait)), "wait 3");
