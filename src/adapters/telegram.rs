@@ -780,6 +780,34 @@ mod tests {
     }
 
     #[test]
+    fn the_group_note_names_the_user_never_the_answer() {
+        let mut inbound = Inbound {
+            bot: "assistant".into(),
+            platform: Platform::Telegram,
+            update_id: Some("1".into()),
+            chat_id: "-100".into(),
+            user_id: "5".into(),
+            user_name: "Gina".into(),
+            username: Some("gina_b".into()),
+            is_private: false,
+            forwarded: false,
+            content: Content::Text("/export".into()),
+        };
+        let sent = "I've sent you the answer in a private message.";
+        let note = |i: &Inbound, n| private_note_text(i, n, "acme_bot");
+        assert_eq!(
+            note(&inbound, PrivateNote::Sent),
+            format!("@gina_b, {sent}")
+        );
+        inbound.username = None;
+        assert_eq!(note(&inbound, PrivateNote::Sent), format!("Gina, {sent}"));
+        assert_eq!(
+            note(&inbound, PrivateNote::Refused),
+            "To get this, open a private chat with me first: https://t.me/acme_bot and send the command there."
+        );
+    }
+
+    #[test]
     fn strips_the_mention() {
         assert_eq!(
             strip_mention("@Acme_Bot what is 2+2?", "acme_bot"),

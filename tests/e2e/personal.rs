@@ -260,6 +260,29 @@ async fn discord_personal_slash_commands_are_ephemeral() {
     assert_eq!(dc.callback_flags(admin), Some(64));
     assert!(answers(&dc, admin).iter().all(|m| m.ephemeral));
 
+    // /forget asks ephemerally; its button, pressed in the guild, answers in the DM and
+    // tells only the presser where the answer went.
+    let forget = dc.send_interaction("forget", Value::Null, 72, "hal", CHANNEL, Some(GUILD));
+    dc_wait(&dc, "forget question", |m| {
+        m.interaction_id == Some(forget) && m.components.is_some()
+    })
+    .await;
+    assert_eq!(dc.callback_flags(forget), Some(64));
+    let question = answers(&dc, forget);
+    assert!(question.iter().all(|m| m.ephemeral), "{question:#?}");
+    let buttons = question.iter().find(|m| m.components.is_some()).unwrap();
+    let press = dc.send_component_interaction("/forget cancel", 72, CHANNEL, buttons.message_id);
+    dc_wait(&dc, "press note", |m| m.interaction_id == Some(press)).await;
+    let note = answers(&dc, press);
+    assert_eq!(note.len(), 1, "{note:#?}");
+    assert_eq!(
+        (note[0].content.as_str(), note[0].ephemeral),
+        (DC_SENT, true)
+    );
+    let dm = dc.dm_channel_of(72).expect("a DM channel was opened");
+    let in_dm: Vec<String> = dc.messages_in(dm).into_iter().map(|m| m.content).collect();
+    assert_eq!(in_dm, vec!["Cancelled: nothing was deleted.".to_string()]);
+
     // Public commands stay public.
     let help = dc.send_interaction("help", Value::Null, 72, "hal", CHANNEL, Some(GUILD));
     dc_wait(&dc, "help", |m| m.interaction_id == Some(help)).await;
