@@ -23,12 +23,10 @@ use std::time::Duration;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use serenity::all::{
-    ApplicationId, ChannelId, Client, ClientBuilder, Command, CommandInteraction,
-    CommandOptionType, ComponentInteraction, ConnectionStage, Context, CreateActionRow,
-    CreateAttachment, CreateButton, CreateCommand, CreateCommandOption, CreateInteractionResponse,
-    CreateInteractionResponseFollowup, CreateInteractionResponseMessage, EventHandler,
-    GatewayIntents, GuildId, Http, HttpBuilder, HttpError, Interaction, Message, MessageId, Ready,
-    ResumedEvent, ShardStageUpdateEvent, User, UserId,
+    ApplicationId, ChannelId, Client, ClientBuilder, Command, CommandOptionType, ConnectionStage,
+    Context, CreateActionRow, CreateAttachment, CreateButton, CreateCommand, CreateCommandOption,
+    CreateInteractionResponseFollowup, EventHandler, GatewayIntents, Http, HttpBuilder, HttpError,
+    Interaction, Message, MessageId, Ready, ResumedEvent, ShardStageUpdateEvent, User, UserId,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +41,9 @@ use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply, Visib
 use crate::engine::commands::USER_COMMANDS;
 use crate::engine::Engine;
 
+mod interact;
 mod rest;
+use interact::Interact;
 use rest::{mentions, DcOut};
 
 /// Discord's message limit, in characters.
@@ -588,86 +588,6 @@ fn private_note_text(note: PrivateNote) -> &'static str {
         PrivateNote::Sent => "I've sent you the answer in a direct message.",
         PrivateNote::Refused => {
             "I can't send you a direct message, and this answer is for you only. To get it, allow direct messages from this server's members (click the server name → Privacy Settings → Direct Messages) and send the command again."
-        }
-    }
-}
-
-/// An interaction we answer: a slash command, or a press on one of our buttons.
-enum Interact {
-    Command(Box<CommandInteraction>),
-    Component(Box<ComponentInteraction>),
-}
-
-impl Interact {
-    fn id(&self) -> u64 {
-        match self {
-            Interact::Command(c) => c.id.get(),
-            Interact::Component(c) => c.id.get(),
-        }
-    }
-
-    fn user(&self) -> &User {
-        match self {
-            Interact::Command(c) => &c.user,
-            Interact::Component(c) => &c.user,
-        }
-    }
-
-    fn token(&self) -> &str {
-        match self {
-            Interact::Command(c) => &c.token,
-            Interact::Component(c) => &c.token,
-        }
-    }
-
-    fn place(&self) -> (ChannelId, Option<GuildId>) {
-        match self {
-            Interact::Command(c) => (c.channel_id, c.guild_id),
-            Interact::Component(c) => (c.channel_id, c.guild_id),
-        }
-    }
-
-    /// For a button pressed in a guild channel: the message the button is on.
-    fn guild_message(&self) -> Option<MessageId> {
-        match self {
-            Interact::Component(c) if c.guild_id.is_some() => Some(c.message.id),
-            _ => None,
-        }
-    }
-
-    /// Whether the first response is ephemeral: a slash command whose answer is always
-    /// personal ([`PERSONAL_COMMANDS`]).
-    fn defers_ephemerally(&self) -> bool {
-        match self {
-            Interact::Command(c) => PERSONAL_COMMANDS.contains(&c.data.name.as_str()),
-            Interact::Component(_) => false,
-        }
-    }
-
-    /// A slash command shows "thinking…" until the follow-up (only to the user when its
-    /// answer is personal); a button press is acknowledged without changing its message.
-    async fn acknowledge(&self, http: &Http) -> serenity::Result<()> {
-        match self {
-            Interact::Command(c) => {
-                let message =
-                    CreateInteractionResponseMessage::new().ephemeral(self.defers_ephemerally());
-                let defer = CreateInteractionResponse::Defer(message);
-                c.create_response(http, defer).await
-            }
-            Interact::Component(c) => {
-                c.create_response(http, CreateInteractionResponse::Acknowledge)
-                    .await
-            }
-        }
-    }
-
-    /// The engine has nothing to say (e.g. a repeated over-limit message).
-    async fn nothing_to_say(&self, http: &Http) -> serenity::Result<()> {
-        match self {
-            // Removes the "thinking…" message.
-            Interact::Command(c) => c.delete_response(http).await,
-            // The original response is the message with the buttons: keep it.
-            Interact::Component(_) => Ok(()),
         }
     }
 }
