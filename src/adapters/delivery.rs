@@ -18,6 +18,11 @@
 //!   the update in the inbox for the next start.
 //! - A permanent refusal (chat gone, bot blocked, bad request) is not retried: logged
 //!   without text, counted (`delivery_failed`), marked handled, removed from the inbox.
+//! - A `Personal` reply to an update from a shared place (group, guild channel) goes to
+//!   the user's private chat ([`Outbound::private_chat`]); the place gets only a short
+//!   note without content ([`PrivateNote`]), which says how to open a private chat when
+//!   the platform refused it ([`SendError::Unreachable`]). The private chat is the
+//!   reply's delivery target: the same retries, the same finish.
 //! - A panic while handling one update is caught, logged with the update's key (no text)
 //!   and counted (`update_panics`); the update is tried again, and after
 //!   [`PANIC_TRIES`] panics (counted durably in its inbox entry) it is parked under
@@ -45,8 +50,11 @@ use tracing::Instrument;
 
 use super::{stream_draft, DraftPut, Full, SerialQueue};
 use crate::domain::{Attachment, Button, Inbound, Reply};
+
+mod private;
 use crate::engine::Engine;
 use crate::store::Store;
+pub use private::PrivateNote;
 
 /// What a user whose update did not fit the queues is told.
 pub const BUSY_NOTICE: &str = "I'm busy right now — please send that again in a minute.";
@@ -72,6 +80,9 @@ pub enum SendError {
     Transient(String),
     /// Refused for good (chat gone, bot blocked, bad request): never retried.
     Permanent(String),
+    /// The user cannot be written to privately (never opened a private chat with the
+    /// bot, blocked it, or accepts no DMs): refused for good, never retried.
+    Unreachable(String),
 }
 
 pub type SendResult<T> = Result<T, SendError>;
@@ -174,6 +185,16 @@ pub trait Outbound: Send + Sync + 'static {
         job: &Self::Job,
         file: &Attachment,
     ) -> impl Future<Output = SendResult<()>> + Send;
+    /// The job aimed at the user's private chat (Telegram: the chat with the user's id;
+    /// Discord: the DM channel, opened if needed), for a personal reply to an update
+    /// from a shared place. One attempt.
+    fn private_chat(&self, job: &Self::Job) -> impl Future<Output = SendResult<Self::Job>> + Send;
+    /// Tells the shared place of `job` where its personal reply went (no content).
+    fn private_note(
+        &self,
+        job: &Self::Job,
+        note: PrivateNote,
+    ) -> impl Future<Output = SendResult<()>> + Send;
 }
 
 /// An inbox entry: the adapter's job plus how often handling it panicked.
@@ -202,6 +223,8 @@ pub enum Item<J> {
 #[derive(Debug, PartialEq)]
 pub enum Failed {
     Permanent(String),
+    /// The user's private chat refused it ([`SendError::Unreachable`]).
+    Unreachable(String),
     /// Still failing when `delivery.max_retry_secs` ran out.
     Expired(String),
     /// Shutdown began while waiting to retry.
@@ -250,6 +273,7 @@ where
         let (wait, why) = match op().await {
             Ok(v) => return Ok(v),
             Err(SendError::Permanent(why)) => return Err(Failed::Permanent(why)),
+            Err(SendError::Unreachable(why)) => return Err(Failed::Unreachable(why)),
             Err(SendError::RetryAfter(d)) => (d.min(RETRY_AFTER_MAX), "rate limited".into()),
             Err(SendError::Transient(why)) => (retry.backoff(), why),
         };
@@ -636,9 +660,10 @@ impl<P: Outbound> Delivery<P> {
         })))
     }
 
-    /// Sends a reply: split, the streamed draft edited into the first part, buttons
-    /// under the last, then the file; each call retried per [`retrying`].
-    pub async fn deliver(
+    /// Sends a reply to the job's own chat: split, the streamed draft edited into the
+    /// first part, buttons under the last, then the file; each call retried per
+    /// [`retrying`].
+    pub async fn deliver_here(
         &self,
         job: &P::Job,
         reply: &Reply,
@@ -695,7 +720,7 @@ impl<P: Outbound> Delivery<P> {
     ) {
         match outcome {
             Ok(()) => tracing::info!("update answered"),
-            Err(Failed::Permanent(why)) => {
+            Err(Failed::Permanent(why) | Failed::Unreachable(why)) => {
                 bump(&self.stats.delivery_failed);
                 tracing::warn!(reason = %why, "{} refused the reply; dropping it", P::PLATFORM);
             }

@@ -23,27 +23,27 @@ use std::time::Duration;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use serenity::all::{
-    ApplicationId, ChannelId, Client, ClientBuilder, Command, CommandInteraction,
-    CommandOptionType, ComponentInteraction, ConnectionStage, Context, CreateActionRow,
-    CreateAttachment, CreateButton, CreateCommand, CreateCommandOption, CreateInteractionResponse,
-    CreateInteractionResponseFollowup, CreateInteractionResponseMessage, EventHandler,
-    GatewayIntents, GuildId, Http, HttpBuilder, HttpError, Interaction, Message, MessageId, Ready,
-    ResumedEvent, ShardStageUpdateEvent, User, UserId,
+    ApplicationId, ChannelId, Client, ClientBuilder, Command, CommandOptionType, ConnectionStage,
+    Context, CreateActionRow, CreateAttachment, CreateButton, CreateCommand, CreateCommandOption,
+    CreateInteractionResponseFollowup, EventHandler, GatewayIntents, Http, HttpBuilder, HttpError,
+    Interaction, Message, MessageId, Ready, ResumedEvent, ShardStageUpdateEvent, User, UserId,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::delivery::{bump, Delivery, DeliveryStats, BUSY_NOTICE};
+use super::delivery::{bump, Delivery, DeliveryStats, Failed, PrivateNote, BUSY_NOTICE};
 use super::text::{char_len, split_message};
 use super::{redact, Throttle};
 use crate::config::{BotConfig, Config, Secret};
-use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply};
+use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply, Visibility};
 use crate::engine::commands::{self, Arg};
 use crate::engine::Engine;
 
+mod interact;
 mod rest;
+use interact::Interact;
 use rest::{mentions, DcOut};
 
 /// Discord's message limit, in characters.
@@ -56,6 +56,15 @@ const RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(10);
 /// The slash command that talks to the assistant.
 const ASK: &str = commands::ASK.name;
+/// What a public "thinking…" becomes when the answer turned out to be personal.
+const ANSWERED_PRIVATELY: &str = "Only you can see the answer.";
+
+/// Slash commands whose answer is declared personal: they are deferred ephemerally,
+/// since the defer must go out (within 3 s) before the answer exists. A personal
+/// answer to any other command is kept private too (see [`DiscordAdapter::follow_up`]).
+fn is_personal_command(name: &str) -> bool {
+    commands::slash_commands().any(|c| c.name == name && c.visibility == Visibility::Personal)
+}
 
 /// A bot whose token was checked against the configured application id.
 pub struct Verified {
@@ -463,118 +472,110 @@ impl DiscordAdapter {
     async fn answer_interaction(self: Arc<Self>, it: Interact) {
         let inbound = self.interaction_inbound(&it);
         let reply = self.engine().handle(&inbound).await;
-        let out = self.delivery.out();
-        let result = match &reply {
-            Reply::Text {
-                text,
-                attachment,
-                buttons,
-                ..
-            } => {
-                let mut retry = self.delivery.retry_budget();
-                let parts = split_message(text, DC_LIMIT, char_len);
-                let last = parts.len().saturating_sub(1);
-                let mut result = Ok(());
-                for (i, part) in parts.iter().enumerate() {
-                    let mut f = CreateInteractionResponseFollowup::new()
-                        .content(part.clone())
-                        .allowed_mentions(mentions());
-                    if i == last && !buttons.is_empty() {
-                        f = f.components(components(buttons));
-                    }
-                    result = self
-                        .delivery
-                        .send_retrying(&mut retry, || out.followup(&it, f.clone(), None))
-                        .await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                if let (Ok(()), Some(a)) = (&result, attachment) {
-                    let f = CreateInteractionResponseFollowup::new().content(a.file_name.clone());
-                    result = self
-                        .delivery
-                        .send_retrying(&mut retry, || out.followup(&it, f.clone(), Some(a)))
-                        .await;
-                }
-                result
+        let personal = reply.visibility() == Visibility::Personal;
+        let result = match (&reply, it.guild_message()) {
+            (Reply::Silent, _) => it
+                .nothing_to_say(self.http())
+                .await
+                .map_err(|e| Failed::Permanent(self.scrub(&e))),
+            // A button pressed in a guild channel: the answer goes to the user's DM.
+            (_, Some(message)) if personal => {
+                self.answer_in_dm(&it, &inbound, &reply, message).await
             }
-            Reply::Silent => it.nothing_to_say(self.http()).await.map_err(|e| {
-                super::delivery::Failed::Permanent(redact(&self.scrub(&e), it.token()))
-            }),
+            _ => self.follow_up(&it, &reply, personal).await,
         };
         // A follow-up cannot be retried after a restart (the interaction expires).
         let outcome = result.map_err(|f| match f {
-            super::delivery::Failed::Permanent(why) => {
-                super::delivery::Failed::Permanent(redact(&why, it.token()))
-            }
-            super::delivery::Failed::Expired(why) => {
-                super::delivery::Failed::Expired(redact(&why, it.token()))
-            }
+            Failed::Permanent(why) => Failed::Permanent(redact(&why, it.token())),
+            Failed::Unreachable(why) => Failed::Unreachable(redact(&why, it.token())),
+            Failed::Expired(why) => Failed::Expired(redact(&why, it.token())),
             other => other,
         });
         self.delivery.conclude(outcome, &inbound, None).await;
     }
+
+    /// The reply as follow-ups of the interaction: parts, buttons under the last, then
+    /// the file. A personal answer to a slash command is ephemeral (flags 64) — if its
+    /// command was deferred publicly, the public "thinking…" first becomes a note.
+    async fn follow_up(&self, it: &Interact, reply: &Reply, personal: bool) -> Result<(), Failed> {
+        let Reply::Text {
+            text,
+            attachment,
+            buttons,
+            ..
+        } = reply
+        else {
+            return Ok(());
+        };
+        let out = self.delivery.out();
+        let mut retry = self.delivery.retry_budget();
+        let is_command = matches!(it, Interact::Command(_));
+        let ephemeral = is_command && (personal || it.defers_ephemerally());
+        if is_command && personal && !it.defers_ephemerally() {
+            self.delivery
+                .send_retrying(&mut retry, || out.edit_original(it, ANSWERED_PRIVATELY))
+                .await?;
+        }
+        let parts = split_message(text, DC_LIMIT, char_len);
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.iter().enumerate() {
+            let mut f = CreateInteractionResponseFollowup::new()
+                .content(part.clone())
+                .allowed_mentions(mentions())
+                .ephemeral(ephemeral);
+            if i == last && !buttons.is_empty() {
+                f = f.components(components(buttons));
+            }
+            self.delivery
+                .send_retrying(&mut retry, || out.followup(it, f.clone(), None))
+                .await?;
+        }
+        if let Some(a) = attachment {
+            let f = CreateInteractionResponseFollowup::new()
+                .content(a.file_name.clone())
+                .ephemeral(ephemeral);
+            self.delivery
+                .send_retrying(&mut retry, || out.followup(it, f.clone(), Some(a)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A personal answer to a button pressed in a guild channel: to the user's DM; the
+    /// presser alone is told where it went (an ephemeral follow-up, no content).
+    async fn answer_in_dm(
+        &self,
+        it: &Interact,
+        inbound: &Inbound,
+        reply: &Reply,
+        message: MessageId,
+    ) -> Result<(), Failed> {
+        let (channel, _) = it.place();
+        let job = Job {
+            inbound: inbound.clone(),
+            channel_id: channel,
+            message_id: message,
+            is_group: true,
+        };
+        let out = self.delivery.out();
+        let note = |n| {
+            let f = CreateInteractionResponseFollowup::new()
+                .content(private_note_text(n))
+                .allowed_mentions(mentions())
+                .ephemeral(true);
+            async move { out.followup(it, f, None).await }
+        };
+        self.delivery.deliver_privately(&job, reply, note).await
+    }
 }
 
-/// An interaction we answer: a slash command, or a press on one of our buttons.
-enum Interact {
-    Command(Box<CommandInteraction>),
-    Component(Box<ComponentInteraction>),
-}
-
-impl Interact {
-    fn id(&self) -> u64 {
-        match self {
-            Interact::Command(c) => c.id.get(),
-            Interact::Component(c) => c.id.get(),
-        }
-    }
-
-    fn user(&self) -> &User {
-        match self {
-            Interact::Command(c) => &c.user,
-            Interact::Component(c) => &c.user,
-        }
-    }
-
-    fn token(&self) -> &str {
-        match self {
-            Interact::Command(c) => &c.token,
-            Interact::Component(c) => &c.token,
-        }
-    }
-
-    fn place(&self) -> (ChannelId, Option<GuildId>) {
-        match self {
-            Interact::Command(c) => (c.channel_id, c.guild_id),
-            Interact::Component(c) => (c.channel_id, c.guild_id),
-        }
-    }
-
-    /// A slash command shows "thinking…" until the follow-up; a button press is
-    /// acknowledged without changing its message.
-    async fn acknowledge(&self, http: &Http) -> serenity::Result<()> {
-        match self {
-            Interact::Command(c) => {
-                let defer =
-                    CreateInteractionResponse::Defer(CreateInteractionResponseMessage::new());
-                c.create_response(http, defer).await
-            }
-            Interact::Component(c) => {
-                c.create_response(http, CreateInteractionResponse::Acknowledge)
-                    .await
-            }
-        }
-    }
-
-    /// The engine has nothing to say (e.g. a repeated over-limit message).
-    async fn nothing_to_say(&self, http: &Http) -> serenity::Result<()> {
-        match self {
-            // Removes the "thinking…" message.
-            Interact::Command(c) => c.delete_response(http).await,
-            // The original response is the message with the buttons: keep it.
-            Interact::Component(_) => Ok(()),
+/// The note in a guild channel whose personal answer went to the user's DM: never the
+/// answer.
+fn private_note_text(note: PrivateNote) -> &'static str {
+    match note {
+        PrivateNote::Sent => "I've sent you the answer in a direct message.",
+        PrivateNote::Refused => {
+            "I can't send you a direct message, and this answer is for you only. To get it, allow direct messages from this server's members (click the server name → Privacy Settings → Direct Messages) and send the command again."
         }
     }
 }

@@ -13,26 +13,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use teloxide::payloads::{
-    EditMessageTextSetters, GetUpdatesSetters, SendDocumentSetters, SendMessageSetters,
-};
+use teloxide::payloads::GetUpdatesSetters;
 use teloxide::requests::Requester;
-use teloxide::types::{
-    AllowedUpdate, BotCommand, CallbackQueryId, ChatAction, ChatId, InlineKeyboardButton,
-    InlineKeyboardMarkup, InputFile, Me, MessageEntityKind, MessageId, ParseMode, ReplyParameters,
-    Update, UpdateKind,
-};
+use teloxide::types::{AllowedUpdate, BotCommand, Me, MessageEntityKind, Update, UpdateKind};
 use teloxide::{ApiError, Bot, RequestError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::{bump, Delivery, DeliveryStats, Outbound, SendError, SendResult};
-use super::text::{markdown_to_telegram_html, split_message, utf16_len};
-use super::{redact, DraftPut, Throttle};
+use super::delivery::{bump, Delivery, DeliveryStats};
+use super::{redact, Throttle};
 use crate::config::{BotConfig, Config, Secret};
-use crate::domain::{Attachment, Button, Content, Inbound, Platform};
+use crate::domain::{Content, Inbound, Platform};
 use crate::engine::commands;
 use crate::engine::Engine;
+
+mod out;
+use out::{scrub, TgOut};
 
 /// Telegram's limit is 4096; leave room for HTML entities added by formatting.
 const SPLIT_AT: usize = 3800;
@@ -162,6 +158,7 @@ impl TelegramAdapter {
         let out = Arc::new(TgOut {
             bot: v.bot.clone(),
             token: v.token.clone(),
+            username: v.me.user.username.clone().unwrap_or_default(),
             throttle: Throttle::new(
                 t.per_chat_per_minute,
                 t.group_per_minute,
@@ -397,230 +394,6 @@ impl TelegramAdapter {
     }
 }
 
-/// Telegram's outbound side: HTML rendering with plain-text fallback, inline keyboards,
-/// throttling; every call classified for the delivery machinery.
-pub struct TgOut {
-    bot: Bot,
-    token: Secret,
-    throttle: Throttle,
-}
-
-fn scrub(e: &RequestError, token: &Secret) -> String {
-    match e {
-        // The raw answer can hold message text.
-        RequestError::InvalidJson { .. } => "invalid JSON from the Bot API".to_string(),
-        _ => redact(&format!("{e:?}"), token.expose()),
-    }
-}
-
-/// Retry or not: 429 waits what Telegram asked; network errors, unparsable answers and
-/// 5xx (teloxide reports them as unknown API errors) are transient; a known API error,
-/// or an unknown one that names a 4xx (`Bad Request: …`, `Forbidden: …`), is permanent.
-fn classify(e: &RequestError, token: &Secret) -> SendError {
-    let why = scrub(e, token);
-    match e {
-        RequestError::RetryAfter(s) => SendError::RetryAfter(s.duration()),
-        RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => {
-            SendError::Transient(why)
-        }
-        RequestError::Api(ApiError::Unknown(d)) if !names_client_error(d) => {
-            SendError::Transient(why)
-        }
-        _ => SendError::Permanent(why),
-    }
-}
-
-fn names_client_error(description: &str) -> bool {
-    [
-        "Bad Request",
-        "Unauthorized",
-        "Forbidden",
-        "Not Found",
-        "Conflict",
-        "Request Entity Too Large",
-    ]
-    .iter()
-    .any(|p| description.starts_with(p))
-}
-
-impl TgOut {
-    async fn wait(&self, job: &Job) {
-        self.throttle
-            .wait(&job.chat_id.to_string(), job.is_group)
-            .await;
-    }
-
-    /// One sendMessage.
-    async fn send(
-        &self,
-        job: &Job,
-        text: &str,
-        mode: Option<ParseMode>,
-        markup: Option<InlineKeyboardMarkup>,
-    ) -> Result<(), RequestError> {
-        self.wait(job).await;
-        let mut req = self.bot.send_message(ChatId(job.chat_id), text.to_string());
-        if let Some(mode) = mode {
-            req = req.parse_mode(mode);
-        }
-        if job.is_group {
-            let id = MessageId(job.message_id);
-            req = req.reply_parameters(ReplyParameters::new(id).allow_sending_without_reply());
-        }
-        if let Some(m) = markup {
-            req = req.reply_markup(m);
-        }
-        req.await.map(|_| ())
-    }
-
-    /// One editMessageText; "not modified" counts as done.
-    async fn edit(
-        &self,
-        job: &Job,
-        id: MessageId,
-        text: &str,
-        mode: Option<ParseMode>,
-        markup: Option<InlineKeyboardMarkup>,
-    ) -> Result<(), RequestError> {
-        self.wait(job).await;
-        let mut req = self
-            .bot
-            .edit_message_text(ChatId(job.chat_id), id, text.to_string());
-        if let Some(mode) = mode {
-            req = req.parse_mode(mode);
-        }
-        if let Some(m) = markup {
-            req = req.reply_markup(m);
-        }
-        match req.await {
-            Ok(_) | Err(RequestError::Api(ApiError::MessageNotModified)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-impl Outbound for TgOut {
-    type Job = Job;
-    type MsgId = MessageId;
-    const PLATFORM: &'static str = "telegram";
-    const DRAFT_LIMIT: usize = TG_LIMIT;
-    /// Telegram shows "typing…" for 5 s per action.
-    const TYPING_EVERY: Duration = Duration::from_secs(4);
-
-    fn inbound(job: &Job) -> &Inbound {
-        &job.inbound
-    }
-
-    fn order(job: &Job) -> u64 {
-        job.inbound
-            .update_id
-            .as_deref()
-            .and_then(|id| id.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn split(&self, text: &str) -> Vec<String> {
-        split_message(text, SPLIT_AT, utf16_len)
-    }
-
-    async fn before(&self, job: &Job) {
-        if let Some(id) = &job.callback_id {
-            // Stops the button's spinner; failure is cosmetic.
-            let _ = self
-                .bot
-                .answer_callback_query(CallbackQueryId(id.clone()))
-                .await;
-        }
-    }
-
-    async fn typing(&self, job: &Job) {
-        let _ = self
-            .bot
-            .send_chat_action(ChatId(job.chat_id), ChatAction::Typing)
-            .await;
-    }
-
-    async fn draft(&self, job: &Job, id: Option<MessageId>, text: String) -> DraftPut<MessageId> {
-        self.wait(job).await;
-        let chat = ChatId(job.chat_id);
-        let result = match id {
-            None => self.bot.send_message(chat, text).await.map(|m| m.id),
-            Some(id) => self.bot.edit_message_text(chat, id, text).await.map(|_| id),
-        };
-        match result {
-            Ok(id) => DraftPut::Shown(id),
-            Err(RequestError::Api(ApiError::MessageNotModified)) => DraftPut::Unchanged,
-            Err(e) => DraftPut::Failed(scrub(&e, &self.token)),
-        }
-    }
-
-    /// HTML; if Telegram rejects the entities (or the HTML is too long), plain text.
-    async fn send_part(&self, job: &Job, part: &str, buttons: &[Button]) -> SendResult<()> {
-        let markup = keyboard(buttons);
-        let html = markdown_to_telegram_html(part);
-        if utf16_len(&html) <= TG_LIMIT {
-            match self
-                .send(job, &html, Some(ParseMode::Html), markup.clone())
-                .await
-            {
-                Err(RequestError::Api(ApiError::CantParseEntities(_))) => {
-                    tracing::debug!("formatting rejected; resending as plain text");
-                }
-                other => return other.map_err(|e| classify(&e, &self.token)),
-            }
-        }
-        self.send(job, part, None, markup)
-            .await
-            .map_err(|e| classify(&e, &self.token))
-    }
-
-    async fn edit_part(
-        &self,
-        job: &Job,
-        id: MessageId,
-        part: &str,
-        buttons: &[Button],
-    ) -> SendResult<()> {
-        let markup = keyboard(buttons);
-        let html = markdown_to_telegram_html(part);
-        if utf16_len(&html) <= TG_LIMIT {
-            match self
-                .edit(job, id, &html, Some(ParseMode::Html), markup.clone())
-                .await
-            {
-                Err(RequestError::Api(ApiError::CantParseEntities(_))) => {}
-                other => return other.map_err(|e| classify(&e, &self.token)),
-            }
-        }
-        self.edit(job, id, part, None, markup)
-            .await
-            .map_err(|e| classify(&e, &self.token))
-    }
-
-    async fn send_file(&self, job: &Job, a: &Attachment) -> SendResult<()> {
-        self.wait(job).await;
-        let file = InputFile::memory(a.bytes.clone()).file_name(a.file_name.clone());
-        self.bot
-            .send_document(ChatId(job.chat_id), file)
-            .caption(a.file_name.clone())
-            .await
-            .map(|_| ())
-            .map_err(|e| classify(&e, &self.token))
-    }
-}
-
-/// The engine's buttons as an inline keyboard (one row); the press sends the command back.
-fn keyboard(buttons: &[Button]) -> Option<InlineKeyboardMarkup> {
-    if buttons.is_empty() {
-        return None;
-    }
-    let row: Vec<InlineKeyboardButton> = buttons
-        .iter()
-        .map(|b| InlineKeyboardButton::callback(b.label.clone(), b.command.clone()))
-        .collect();
-    Some(InlineKeyboardMarkup::new(vec![row]))
-}
-
 /// Removes every `@me` (ASCII case-insensitive, the whole username) from a group message so
 /// the LLM sees only the question. It works on the original text's char boundaries: a
 /// lowercased copy can have other byte offsets (`Ω` shrinks, `İ` grows), so nothing is ever
@@ -689,25 +462,6 @@ pub(crate) fn entity_text(text: &str, offset: usize, length: usize) -> Option<&s
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn server_errors_are_retried_and_refusals_are_not() {
-        let token = Secret::new("7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw".to_string());
-        let kind = |e: RequestError| match classify(&e, &token) {
-            SendError::RetryAfter(d) => format!("wait {}", d.as_secs()),
-            SendError::Transient(_) => "transient".to_string(),
-            SendError::Permanent(_) => "permanent".to_string(),
-        };
-        let unknown = |d: &str| RequestError::Api(ApiError::Unknown(d.to_string()));
-        assert_eq!(kind(unknown("Bad Gateway")), "transient");
-        assert_eq!(kind(unknown("Internal Server Error")), "transient");
-        assert_eq!(kind(unknown("Bad Request: something new")), "permanent");
-        assert_eq!(kind(unknown("Forbidden: bot was kicked")), "permanent");
-        assert_eq!(kind(RequestError::Api(ApiError::BotBlocked)), "permanent");
-        assert_eq!(kind(RequestError::Api(ApiError::ChatNotFound)), "permanent");
-        let wait = teloxide::types::Seconds::from_seconds(3);
-        assert_eq!(kind(RequestError::RetryAfter(wait)), "wait 3");
-    }
 
     #[test]
     fn strips_the_mention() {

@@ -19,6 +19,7 @@ mod flood;
 mod hardening;
 mod ops;
 mod ops_http;
+mod personal;
 mod privacy;
 mod systemd;
 mod telegram;

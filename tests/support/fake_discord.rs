@@ -179,6 +179,8 @@ struct FakeState {
     channels: HashMap<u64, ChannelInfo>,
     usernames: HashMap<u64, String>,
     callback_deadline: Option<Duration>,
+    /// Users who accept no DMs from the bot (see [`FakeDiscord::refuse_dms`]).
+    refused_dms: Vec<u64>,
 }
 
 type Shared = Arc<Mutex<FakeState>>;
@@ -290,6 +292,7 @@ impl FakeDiscord {
             channels: HashMap::new(),
             usernames: HashMap::new(),
             callback_deadline: None,
+            refused_dms: Vec::new(),
         }));
         let (addr, stop) = spawn_server(SocketAddr::from(([127, 0, 0, 1], 0)), state.clone())
             .expect("fake_discord: cannot bind 127.0.0.1:0");
@@ -658,6 +661,33 @@ impl FakeDiscord {
 
     pub fn calls(&self) -> Vec<ApiCall> {
         lock(&self.state).calls.clone()
+    }
+
+    /// `data.flags` of the interaction's callback (0 when absent), if it was answered.
+    pub fn callback_flags(&self, interaction_id: u64) -> Option<u64> {
+        lock(&self.state)
+            .interaction_responses
+            .iter()
+            .find(|(id, _)| *id == interaction_id)
+            .map(|(_, body)| body["data"]["flags"].as_u64().unwrap_or(0))
+    }
+
+    /// The DM channel the bot opened with `user_id` (POST /users/@me/channels) or
+    /// that the user wrote from, if any.
+    pub fn dm_channel_of(&self, user_id: u64) -> Option<u64> {
+        lock(&self.state)
+            .channels
+            .iter()
+            .find(|(_, c)| {
+                c.guild_id.is_none() && c.recipient.as_ref().map(|r| r.0) == Some(user_id)
+            })
+            .map(|(id, _)| *id)
+    }
+
+    /// From now on, messages to `user_id`'s DM channel fail like Discord does for a
+    /// user who allows no DMs: 403 `Cannot send messages to this user` (code 50007).
+    pub fn refuse_dms(&self, user_id: u64) {
+        lock(&self.state).refused_dms.push(user_id);
     }
 
     /// The next REST call whose method matches (case-insensitive; `"*"` = any)
@@ -1514,6 +1544,9 @@ fn route(
             let Some(cid) = parse_u64(cid) else {
                 return error(404, "Unknown Channel", 10003);
             };
+            if dm_refused(st, cid) {
+                return error(403, "Cannot send messages to this user", 50007);
+            }
             let id = st.new_id();
             let msg = record_message(st, "create", cid, id, body, None, false);
             (200, Some(msg))
@@ -1619,6 +1652,14 @@ fn route(
         ("DELETE", ["webhooks", app, _, "messages", _]) if is_app(app) => no_content(),
         _ => error(404, "404: Not Found", 0),
     }
+}
+
+/// Whether `cid` is the DM channel of a user [`FakeDiscord::refuse_dms`] named.
+fn dm_refused(st: &FakeState, cid: u64) -> bool {
+    st.channels
+        .get(&cid)
+        .and_then(|c| c.recipient.as_ref())
+        .is_some_and(|(uid, _)| st.refused_dms.contains(uid))
 }
 
 fn dm_channel_json(cid: u64, uid: u64, name: &str) -> Value {

@@ -136,6 +136,8 @@ struct TgState {
     /// Faults that answer every call of a method until a moment (see
     /// [`FakeTelegram::fail_for`]).
     outages: Vec<(String, Fault, std::time::Instant)>,
+    /// Users whose private chat refuses the bot (see [`FakeTelegram::refuse_private`]).
+    refused_private: Vec<i64>,
     down: bool,
 }
 
@@ -218,6 +220,7 @@ impl FakeTelegram {
                 chat_actions: Vec::new(),
                 faults: HashMap::new(),
                 outages: Vec::new(),
+                refused_private: Vec::new(),
                 down: false,
             }),
             updates_changed: Notify::new(),
@@ -508,6 +511,13 @@ impl FakeTelegram {
         self.st()
             .outages
             .push((method.to_ascii_lowercase(), fault, until));
+    }
+
+    /// From now on, sending to `user_id`'s private chat fails like Telegram does for a
+    /// user who never started the bot: 403 `Forbidden: bot can't initiate conversation
+    /// with a user`.
+    pub fn refuse_private(&self, user_id: i64) {
+        self.st().refused_private.push(user_id);
     }
 
     /// Arrival times and statuses of the calls of `method`, in order.
@@ -1225,6 +1235,8 @@ async fn handle(
     } else if !valid {
         let (c, b) = err(400, "Bad Request: can't parse JSON body");
         (c, b, false)
+    } else if let Some((c, b)) = refused_private(&inner, &method, &json_body) {
+        (c, b, false)
     } else {
         let (c, b) = dispatch(&inner, &method, &json_body, upload).await;
         (c, b, false)
@@ -1234,6 +1246,19 @@ async fn handle(
         lock(&inner).calls[idx].status = code;
     }
     into_response((code, resp_body), close)
+}
+
+/// A message to a private chat that [`FakeTelegram::refuse_private`] closed.
+fn refused_private(inner: &Shared, method: &str, body: &Value) -> Option<(u16, Value)> {
+    let sends = ["sendmessage", "senddocument", "editmessagetext"];
+    let chat = chat_id_of(body)?;
+    let refused = sends.contains(&method) && lock(inner).refused_private.contains(&chat);
+    refused.then(|| {
+        err(
+            403,
+            "Forbidden: bot can't initiate conversation with a user",
+        )
+    })
 }
 
 async fn dispatch(

@@ -14,12 +14,15 @@ use serenity::all::{
 use serenity::http::{LightMethod, Multipart, MultipartUpload, Request, Route};
 use tokio::time::Instant;
 
-use super::{attachment, components, Interact, Job, DC_LIMIT, RATE_LIMIT_WAIT};
-use crate::adapters::delivery::{Outbound, SendError, SendResult, RETRY_AFTER_MAX};
+use super::{attachment, components, private_note_text, Interact, Job, DC_LIMIT, RATE_LIMIT_WAIT};
+use crate::adapters::delivery::{Outbound, PrivateNote, SendError, SendResult, RETRY_AFTER_MAX};
 use crate::adapters::text::{char_len, split_message};
 use crate::adapters::{redact, DraftPut, Throttle};
 use crate::config::Secret;
 use crate::domain::{Attachment, Button, Inbound};
+
+/// Discord's error code for "Cannot send messages to this user".
+const CANNOT_DM: u64 = 50007;
 
 fn classify(e: &serenity::Error, token: &Secret) -> SendError {
     let why = redact(&format!("{e:?}"), token.expose());
@@ -138,16 +141,17 @@ impl DcOut {
     }
 
     /// One REST call with a JSON body (and a file, as multipart); the answer's body.
+    /// `place`: the channel a message goes to (for our throttling), if any.
     async fn rest(
         &self,
-        (chat, is_group): (ChannelId, bool),
+        place: Option<(ChannelId, bool)>,
         method: LightMethod,
         route: Route<'_>,
         mut body: Value,
         file: Option<&Attachment>,
     ) -> SendResult<Vec<u8>> {
         self.wait_paused().await;
-        if let Some(t) = &self.throttle {
+        if let (Some(t), Some((chat, is_group))) = (&self.throttle, place) {
             t.wait(&chat.get().to_string(), is_group).await;
         }
         let mut req = Request::new(route, method);
@@ -210,6 +214,10 @@ impl DcOut {
                 SendError::RetryAfter(wait)
             }
             500..=599 => SendError::Transient(why),
+            // "Cannot send messages to this user": DMs closed, or the bot blocked.
+            _ if body.get("code").and_then(Value::as_u64) == Some(CANNOT_DM) => {
+                SendError::Unreachable(why)
+            }
             _ => SendError::Permanent(why),
         }
     }
@@ -227,7 +235,7 @@ impl DcOut {
         };
         let answer = self
             .rest(
-                (job.channel_id, job.is_group),
+                Some((job.channel_id, job.is_group)),
                 LightMethod::Post,
                 route,
                 body,
@@ -245,7 +253,7 @@ impl DcOut {
             message_id: id,
         };
         self.rest(
-            (job.channel_id, job.is_group),
+            Some((job.channel_id, job.is_group)),
             LightMethod::Patch,
             route,
             body,
@@ -268,20 +276,35 @@ impl DcOut {
             token: it.token(),
         };
         let (channel, guild) = it.place();
-        self.rest(
-            (channel, guild.is_some()),
-            LightMethod::Post,
-            route,
-            body,
-            file,
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| match e {
-            SendError::Permanent(why) => SendError::Permanent(redact(&why, it.token())),
-            SendError::Transient(why) => SendError::Transient(redact(&why, it.token())),
-            other => other,
-        })
+        let place = Some((channel, guild.is_some()));
+        let sent = self.rest(place, LightMethod::Post, route, body, file).await;
+        sent.map(|_| ()).map_err(|e| without_token(e, it))
+    }
+
+    /// PATCH /webhooks/{application}/{interaction token}/messages/@original: replaces
+    /// the interaction's first response (e.g. a public "thinking…").
+    pub(super) async fn edit_original(&self, it: &Interact, content: &str) -> SendResult<()> {
+        let body = json!({ "content": content, "allowed_mentions": mentions() });
+        let route = Route::WebhookOriginalInteractionResponse {
+            application_id: self.application_id,
+            token: it.token(),
+        };
+        let (channel, guild) = it.place();
+        let place = Some((channel, guild.is_some()));
+        let sent = self
+            .rest(place, LightMethod::Patch, route, body, None)
+            .await;
+        sent.map(|_| ()).map_err(|e| without_token(e, it))
+    }
+}
+
+/// An interaction's token is a credential for its webhook: never in an error text.
+fn without_token(e: SendError, it: &Interact) -> SendError {
+    match e {
+        SendError::Permanent(why) => SendError::Permanent(redact(&why, it.token())),
+        SendError::Transient(why) => SendError::Transient(redact(&why, it.token())),
+        SendError::Unreachable(why) => SendError::Unreachable(redact(&why, it.token())),
+        other => other,
     }
 }
 
@@ -361,6 +384,34 @@ impl Outbound for DcOut {
             .await
             .map(|_| ())
     }
+
+    /// POST /users/@me/channels opens (or finds) the DM channel with the user.
+    async fn private_chat(&self, job: &Job) -> SendResult<Job> {
+        let body = json!({ "recipient_id": job.inbound.user_id });
+        let answer = self
+            .rest(None, LightMethod::Post, Route::UserMeDmChannels, body, None)
+            .await?;
+        let channel = channel_id(&answer)
+            .ok_or_else(|| SendError::Permanent("no channel id in the answer".into()))?;
+        Ok(Job {
+            inbound: job.inbound.clone(),
+            channel_id: channel,
+            message_id: job.message_id,
+            is_group: false,
+        })
+    }
+
+    /// A reply to the user's message in the channel, without content.
+    async fn private_note(&self, job: &Job, note: PrivateNote) -> SendResult<()> {
+        let m = new_message(job, private_note_text(note), &[]);
+        self.create(job, m, None).await.map(|_| ())
+    }
+}
+
+fn channel_id(answer: &[u8]) -> Option<ChannelId> {
+    let v: Value = serde_json::from_slice(answer).ok()?;
+    let id = v.get("id")?.as_str()?.parse::<u64>().ok()?;
+    std::num::NonZeroU64::new(id).map(ChannelId::from)
 }
 
 #[cfg(test)]
