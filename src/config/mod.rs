@@ -10,6 +10,7 @@
 //! **Invariant:** a secret value never appears in a `Problem`, a `Debug` print
 //! or a log line; `Secret` redacts itself and problems name the variable only.
 
+pub mod defaults;
 mod raw;
 mod secrets;
 mod validate;
@@ -1280,6 +1281,74 @@ api_url = "api.telegram.org"
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/confab/production"));
         assert_eq!(c.admins.telegram, vec![42]);
         assert!(c.admins.discord.is_empty());
+    }
+
+    /// `config/staging.toml` says "the value shown is the default": every key of every
+    /// section is written there (or commented out where the default is "unset") and the
+    /// file as shipped gives exactly `Config::with_defaults`.
+    #[test]
+    fn shipped_staging_toml_shows_every_default() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let source = fs::read_to_string(root.join("config/staging.toml")).expect("read");
+        let doc = Doc {
+            file: "config/staging.toml",
+            source: &source,
+        };
+        let mut problems = Vec::new();
+        let table = raw::parse_table(&doc, &mut problems).expect("parses");
+        let shipped = validate::settings(&doc, table.clone(), Env::Staging, &root, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let defaults = Config::with_defaults(Env::Staging, &root);
+        let (shipped, defaults) = (format!("{shipped:#?}"), format!("{defaults:#?}"));
+        let differ: Vec<_> = shipped
+            .lines()
+            .zip(defaults.lines())
+            .filter(|(s, d)| s != d)
+            .collect();
+        assert!(differ.is_empty(), "(shipped, default): {differ:?}");
+        assert_eq!(shipped.lines().count(), defaults.lines().count());
+
+        fn keys<T: serde::Serialize>(v: T) -> Vec<(String, bool)> {
+            let json = serde_json::to_value(v).expect("serialise");
+            let obj = json.as_object().cloned().unwrap_or_default();
+            obj.into_iter().map(|(k, v)| (k, v.is_null())).collect()
+        }
+        let platform = || raw::RawPlatform {
+            api_url: Some(String::new()),
+            per_chat_per_minute: Some(0),
+            group_per_minute: Some(0),
+            global_per_second: Some(0),
+        };
+        let sections = [
+            ("http", keys(raw::RawHttp::default())),
+            ("log", keys(raw::RawLog::default())),
+            ("llm", keys(raw::RawLlm::default())),
+            ("limits", keys(raw::RawLimits::default())),
+            ("memory", keys(raw::RawMemory::default())),
+            ("cache", keys(raw::RawCache::default())),
+            ("store", keys(raw::RawStore::default())),
+            ("admins", keys(raw::RawAdmins::default())),
+            ("telegram", keys(platform())),
+            ("discord", keys(platform())),
+            ("delivery", keys(raw::RawDelivery::default())),
+            ("audit", keys(raw::RawAudit::default())),
+        ];
+        let commented = |key: &str| {
+            let prefix = format!("# {key} = ");
+            source.lines().any(|l| l.trim_start().starts_with(&prefix))
+        };
+        for (section, keys) in sections {
+            for (key, unset) in keys {
+                let written = table.get(section).and_then(|s| s.get(&key)).is_some();
+                assert!(
+                    written || (unset && commented(&key)),
+                    "config/staging.toml does not show {section}.{key}"
+                );
+            }
+        }
+        for key in ["data_dir", "shutdown_timeout_secs"] {
+            assert!(table.contains_key(key), "config/staging.toml lacks {key}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::de::{DeserializeOwned, Deserializer, Visitor};
 use serde::Deserialize;
 use toml::{Table, Value};
 
-use super::Problem;
+use super::{defaults, Problem};
 
 // ---------------------------------------------------------------------------
 // config/<env>.toml
@@ -36,6 +36,7 @@ pub(crate) struct RawTop {
     pub audit: Table,
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawHttp {
@@ -45,11 +46,12 @@ pub(crate) struct RawHttp {
 impl Default for RawHttp {
     fn default() -> Self {
         Self {
-            bind: "127.0.0.1:9464".into(),
+            bind: defaults::http::BIND.into(),
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawLog {
@@ -61,13 +63,14 @@ pub(crate) struct RawLog {
 impl Default for RawLog {
     fn default() -> Self {
         Self {
-            format: "pretty".into(),
-            level: "info".into(),
-            unsafe_debug: false,
+            format: defaults::log::FORMAT.into(),
+            level: defaults::log::LEVEL.into(),
+            unsafe_debug: defaults::log::UNSAFE_DEBUG,
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawLlm {
@@ -90,26 +93,28 @@ pub(crate) struct RawLlm {
 
 impl Default for RawLlm {
     fn default() -> Self {
+        use defaults::llm as d;
         Self {
-            base_url: "https://api.openai.com/v1".into(),
-            api_key_env: "OPENAI_API_KEY".into(),
-            model: "gpt-4o-mini".into(),
-            timeout_secs: 60,
-            connect_timeout_secs: 10,
-            max_retries: 3,
-            max_concurrent: 256,
-            requests_per_minute: 0,
-            retry_after_cap_secs: 30,
-            backoff_base_ms: 250,
-            breaker_failures: 5,
-            breaker_cooldown_secs: 30,
-            queue_timeout_secs: 30,
-            temperature: None,
-            max_tokens: Some(1024),
+            base_url: d::BASE_URL.into(),
+            api_key_env: d::API_KEY_ENV.into(),
+            model: d::MODEL.into(),
+            timeout_secs: d::TIMEOUT_SECS,
+            connect_timeout_secs: d::CONNECT_TIMEOUT_SECS,
+            max_retries: d::MAX_RETRIES,
+            max_concurrent: d::MAX_CONCURRENT,
+            requests_per_minute: d::REQUESTS_PER_MINUTE,
+            retry_after_cap_secs: d::RETRY_AFTER_CAP_SECS,
+            backoff_base_ms: d::BACKOFF_BASE_MS,
+            breaker_failures: d::BREAKER_FAILURES,
+            breaker_cooldown_secs: d::BREAKER_COOLDOWN_SECS,
+            queue_timeout_secs: d::QUEUE_TIMEOUT_SECS,
+            temperature: d::TEMPERATURE,
+            max_tokens: d::MAX_TOKENS,
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawLimits {
@@ -123,17 +128,19 @@ pub(crate) struct RawLimits {
 
 impl Default for RawLimits {
     fn default() -> Self {
+        use defaults::limits as d;
         Self {
-            messages_per_minute: 6,
-            burst: 3,
-            daily_tokens: 50_000,
-            max_input_chars: 4000,
-            commands_per_minute: 20,
-            commands_burst: 10,
+            messages_per_minute: d::MESSAGES_PER_MINUTE,
+            burst: d::BURST,
+            daily_tokens: d::DAILY_TOKENS,
+            max_input_chars: d::MAX_INPUT_CHARS,
+            commands_per_minute: d::COMMANDS_PER_MINUTE,
+            commands_burst: d::COMMANDS_BURST,
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawMemory {
@@ -144,12 +151,13 @@ pub(crate) struct RawMemory {
 impl Default for RawMemory {
     fn default() -> Self {
         Self {
-            max_context_tokens: 4000,
-            retention_days: 30,
+            max_context_tokens: defaults::memory::MAX_CONTEXT_TOKENS,
+            retention_days: defaults::memory::RETENTION_DAYS,
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawCache {
@@ -161,15 +169,17 @@ pub(crate) struct RawCache {
 
 impl Default for RawCache {
     fn default() -> Self {
+        use defaults::cache as d;
         Self {
-            enabled: true,
-            ttl_secs: 86_400,
-            max_entries: 100_000,
-            scope: "global".into(),
+            enabled: d::ENABLED,
+            ttl_secs: d::TTL_SECS,
+            max_entries: d::MAX_ENTRIES,
+            scope: d::SCOPE.into(),
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawStore {
@@ -180,14 +190,16 @@ pub(crate) struct RawStore {
 
 impl Default for RawStore {
     fn default() -> Self {
+        use defaults::store as d;
         Self {
-            cache_capacity_mb: 16,
-            flush_every_ms: 500,
-            group_commit_us: 500,
+            cache_capacity_mb: d::CACHE_CAPACITY_MB,
+            flush_every_ms: d::FLUSH_EVERY_MS,
+            group_commit_us: d::GROUP_COMMIT_US,
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawDelivery {
@@ -198,14 +210,16 @@ pub(crate) struct RawDelivery {
 
 impl Default for RawDelivery {
     fn default() -> Self {
+        use defaults::delivery as d;
         Self {
-            max_retry_secs: 600,
-            max_queue_per_chat: 32,
-            max_pending: 10_000,
+            max_retry_secs: d::MAX_RETRY_SECS,
+            max_queue_per_chat: d::MAX_QUEUE_PER_CHAT,
+            max_pending: d::MAX_PENDING,
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawAudit {
@@ -215,11 +229,12 @@ pub(crate) struct RawAudit {
 impl Default for RawAudit {
     fn default() -> Self {
         Self {
-            retention_days: 365,
+            retention_days: defaults::audit::RETENTION_DAYS,
         }
     }
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawAdmins {
@@ -228,6 +243,7 @@ pub(crate) struct RawAdmins {
 }
 
 /// `[telegram]` / `[discord]` in the config file; the default URL depends on the platform.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawPlatform {

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use toml::{Table, Value};
 
+use super::defaults;
 use super::raw::{self, Doc, RawBot, RawPerEnv};
 use super::secrets::{self, Vars};
 use super::{
@@ -106,11 +107,13 @@ pub(crate) fn settings(
         problems,
     };
 
-    let data_dir = top.data_dir.unwrap_or_else(|| format!("data/{env}"));
+    let data_dir = top.data_dir.unwrap_or_else(|| defaults::data_dir(env));
     if data_dir.trim().is_empty() {
         c.push("data_dir", "must not be empty");
     }
-    let shutdown_timeout_secs = top.shutdown_timeout_secs.unwrap_or(30);
+    let shutdown_timeout_secs = top
+        .shutdown_timeout_secs
+        .unwrap_or(defaults::SHUTDOWN_TIMEOUT_SECS);
     c.at_least_one("shutdown_timeout_secs", shutdown_timeout_secs);
 
     let bind = match http.bind.parse::<SocketAddr>() {
@@ -123,7 +126,8 @@ pub(crate) fn settings(
                     http.bind
                 ),
             );
-            SocketAddr::from(([127, 0, 0, 1], 9464))
+            // Never used: the problem stops the load.
+            SocketAddr::from(([127, 0, 0, 1], 0))
         }
     };
 
@@ -258,11 +262,14 @@ pub(crate) fn settings(
         telegram
             .api_url
             .as_deref()
-            .unwrap_or("https://api.telegram.org"),
+            .unwrap_or(defaults::TELEGRAM.api_url),
     );
     let discord_url = c.url(
         "discord.api_url",
-        discord.api_url.as_deref().unwrap_or("https://discord.com"),
+        discord
+            .api_url
+            .as_deref()
+            .unwrap_or(defaults::DISCORD.api_url),
     );
 
     Config {
@@ -323,17 +330,27 @@ pub(crate) fn settings(
         },
         telegram: PlatformConfig {
             api_url: telegram_url,
-            // Telegram: ≈1 msg/s per chat, 20/min per group, 30/s per bot.
-            per_chat_per_minute: telegram.per_chat_per_minute.unwrap_or(60),
-            group_per_minute: telegram.group_per_minute.unwrap_or(20),
-            global_per_second: telegram.global_per_second.unwrap_or(30),
+            per_chat_per_minute: telegram
+                .per_chat_per_minute
+                .unwrap_or(defaults::TELEGRAM.per_chat_per_minute),
+            group_per_minute: telegram
+                .group_per_minute
+                .unwrap_or(defaults::TELEGRAM.group_per_minute),
+            global_per_second: telegram
+                .global_per_second
+                .unwrap_or(defaults::TELEGRAM.global_per_second),
         },
         discord: PlatformConfig {
             api_url: discord_url,
-            // Discord: 5 per 5 s per channel, 50 requests/s per bot.
-            per_chat_per_minute: discord.per_chat_per_minute.unwrap_or(60),
-            group_per_minute: discord.group_per_minute.unwrap_or(60),
-            global_per_second: discord.global_per_second.unwrap_or(50),
+            per_chat_per_minute: discord
+                .per_chat_per_minute
+                .unwrap_or(defaults::DISCORD.per_chat_per_minute),
+            group_per_minute: discord
+                .group_per_minute
+                .unwrap_or(defaults::DISCORD.group_per_minute),
+            global_per_second: discord
+                .global_per_second
+                .unwrap_or(defaults::DISCORD.global_per_second),
         },
         delivery: DeliveryConfig {
             max_retry_secs: delivery.max_retry_secs,
