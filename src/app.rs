@@ -15,7 +15,6 @@ use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::Engine;
-use crate::llm::{OpenAiProvider, ResilientLlm, RetryPolicy};
 use crate::shutdown::{self, Shutdown, Signal};
 use crate::store::{SledStore, Store};
 
@@ -70,56 +69,19 @@ pub struct App {
     pub delivery: Arc<DeliveryStats>,
 }
 
-pub fn retry_policy(cfg: &Config) -> RetryPolicy {
-    let l = &cfg.llm;
-    RetryPolicy {
-        max_retries: l.max_retries,
-        backoff_base: Duration::from_millis(l.backoff_base_ms),
-        backoff_max: Duration::from_secs(10),
-        retry_after_cap: Duration::from_secs(l.retry_after_cap_secs),
-        timeout: Duration::from_secs(l.timeout_secs),
-        breaker_failures: l.breaker_failures,
-        breaker_cooldown: Duration::from_secs(l.breaker_cooldown_secs),
-        max_concurrent: l.max_concurrent,
-        requests_per_minute: l.requests_per_minute,
-        queue_timeout: Duration::from_secs(l.queue_timeout_secs),
-    }
-}
-
 /// Opens the store of `config.data_dir` with the data key.
 fn open_store(config: &Config) -> anyhow::Result<SledStore> {
-    SledStore::open_with_key(
-        &config.data_dir,
-        config.store.cache_capacity_mb,
-        config.store.flush_every_ms,
-        config.data_key.as_ref().map(|k| k.expose()),
-    )
-    .with_context(|| format!("opening the store in {}", config.data_dir.display()))
+    config
+        .store
+        .open(&config.data_dir, config.data_key.as_ref())
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))
 }
 
 /// Opens the store and builds the engine. Fails with a clear message (e.g. the store is
 /// locked by a running daemon, or not writable).
 pub fn build(config: Config) -> anyhow::Result<App> {
     let store = Arc::new(open_store(&config)?);
-    store.set_group_commit_window(std::time::Duration::from_micros(
-        config.store.group_commit_us,
-    ));
-    let api_key = config
-        .llm
-        .api_key
-        .as_ref()
-        .map(|s| s.expose())
-        .unwrap_or("");
-    if api_key.is_empty() {
-        tracing::warn!(env_var = %config.llm.api_key_env, "no LLM API key set; fine for local servers, not for hosted APIs");
-    }
-    let provider = OpenAiProvider::new(
-        &config.llm.base_url,
-        api_key,
-        Duration::from_secs(config.llm.connect_timeout_secs),
-    )
-    .context("building the LLM client")?;
-    let llm = Arc::new(ResilientLlm::new(Arc::new(provider), retry_policy(&config)));
+    let llm = Arc::new(config.llm.build().context("building the LLM client")?);
     let dyn_store: Arc<dyn Store> = store.clone();
     let engine = Arc::new(Engine::new(config, dyn_store, llm).context("building the engine")?);
     Ok(App {

@@ -10,6 +10,7 @@
 //! **Invariant:** a secret value never appears in a `Problem`, a `Debug` print
 //! or a log line; `Secret` redacts itself and problems name the variable only.
 
+mod build;
 pub mod defaults;
 mod raw;
 mod secrets;
