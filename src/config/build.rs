@@ -15,7 +15,7 @@ impl LlmConfig {
         RetryPolicy {
             max_retries: self.max_retries,
             backoff_base: Duration::from_millis(self.backoff_base_ms),
-            backoff_max: defaults::llm::BACKOFF_MAX,
+            backoff_max: defaults::LLM_BACKOFF_MAX,
             retry_after_cap: Duration::from_secs(self.retry_after_cap_secs),
             timeout: Duration::from_secs(self.timeout_secs),
             breaker_failures: self.breaker_failures,

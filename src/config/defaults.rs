@@ -1,86 +1,138 @@
-//! Every default of `config/<env>.toml`, in one place: the raw structs' `Default` impls,
-//! the validators and the adapters read them here. `config/staging.toml` shows the same
+//! Every default of `config/<env>.toml`, in one place: each section's `Default` (what an
+//! absent key means), the defaults that depend on the environment or the platform, and
+//! the Discord URL the adapter compares against. `config/staging.toml` shows the same
 //! values (a test compares them).
 
-use super::Env;
+use std::time::Duration;
+
+use super::raw::{RawCache, RawHttp, RawLog};
+use super::{
+    AdminsConfig, AuditConfig, DeliveryConfig, Env, LimitsConfig, LlmConfig, MemoryConfig,
+    StoreConfig,
+};
 
 /// `data_dir`: each environment gets its own store.
 pub fn data_dir(env: Env) -> String {
     format!("data/{env}")
 }
+
 pub const SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 
-pub mod http {
-    pub const BIND: &str = "127.0.0.1:9464";
+/// The longest backoff step between LLM retries (not a config key).
+pub const LLM_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
-pub mod log {
-    pub const FORMAT: &str = "pretty";
-    pub const LEVEL: &str = "info";
-    pub const UNSAFE_DEBUG: bool = false;
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "pretty".into(),
+            level: "info".into(),
+            unsafe_debug: false,
+        }
+    }
 }
 
-pub mod llm {
-    use std::time::Duration;
-
-    pub const BASE_URL: &str = "https://api.openai.com/v1";
-    pub const API_KEY_ENV: &str = "OPENAI_API_KEY";
-    pub const MODEL: &str = "gpt-4o-mini";
-    pub const TIMEOUT_SECS: u64 = 60;
-    pub const CONNECT_TIMEOUT_SECS: u64 = 10;
-    pub const MAX_RETRIES: u32 = 3;
-    pub const MAX_CONCURRENT: usize = 256;
-    /// 0: no global cap.
-    pub const REQUESTS_PER_MINUTE: u32 = 0;
-    pub const RETRY_AFTER_CAP_SECS: u64 = 30;
-    pub const BACKOFF_BASE_MS: u64 = 250;
-    pub const BREAKER_FAILURES: u32 = 5;
-    pub const BREAKER_COOLDOWN_SECS: u64 = 30;
-    pub const QUEUE_TIMEOUT_SECS: u64 = 30;
-    /// `None`: the server's default.
-    pub const TEMPERATURE: Option<f32> = None;
-    /// A bound on what one answer can cost.
-    pub const MAX_TOKENS: Option<u32> = Some(1024);
-    /// The longest backoff step between retries (not a config key).
-    pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            api_key: None,
+            model: "gpt-4o-mini".into(),
+            timeout_secs: 60,
+            connect_timeout_secs: 10,
+            max_retries: 3,
+            max_concurrent: 256,
+            requests_per_minute: 0,
+            retry_after_cap_secs: 30,
+            backoff_base_ms: 250,
+            breaker_failures: 5,
+            breaker_cooldown_secs: 30,
+            queue_timeout_secs: 30,
+            temperature: None,
+            // A bound on what one answer can cost.
+            max_tokens: Some(1024),
+        }
+    }
 }
 
-pub mod limits {
-    pub const MESSAGES_PER_MINUTE: u32 = 6;
-    pub const BURST: u32 = 3;
-    pub const DAILY_TOKENS: u64 = 50_000;
-    pub const MAX_INPUT_CHARS: usize = 4000;
-    pub const COMMANDS_PER_MINUTE: u32 = 20;
-    pub const COMMANDS_BURST: u32 = 10;
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            messages_per_minute: 6,
+            burst: 3,
+            daily_tokens: 50_000,
+            max_input_chars: 4000,
+            commands_per_minute: 20,
+            commands_burst: 10,
+        }
+    }
 }
 
-pub mod memory {
-    pub const MAX_CONTEXT_TOKENS: usize = 4000;
-    pub const RETENTION_DAYS: u32 = 30;
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_context_tokens: 4000,
+            retention_days: 30,
+        }
+    }
 }
 
-pub mod cache {
-    pub const ENABLED: bool = true;
-    pub const TTL_SECS: u64 = 86_400;
-    pub const MAX_ENTRIES: usize = 100_000;
-    pub const SCOPE: &str = "global";
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl_secs: 86_400,
+            max_entries: 100_000,
+            scope: "global".into(),
+        }
+    }
 }
 
-pub mod store {
-    /// sled's own default is 1 GB; 16 MB keeps the daemon's RSS low (BENCHMARKS.md).
-    pub const CACHE_CAPACITY_MB: u64 = 16;
-    pub const FLUSH_EVERY_MS: u64 = 500;
-    pub const GROUP_COMMIT_US: u64 = 500;
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            // sled's own default is 1 GB; 16 MB keeps the daemon's RSS low (BENCHMARKS.md).
+            cache_capacity_mb: 16,
+            flush_every_ms: 500,
+            group_commit_us: 500,
+        }
+    }
 }
 
-pub mod delivery {
-    pub const MAX_RETRY_SECS: u64 = 600;
-    pub const MAX_QUEUE_PER_CHAT: usize = 32;
-    pub const MAX_PENDING: usize = 10_000;
+impl Default for AdminsConfig {
+    /// None: production refuses to start until the operator names one.
+    fn default() -> Self {
+        Self {
+            telegram: Vec::new(),
+            discord: Vec::new(),
+        }
+    }
 }
 
-pub mod audit {
-    pub const RETENTION_DAYS: u32 = 365;
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            max_retry_secs: 600,
+            max_queue_per_chat: 32,
+            max_pending: 10_000,
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 365,
+        }
+    }
 }
 
 /// The defaults of a `[telegram]` / `[discord]` section, which differ per platform.

@@ -242,13 +242,17 @@ pub struct LogConfig {
     pub unsafe_debug: bool,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LlmConfig {
     /// OpenAI-compatible endpoint, without a trailing `/`.
     pub base_url: String,
     /// Name of the env var holding the key; the key itself is `api_key`.
     pub api_key_env: String,
     /// `None` when the variable is unset or empty (a local server may need no key).
+    /// Never in TOML: filled in from the environment.
+    #[serde(skip)]
     pub api_key: Option<Secret>,
     pub model: String,
     pub timeout_secs: u64,
@@ -274,7 +278,9 @@ pub struct LlmConfig {
     pub max_tokens: Option<u32>,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Per user per bot.
     pub messages_per_minute: u32,
@@ -287,7 +293,9 @@ pub struct LimitsConfig {
     pub commands_burst: u32,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// History sent to the LLM is trimmed to this many tokens.
     pub max_context_tokens: usize,
@@ -311,7 +319,9 @@ pub struct CacheConfig {
     pub scope: CacheScope,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// sled page cache.
     pub cache_capacity_mb: u64,
@@ -322,7 +332,9 @@ pub struct StoreConfig {
 }
 
 /// Outbound delivery: retries while a platform is down, and queue bounds.
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// A reply that cannot be sent is retried (backoff with jitter) for this long.
     pub max_retry_secs: u64,
@@ -332,13 +344,17 @@ pub struct DeliveryConfig {
     pub max_pending: usize,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// Audit entries older than this are purged by the sweeper.
     pub retention_days: u32,
 }
 
-#[derive(Debug, Clone, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminsConfig {
     pub telegram: Vec<i64>,
     pub discord: Vec<u64>,
@@ -376,7 +392,8 @@ pub struct BotConfig {
 }
 
 /// Per-bot overrides of `[limits]`; `None` keeps the global value.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BotLimits {
     pub messages_per_minute: Option<u32>,
     pub burst: Option<u32>,
@@ -1323,16 +1340,16 @@ api_url = "api.telegram.org"
         let sections = [
             ("http", keys(raw::RawHttp::default())),
             ("log", keys(raw::RawLog::default())),
-            ("llm", keys(raw::RawLlm::default())),
-            ("limits", keys(raw::RawLimits::default())),
-            ("memory", keys(raw::RawMemory::default())),
+            ("llm", keys(LlmConfig::default())),
+            ("limits", keys(LimitsConfig::default())),
+            ("memory", keys(MemoryConfig::default())),
             ("cache", keys(raw::RawCache::default())),
-            ("store", keys(raw::RawStore::default())),
-            ("admins", keys(raw::RawAdmins::default())),
+            ("store", keys(StoreConfig::default())),
+            ("admins", keys(AdminsConfig::default())),
             ("telegram", keys(platform())),
             ("discord", keys(platform())),
-            ("delivery", keys(raw::RawDelivery::default())),
-            ("audit", keys(raw::RawAudit::default())),
+            ("delivery", keys(DeliveryConfig::default())),
+            ("audit", keys(AuditConfig::default())),
         ];
         let commented = |key: &str| {
             let prefix = format!("# {key} = ");

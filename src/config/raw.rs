@@ -1,7 +1,10 @@
 //! Raw serde shapes of the config files, and the reader that turns TOML text into them while collecting every problem.
 //!
-//! Every struct here is `deny_unknown_fields` with a default for every field, so an
-//! absent key means "the documented default" and a typo is an error. Sections are
+//! Every shape is `deny_unknown_fields` with a default for every field (in
+//! `defaults.rs`), so an absent key means "the documented default" and a typo is an
+//! error. Sections whose validated form is the same (`[llm]`, `[limits]`, `[memory]`,
+//! `[store]`, `[admins]`, `[delivery]`, `[audit]`, a bot's `[limits]`) deserialise
+//! straight into their `Config` struct; the others have a raw shape here. Sections are
 //! deserialised one at a time from a `toml::Table` (after environment overrides were
 //! applied to it), which lets each problem carry its dotted key path.
 
@@ -9,7 +12,7 @@ use serde::de::{DeserializeOwned, Deserializer, Visitor};
 use serde::Deserialize;
 use toml::{Table, Value};
 
-use super::{defaults, Problem};
+use super::Problem;
 
 // ---------------------------------------------------------------------------
 // config/<env>.toml
@@ -43,14 +46,6 @@ pub(crate) struct RawHttp {
     pub bind: String,
 }
 
-impl Default for RawHttp {
-    fn default() -> Self {
-        Self {
-            bind: defaults::http::BIND.into(),
-        }
-    }
-}
-
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,103 +53,6 @@ pub(crate) struct RawLog {
     pub format: String,
     pub level: String,
     pub unsafe_debug: bool,
-}
-
-impl Default for RawLog {
-    fn default() -> Self {
-        Self {
-            format: defaults::log::FORMAT.into(),
-            level: defaults::log::LEVEL.into(),
-            unsafe_debug: defaults::log::UNSAFE_DEBUG,
-        }
-    }
-}
-
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawLlm {
-    pub base_url: String,
-    pub api_key_env: String,
-    pub model: String,
-    pub timeout_secs: u64,
-    pub connect_timeout_secs: u64,
-    pub max_retries: u32,
-    pub max_concurrent: usize,
-    pub requests_per_minute: u32,
-    pub retry_after_cap_secs: u64,
-    pub backoff_base_ms: u64,
-    pub breaker_failures: u32,
-    pub breaker_cooldown_secs: u64,
-    pub queue_timeout_secs: u64,
-    pub temperature: Option<f32>,
-    pub max_tokens: Option<u32>,
-}
-
-impl Default for RawLlm {
-    fn default() -> Self {
-        use defaults::llm as d;
-        Self {
-            base_url: d::BASE_URL.into(),
-            api_key_env: d::API_KEY_ENV.into(),
-            model: d::MODEL.into(),
-            timeout_secs: d::TIMEOUT_SECS,
-            connect_timeout_secs: d::CONNECT_TIMEOUT_SECS,
-            max_retries: d::MAX_RETRIES,
-            max_concurrent: d::MAX_CONCURRENT,
-            requests_per_minute: d::REQUESTS_PER_MINUTE,
-            retry_after_cap_secs: d::RETRY_AFTER_CAP_SECS,
-            backoff_base_ms: d::BACKOFF_BASE_MS,
-            breaker_failures: d::BREAKER_FAILURES,
-            breaker_cooldown_secs: d::BREAKER_COOLDOWN_SECS,
-            queue_timeout_secs: d::QUEUE_TIMEOUT_SECS,
-            temperature: d::TEMPERATURE,
-            max_tokens: d::MAX_TOKENS,
-        }
-    }
-}
-
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawLimits {
-    pub messages_per_minute: u32,
-    pub burst: u32,
-    pub daily_tokens: u64,
-    pub max_input_chars: usize,
-    pub commands_per_minute: u32,
-    pub commands_burst: u32,
-}
-
-impl Default for RawLimits {
-    fn default() -> Self {
-        use defaults::limits as d;
-        Self {
-            messages_per_minute: d::MESSAGES_PER_MINUTE,
-            burst: d::BURST,
-            daily_tokens: d::DAILY_TOKENS,
-            max_input_chars: d::MAX_INPUT_CHARS,
-            commands_per_minute: d::COMMANDS_PER_MINUTE,
-            commands_burst: d::COMMANDS_BURST,
-        }
-    }
-}
-
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawMemory {
-    pub max_context_tokens: usize,
-    pub retention_days: u32,
-}
-
-impl Default for RawMemory {
-    fn default() -> Self {
-        Self {
-            max_context_tokens: defaults::memory::MAX_CONTEXT_TOKENS,
-            retention_days: defaults::memory::RETENTION_DAYS,
-        }
-    }
 }
 
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -165,81 +63,6 @@ pub(crate) struct RawCache {
     pub ttl_secs: u64,
     pub max_entries: usize,
     pub scope: String,
-}
-
-impl Default for RawCache {
-    fn default() -> Self {
-        use defaults::cache as d;
-        Self {
-            enabled: d::ENABLED,
-            ttl_secs: d::TTL_SECS,
-            max_entries: d::MAX_ENTRIES,
-            scope: d::SCOPE.into(),
-        }
-    }
-}
-
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawStore {
-    pub cache_capacity_mb: u64,
-    pub flush_every_ms: u64,
-    pub group_commit_us: u64,
-}
-
-impl Default for RawStore {
-    fn default() -> Self {
-        use defaults::store as d;
-        Self {
-            cache_capacity_mb: d::CACHE_CAPACITY_MB,
-            flush_every_ms: d::FLUSH_EVERY_MS,
-            group_commit_us: d::GROUP_COMMIT_US,
-        }
-    }
-}
-
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawDelivery {
-    pub max_retry_secs: u64,
-    pub max_queue_per_chat: usize,
-    pub max_pending: usize,
-}
-
-impl Default for RawDelivery {
-    fn default() -> Self {
-        use defaults::delivery as d;
-        Self {
-            max_retry_secs: d::MAX_RETRY_SECS,
-            max_queue_per_chat: d::MAX_QUEUE_PER_CHAT,
-            max_pending: d::MAX_PENDING,
-        }
-    }
-}
-
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawAudit {
-    pub retention_days: u32,
-}
-
-impl Default for RawAudit {
-    fn default() -> Self {
-        Self {
-            retention_days: defaults::audit::RETENTION_DAYS,
-        }
-    }
-}
-
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawAdmins {
-    pub telegram: Vec<i64>,
-    pub discord: Vec<u64>,
 }
 
 /// `[telegram]` / `[discord]` in the config file; the default URL depends on the platform.
@@ -268,14 +91,6 @@ pub(crate) struct RawBot {
     pub limits: Option<Table>,
     pub telegram: Option<Table>,
     pub discord: Option<Table>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawBotLimits {
-    pub messages_per_minute: Option<u32>,
-    pub burst: Option<u32>,
-    pub daily_tokens: Option<u64>,
 }
 
 /// `[telegram]` or `[discord]` in a bot file. `identity` is `username` (Telegram)

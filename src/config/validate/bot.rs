@@ -19,26 +19,25 @@ pub(crate) fn bot(
     problems: &mut Vec<Problem>,
 ) -> BotConfig {
     let rb: RawBot = raw::section(doc, "", table, problems);
-    let limits: Option<raw::RawBotLimits> =
-        rb.limits.map(|t| raw::section(doc, "limits", t, problems));
+    let limits: Option<BotLimits> = rb.limits.map(|t| raw::section(doc, "limits", t, problems));
     let telegram: Option<raw::RawTelegramBot> = rb
         .telegram
         .map(|t| raw::section(doc, "telegram", t, problems));
     let discord: Option<raw::RawDiscordBot> = rb
         .discord
         .map(|t| raw::section(doc, "discord", t, problems));
-    let telegram = telegram.map(|mut t| {
-        let ids = identities(doc, "telegram.username", t.username.take(), problems);
-        (t, ids)
+    let telegram = telegram.map(|mut raw| {
+        let ids = identities(doc, "telegram.username", raw.username.take(), problems);
+        Platform { raw, ids }
     });
-    let discord = discord.map(|mut d| {
+    let discord = discord.map(|mut raw| {
         let ids = identities(
             doc,
             "discord.application_id",
-            d.application_id.take(),
+            raw.application_id.take(),
             problems,
         );
-        (d, ids)
+        Platform { raw, ids }
     });
 
     let mut c = Check {
@@ -63,8 +62,8 @@ pub(crate) fn bot(
         max_tokens: rb.max_tokens,
         stream: rb.stream,
         limits: limits.map(|l| bot_limits(l, c)),
-        telegram: telegram.map(|(t, ids)| telegram_bot(t, ids, env, c)),
-        discord: discord.map(|(d, ids)| discord_bot(d, ids, env, c)),
+        telegram: telegram.map(|p| telegram_bot(p, env, c)),
+        discord: discord.map(|p| discord_bot(p, env, c)),
     }
 }
 
@@ -96,7 +95,7 @@ fn prompt(p: Option<String>, prompts: &BTreeMap<String, String>, c: &mut Check<'
     }
 }
 
-fn bot_limits(l: raw::RawBotLimits, c: &mut Check<'_>) -> BotLimits {
+fn bot_limits(l: BotLimits, c: &mut Check<'_>) -> BotLimits {
     if let Some(v) = l.messages_per_minute {
         c.at_least_one("limits.messages_per_minute", v);
     }
@@ -106,21 +105,19 @@ fn bot_limits(l: raw::RawBotLimits, c: &mut Check<'_>) -> BotLimits {
     if let Some(v) = l.daily_tokens {
         c.at_least_one("limits.daily_tokens", v);
     }
-    BotLimits {
-        messages_per_minute: l.messages_per_minute,
-        burst: l.burst,
-        daily_tokens: l.daily_tokens,
-    }
+    l
+}
+
+/// A platform section of a bot file: its keys, and its identity per environment.
+struct Platform<T> {
+    raw: T,
+    ids: Option<Identities>,
 }
 
 /// `[telegram]`: the token's variable and the username per environment (`@` optional).
-fn telegram_bot(
-    t: raw::RawTelegramBot,
-    ids: Option<Identities>,
-    env: Env,
-    c: &mut Check<'_>,
-) -> TelegramBot {
-    let token_env = token_env(c, "telegram.token_env", t.token_env);
+fn telegram_bot(p: Platform<raw::RawTelegramBot>, env: Env, c: &mut Check<'_>) -> TelegramBot {
+    let Platform { raw, ids } = p;
+    let token_env = token_env(c, "telegram.token_env", raw.token_env);
     let unprefixed = |name: String| name.trim_start_matches('@').to_owned();
     let (username, other_username) = match &ids {
         Some(ids) => (
@@ -154,13 +151,9 @@ fn telegram_bot(
 }
 
 /// `[discord]`: the token's variable and the application id per environment.
-fn discord_bot(
-    d: raw::RawDiscordBot,
-    ids: Option<Identities>,
-    env: Env,
-    c: &mut Check<'_>,
-) -> DiscordBot {
-    let token_env = token_env(c, "discord.token_env", d.token_env);
+fn discord_bot(p: Platform<raw::RawDiscordBot>, env: Env, c: &mut Check<'_>) -> DiscordBot {
+    let Platform { raw, ids } = p;
+    let token_env = token_env(c, "discord.token_env", raw.token_env);
     let application_id = ids.as_ref().and_then(|ids| ids.for_env(env));
     let other_application_id = ids.as_ref().and_then(|ids| ids.for_env(env.other()));
     if let Some(ids) = &ids {

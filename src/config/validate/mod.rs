@@ -48,6 +48,16 @@ impl Check<'_> {
         }
     }
 
+    /// The value named by `value` among `choices`; otherwise a problem and `None`.
+    pub fn one_of<T: Copy>(&mut self, key: &str, value: &str, choices: &[(&str, T)]) -> Option<T> {
+        if let Some((_, v)) = choices.iter().find(|(name, _)| *name == value) {
+            return Some(*v);
+        }
+        let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+        self.push(key, format!("`{value}` is not one of {}", names.join(", ")));
+        None
+    }
+
     pub fn url(&mut self, key: &str, value: &str) -> String {
         let ok = ["http://", "https://"]
             .iter()

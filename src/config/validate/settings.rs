@@ -16,41 +16,38 @@ use crate::config::{
     StoreConfig,
 };
 
-/// The raw sections of the config file.
+/// The sections of the config file, deserialised (not yet checked).
 struct Sections {
     top: raw::RawTop,
     http: raw::RawHttp,
     log: raw::RawLog,
-    llm: raw::RawLlm,
-    limits: raw::RawLimits,
-    memory: raw::RawMemory,
+    llm: LlmConfig,
+    limits: LimitsConfig,
+    memory: MemoryConfig,
     cache: raw::RawCache,
-    store: raw::RawStore,
-    admins: raw::RawAdmins,
+    store: StoreConfig,
+    admins: AdminsConfig,
     telegram: raw::RawPlatform,
     discord: raw::RawPlatform,
-    delivery: raw::RawDelivery,
-    audit: raw::RawAudit,
+    delivery: DeliveryConfig,
+    audit: AuditConfig,
 }
 
-/// Deserialise every section, each reporting its own bad keys with its dotted path.
+/// Deserialise every section, each reporting its own bad keys with its dotted path
+/// (in this order).
 fn read(doc: &Doc<'_>, table: Table, problems: &mut Vec<Problem>) -> Sections {
     let mut top: raw::RawTop = raw::section(doc, "", table, problems);
-    Sections {
-        http: raw::section(doc, "http", std::mem::take(&mut top.http), problems),
-        log: raw::section(doc, "log", std::mem::take(&mut top.log), problems),
-        llm: raw::section(doc, "llm", std::mem::take(&mut top.llm), problems),
-        limits: raw::section(doc, "limits", std::mem::take(&mut top.limits), problems),
-        memory: raw::section(doc, "memory", std::mem::take(&mut top.memory), problems),
-        cache: raw::section(doc, "cache", std::mem::take(&mut top.cache), problems),
-        store: raw::section(doc, "store", std::mem::take(&mut top.store), problems),
-        admins: raw::section(doc, "admins", std::mem::take(&mut top.admins), problems),
-        telegram: raw::section(doc, "telegram", std::mem::take(&mut top.telegram), problems),
-        discord: raw::section(doc, "discord", std::mem::take(&mut top.discord), problems),
-        delivery: raw::section(doc, "delivery", std::mem::take(&mut top.delivery), problems),
-        audit: raw::section(doc, "audit", std::mem::take(&mut top.audit), problems),
-        top,
+    macro_rules! sections {
+        ($($name:ident),*) => {
+            Sections {
+                $($name: raw::section(doc, stringify!($name), std::mem::take(&mut top.$name), problems),)*
+                top,
+            }
+        };
     }
+    sections!(
+        http, log, llm, limits, memory, cache, store, admins, telegram, discord, delivery, audit
+    )
 }
 
 /// Build the settings part of `Config` (no bots, prompts or secrets yet) from the
@@ -125,17 +122,11 @@ fn http(h: raw::RawHttp, c: &mut Check<'_>) -> HttpConfig {
 }
 
 fn log(l: raw::RawLog, c: &mut Check<'_>) -> LogConfig {
-    let format = match l.format.as_str() {
-        "pretty" => LogFormat::Pretty,
-        "json" => LogFormat::Json,
-        other => {
-            c.push(
-                "log.format",
-                format!("`{other}` is not one of \"pretty\", \"json\""),
-            );
-            LogFormat::Pretty
-        }
-    };
+    let choices = [("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
+    // A bad value is a problem: the fallback is never used.
+    let format = c
+        .one_of("log.format", &l.format, &choices)
+        .unwrap_or(LogFormat::Pretty);
     if l.level.trim().is_empty() {
         c.push(
             "log.level",
@@ -149,8 +140,8 @@ fn log(l: raw::RawLog, c: &mut Check<'_>) -> LogConfig {
     }
 }
 
-fn llm(l: raw::RawLlm, c: &mut Check<'_>) -> LlmConfig {
-    let base_url = c.url("llm.base_url", &l.base_url);
+fn llm(mut l: LlmConfig, c: &mut Check<'_>) -> LlmConfig {
+    l.base_url = c.url("llm.base_url", &l.base_url);
     c.env_name("llm.api_key_env", &l.api_key_env);
     if l.model.trim().is_empty() {
         c.push("llm.model", "must not be empty");
@@ -177,64 +168,30 @@ fn llm(l: raw::RawLlm, c: &mut Check<'_>) -> LlmConfig {
     if let Some(n) = l.max_tokens {
         c.at_least_one("llm.max_tokens", n);
     }
-    LlmConfig {
-        base_url,
-        api_key_env: l.api_key_env,
-        api_key: None,
-        model: l.model,
-        timeout_secs: l.timeout_secs,
-        connect_timeout_secs: l.connect_timeout_secs,
-        max_retries: l.max_retries,
-        max_concurrent: l.max_concurrent,
-        requests_per_minute: l.requests_per_minute,
-        retry_after_cap_secs: l.retry_after_cap_secs,
-        backoff_base_ms: l.backoff_base_ms,
-        breaker_failures: l.breaker_failures,
-        breaker_cooldown_secs: l.breaker_cooldown_secs,
-        queue_timeout_secs: l.queue_timeout_secs,
-        temperature: l.temperature,
-        max_tokens: l.max_tokens,
-    }
+    l
 }
 
-fn limits(l: raw::RawLimits, c: &mut Check<'_>) -> LimitsConfig {
+fn limits(l: LimitsConfig, c: &mut Check<'_>) -> LimitsConfig {
     c.at_least_one("limits.messages_per_minute", l.messages_per_minute);
     c.at_least_one("limits.burst", l.burst);
     c.at_least_one("limits.daily_tokens", l.daily_tokens);
     c.at_least_one("limits.max_input_chars", l.max_input_chars);
     c.at_least_one("limits.commands_per_minute", l.commands_per_minute);
     c.at_least_one("limits.commands_burst", l.commands_burst);
-    LimitsConfig {
-        messages_per_minute: l.messages_per_minute,
-        burst: l.burst,
-        daily_tokens: l.daily_tokens,
-        max_input_chars: l.max_input_chars,
-        commands_per_minute: l.commands_per_minute,
-        commands_burst: l.commands_burst,
-    }
+    l
 }
 
-fn memory(m: raw::RawMemory, c: &mut Check<'_>) -> MemoryConfig {
+fn memory(m: MemoryConfig, c: &mut Check<'_>) -> MemoryConfig {
     c.at_least_one("memory.max_context_tokens", m.max_context_tokens);
     c.at_least_one("memory.retention_days", m.retention_days);
-    MemoryConfig {
-        max_context_tokens: m.max_context_tokens,
-        retention_days: m.retention_days,
-    }
+    m
 }
 
 fn cache(k: raw::RawCache, c: &mut Check<'_>) -> CacheConfig {
-    let scope = match k.scope.as_str() {
-        "global" => CacheScope::Global,
-        "user" => CacheScope::User,
-        other => {
-            c.push(
-                "cache.scope",
-                format!("`{other}` is not one of \"global\", \"user\""),
-            );
-            CacheScope::Global
-        }
-    };
+    let choices = [("global", CacheScope::Global), ("user", CacheScope::User)];
+    let scope = c
+        .one_of("cache.scope", &k.scope, &choices)
+        .unwrap_or(CacheScope::Global);
     if k.enabled {
         c.at_least_one("cache.ttl_secs", k.ttl_secs);
         c.at_least_one("cache.max_entries", k.max_entries);
@@ -247,7 +204,7 @@ fn cache(k: raw::RawCache, c: &mut Check<'_>) -> CacheConfig {
     }
 }
 
-fn store(s: raw::RawStore, c: &mut Check<'_>) -> StoreConfig {
+fn store(s: StoreConfig, c: &mut Check<'_>) -> StoreConfig {
     c.at_least_one("store.cache_capacity_mb", s.cache_capacity_mb);
     c.at_least_one("store.flush_every_ms", s.flush_every_ms);
     if s.group_commit_us > 100_000 {
@@ -259,14 +216,10 @@ fn store(s: raw::RawStore, c: &mut Check<'_>) -> StoreConfig {
             ),
         );
     }
-    StoreConfig {
-        cache_capacity_mb: s.cache_capacity_mb,
-        flush_every_ms: s.flush_every_ms,
-        group_commit_us: s.group_commit_us,
-    }
+    s
 }
 
-fn admins(a: raw::RawAdmins, c: &mut Check<'_>) -> AdminsConfig {
+fn admins(a: AdminsConfig, c: &mut Check<'_>) -> AdminsConfig {
     if a.telegram.iter().any(|id| *id <= 0) {
         c.push(
             "admins.telegram",
@@ -276,10 +229,7 @@ fn admins(a: raw::RawAdmins, c: &mut Check<'_>) -> AdminsConfig {
     if a.discord.contains(&0) {
         c.push("admins.discord", "0 is not a Discord user id");
     }
-    AdminsConfig {
-        telegram: a.telegram,
-        discord: a.discord,
-    }
+    a
 }
 
 /// `[telegram]` or `[discord]`: unset keys take that platform's defaults.
@@ -311,21 +261,15 @@ fn platform(
     }
 }
 
-fn delivery(d: raw::RawDelivery, c: &mut Check<'_>) -> DeliveryConfig {
+fn delivery(d: DeliveryConfig, c: &mut Check<'_>) -> DeliveryConfig {
     c.at_least_one("delivery.max_queue_per_chat", d.max_queue_per_chat);
     c.at_least_one("delivery.max_pending", d.max_pending);
     c.at_least_one("delivery.max_retry_secs", d.max_retry_secs);
     c.at_most("delivery.max_retry_secs", d.max_retry_secs, 7 * 86_400);
-    DeliveryConfig {
-        max_retry_secs: d.max_retry_secs,
-        max_queue_per_chat: d.max_queue_per_chat,
-        max_pending: d.max_pending,
-    }
+    d
 }
 
-fn audit(a: raw::RawAudit, c: &mut Check<'_>) -> AuditConfig {
+fn audit(a: AuditConfig, c: &mut Check<'_>) -> AuditConfig {
     c.at_least_one("audit.retention_days", a.retention_days);
-    AuditConfig {
-        retention_days: a.retention_days,
-    }
+    a
 }
