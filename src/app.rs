@@ -15,7 +15,6 @@ use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::Engine;
-use crate::llm::{OpenAiProvider, ResilientLlm, RetryPolicy};
 use crate::shutdown::{self, Shutdown, Signal};
 use crate::store::{SledStore, Store};
 
@@ -70,56 +69,19 @@ pub struct App {
     pub delivery: Arc<DeliveryStats>,
 }
 
-pub fn retry_policy(cfg: &Config) -> RetryPolicy {
-    let l = &cfg.llm;
-    RetryPolicy {
-        max_retries: l.max_retries,
-        backoff_base: Duration::from_millis(l.backoff_base_ms),
-        backoff_max: Duration::from_secs(10),
-        retry_after_cap: Duration::from_secs(l.retry_after_cap_secs),
-        timeout: Duration::from_secs(l.timeout_secs),
-        breaker_failures: l.breaker_failures,
-        breaker_cooldown: Duration::from_secs(l.breaker_cooldown_secs),
-        max_concurrent: l.max_concurrent,
-        requests_per_minute: l.requests_per_minute,
-        queue_timeout: Duration::from_secs(l.queue_timeout_secs),
-    }
-}
-
 /// Opens the store of `config.data_dir` with the data key.
 fn open_store(config: &Config) -> anyhow::Result<SledStore> {
-    SledStore::open_with_key(
-        &config.data_dir,
-        config.store.cache_capacity_mb,
-        config.store.flush_every_ms,
-        config.data_key.as_ref().map(|k| k.expose()),
-    )
-    .with_context(|| format!("opening the store in {}", config.data_dir.display()))
+    config
+        .store
+        .open(&config.data_dir, config.data_key.as_ref())
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))
 }
 
 /// Opens the store and builds the engine. Fails with a clear message (e.g. the store is
 /// locked by a running daemon, or not writable).
 pub fn build(config: Config) -> anyhow::Result<App> {
     let store = Arc::new(open_store(&config)?);
-    store.set_group_commit_window(std::time::Duration::from_micros(
-        config.store.group_commit_us,
-    ));
-    let api_key = config
-        .llm
-        .api_key
-        .as_ref()
-        .map(|s| s.expose())
-        .unwrap_or("");
-    if api_key.is_empty() {
-        tracing::warn!(env_var = %config.llm.api_key_env, "no LLM API key set; fine for local servers, not for hosted APIs");
-    }
-    let provider = OpenAiProvider::new(
-        &config.llm.base_url,
-        api_key,
-        Duration::from_secs(config.llm.connect_timeout_secs),
-    )
-    .context("building the LLM client")?;
-    let llm = Arc::new(ResilientLlm::new(Arc::new(provider), retry_policy(&config)));
+    let llm = Arc::new(config.llm.build().context("building the LLM client")?);
     let dyn_store: Arc<dyn Store> = store.clone();
     let engine = Arc::new(Engine::new(config, dyn_store, llm).context("building the engine")?);
     Ok(App {
@@ -188,29 +150,11 @@ pub async fn serve_with(
     // Identity first: nothing is opened or started for a token of the wrong bot.
     let identities = verify_identities(&config).await?;
     let app = build(config)?;
-    let reload_opts = opts.clone();
     app.engine.set_reloader(Box::new(move || {
-        config::load(&reload_opts).map_err(|p| p.to_string())
+        config::load(&opts).map_err(|p| p.to_string())
     }));
     // Adapters are built (not started) first so readiness knows every platform.
-    let mut readiness = crate::ops::http::Readiness::default();
-    let mut telegram_adapters = Vec::new();
-    for v in identities.telegram {
-        tracing::info!(bot = %v.name, username = ?v.me.user.username, "telegram bot verified");
-        let label = format!("telegram/{}", v.name);
-        let adapter = TelegramAdapter::new(v, app.engine.clone(), app.delivery.clone());
-        readiness.add_platform(label, adapter.connected.clone());
-        telegram_adapters.push(adapter);
-    }
-    let mut discord_adapters = Vec::new();
-    for v in identities.discord {
-        tracing::info!(bot = %v.name, user = %v.username, application_id = %v.application_id, "discord bot verified");
-        let label = format!("discord/{}", v.name);
-        let adapter = DiscordAdapter::new(v, app.engine.clone(), app.delivery.clone());
-        readiness.add_platform(label, adapter.connected.clone());
-        discord_adapters.push(adapter);
-    }
-    let readiness = Arc::new(readiness);
+    let (adapters, readiness) = Adapters::build(identities, &app);
     // The ops endpoint outlives intake and in-flight replies (readiness answers 503
     // meanwhile); it stops last, or when this function returns early.
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -225,31 +169,84 @@ pub async fn serve_with(
     if let Some(tx) = hooks.http_addr {
         let _ = tx.send(http.addr);
     }
-    let control_path = crate::ops::control::socket_path(&app.engine.config().data_dir);
-    let control_listener = crate::ops::control::bind(&control_path)
-        .with_context(|| format!("binding the control socket {}", control_path.display()))?;
     let shutdown = Shutdown::new();
+    let control_socket = start_control_socket(&app, &shutdown)?;
     spawn_sweeper(app.engine.clone(), &shutdown);
-    let control_socket = tokio::spawn(crate::ops::control::serve(
-        app.engine.clone(),
-        app.store.clone(),
-        control_listener,
-        control_path,
-        shutdown.token.clone(),
-    ));
     // Intake (polling) stops first; replies in flight run on the tracker and finish.
     let intake = shutdown.token.child_token();
-    let pollers = start_intake(
-        telegram_adapters,
-        discord_adapters,
-        &intake,
-        &shutdown,
-        &app.delivery,
-    );
+    let pollers = start_intake(adapters, &intake, &shutdown, &app.delivery);
     tracing::info!(%env, bots = app.engine.config().bots.len(), "confab running");
-
     crate::ops::notify::ready();
     crate::ops::notify::spawn_watchdog(shutdown.token.clone());
+    until_stop(&app, &mut control).await;
+
+    tracing::info!("shutting down");
+    readiness.shutting_down();
+    crate::ops::notify::stopping();
+    drain(&app, shutdown, pollers, control_socket).await?;
+    http_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(2), http.task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("ops HTTP endpoint did not stop in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Every platform adapter, built from its verified identity but not started.
+struct Adapters {
+    telegram: Vec<Arc<TelegramAdapter>>,
+    discord: Vec<Arc<DiscordAdapter>>,
+}
+
+impl Adapters {
+    /// The adapters, and a readiness that knows each one's `connected` flag.
+    fn build(identities: Identities, app: &App) -> (Adapters, Arc<crate::ops::http::Readiness>) {
+        let mut readiness = crate::ops::http::Readiness::default();
+        let mut adapters = Adapters {
+            telegram: Vec::new(),
+            discord: Vec::new(),
+        };
+        for v in identities.telegram {
+            tracing::info!(bot = %v.name, username = ?v.me.user.username, "telegram bot verified");
+            let label = format!("telegram/{}", v.name);
+            let adapter = TelegramAdapter::new(v, app.engine.clone(), app.delivery.clone());
+            readiness.add_platform(label, adapter.connected.clone());
+            adapters.telegram.push(adapter);
+        }
+        for v in identities.discord {
+            tracing::info!(bot = %v.name, user = %v.username, application_id = %v.application_id, "discord bot verified");
+            let label = format!("discord/{}", v.name);
+            let adapter = DiscordAdapter::new(v, app.engine.clone(), app.delivery.clone());
+            readiness.add_platform(label, adapter.connected.clone());
+            adapters.discord.push(adapter);
+        }
+        (adapters, Arc::new(readiness))
+    }
+}
+
+/// Binds the control socket (a failure stops start-up) and serves it until shutdown.
+fn start_control_socket(
+    app: &App,
+    shutdown: &Shutdown,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let path = crate::ops::control::socket_path(&app.engine.config().data_dir);
+    let listener = crate::ops::control::bind(&path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    Ok(tokio::spawn(crate::ops::control::serve(
+        app.engine.clone(),
+        app.store.clone(),
+        listener,
+        path,
+        shutdown.token.clone(),
+    )))
+}
+
+/// Serves signals until a stop: SIGHUP reloads bots and prompts (a failed reload keeps
+/// the old configuration).
+async fn until_stop(app: &App, control: &mut tokio::sync::mpsc::Receiver<Signal>) {
     while let Some(sig) = control.recv().await {
         match sig {
             Signal::Reload => {
@@ -263,9 +260,16 @@ pub async fn serve_with(
             Signal::Stop => break,
         }
     }
-    tracing::info!("shutting down");
-    readiness.shutting_down();
-    crate::ops::notify::stopping();
+}
+
+/// Ordered shutdown: intake stops, the control socket closes, replies in flight get
+/// `shutdown_timeout_secs`, then the store is flushed.
+async fn drain(
+    app: &App,
+    shutdown: Shutdown,
+    pollers: Vec<tokio::task::JoinHandle<()>>,
+    control_socket: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
     shutdown.token.cancel();
     for p in pollers {
         let _ = p.await;
@@ -281,23 +285,13 @@ pub async fn serve_with(
     {
         tracing::warn!("shutdown timeout reached with work in flight");
     }
-    app.store.flush().await.context("flushing the store")?;
-    http_stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(2), http.task)
-        .await
-        .is_err()
-    {
-        tracing::warn!("ops HTTP endpoint did not stop in time");
-    }
-    tracing::info!("stopped");
-    Ok(())
+    app.store.flush().await.context("flushing the store")
 }
 
 /// Starts every adapter's poller / gateway under a supervisor: a task that dies is
 /// restarted (its platform reads as not connected meanwhile).
 fn start_intake(
-    telegram: Vec<Arc<TelegramAdapter>>,
-    discord: Vec<Arc<DiscordAdapter>>,
+    adapters: Adapters,
     intake: &tokio_util::sync::CancellationToken,
     shutdown: &Shutdown,
     stats: &Arc<DeliveryStats>,
@@ -312,13 +306,13 @@ fn start_intake(
         ))
     };
     let mut pollers = Vec::new();
-    for a in telegram {
+    for a in adapters.telegram {
         let (label, connected) = (format!("telegram/{}", a.name()), a.connected.clone());
         let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
         let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();
         pollers.push(supervised(label, connected, Box::new(run)));
     }
-    for a in discord {
+    for a in adapters.discord {
         let (label, connected) = (format!("discord/{}", a.name()), a.connected.clone());
         let (stop, tracker) = (intake.clone(), shutdown.tracker.clone());
         let run = move || a.clone().run(stop.clone(), tracker.clone()).boxed();

@@ -1,10 +1,11 @@
-//! The `confab` binary: parses the command line, sets up logging, calls into `app`.
+//! The `confab` binary: parses the command line, loads the config and starts logging
+//! (once, for every command), then hands the command to `app`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use confab::config::{self, Env, LoadOptions, LogFormat};
+use confab::config::{self, Config, Env, LoadOptions, LogFormat};
 use tokio::runtime::Runtime;
 
 #[derive(Parser)]
@@ -95,16 +96,46 @@ enum UserAction {
     },
 }
 
-fn options(c: &Common, require_platform_tokens: bool) -> LoadOptions {
-    LoadOptions {
-        root: c.root.clone(),
-        env: c.env,
-        env_file: c.env_file.clone(),
-        require_platform_tokens,
+impl Cmd {
+    fn common(&self) -> &Common {
+        match self {
+            Cmd::Run(common)
+            | Cmd::Check { common, .. }
+            | Cmd::Backup { common, .. }
+            | Cmd::Restore { common, .. }
+            | Cmd::Chat { common, .. }
+            | Cmd::User {
+                action: UserAction::Export { common, .. } | UserAction::Forget { common, .. },
+            } => common,
+        }
+    }
+
+    /// What to load: `run` and `check` talk to the platforms, so they need every token.
+    fn options(&self) -> LoadOptions {
+        let c = self.common();
+        LoadOptions {
+            root: c.root.clone(),
+            env: c.env,
+            env_file: c.env_file.clone(),
+            require_platform_tokens: matches!(self, Cmd::Run(_) | Cmd::Check { .. }),
+        }
+    }
+
+    /// Arguments clap cannot check; a bad one is exit 2 before anything is read.
+    fn check_args(&self) -> Result<(), String> {
+        match self {
+            Cmd::User {
+                action: UserAction::Export { user, .. } | UserAction::Forget { user, .. },
+            } => user
+                .parse::<confab::domain::UserRef>()
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
     }
 }
 
-fn load_or_report(opts: &LoadOptions) -> Result<config::Config, ExitCode> {
+fn load_or_report(opts: &LoadOptions) -> Result<Config, ExitCode> {
     config::load(opts).map_err(|problems| {
         for p in &problems.0 {
             eprintln!("{p}");
@@ -117,16 +148,26 @@ fn load_or_report(opts: &LoadOptions) -> Result<config::Config, ExitCode> {
     })
 }
 
-/// `check` prints warnings (they do not fail it); `run` logs them once logging is up.
-fn print_warnings(cfg: &config::Config) {
-    for w in config::warnings(cfg) {
-        eprintln!("warning: {w}");
-    }
-}
-
-fn log_warnings(cfg: &config::Config) {
-    for w in config::warnings(cfg) {
-        tracing::warn!(file = %w.file, key = %w.key, "{}", w.message);
+/// Logging, once for every command: `run` logs as `[log]` says; the others are terminal
+/// tools that log only warnings and errors, to stderr (`chat` keeps the terminal for the
+/// conversation). Config warnings do not fail anything: `check` prints them as its
+/// output, `run` logs them.
+fn start_logging(cmd: &Cmd, cfg: &Config) {
+    let warnings = config::warnings(cfg);
+    match cmd {
+        Cmd::Run(_) => {
+            confab::logging::init_config(&cfg.log, Some(cfg.env.as_str()));
+            for w in warnings {
+                tracing::warn!(file = %w.file, key = %w.key, "{}", w.message);
+            }
+        }
+        Cmd::Check { .. } => {
+            confab::logging::init(LogFormat::Pretty, "warn", None);
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+        }
+        _ => confab::logging::init(LogFormat::Pretty, "warn", None),
     }
 }
 
@@ -146,14 +187,8 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn check(common: &Common, online: bool, runtime: &Runtime) -> ExitCode {
-    let cfg = match load_or_report(&options(common, true)) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
-    };
-    print_warnings(&cfg);
+fn check(cfg: Config, online: bool, runtime: &Runtime) -> ExitCode {
     if online {
-        confab::logging::init(LogFormat::Pretty, "warn", None);
         if let Err(refused) = runtime.block_on(confab::app::verify_identities(&cfg)) {
             for p in &refused.0 {
                 eprintln!("{p}");
@@ -170,36 +205,13 @@ fn check(common: &Common, online: bool, runtime: &Runtime) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(common: &Common, runtime: &Runtime) -> ExitCode {
-    let opts = options(common, true);
-    let cfg = match load_or_report(&opts) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
-    };
-    confab::logging::init_config(&cfg.log, Some(cfg.env.as_str()));
-    log_warnings(&cfg);
-    finish(runtime.block_on(confab::app::run(cfg, opts)))
-}
-
-fn user(action: UserAction, runtime: &Runtime) -> ExitCode {
+/// `user export|forget`: the answer on stdout, a refusal (the daemon's reason) as an error.
+fn user(cfg: Config, action: UserAction, runtime: &Runtime) -> ExitCode {
     use confab::ops::control::Request;
-    let (req, common, user) = match action {
-        UserAction::Export { user, common } => {
-            (Request::Export { user: user.clone() }, common, user)
-        }
-        UserAction::Forget { user, common } => {
-            (Request::Forget { user: user.clone() }, common, user)
-        }
+    let req = match action {
+        UserAction::Export { user, .. } => Request::Export { user },
+        UserAction::Forget { user, .. } => Request::Forget { user },
     };
-    if let Err(e) = user.parse::<confab::domain::UserRef>() {
-        eprintln!("confab: {e}");
-        return ExitCode::from(2);
-    }
-    let cfg = match load_or_report(&options(&common, false)) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
-    };
-    confab::logging::init(LogFormat::Pretty, "warn", None);
     let text = |v: serde_json::Value| match v {
         serde_json::Value::String(s) => s,
         doc => serde_json::to_string_pretty(&doc).unwrap_or_default(),
@@ -216,28 +228,25 @@ fn user(action: UserAction, runtime: &Runtime) -> ExitCode {
     )
 }
 
-/// `backup`, `restore` and `chat`: the store tools, logging only warnings.
-enum Tool {
-    Backup { out: PathBuf, keep: Option<usize> },
-    Restore { from: PathBuf, force: bool },
-    Chat { bot: Option<String> },
-}
-
-fn tool(common: &Common, tool: Tool, runtime: &Runtime) -> ExitCode {
-    let cfg = match load_or_report(&options(common, false)) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
-    };
-    // chat: the terminal is for the conversation; only warnings and errors go to stderr.
-    confab::logging::init(LogFormat::Pretty, "warn", None);
+/// Runs the command on a loaded config, with logging started.
+fn dispatch(cmd: Cmd, cfg: Config, opts: LoadOptions, runtime: &Runtime) -> ExitCode {
     let say = |msg: String| println!("{msg}");
-    finish(runtime.block_on(async move {
-        match tool {
-            Tool::Backup { out, keep } => confab::app::backup(cfg, &out, keep).await.map(say),
-            Tool::Restore { from, force } => confab::app::restore(cfg, &from, force).await.map(say),
-            Tool::Chat { bot } => confab::app::chat(cfg, bot).await,
-        }
-    }))
+    match cmd {
+        Cmd::Check { online, .. } => check(cfg, online, runtime),
+        Cmd::User { action } => user(cfg, action, runtime),
+        Cmd::Run(_) => finish(runtime.block_on(confab::app::run(cfg, opts))),
+        Cmd::Backup { out, keep, .. } => finish(
+            runtime
+                .block_on(confab::app::backup(cfg, &out, keep))
+                .map(say),
+        ),
+        Cmd::Restore { from, force, .. } => finish(
+            runtime
+                .block_on(confab::app::restore(cfg, &from, force))
+                .map(say),
+        ),
+        Cmd::Chat { bot, .. } => finish(runtime.block_on(confab::app::chat(cfg, bot))),
+    }
 }
 
 fn main() -> ExitCode {
@@ -246,6 +255,10 @@ fn main() -> ExitCode {
     confab::ops::restrict_umask();
     confab::memory::limit_arenas(2);
     let cli = Cli::parse();
+    if let Err(e) = cli.command.check_args() {
+        eprintln!("confab: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -256,16 +269,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match cli.command {
-        Cmd::Check { common, online } => check(&common, online, &runtime),
-        Cmd::Run(common) => run(&common, &runtime),
-        Cmd::User { action } => user(action, &runtime),
-        Cmd::Backup { common, out, keep } => tool(&common, Tool::Backup { out, keep }, &runtime),
-        Cmd::Restore {
-            common,
-            from,
-            force,
-        } => tool(&common, Tool::Restore { from, force }, &runtime),
-        Cmd::Chat { common, bot } => tool(&common, Tool::Chat { bot }, &runtime),
-    }
+    let opts = cli.command.options();
+    let cfg = match load_or_report(&opts) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    start_logging(&cli.command, &cfg);
+    dispatch(cli.command, cfg, opts, &runtime)
 }

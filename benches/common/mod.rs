@@ -78,7 +78,7 @@ pub fn engine_and_store(dir: &std::path::Path, cache: bool) -> (Arc<Engine>, Arc
     let store: Arc<dyn Store> = sled.clone();
     let llm = Arc::new(ResilientLlm::new(
         Arc::new(InstantLlm),
-        confab::app::retry_policy(&cfg),
+        cfg.llm.retry_policy(),
     ));
     (
         Arc::new(Engine::new(cfg, store, llm).expect("engine")),

@@ -48,8 +48,6 @@ use rest::{mentions, DcOut};
 
 /// Discord's message limit, in characters.
 const DC_LIMIT: usize = 2000;
-/// With this API URL serenity's own rate limiter stays on (it ignores any proxy).
-const DEFAULT_API_URL: &str = "https://discord.com";
 /// A 429 that names no wait (serenity's limiter passes no details on).
 const RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
 /// How long a conversation's worker waits before taking its oldest pending work.
@@ -100,7 +98,7 @@ fn build_http(cfg: &Config, token: &Secret) -> Http {
 }
 
 fn limiter_off(cfg: &Config) -> bool {
-    cfg.discord.api_url.trim_end_matches('/') != DEFAULT_API_URL
+    cfg.discord.api_url.trim_end_matches('/') != crate::config::defaults::DISCORD.api_url
 }
 
 fn status_of(e: &serenity::Error) -> Option<u16> {

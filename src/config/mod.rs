@@ -10,6 +10,8 @@
 //! **Invariant:** a secret value never appears in a `Problem`, a `Debug` print
 //! or a log line; `Secret` redacts itself and problems name the variable only.
 
+mod build;
+pub mod defaults;
 mod raw;
 mod secrets;
 mod validate;
@@ -240,13 +242,17 @@ pub struct LogConfig {
     pub unsafe_debug: bool,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LlmConfig {
     /// OpenAI-compatible endpoint, without a trailing `/`.
     pub base_url: String,
     /// Name of the env var holding the key; the key itself is `api_key`.
     pub api_key_env: String,
     /// `None` when the variable is unset or empty (a local server may need no key).
+    /// Never in TOML: filled in from the environment.
+    #[serde(skip)]
     pub api_key: Option<Secret>,
     pub model: String,
     pub timeout_secs: u64,
@@ -272,7 +278,9 @@ pub struct LlmConfig {
     pub max_tokens: Option<u32>,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Per user per bot.
     pub messages_per_minute: u32,
@@ -285,7 +293,9 @@ pub struct LimitsConfig {
     pub commands_burst: u32,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// History sent to the LLM is trimmed to this many tokens.
     pub max_context_tokens: usize,
@@ -309,7 +319,9 @@ pub struct CacheConfig {
     pub scope: CacheScope,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// sled page cache.
     pub cache_capacity_mb: u64,
@@ -320,7 +332,9 @@ pub struct StoreConfig {
 }
 
 /// Outbound delivery: retries while a platform is down, and queue bounds.
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// A reply that cannot be sent is retried (backoff with jitter) for this long.
     pub max_retry_secs: u64,
@@ -330,13 +344,17 @@ pub struct DeliveryConfig {
     pub max_pending: usize,
 }
 
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// Audit entries older than this are purged by the sweeper.
     pub retention_days: u32,
 }
 
-#[derive(Debug, Clone, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminsConfig {
     pub telegram: Vec<i64>,
     pub discord: Vec<u64>,
@@ -374,7 +392,8 @@ pub struct BotConfig {
 }
 
 /// Per-bot overrides of `[limits]`; `None` keeps the global value.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BotLimits {
     pub messages_per_minute: Option<u32>,
     pub burst: Option<u32>,
@@ -1280,6 +1299,74 @@ api_url = "api.telegram.org"
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/confab/production"));
         assert_eq!(c.admins.telegram, vec![42]);
         assert!(c.admins.discord.is_empty());
+    }
+
+    /// `config/staging.toml` says "the value shown is the default": every key of every
+    /// section is written there (or commented out where the default is "unset") and the
+    /// file as shipped gives exactly `Config::with_defaults`.
+    #[test]
+    fn shipped_staging_toml_shows_every_default() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let source = fs::read_to_string(root.join("config/staging.toml")).expect("read");
+        let doc = Doc {
+            file: "config/staging.toml",
+            source: &source,
+        };
+        let mut problems = Vec::new();
+        let table = raw::parse_table(&doc, &mut problems).expect("parses");
+        let shipped = validate::settings(&doc, table.clone(), Env::Staging, &root, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let defaults = Config::with_defaults(Env::Staging, &root);
+        let (shipped, defaults) = (format!("{shipped:#?}"), format!("{defaults:#?}"));
+        let differ: Vec<_> = shipped
+            .lines()
+            .zip(defaults.lines())
+            .filter(|(s, d)| s != d)
+            .collect();
+        assert!(differ.is_empty(), "(shipped, default): {differ:?}");
+        assert_eq!(shipped.lines().count(), defaults.lines().count());
+
+        fn keys<T: serde::Serialize>(v: T) -> Vec<(String, bool)> {
+            let json = serde_json::to_value(v).expect("serialise");
+            let obj = json.as_object().cloned().unwrap_or_default();
+            obj.into_iter().map(|(k, v)| (k, v.is_null())).collect()
+        }
+        let platform = || raw::RawPlatform {
+            api_url: Some(String::new()),
+            per_chat_per_minute: Some(0),
+            group_per_minute: Some(0),
+            global_per_second: Some(0),
+        };
+        let sections = [
+            ("http", keys(raw::RawHttp::default())),
+            ("log", keys(raw::RawLog::default())),
+            ("llm", keys(LlmConfig::default())),
+            ("limits", keys(LimitsConfig::default())),
+            ("memory", keys(MemoryConfig::default())),
+            ("cache", keys(raw::RawCache::default())),
+            ("store", keys(StoreConfig::default())),
+            ("admins", keys(AdminsConfig::default())),
+            ("telegram", keys(platform())),
+            ("discord", keys(platform())),
+            ("delivery", keys(DeliveryConfig::default())),
+            ("audit", keys(AuditConfig::default())),
+        ];
+        let commented = |key: &str| {
+            let prefix = format!("# {key} = ");
+            source.lines().any(|l| l.trim_start().starts_with(&prefix))
+        };
+        for (section, keys) in sections {
+            for (key, unset) in keys {
+                let written = table.get(section).and_then(|s| s.get(&key)).is_some();
+                assert!(
+                    written || (unset && commented(&key)),
+                    "config/staging.toml does not show {section}.{key}"
+                );
+            }
+        }
+        for key in ["data_dir", "shutdown_timeout_secs"] {
+            assert!(table.contains_key(key), "config/staging.toml lacks {key}");
+        }
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Raw serde shapes of the config files, and the reader that turns TOML text into them while collecting every problem.
 //!
-//! Every struct here is `deny_unknown_fields` with a default for every field, so an
-//! absent key means "the documented default" and a typo is an error. Sections are
+//! Every shape is `deny_unknown_fields` with a default for every field (in
+//! `defaults.rs`), so an absent key means "the documented default" and a typo is an
+//! error. Sections whose validated form is the same (`[llm]`, `[limits]`, `[memory]`,
+//! `[store]`, `[admins]`, `[delivery]`, `[audit]`, a bot's `[limits]`) deserialise
+//! straight into their `Config` struct; the others have a raw shape here. Sections are
 //! deserialised one at a time from a `toml::Table` (after environment overrides were
 //! applied to it), which lets each problem carry its dotted key path.
 
@@ -36,20 +39,14 @@ pub(crate) struct RawTop {
     pub audit: Table,
 }
 
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawHttp {
     pub bind: String,
 }
 
-impl Default for RawHttp {
-    fn default() -> Self {
-        Self {
-            bind: "127.0.0.1:9464".into(),
-        }
-    }
-}
-
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawLog {
@@ -58,98 +55,7 @@ pub(crate) struct RawLog {
     pub unsafe_debug: bool,
 }
 
-impl Default for RawLog {
-    fn default() -> Self {
-        Self {
-            format: "pretty".into(),
-            level: "info".into(),
-            unsafe_debug: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawLlm {
-    pub base_url: String,
-    pub api_key_env: String,
-    pub model: String,
-    pub timeout_secs: u64,
-    pub connect_timeout_secs: u64,
-    pub max_retries: u32,
-    pub max_concurrent: usize,
-    pub requests_per_minute: u32,
-    pub retry_after_cap_secs: u64,
-    pub backoff_base_ms: u64,
-    pub breaker_failures: u32,
-    pub breaker_cooldown_secs: u64,
-    pub queue_timeout_secs: u64,
-    pub temperature: Option<f32>,
-    pub max_tokens: Option<u32>,
-}
-
-impl Default for RawLlm {
-    fn default() -> Self {
-        Self {
-            base_url: "https://api.openai.com/v1".into(),
-            api_key_env: "OPENAI_API_KEY".into(),
-            model: "gpt-4o-mini".into(),
-            timeout_secs: 60,
-            connect_timeout_secs: 10,
-            max_retries: 3,
-            max_concurrent: 256,
-            requests_per_minute: 0,
-            retry_after_cap_secs: 30,
-            backoff_base_ms: 250,
-            breaker_failures: 5,
-            breaker_cooldown_secs: 30,
-            queue_timeout_secs: 30,
-            temperature: None,
-            max_tokens: Some(1024),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawLimits {
-    pub messages_per_minute: u32,
-    pub burst: u32,
-    pub daily_tokens: u64,
-    pub max_input_chars: usize,
-    pub commands_per_minute: u32,
-    pub commands_burst: u32,
-}
-
-impl Default for RawLimits {
-    fn default() -> Self {
-        Self {
-            messages_per_minute: 6,
-            burst: 3,
-            daily_tokens: 50_000,
-            max_input_chars: 4000,
-            commands_per_minute: 20,
-            commands_burst: 10,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawMemory {
-    pub max_context_tokens: usize,
-    pub retention_days: u32,
-}
-
-impl Default for RawMemory {
-    fn default() -> Self {
-        Self {
-            max_context_tokens: 4000,
-            retention_days: 30,
-        }
-    }
-}
-
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawCache {
@@ -159,75 +65,8 @@ pub(crate) struct RawCache {
     pub scope: String,
 }
 
-impl Default for RawCache {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            ttl_secs: 86_400,
-            max_entries: 100_000,
-            scope: "global".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawStore {
-    pub cache_capacity_mb: u64,
-    pub flush_every_ms: u64,
-    pub group_commit_us: u64,
-}
-
-impl Default for RawStore {
-    fn default() -> Self {
-        Self {
-            cache_capacity_mb: 16,
-            flush_every_ms: 500,
-            group_commit_us: 500,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawDelivery {
-    pub max_retry_secs: u64,
-    pub max_queue_per_chat: usize,
-    pub max_pending: usize,
-}
-
-impl Default for RawDelivery {
-    fn default() -> Self {
-        Self {
-            max_retry_secs: 600,
-            max_queue_per_chat: 32,
-            max_pending: 10_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawAudit {
-    pub retention_days: u32,
-}
-
-impl Default for RawAudit {
-    fn default() -> Self {
-        Self {
-            retention_days: 365,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawAdmins {
-    pub telegram: Vec<i64>,
-    pub discord: Vec<u64>,
-}
-
 /// `[telegram]` / `[discord]` in the config file; the default URL depends on the platform.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawPlatform {
@@ -252,14 +91,6 @@ pub(crate) struct RawBot {
     pub limits: Option<Table>,
     pub telegram: Option<Table>,
     pub discord: Option<Table>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawBotLimits {
-    pub messages_per_minute: Option<u32>,
-    pub burst: Option<u32>,
-    pub daily_tokens: Option<u64>,
 }
 
 /// `[telegram]` or `[discord]` in a bot file. `identity` is `username` (Telegram)
