@@ -6,6 +6,7 @@
 //! - [`domain`]   — platform-neutral types: [`domain::Inbound`], [`domain::Reply`], user refs.
 //! - [`engine`]   — the pipeline: dedupe, ban, commands, validation, limits, budget, memory,
 //!   prompt, cache, LLM, memory append. Imports no SDK, no sled, no async-openai.
+//! - [`events`]   — internal events: one struct per happening; `emit` logs and counts it.
 //! - [`llm`]      — provider trait, async-openai implementation, retry/breaker/concurrency.
 //! - [`store`]    — `Store` trait and its sled implementation.
 //! - [`adapters`] — platform adapters (terminal today); translate, never decide.
@@ -19,6 +20,7 @@ pub mod app;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod events;
 pub mod llm;
 pub mod logging;
 pub mod memory;

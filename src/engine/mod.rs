@@ -7,6 +7,7 @@ pub mod admin;
 pub mod bpe;
 pub mod cache;
 pub mod commands;
+pub mod events;
 pub mod limits;
 pub mod ordering;
 pub mod prompt;
@@ -14,7 +15,6 @@ mod stages;
 pub mod stats;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,9 +23,11 @@ use tokio::time::Instant;
 
 use crate::config::{BotConfig, Config};
 use crate::domain::{Inbound, Platform, Rejection, Reply, ReplyKind, UserRef};
+use crate::events::Event;
 use crate::llm::ResilientLlm;
 use crate::store::{Handled, HandledEntry, Store, StoreError, UserRecord};
 use commands::Command;
+use events::{InternalCause, InternalError, MessageReceived, ReplyDecided};
 use limits::{human_duration, secs_until_reset, utc_day, Limits};
 use ordering::ConversationLocks;
 use prompt::{Prompts, Tokenizer};
@@ -290,25 +292,27 @@ impl Engine {
         partial: Option<&watch::Sender<String>>,
     ) -> Reply {
         let started = Instant::now();
-        self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        MessageReceived {
+            platform: inbound.platform,
+        }
+        .emit(&self.stats);
         let _turn = self.locks.acquire(inbound.conversation().to_string()).await;
         let reply = match self.decide(inbound, partial).await {
             Ok(reply) | Err(Stop::Reply(reply)) => reply,
-            Err(Stop::Internal(Internal::Store(e))) => {
-                tracing::error!(error = %e, "store failure while handling a message");
-                Reply::notice(Rejection::Internal, MSG_INTERNAL)
-            }
-            Err(Stop::Internal(Internal::Prompt(e))) => {
-                tracing::error!(error = %e, "prompt rendering failed");
+            Err(Stop::Internal(failure)) => {
+                let (cause, error): (_, &dyn std::fmt::Display) = match &failure {
+                    Internal::Store(e) => (InternalCause::Store, e),
+                    Internal::Prompt(e) => (InternalCause::Prompt, e),
+                };
+                InternalError { cause, error }.emit(&self.stats);
                 Reply::notice(Rejection::Internal, MSG_INTERNAL)
             }
         };
-        self.stats.outcome(reply.outcome());
-        if let Reply::Text { kind, .. } = &reply {
-            if matches!(kind, ReplyKind::Answer | ReplyKind::Cached) {
-                self.stats.observe_latency(started.elapsed());
-            }
+        ReplyDecided {
+            reply: &reply,
+            elapsed: started.elapsed(),
         }
+        .emit(&self.stats);
         reply
     }
 
@@ -340,7 +344,8 @@ impl Engine {
                 user: None,
             };
             if let Err(e) = self.store.set_handled(&key, &entry) {
-                tracing::error!(error = %e, "could not record a sent reply");
+                let cause = InternalCause::MarkSent;
+                InternalError { cause, error: &e }.emit(&self.stats);
             }
         }
     }

@@ -231,6 +231,7 @@ async fn ops_endpoint() -> (
     let server = confab::ops::http::start(
         "127.0.0.1:0".parse().expect("addr"),
         app.engine.clone(),
+        app.delivery.clone(),
         readiness,
         stop.clone(),
     )

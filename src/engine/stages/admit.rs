@@ -3,9 +3,12 @@
 
 use super::{stop, MessageCtx, Step};
 use crate::domain::{Content, Rejection, Reply, ReplyKind};
+use crate::engine::events::{BudgetExhausted, DuplicateDropped, DuplicateResent};
+use crate::engine::events::{Quota, RateLimited};
 use crate::engine::limits::{human_duration, limit_key, secs_until_reset, utc_day, RateDecision};
 use crate::engine::{commands, commands_limit_user, now_unix, roll_day, Engine};
 use crate::engine::{MSG_BANNED, MSG_NON_TEXT};
+use crate::events::Event;
 use crate::store::{Handled, HandledEntry};
 
 impl Engine {
@@ -21,15 +24,16 @@ impl Engine {
                 state: Handled::Sent,
                 ..
             }) => {
-                self.stats
-                    .duplicates
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                DuplicateDropped.emit(&self.stats);
                 stop(Reply::Silent)
             }
             Some(HandledEntry {
                 state: Handled::Pending { reply },
                 ..
-            }) => stop(Reply::text(reply, ReplyKind::Answer)),
+            }) => {
+                DuplicateResent.emit(&self.stats);
+                stop(Reply::text(reply, ReplyKind::Answer))
+            }
             None => Ok(()),
         }
     }
@@ -75,7 +79,8 @@ impl Engine {
         if !m.admin {
             let key = limit_key(&m.inbound.bot, &commands_limit_user(&m.user));
             let limits = &m.cfg.limits;
-            self.rate_gate(key, limits.commands_per_minute, limits.commands_burst)?;
+            let (per_minute, burst) = (limits.commands_per_minute, limits.commands_burst);
+            self.rate_gate(Quota::Commands, key, per_minute, burst)?;
         }
         let reply = self.command(cmd, m.inbound, m.text, m.cfg, m.bot, m.record.as_ref())?;
         stop(reply)
@@ -99,7 +104,7 @@ impl Engine {
         }
         let limits = self.effective_limits(m.cfg, m.bot, m.record.as_ref());
         let key = limit_key(&m.inbound.bot, &m.user.to_string());
-        self.rate_gate(key, limits.per_minute, limits.burst)?;
+        self.rate_gate(Quota::Messages, key, limits.per_minute, limits.burst)?;
         self.budget_gate(m, limits.daily_tokens)
     }
 
@@ -116,12 +121,14 @@ impl Engine {
             return Ok(());
         }
         if usage.is_some_and(|u| u.budget_notified) {
+            BudgetExhausted { notice: false }.emit(&self.stats);
             return stop(Reply::Silent);
         }
         self.store.update_user(&m.user, &mut |r| {
             roll_day(r, today);
             r.usage.budget_notified = true;
         })?;
+        BudgetExhausted { notice: true }.emit(&self.stats);
         stop(Reply::notice(
             Rejection::BudgetExhausted,
             format!(
@@ -133,13 +140,12 @@ impl Engine {
 
     /// Goes on while the key is within its quota; else the one notice per window, then
     /// silence.
-    fn rate_gate(&self, key: u64, per_minute: u32, burst: u32) -> Step {
+    fn rate_gate(&self, quota: Quota, key: u64, per_minute: u32, burst: u32) -> Step {
         match self.limits.check(key, per_minute, burst) {
             RateDecision::Allowed => Ok(()),
             RateDecision::Notify { retry_in } => {
-                self.stats
-                    .rate_limited
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let notice = true;
+                RateLimited { quota, notice }.emit(&self.stats);
                 stop(Reply::notice(
                     Rejection::RateLimited,
                     format!(
@@ -149,9 +155,8 @@ impl Engine {
                 ))
             }
             RateDecision::Silent => {
-                self.stats
-                    .rate_limited
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let notice = false;
+                RateLimited { quota, notice }.emit(&self.stats);
                 stop(Reply::Silent)
             }
         }

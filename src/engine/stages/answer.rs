@@ -4,9 +4,11 @@
 use super::{Answer, Internal, MessageCtx, Sampling, Step, Stop};
 use crate::config::CacheScope;
 use crate::domain::{Platform, Reply, ReplyKind};
+use crate::engine::events::{CacheHit, CacheMiss, InternalCause, InternalError};
 use crate::engine::limits::utc_day;
 use crate::engine::prompt::PromptVars;
 use crate::engine::{cache, now_unix, roll_day, Engine};
+use crate::events::Event;
 use crate::llm::{ChatMessage, ChatRole};
 use crate::store::UserRecord;
 use crate::store::{CacheEntry, Exchange, Handled, HandledEntry, Role, StoreError, Turn};
@@ -82,12 +84,8 @@ impl Engine {
         };
         match self.store.cache_get(key)? {
             Some(hit) if now_unix() - hit.created_at < m.cfg.cache.ttl_secs as i64 => {
-                self.stats
-                    .cache_hits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.stats
-                    .cache_tokens_saved
-                    .fetch_add(hit.tokens, std::sync::atomic::Ordering::Relaxed);
+                let tokens_saved = hit.tokens;
+                CacheHit { tokens_saved }.emit(&self.stats);
                 if let Some(p) = m.partial {
                     p.send_replace(hit.reply.clone());
                 }
@@ -103,9 +101,7 @@ impl Engine {
                 }))
             }
             _ => {
-                self.stats
-                    .cache_misses
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                CacheMiss.emit(&self.stats);
                 Ok(None)
             }
         }
@@ -124,7 +120,8 @@ impl Engine {
                 model: m.sampling.model.clone(),
             };
             if let Err(e) = self.store.cache_put(key, &entry, m.cfg.cache.max_entries) {
-                tracing::error!(error = %e, "could not store a cache entry");
+                let cause = InternalCause::CacheWrite;
+                InternalError { cause, error: &e }.emit(&self.stats);
             }
         }
         self.remember(m, &answer).await?;

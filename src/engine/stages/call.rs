@@ -8,8 +8,10 @@ use tokio::sync::watch;
 
 use super::{stop, Answer, MessageCtx, Step};
 use crate::domain::{Rejection, Reply, ReplyKind, UserRef};
+use crate::engine::events::{ContextTooLong, LlmFailed};
 use crate::engine::limits::utc_day;
 use crate::engine::{now_unix, roll_day, Engine, MSG_BUSY, MSG_LLM_FAILED, MSG_LLM_UNAVAILABLE};
+use crate::events::Event;
 use crate::llm::{ChatMessage, ChatRequest, ChatResponse, ChatRole, LlmError};
 use crate::store::StoreError;
 
@@ -53,7 +55,8 @@ impl Engine {
                 }))
             }
             Err(LlmError::ContextLength) if !m.tried_shorter && m.history_tokens > 0 => {
-                tracing::warn!("context too long for the model; retrying with half the history");
+                let history_tokens = m.history_tokens;
+                ContextTooLong { history_tokens }.emit(&self.stats);
                 m.tried_shorter = true;
                 m.history_budget = (m.history_tokens / 2) as usize;
                 Ok(None)
@@ -63,8 +66,8 @@ impl Engine {
                 MSG_LLM_UNAVAILABLE,
             )),
             Err(LlmError::Busy) => stop(Reply::notice(Rejection::Busy, MSG_BUSY)),
-            Err(e) => {
-                tracing::warn!(error = %e, kind = e.kind(), "LLM call failed; apologising");
+            Err(error) => {
+                LlmFailed { error: &error }.emit(&self.stats);
                 stop(Reply::notice(Rejection::LlmFailed, MSG_LLM_FAILED))
             }
         }

@@ -12,10 +12,12 @@ mod call;
 
 use tokio::sync::watch;
 
+use super::events::{InternalCause, InternalError};
 use super::Engine;
 use crate::config::{BotConfig, Config};
 use crate::domain::{Inbound, Reply, ReplyKind, UserRef};
 use crate::engine::prompt::Prompts;
+use crate::events::Event;
 use crate::llm::ChatMessage;
 use crate::store::{StoreError, UserRecord};
 
@@ -125,7 +127,12 @@ impl Engine {
         self.dedupe(update_key.as_deref())?;
         let settings = self.settings();
         let Some(bot) = settings.config.bot(&inbound.bot) else {
-            tracing::error!(bot = %inbound.bot, "message for a bot that is not configured");
+            let cause = InternalCause::UnknownBot;
+            InternalError {
+                cause,
+                error: &inbound.bot,
+            }
+            .emit(&self.stats);
             return stop(Reply::Silent);
         };
         let mut m = self.begin(inbound, partial, &settings, bot, update_key);
