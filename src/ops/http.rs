@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -29,6 +29,7 @@ use crate::adapters::delivery::DeliveryStats;
 use crate::engine::events::InternalCause;
 use crate::engine::stats::{EngineStats, LATENCY_BUCKETS};
 use crate::engine::Engine;
+use crate::events::Counter;
 
 /// What `/readyz` looks at besides the store: each enabled platform adapter's
 /// `connected` flag, and whether the daemon is shutting down.
@@ -299,7 +300,7 @@ series! {
     LlmCircuitRejections: "llm_circuit_rejections_total", Counter, [],
         "LLM calls refused by the open circuit.";
     LlmBusy: "llm_busy_total", Counter, [],
-        "LLM calls refused because every slot stayed taken for llm.queue_timeout_secs.";
+        "LLM calls refused with the busy apology (no slot, or the user's previous call, within llm.queue_timeout_secs).";
     LlmTokens: "llm_tokens_total", Counter, ["kind"],
         "LLM tokens by kind (prompt, completion).";
     LlmRequestSeconds: "llm_request_seconds", Summary, [],
@@ -360,7 +361,7 @@ impl EngineCollector {
     fn samples(&self, series: Series) -> Vec<proto::Metric> {
         let e = &self.engine.stats;
         let l = &self.engine.llm().stats;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let get = Counter::get;
         let one = |value: u64| vec![counter(value, vec![])];
         match series {
             Series::Messages => one(e.messages.get()),

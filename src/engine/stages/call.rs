@@ -12,6 +12,7 @@ use crate::engine::events::{ContextTooLong, LlmFailed};
 use crate::engine::limits::utc_day;
 use crate::engine::{now_unix, roll_day, Engine, MSG_BUSY, MSG_LLM_FAILED, MSG_LLM_UNAVAILABLE};
 use crate::events::Event;
+use crate::llm::events::{BusyCause, LlmBusy};
 use crate::llm::{ChatMessage, ChatRequest, ChatResponse, ChatRole, LlmError};
 use crate::store::StoreError;
 
@@ -87,6 +88,8 @@ impl Engine {
         let wait = Duration::from_secs(self.config().llm.queue_timeout_secs);
         let Ok(_mine) = tokio::time::timeout(wait, self.user_calls.acquire(user.to_string())).await
         else {
+            let cause = BusyCause::UserCall;
+            LlmBusy { cause }.emit(&self.llm.stats);
             return (Err(LlmError::Busy), 0);
         };
         match partial {
