@@ -26,13 +26,15 @@ use teloxide::{ApiError, Bot, RequestError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::{bump, Delivery, DeliveryStats, Outbound, SendError, SendResult};
+use super::delivery::{Delivery, DeliveryStats, Outbound, SendError, SendResult};
+use super::events::{Panicked, UpdatePanicked};
 use super::text::{markdown_to_telegram_html, split_message, utf16_len};
 use super::{redact, DraftPut, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform};
 use crate::engine::commands::USER_COMMANDS;
 use crate::engine::Engine;
+use crate::events::Event;
 
 /// Telegram's limit is 4096; leave room for HTML entities added by formatting.
 const SPLIT_AT: usize = 3800;
@@ -289,8 +291,11 @@ impl TelegramAdapter {
                 }
                 Ok(None) => {}
                 Err(_) => {
-                    bump(&self.delivery.stats().update_panics);
-                    tracing::error!(bot = %self.name, update = id, "translating an update panicked; skipped");
+                    let at = Panicked::Translating {
+                        bot: &self.name,
+                        update: u64::from(id),
+                    };
+                    UpdatePanicked { at }.emit(self.delivery.stats());
                 }
             }
         }
