@@ -1,5 +1,6 @@
 //! The engine pipeline through the public API, against the fake LLM.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use confab::domain::{Content, Rejection, Reply, ReplyKind};
@@ -135,6 +136,11 @@ async fn daily_budget_is_enforced_with_one_notice() {
     let third = app.engine.handle(&msg("1", "more please")).await;
     assert!(matches!(third, Reply::Silent));
     assert_eq!(llm.request_count(), 1);
+    // `confab_rate_limited_total` says "refused by a rate limit or budget": the notice
+    // and the silent refusal after it both count.
+    let refused = app.engine.stats.rate_limited.load(Ordering::Relaxed);
+    assert_eq!(refused, 2);
+    assert_eq!(metric(&app, "rate_limited_total", &[]), 2.0);
     let usage = app.engine.handle(&msg("1", "/usage")).await;
     assert!(
         text(&usage).contains("30 tokens per day"),
@@ -600,36 +606,6 @@ fn metric(app: &confab::app::App, name: &str, labels: &[&str]) -> f64 {
         .collect();
     assert_eq!(found.len(), 1, "{name} {labels:?} in:\n{body}");
     found[0]
-}
-
-/// `confab_rate_limited_total` says "refused by a rate limit or budget": a budget
-/// refusal (the notice, then the silent ones) counts there.
-#[tokio::test]
-async fn budget_refusals_count_as_rate_limited() {
-    let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "[limits]\ndaily_tokens = 30\n");
-    let app = root.build();
-    let first = app
-        .engine
-        .handle(&msg("1", "tell me a fairly long story about budgets"))
-        .await;
-    assert_eq!(kind(&first), Some(ReplyKind::Answer));
-    let notice = app.engine.handle(&msg("1", "more")).await;
-    assert_eq!(
-        kind(&notice),
-        Some(ReplyKind::Notice(Rejection::BudgetExhausted))
-    );
-    assert!(matches!(
-        app.engine.handle(&msg("1", "more please")).await,
-        Reply::Silent
-    ));
-    let refused = app
-        .engine
-        .stats
-        .rate_limited
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(refused, 2, "the notice and the silent refusal");
-    assert_eq!(metric(&app, "rate_limited_total", &[]), 2.0);
 }
 
 /// A store failure gets the internal-error notice, like an LLM failure gets its apology,

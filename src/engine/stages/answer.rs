@@ -89,10 +89,7 @@ impl Engine {
                 if let Some(p) = m.partial {
                     p.send_replace(hit.reply.clone());
                 }
-                let reply_tokens = match hit.reply_tokens {
-                    0 => self.tokenizer.count(&hit.reply) as u64,
-                    n => n,
-                };
+                let reply_tokens = self.reply_tokens(hit.reply_tokens, &hit.reply);
                 Ok(Some(Answer {
                     text: hit.reply,
                     reply_tokens,

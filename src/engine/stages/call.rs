@@ -40,14 +40,9 @@ impl Engine {
         }
         match result {
             Ok(resp) => {
-                let prompt_tokens = match resp.prompt_tokens {
-                    0 => estimate,
-                    n => n,
-                };
-                let reply_tokens = match resp.completion_tokens {
-                    0 => self.tokenizer.count(&resp.text) as u64,
-                    n => n,
-                };
+                let prompt_tokens = Some(resp.prompt_tokens).filter(|n| *n > 0);
+                let prompt_tokens = prompt_tokens.unwrap_or(estimate);
+                let reply_tokens = self.reply_tokens(resp.completion_tokens, &resp.text);
                 Ok(Some(Answer {
                     text: resp.text,
                     reply_tokens,
@@ -141,6 +136,14 @@ impl Engine {
             completion_tokens: 0,
         };
         (Ok(response), wasted)
+    }
+
+    /// A reply's tokens: as the endpoint reported them, else counted by us (0 = not said).
+    pub(super) fn reply_tokens(&self, reported: u64, text: &str) -> u64 {
+        match reported {
+            0 => self.tokenizer.count(text) as u64,
+            n => n,
+        }
     }
 
     /// Adds tokens to the user's usage today without storing any turn.
