@@ -162,6 +162,7 @@ pub async fn serve_with(
     let http = crate::ops::http::start(
         app.engine.config().http.bind,
         app.engine.clone(),
+        app.delivery.clone(),
         readiness.clone(),
         http_stop.clone(),
     )

@@ -6,6 +6,7 @@
 //! - [`domain`]   — platform-neutral types: [`domain::Inbound`], [`domain::Reply`], user refs.
 //! - [`engine`]   — the pipeline: dedupe, ban, commands, validation, limits, budget, memory,
 //!   prompt, cache, LLM, memory append. Imports no SDK, no sled, no async-openai.
+//! - [`events`]   — internal events: one struct per happening; `emit` logs and counts it.
 //! - [`llm`]      — provider trait, async-openai implementation, retry/breaker/concurrency.
 //! - [`store`]    — the `Store` trait and its sled implementation (encryption at rest,
 //!   migrations, dumps for backups).
@@ -24,6 +25,7 @@ pub mod app;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod events;
 pub mod llm;
 pub mod logging;
 pub mod memory;

@@ -34,7 +34,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,51 +86,10 @@ pub enum SendError {
 
 pub type SendResult<T> = Result<T, SendError>;
 
-/// Counters of the delivery machinery, shared by every adapter of the process.
-#[derive(Debug, Default)]
-pub struct DeliveryStats {
-    /// Sends waited out and tried again (transient errors and 429s).
-    pub delivery_retries: AtomicU64,
-    /// Replies given up: refused for good, or still failing after `max_retry_secs`.
-    pub delivery_failed: AtomicU64,
-    /// Panics caught while translating or handling one update.
-    pub update_panics: AtomicU64,
-    /// Updates moved out of the inbox after [`PANIC_TRIES`] panics.
-    pub updates_parked: AtomicU64,
-    /// Updates refused because a queue was full (the user got a busy notice).
-    pub overflow: AtomicU64,
-    /// Poller / gateway tasks restarted after they died.
-    pub task_restarts: AtomicU64,
-}
-
-/// A point-in-time copy of [`DeliveryStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeliveryCounts {
-    pub delivery_retries: u64,
-    pub delivery_failed: u64,
-    pub update_panics: u64,
-    pub updates_parked: u64,
-    pub overflow: u64,
-    pub task_restarts: u64,
-}
-
-impl DeliveryStats {
-    pub fn snapshot(&self) -> DeliveryCounts {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        DeliveryCounts {
-            delivery_retries: get(&self.delivery_retries),
-            delivery_failed: get(&self.delivery_failed),
-            update_panics: get(&self.update_panics),
-            updates_parked: get(&self.updates_parked),
-            overflow: get(&self.overflow),
-            task_restarts: get(&self.task_restarts),
-        }
-    }
-}
-
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
+pub use super::events::{DeliveryCounts, DeliveryStats};
+use super::events::{DeliveryFailed, GiveUp, Panicked, QueueOverflow, Refused};
+use super::events::{SendRetrying, UpdatePanicked, UpdateParked};
+use crate::events::Event;
 
 /// One platform's outbound side: rendering and sending. Every call is one attempt
 /// (outbound throttling included); retries are the machinery's.
@@ -281,8 +239,7 @@ where
         if resume.is_none_or(|at| at > retry.deadline) {
             return Err(Failed::Expired(why));
         }
-        bump(&stats.delivery_retries);
-        tracing::info!(retry_in = ?wait, reason = %why, "send failed; retrying");
+        SendRetrying { wait, reason: &why }.emit(stats);
         tokio::select! {
             _ = stop.cancelled() => return Err(Failed::Stopped),
             _ = tokio::time::sleep(wait) => {}
@@ -312,8 +269,11 @@ where
             return true;
         }
         entry.panics += 1;
-        bump(&stats.update_panics);
-        tracing::error!(key, tries = entry.panics, "handling an update panicked");
+        let at = Panicked::Handling {
+            key,
+            tries: entry.panics,
+        };
+        UpdatePanicked { at }.emit(stats);
         if entry.panics < PANIC_TRIES {
             match serde_json::to_vec(entry) {
                 Ok(bytes) => {
@@ -330,7 +290,6 @@ where
 }
 
 fn park<J: Serialize>(store: &dyn Store, stats: &DeliveryStats, key: &str, entry: &Entry<J>) {
-    bump(&stats.updates_parked);
     let parked = format!("{PARKED}{key}");
     match serde_json::to_vec(entry) {
         Ok(bytes) => {
@@ -343,7 +302,11 @@ fn park<J: Serialize>(store: &dyn Store, stats: &DeliveryStats, key: &str, entry
     if let Err(e) = store.inbox_remove(key) {
         tracing::error!(key, error = %e, "could not remove a parked update from the inbox");
     }
-    tracing::error!(key = %parked, tries = PANIC_TRIES, "update parked after repeated panics");
+    UpdateParked {
+        key: &parked,
+        tries: PANIC_TRIES,
+    }
+    .emit(stats);
 }
 
 /// Aborts a helper task (typing, streaming edits) when dropped, also on a panic.
@@ -544,12 +507,14 @@ impl<P: Outbound> Delivery<P> {
 
     /// Counts an overflow and tells the user, at most once per conversation per minute.
     pub fn busy(self: &Arc<Self>, job: &P::Job, full: Full, tracker: &TaskTracker) {
-        bump(&self.stats.overflow);
+        let bot = &self.bot;
         if !self.notice_due(&P::inbound(job).conversation().to_string()) {
-            tracing::debug!(bot = %self.bot, ?full, "queue full; update refused");
+            let refused = Refused::Silently;
+            QueueOverflow { bot, full, refused }.emit(&self.stats);
             return;
         }
-        tracing::warn!(bot = %self.bot, ?full, "queue full; update refused with a busy notice");
+        let refused = Refused::Noticed;
+        QueueOverflow { bot, full, refused }.emit(&self.stats);
         let (out, job) = (self.out.clone(), job.clone());
         tracker.spawn(async move {
             if let Err(e) = out.send_part(&job, BUSY_NOTICE, &[]).await {
@@ -585,8 +550,8 @@ impl<P: Outbound> Delivery<P> {
             Item::Update { key, entry } => self.run_update(key, entry).boxed(),
             Item::Task(task) => async move {
                 if AssertUnwindSafe(task).catch_unwind().await.is_err() {
-                    bump(&self.stats.update_panics);
-                    tracing::error!(bot = %self.bot, "handling an interaction panicked");
+                    let at = Panicked::HandlingInteraction { bot: &self.bot };
+                    UpdatePanicked { at }.emit(&self.stats);
                 }
             }
             .boxed(),
@@ -721,12 +686,24 @@ impl<P: Outbound> Delivery<P> {
         match outcome {
             Ok(()) => tracing::info!("update answered"),
             Err(Failed::Permanent(why) | Failed::Unreachable(why)) => {
-                bump(&self.stats.delivery_failed);
-                tracing::warn!(reason = %why, "{} refused the reply; dropping it", P::PLATFORM);
+                let why_not = GiveUp::Refused {
+                    platform: P::PLATFORM,
+                };
+                DeliveryFailed {
+                    why: why_not,
+                    reason: &why,
+                }
+                .emit(&self.stats);
             }
             Err(Failed::Expired(why)) => {
-                bump(&self.stats.delivery_failed);
-                tracing::error!(reason = %why, max_retry_secs = self.max_retry.as_secs(), "reply still not delivered after delivery.max_retry_secs; giving up");
+                let why_not = GiveUp::Expired {
+                    max_retry_secs: self.max_retry.as_secs(),
+                };
+                DeliveryFailed {
+                    why: why_not,
+                    reason: &why,
+                }
+                .emit(&self.stats);
             }
             Err(Failed::Stopped) => {
                 tracing::info!("shutting down while retrying; the update stays in the inbox for the next start");
@@ -770,7 +747,7 @@ impl<P: Outbound> Delivery<P> {
 mod tests {
     use super::*;
     use crate::store::SledStore;
-    use std::sync::atomic::{AtomicBool, AtomicU32};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     /// An operation that fails with `errors` in turn, then succeeds; counts calls.
     fn scripted(

@@ -33,13 +33,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::delivery::{bump, Delivery, DeliveryStats, Failed, PrivateNote, BUSY_NOTICE};
+use super::delivery::{Delivery, DeliveryStats, Failed, PrivateNote, BUSY_NOTICE};
+use super::events::{Panicked, QueueOverflow, Refused, UpdatePanicked};
 use super::text::{char_len, split_message};
 use super::{redact, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply, Visibility};
 use crate::engine::commands::{self, Arg};
 use crate::engine::Engine;
+use crate::events::Event;
 
 mod interact;
 mod rest;
@@ -310,8 +312,11 @@ impl DiscordAdapter {
             Ok(Some(job)) => job,
             Ok(None) => return,
             Err(_) => {
-                bump(&self.delivery.stats().update_panics);
-                tracing::error!(bot = %self.name, update = id, "translating a message panicked; skipped");
+                let at = Panicked::Translating {
+                    bot: &self.name,
+                    update: id,
+                };
+                UpdatePanicked { at }.emit(self.delivery.stats());
                 return;
             }
         };
@@ -420,8 +425,8 @@ impl DiscordAdapter {
         let conv = self.interaction_inbound(&it).conversation().to_string();
         let id = it.id();
         if let Err(full) = self.delivery.room(&conv) {
-            bump(&self.delivery.stats().overflow);
-            tracing::warn!(bot = %self.name, ?full, "queue full; interaction answered with a busy notice");
+            let (bot, refused) = (&self.name, Refused::InteractionNoticed);
+            QueueOverflow { bot, full, refused }.emit(self.delivery.stats());
             let f = CreateInteractionResponseFollowup::new().content(BUSY_NOTICE);
             let _ = self.delivery.out().followup(&it, f, None).await;
             return;
@@ -431,8 +436,8 @@ impl DiscordAdapter {
         let task = self.clone().answer_interaction(it).instrument(span).boxed();
         if let Err(full) = self.delivery.enqueue_task(conv, id, task, &tracker) {
             // Filled up between the check and now; the follow-up is lost with the task.
-            bump(&self.delivery.stats().overflow);
-            tracing::warn!(bot = %self.name, ?full, "queue full; interaction dropped");
+            let (bot, refused) = (&self.name, Refused::InteractionDropped);
+            QueueOverflow { bot, full, refused }.emit(self.delivery.stats());
         }
     }
 
@@ -634,8 +639,8 @@ impl EventHandler for Handler {
             .is_err()
         {
             let a = &self.adapter;
-            bump(&a.delivery.stats().update_panics);
-            tracing::error!(bot = %a.name, "taking in an interaction panicked; skipped");
+            let at = Panicked::TakingInInteraction { bot: &a.name };
+            UpdatePanicked { at }.emit(a.delivery.stats());
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod delivery;
 pub mod discord;
+pub mod events;
 pub mod telegram;
 pub mod terminal;
 pub mod text;
@@ -18,6 +19,9 @@ use futures::FutureExt;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::events::Event;
+use events::TaskRestarted;
 
 /// The typing indicator is shown only once an answer takes longer than this: quick
 /// answers (cache hits, notices) need none, and each indicator is a platform API call.
@@ -224,16 +228,15 @@ pub async fn supervise<F, Fut>(
             return;
         }
         connected.store(false, Ordering::Relaxed);
-        delivery::bump(&stats.task_restarts);
         if started.elapsed() > SUPERVISOR_BACKOFF_MAX {
             backoff = SUPERVISOR_BACKOFF_FIRST;
         }
-        match result {
-            Err(e) if e.is_panic() => {
-                tracing::error!(task = %label, retry_in = ?backoff, "task panicked; restarting")
-            }
-            _ => tracing::warn!(task = %label, retry_in = ?backoff, "task stopped; restarting"),
+        TaskRestarted {
+            task: &label,
+            panicked: result.as_ref().is_err_and(|e| e.is_panic()),
+            retry_in: backoff,
         }
+        .emit(&stats);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}

@@ -20,12 +20,14 @@ use teloxide::{ApiError, Bot, RequestError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::{bump, Delivery, DeliveryStats};
+use super::delivery::{Delivery, DeliveryStats};
+use super::events::{Panicked, UpdatePanicked};
 use super::{redact, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Content, Inbound, Platform};
 use crate::engine::commands;
 use crate::engine::Engine;
+use crate::events::Event;
 
 mod out;
 use out::{scrub, TgOut};
@@ -286,8 +288,11 @@ impl TelegramAdapter {
                 }
                 Ok(None) => {}
                 Err(_) => {
-                    bump(&self.delivery.stats().update_panics);
-                    tracing::error!(bot = %self.name, update = id, "translating an update panicked; skipped");
+                    let at = Panicked::Translating {
+                        bot: &self.name,
+                        update: u64::from(id),
+                    };
+                    UpdatePanicked { at }.emit(self.delivery.stats());
                 }
             }
         }

@@ -1,9 +1,12 @@
-//! Engine counters, read by `/admin stats`, the terminal and the ops endpoint.
+//! Engine counters, read by `/admin stats`, the terminal and the ops endpoint. They
+//! move only through the events in `engine/events.rs`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use super::events::InternalCause;
+use crate::events::{Counter, LabeledCounter};
 
 /// Upper bounds (seconds) of the reply-latency histogram buckets.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -12,35 +15,47 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    pub messages: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub rate_limited: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub cache_tokens_saved: AtomicU64,
-    outcomes: Mutex<BTreeMap<&'static str, u64>>,
+    pub messages: Counter,
+    /// Redelivered updates dropped (already sent) or resent from the store.
+    pub duplicates: Counter,
+    /// Messages refused by a rate limit (messages or commands) or the daily budget.
+    pub rate_limited: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_tokens_saved: Counter,
+    /// LLM calls retried with half the history after a context-length error.
+    pub context_retries: Counter,
+    /// Replies that apologised for a failed LLM call, by the error's kind.
+    pub llm_failures: LabeledCounter,
+    /// Our own failures, by cause ([`InternalCause`]).
+    internal: [Counter; InternalCause::ALL.len()],
+    outcomes: LabeledCounter,
     /// Cumulative counts per bucket (last slot = +Inf), plus sum in microseconds.
     latency: Mutex<(Vec<u64>, u64)>,
 }
 
 impl EngineStats {
-    pub fn outcome(&self, label: &'static str) {
-        *self
-            .outcomes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(label)
-            .or_default() += 1;
-    }
-
+    /// Replies by outcome (`answer`, `cached`, `command`, `silent`, a rejection).
     pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
-        self.outcomes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.outcomes.snapshot()
     }
 
-    pub fn observe_latency(&self, d: Duration) {
+    pub(super) fn count_outcome(&self, outcome: &'static str) {
+        self.outcomes.add(outcome, 1);
+    }
+
+    /// Internal failures of this cause so far.
+    pub fn internal_errors(&self, cause: InternalCause) -> u64 {
+        self.internal.get(cause as usize).map_or(0, Counter::get)
+    }
+
+    pub(super) fn count_internal(&self, cause: InternalCause) {
+        if let Some(c) = self.internal.get(cause as usize) {
+            c.add(1);
+        }
+    }
+
+    pub(crate) fn observe_latency(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
         if l.0.is_empty() {
@@ -76,9 +91,5 @@ impl EngineStats {
             }
         }
         None
-    }
-
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! **Architecture Invariant:** only `llm/openai.rs` imports async-openai.
 
+pub mod events;
 pub mod openai;
 pub mod resilient;
 

@@ -1,7 +1,7 @@
 //! Retry, timeout, circuit breaker and concurrency cap around any [`LlmProvider`].
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,11 @@ use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+pub use super::events::LlmStats;
+use super::events::{AttemptFailed, AttemptStarted, AttemptSucceeded, BusyCause, LlmBusy};
+use super::events::{CircuitRejected, Retrying, TokensUsed};
 use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider};
+use crate::events::Event;
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -64,21 +68,6 @@ enum Breaker {
     },
     /// One probe is in flight; everyone else is told "unavailable".
     HalfOpen,
-}
-
-/// Counters the ops endpoint and `/admin stats` read.
-#[derive(Debug, Default)]
-pub struct LlmStats {
-    pub requests: AtomicU64,
-    pub errors: AtomicU64,
-    pub retries: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub completion_tokens: AtomicU64,
-    pub circuit_rejections: AtomicU64,
-    /// Calls that found every `max_concurrent` slot taken for `queue_timeout`.
-    pub busy_rejections: AtomicU64,
-    /// Sum of successful call latencies in microseconds (with `requests` gives the mean).
-    pub latency_micros: AtomicU64,
 }
 
 pub struct ResilientLlm {
@@ -148,9 +137,7 @@ impl ResilientLlm {
                 Ok(Admission::Probe)
             }
             _ => {
-                self.stats
-                    .circuit_rejections
-                    .fetch_add(1, Ordering::Relaxed);
+                CircuitRejected.emit(&self.stats);
                 Err(LlmError::CircuitOpen)
             }
         }
@@ -216,7 +203,8 @@ impl ResilientLlm {
         let cap = self.policy.max_concurrent.saturating_mul(4).max(64);
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= cap {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            self.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+            let cause = BusyCause::QueueFull;
+            LlmBusy { cause }.emit(&self.stats);
             return Err(LlmError::Busy);
         }
         let got = tokio::time::timeout(
@@ -228,7 +216,8 @@ impl ResilientLlm {
         match got {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) | Err(_) => {
-                self.stats.busy_rejections.fetch_add(1, Ordering::Relaxed);
+                let cause = BusyCause::Slots;
+                LlmBusy { cause }.emit(&self.stats);
                 Err(LlmError::Busy)
             }
         }
@@ -256,7 +245,7 @@ impl ResilientLlm {
             if let Some(rpm) = &self.rpm {
                 rpm.until_ready().await;
             }
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            AttemptStarted { attempt }.emit(&self.stats);
             let started = Instant::now();
             let result = match tokio::time::timeout(self.policy.timeout, attempt_fn()).await {
                 Ok(r) => r,
@@ -265,9 +254,8 @@ impl ResilientLlm {
             let e = match result {
                 Ok(v) => {
                     self.record(&admission, Ok(()));
-                    self.stats
-                        .latency_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    let latency = started.elapsed();
+                    AttemptSucceeded { latency }.emit(&self.stats);
                     return Billed {
                         result: Ok(v),
                         billable_failures,
@@ -275,11 +263,10 @@ impl ResilientLlm {
                 }
                 Err(e) => e,
             };
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            AttemptFailed { error: &e, attempt }.emit(&self.stats);
             if may_have_cost(&e) {
                 billable_failures += 1;
             }
-            tracing::warn!(error = %e, attempt, "LLM attempt failed");
             let probe = matches!(admission, Admission::Probe);
             if probe || !e.is_retryable() || attempt >= self.policy.max_retries {
                 self.record(&admission, Err(&e));
@@ -290,13 +277,11 @@ impl ResilientLlm {
             }
             let wait = self.backoff(attempt, &e);
             attempt += 1;
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            Retrying { attempt, wait }.emit(&self.stats);
             tokio::time::sleep(wait).await;
             // Others' failures may have opened the circuit meanwhile: stop retrying.
             if self.breaker_state() == BreakerState::Open {
-                self.stats
-                    .circuit_rejections
-                    .fetch_add(1, Ordering::Relaxed);
+                CircuitRejected.emit(&self.stats);
                 return Billed {
                     result: Err(LlmError::CircuitOpen),
                     billable_failures,
@@ -346,12 +331,11 @@ impl ResilientLlm {
             })
             .await;
         if let Ok((resp, _)) = &billed.result {
-            self.stats
-                .prompt_tokens
-                .fetch_add(resp.prompt_tokens, Ordering::Relaxed);
-            self.stats
-                .completion_tokens
-                .fetch_add(resp.completion_tokens, Ordering::Relaxed);
+            TokensUsed {
+                prompt: resp.prompt_tokens,
+                completion: resp.completion_tokens,
+            }
+            .emit(&self.stats);
         }
         Billed {
             result: billed.result.map(|(resp, _slot)| resp),

@@ -1,11 +1,12 @@
 //! The ops HTTP endpoint (SPEC §10): `/healthz`, `/readyz` and `/metrics`.
 //!
 //! Metrics are not kept twice: a `prometheus` [`Collector`] reads the engine's,
-//! the LLM client's and the store's own counters at scrape time. The registry adds
+//! the LLM client's, the delivery machinery's and the store's own counters at scrape
+//! time; [`Series`] declares every series once. The registry adds
 //! the `confab_` prefix and the `env` label to every series. Nothing here sees
 //! message text or secrets.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,8 +25,11 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::delivery::DeliveryStats;
+use crate::engine::events::InternalCause;
 use crate::engine::stats::{EngineStats, LATENCY_BUCKETS};
 use crate::engine::Engine;
+use crate::events::Counter;
 
 /// What `/readyz` looks at besides the store: each enabled platform adapter's
 /// `connected` flag, and whether the daemon is shutting down.
@@ -84,10 +88,11 @@ pub struct Server {
 pub async fn start(
     bind: SocketAddr,
     engine: Arc<Engine>,
+    delivery: Arc<DeliveryStats>,
     readiness: Arc<Readiness>,
     stop: CancellationToken,
 ) -> anyhow::Result<Server> {
-    let registry = registry(engine.clone())?;
+    let registry = registry(engine.clone(), delivery)?;
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .with_context(|| format!("binding the ops HTTP endpoint on {bind}"))?;
@@ -214,18 +219,19 @@ pub fn render(registry: &Registry) -> prometheus::Result<String> {
 }
 
 /// A registry with the `confab_` prefix, the `env` label on every series, and a
-/// collector reading `engine`'s counters at scrape time.
-pub fn registry(engine: Arc<Engine>) -> anyhow::Result<Registry> {
+/// collector reading `engine`'s and the adapters' counters at scrape time.
+pub fn registry(engine: Arc<Engine>, delivery: Arc<DeliveryStats>) -> anyhow::Result<Registry> {
     let env = engine.config().env.as_str().to_string();
     let labels = HashMap::from([("env".to_string(), env)]);
     let registry = Registry::new_custom(Some("confab".into()), Some(labels))
         .context("creating the metrics registry")?;
     registry
-        .register(Box::new(EngineCollector::new(engine)?))
+        .register(Box::new(EngineCollector::new(engine, delivery)?))
         .context("registering the metrics collector")?;
     Ok(registry)
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     Counter,
     Gauge,
@@ -233,134 +239,178 @@ enum Kind {
     Histogram,
 }
 
-/// Every series: name (without `confab_`), help, type, variable labels.
-const SERIES: &[(&str, &str, Kind, &[&str])] = &[
-    (
-        "messages_total",
-        "Messages received by the engine.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "replies_total",
-        "Replies by outcome.",
-        Kind::Counter,
-        &["outcome"],
-    ),
-    (
-        "rate_limited_total",
-        "Messages refused by a rate limit or budget.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "duplicates_total",
-        "Redelivered updates dropped or resent without an LLM call.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "llm_requests_total",
-        "LLM attempts, retries included.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "llm_errors_total",
-        "Failed LLM attempts.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "llm_retries_total",
-        "LLM attempts that were retries.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "llm_circuit_rejections_total",
-        "LLM calls refused by the open circuit.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "llm_busy_total",
-        "LLM calls refused because every slot stayed taken for llm.queue_timeout_secs.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "llm_tokens_total",
-        "LLM tokens by kind (prompt, completion).",
-        Kind::Counter,
-        &["kind"],
-    ),
-    (
-        "llm_request_seconds",
-        "Latency of successful LLM attempts.",
-        Kind::Summary,
-        &[],
-    ),
-    ("cache_hits_total", "Reply cache hits.", Kind::Counter, &[]),
-    (
-        "cache_misses_total",
-        "Reply cache misses.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "cache_tokens_saved_total",
-        "LLM tokens saved by cache hits.",
-        Kind::Counter,
-        &[],
-    ),
-    (
-        "cache_entries",
-        "Entries in the reply cache.",
-        Kind::Gauge,
-        &[],
-    ),
-    (
-        "circuit_state",
-        "LLM circuit breaker: 0 closed, 1 open, 2 half-open.",
-        Kind::Gauge,
-        &[],
-    ),
-    (
-        "reply_latency_seconds",
-        "Time from receiving a message to its reply being ready.",
-        Kind::Histogram,
-        &[],
-    ),
-    ("users", "Users known to the store.", Kind::Gauge, &[]),
-    (
-        "uptime_seconds",
-        "Seconds since the daemon started.",
-        Kind::Gauge,
-        &[],
-    ),
-];
+/// Declares [`Series`] from one table: variant, name (without `confab_`), type,
+/// variable labels, help. The collector's `samples` matches every variant, so a
+/// series cannot be declared without being read, nor read without being declared.
+macro_rules! series {
+    ($($variant:ident: $name:literal, $kind:ident, [$($label:literal),*], $help:literal;)*) => {
+        /// Every exported series.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Series {
+            $($variant),*
+        }
+
+        impl Series {
+            pub const ALL: &'static [Series] = &[$(Series::$variant),*];
+
+            /// The name without the registry's `confab_` prefix.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Series::$variant => $name),*
+                }
+            }
+
+            fn help(self) -> &'static str {
+                match self {
+                    $(Series::$variant => $help),*
+                }
+            }
+
+            fn kind(self) -> Kind {
+                match self {
+                    $(Series::$variant => Kind::$kind),*
+                }
+            }
+
+            fn labels(self) -> &'static [&'static str] {
+                match self {
+                    $(Series::$variant => &[$($label),*]),*
+                }
+            }
+        }
+    };
+}
+
+series! {
+    Messages: "messages_total", Counter, [], "Messages received by the engine.";
+    Replies: "replies_total", Counter, ["outcome"], "Replies by outcome.";
+    RateLimited: "rate_limited_total", Counter, [],
+        "Messages refused by a rate limit or budget.";
+    Duplicates: "duplicates_total", Counter, [],
+        "Redelivered updates dropped or resent without an LLM call.";
+    InternalErrors: "internal_errors_total", Counter, ["cause"],
+        "Our own failures by cause: store and prompt (the user got the internal-error notice), unknown_bot, cache_write, mark_sent.";
+    ContextRetries: "context_retries_total", Counter, [],
+        "LLM calls retried with half the history after a context-length error.";
+    LlmFailedReplies: "llm_failed_replies_total", Counter, ["kind"],
+        "Replies that apologised for a failed LLM call, by the last error's kind.";
+    LlmRequests: "llm_requests_total", Counter, [], "LLM attempts, retries included.";
+    LlmErrors: "llm_errors_total", Counter, [], "Failed LLM attempts.";
+    LlmRetries: "llm_retries_total", Counter, [], "LLM attempts that were retries.";
+    LlmCircuitRejections: "llm_circuit_rejections_total", Counter, [],
+        "LLM calls refused by the open circuit.";
+    LlmBusy: "llm_busy_total", Counter, [],
+        "LLM calls refused with the busy apology (no slot, or the user's previous call, within llm.queue_timeout_secs).";
+    LlmTokens: "llm_tokens_total", Counter, ["kind"],
+        "LLM tokens by kind (prompt, completion).";
+    LlmRequestSeconds: "llm_request_seconds", Summary, [],
+        "Latency of successful LLM attempts.";
+    CacheHits: "cache_hits_total", Counter, [], "Reply cache hits.";
+    CacheMisses: "cache_misses_total", Counter, [], "Reply cache misses.";
+    CacheTokensSaved: "cache_tokens_saved_total", Counter, [],
+        "LLM tokens saved by cache hits.";
+    CacheEntries: "cache_entries", Gauge, [], "Entries in the reply cache.";
+    CircuitState: "circuit_state", Gauge, [],
+        "LLM circuit breaker: 0 closed, 1 open, 2 half-open.";
+    ReplyLatency: "reply_latency_seconds", Histogram, [],
+        "Time from receiving a message to its reply being ready.";
+    DeliveryRetries: "delivery_retries_total", Counter, [],
+        "Sends waited out and tried again (transient errors and 429s).";
+    DeliveryFailed: "delivery_failed_total", Counter, [],
+        "Replies given up: refused for good, or still failing after delivery.max_retry_secs.";
+    UpdatePanics: "update_panics_total", Counter, [],
+        "Panics caught while translating or handling one update.";
+    UpdatesParked: "updates_parked_total", Counter, [],
+        "Updates moved out of the inbox after repeated panics.";
+    QueueOverflow: "queue_overflow_total", Counter, [],
+        "Updates refused because a queue was full (the user got a busy notice).";
+    TaskRestarts: "task_restarts_total", Counter, [],
+        "Poller and gateway tasks restarted after they died.";
+    Users: "users", Gauge, [], "Users known to the store.";
+    Uptime: "uptime_seconds", Gauge, [], "Seconds since the daemon started.";
+}
 
 struct EngineCollector {
     engine: Arc<Engine>,
+    delivery: Arc<DeliveryStats>,
     descs: Vec<Desc>,
 }
 
 impl EngineCollector {
-    fn new(engine: Arc<Engine>) -> anyhow::Result<Self> {
-        let descs = SERIES
+    fn new(engine: Arc<Engine>, delivery: Arc<DeliveryStats>) -> anyhow::Result<Self> {
+        let descs = Series::ALL
             .iter()
-            .map(|(name, help, _, labels)| {
+            .map(|s| {
                 Desc::new(
-                    name.to_string(),
-                    help.to_string(),
-                    labels.iter().map(|l| l.to_string()).collect(),
+                    s.name().to_string(),
+                    s.help().to_string(),
+                    s.labels().iter().map(|l| l.to_string()).collect(),
                     HashMap::new(),
                 )
-                .with_context(|| format!("metric {name}"))
+                .with_context(|| format!("metric {}", s.name()))
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { engine, descs })
+        Ok(Self {
+            engine,
+            delivery,
+            descs,
+        })
+    }
+
+    /// The samples of one series, read now.
+    fn samples(&self, series: Series) -> Vec<proto::Metric> {
+        let e = &self.engine.stats;
+        let l = &self.engine.llm().stats;
+        let get = Counter::get;
+        let one = |value: u64| vec![counter(value, vec![])];
+        match series {
+            Series::Messages => one(e.messages.get()),
+            Series::Replies => labeled("outcome", e.outcomes()),
+            Series::RateLimited => one(e.rate_limited.get()),
+            Series::Duplicates => one(e.duplicates.get()),
+            Series::InternalErrors => InternalCause::ALL
+                .iter()
+                .map(|c| counter(e.internal_errors(*c), vec![label("cause", c.as_str())]))
+                .collect(),
+            Series::ContextRetries => one(e.context_retries.get()),
+            Series::LlmFailedReplies => labeled("kind", e.llm_failures.snapshot()),
+            Series::LlmRequests => one(get(&l.requests)),
+            Series::LlmErrors => one(get(&l.errors)),
+            Series::LlmRetries => one(get(&l.retries)),
+            Series::LlmCircuitRejections => one(get(&l.circuit_rejections)),
+            Series::LlmBusy => one(get(&l.busy_rejections)),
+            Series::LlmTokens => vec![
+                counter(get(&l.prompt_tokens), vec![label("kind", "prompt")]),
+                counter(get(&l.completion_tokens), vec![label("kind", "completion")]),
+            ],
+            // Successful attempts: every attempt counted minus the failed ones.
+            Series::LlmRequestSeconds => vec![summary(
+                get(&l.requests).saturating_sub(get(&l.errors)),
+                get(&l.latency_micros) as f64 / 1e6,
+            )],
+            Series::CacheHits => one(e.cache_hits.get()),
+            Series::CacheMisses => one(e.cache_misses.get()),
+            Series::CacheTokensSaved => one(e.cache_tokens_saved.get()),
+            Series::CacheEntries => vec![gauge(self.engine.store().cache_len() as f64)],
+            Series::CircuitState => {
+                vec![gauge(self.engine.llm().breaker_state().as_gauge() as f64)]
+            }
+            Series::ReplyLatency => vec![histogram(e)],
+            Series::DeliveryRetries => one(self.delivery.snapshot().delivery_retries),
+            Series::DeliveryFailed => one(self.delivery.snapshot().delivery_failed),
+            Series::UpdatePanics => one(self.delivery.snapshot().update_panics),
+            Series::UpdatesParked => one(self.delivery.snapshot().updates_parked),
+            Series::QueueOverflow => one(self.delivery.snapshot().overflow),
+            Series::TaskRestarts => one(self.delivery.snapshot().task_restarts),
+            Series::Users => match self.engine.store().user_count() {
+                Ok(n) => vec![gauge(n as f64)],
+                Err(err) => {
+                    tracing::warn!(error = %err, "counting users for metrics failed");
+                    vec![]
+                }
+            },
+            Series::Uptime => vec![gauge(self.engine.uptime().as_secs_f64())],
+        }
     }
 }
 
@@ -377,6 +427,14 @@ fn counter(value: u64, labels: Vec<proto::LabelPair>) -> proto::Metric {
     let mut m = proto::Metric::from_label(labels);
     m.set_counter(c);
     m
+}
+
+/// One counter per label value.
+fn labeled(name: &str, counts: BTreeMap<&'static str, u64>) -> Vec<proto::Metric> {
+    counts
+        .into_iter()
+        .map(|(value, n)| counter(n, vec![label(name, value)]))
+        .collect()
 }
 
 fn gauge(value: f64) -> proto::Metric {
@@ -424,63 +482,17 @@ impl Collector for EngineCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let e = &self.engine.stats;
-        let llm = self.engine.llm();
-        let l = &llm.stats;
-        let get = EngineStats::get;
-        let requests = get(&l.requests);
-        let errors = get(&l.errors);
-        let mut families = Vec::with_capacity(SERIES.len());
-        for (name, help, kind, _) in SERIES {
-            let metrics = match *name {
-                "messages_total" => vec![counter(get(&e.messages), vec![])],
-                "replies_total" => e
-                    .outcomes()
-                    .into_iter()
-                    .map(|(outcome, n)| counter(n, vec![label("outcome", outcome)]))
-                    .collect(),
-                "rate_limited_total" => vec![counter(get(&e.rate_limited), vec![])],
-                "duplicates_total" => vec![counter(get(&e.duplicates), vec![])],
-                "llm_requests_total" => vec![counter(requests, vec![])],
-                "llm_errors_total" => vec![counter(errors, vec![])],
-                "llm_retries_total" => vec![counter(get(&l.retries), vec![])],
-                "llm_circuit_rejections_total" => {
-                    vec![counter(get(&l.circuit_rejections), vec![])]
-                }
-                "llm_busy_total" => vec![counter(get(&l.busy_rejections), vec![])],
-                "llm_tokens_total" => vec![
-                    counter(get(&l.prompt_tokens), vec![label("kind", "prompt")]),
-                    counter(get(&l.completion_tokens), vec![label("kind", "completion")]),
-                ],
-                // Successful attempts: every attempt counted minus the failed ones.
-                "llm_request_seconds" => vec![summary(
-                    requests.saturating_sub(errors),
-                    get(&l.latency_micros) as f64 / 1e6,
-                )],
-                "cache_hits_total" => vec![counter(get(&e.cache_hits), vec![])],
-                "cache_misses_total" => vec![counter(get(&e.cache_misses), vec![])],
-                "cache_tokens_saved_total" => vec![counter(get(&e.cache_tokens_saved), vec![])],
-                "cache_entries" => vec![gauge(self.engine.store().cache_len() as f64)],
-                "circuit_state" => vec![gauge(llm.breaker_state().as_gauge() as f64)],
-                "reply_latency_seconds" => vec![histogram(e)],
-                "users" => match self.engine.store().user_count() {
-                    Ok(n) => vec![gauge(n as f64)],
-                    Err(err) => {
-                        tracing::warn!(error = %err, "counting users for metrics failed");
-                        vec![]
-                    }
-                },
-                "uptime_seconds" => vec![gauge(self.engine.uptime().as_secs_f64())],
-                _ => vec![],
-            };
+        let mut families = Vec::with_capacity(Series::ALL.len());
+        for series in Series::ALL {
+            let metrics = self.samples(*series);
             // The encoder refuses a family without samples (e.g. no replies yet).
             if metrics.is_empty() {
                 continue;
             }
             let mut mf = MetricFamily::default();
-            mf.set_name(name.to_string());
-            mf.set_help(help.to_string());
-            mf.set_field_type(match kind {
+            mf.set_name(series.name().to_string());
+            mf.set_help(series.help().to_string());
+            mf.set_field_type(match series.kind() {
                 Kind::Counter => MetricType::COUNTER,
                 Kind::Gauge => MetricType::GAUGE,
                 Kind::Summary => MetricType::SUMMARY,

@@ -1,5 +1,6 @@
 //! The engine pipeline through the public API, against the fake LLM.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use confab::domain::{Content, Rejection, Reply, ReplyKind};
@@ -135,6 +136,11 @@ async fn daily_budget_is_enforced_with_one_notice() {
     let third = app.engine.handle(&msg("1", "more please")).await;
     assert!(matches!(third, Reply::Silent));
     assert_eq!(llm.request_count(), 1);
+    // `confab_rate_limited_total` says "refused by a rate limit or budget": the notice
+    // and the silent refusal after it both count.
+    let refused = app.engine.stats.rate_limited.load(Ordering::Relaxed);
+    assert_eq!(refused, 2);
+    assert_eq!(metric(&app, "rate_limited_total", &[]), 2.0);
     let usage = app.engine.handle(&msg("1", "/usage")).await;
     assert!(
         text(&usage).contains("30 tokens per day"),
@@ -582,4 +588,71 @@ async fn sweeper_purges_old_turns_and_expired_cache() {
     assert_eq!(left, vec!["recent"]);
     assert!(app.store.cache_get(&[1; 32]).unwrap().is_none());
     assert!(app.store.cache_get(&[2; 32]).unwrap().is_some());
+}
+
+/// The value of the one sample line `name{labels…}` in the engine's metrics, where every
+/// `key="value"` in `labels` appears.
+fn metric(app: &confab::app::App, name: &str, labels: &[&str]) -> f64 {
+    let registry =
+        confab::ops::http::registry(app.engine.clone(), app.delivery.clone()).expect("registry");
+    let body = confab::ops::http::render(&registry).expect("render");
+    let found: Vec<f64> = body
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!("confab_{name}{{")) || l.starts_with(&format!("confab_{name} "))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+        .collect();
+    assert_eq!(found.len(), 1, "{name} {labels:?} in:\n{body}");
+    found[0]
+}
+
+/// A store failure gets the internal-error notice, like an LLM failure gets its apology,
+/// but the metrics tell them apart: `internal_errors_total{cause="store"}` versus
+/// `llm_failed_replies_total{kind=…}`, and separate reply outcomes.
+#[tokio::test]
+async fn store_failures_and_llm_failures_are_told_apart_in_metrics() {
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, "");
+    let data = root.path().join("data");
+    {
+        let app = root.build();
+        app.engine.handle(&msg("5", "hi")).await;
+    }
+    {
+        let store = confab::store::SledStore::open(&data, 8, 500).expect("open");
+        let users = store.db().open_tree("users").expect("tree");
+        users
+            .insert("tg:5", b"\xff{garbage".as_slice())
+            .expect("insert");
+        store.db().flush().expect("flush");
+    }
+    let app = root.build();
+    let broken = app.engine.handle(&msg("5", "hello again")).await;
+    assert_eq!(kind(&broken), Some(ReplyKind::Notice(Rejection::Internal)));
+    llm.push(Behavior::status(400));
+    let failed = app.engine.handle(&msg("6", "hello")).await;
+    assert_eq!(kind(&failed), Some(ReplyKind::Notice(Rejection::LlmFailed)));
+
+    assert_eq!(
+        metric(&app, "internal_errors_total", &["cause=\"store\""]),
+        1.0
+    );
+    assert_eq!(
+        metric(&app, "internal_errors_total", &["cause=\"prompt\""]),
+        0.0
+    );
+    assert_eq!(
+        metric(&app, "replies_total", &["outcome=\"internal\""]),
+        1.0
+    );
+    assert_eq!(
+        metric(&app, "replies_total", &["outcome=\"llm_failed\""]),
+        1.0
+    );
+    assert_eq!(
+        metric(&app, "llm_failed_replies_total", &["kind=\"rejected\""]),
+        1.0
+    );
 }

@@ -103,6 +103,9 @@ async fn a_user_has_one_llm_call_in_flight_across_their_conversations() {
     assert_eq!(text(&same_user), MSG_BUSY);
     assert_eq!(text(&other_user), "echo: my own question");
     assert_eq!(text(&first.await.expect("task")), "echo: question in a DM");
+    // The busy apology is counted where `confab_llm_busy_total` reads it.
+    let busy = &app.engine.llm().stats.busy_rejections;
+    assert_eq!(busy.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
 /// Tokens used today, as `/usage` tells the user.
@@ -231,6 +234,7 @@ async fn ops_endpoint() -> (
     let server = confab::ops::http::start(
         "127.0.0.1:0".parse().expect("addr"),
         app.engine.clone(),
+        app.delivery.clone(),
         readiness,
         stop.clone(),
     )

@@ -11,7 +11,7 @@ use confab::config;
 use confab::shutdown::Signal;
 
 use crate::fake_openai::{Behavior, FakeOpenAi};
-use crate::fake_telegram::FakeTelegram;
+use crate::fake_telegram::{FakeTelegram, Fault};
 use crate::harness::{Daemon, Root, TG_BOT_TOML, TG_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -321,4 +321,55 @@ async fn readyz_says_shutting_down_while_a_reply_finishes() {
     // Stopped: the endpoint is gone.
     let gone = client().get(format!("http://{addr}/healthz")).send().await;
     assert!(gone.is_err(), "ops endpoint still answering after stop");
+}
+
+/// Every series the collector declares renders (with traffic that gives each one a
+/// sample), and the delivery machinery's counters are exported: a reply refused for
+/// good and one sent after a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_declared_series_renders_with_the_delivery_counters() {
+    let (llm, tg, root) = setup().await;
+    let (daemon, addr) = start(&root).await;
+    let env = ("env", "staging");
+    tg.fail_next(
+        "sendMessage",
+        Fault::Status(403, "Forbidden: bot was blocked by the user".into()),
+    );
+    tg.send_private(9, "B", "first");
+    let deadline = Instant::now() + WAIT;
+    while value(&scrape(addr).await, "confab_delivery_failed_total", &[env]) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the refused reply was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tg.fail_next("sendMessage", Fault::RetryAfter(1));
+    tg.send_private(10, "R", "second");
+    assert_eq!(tg.wait_for_sent(1, WAIT).await.len(), 1);
+    llm.push(Behavior::status(400));
+    tg.send_private(11, "L", "third");
+    assert_eq!(tg.wait_for_sent(2, WAIT).await.len(), 2);
+
+    let (_, _, body) = get(addr, "/metrics").await;
+    for series in confab::ops::http::Series::ALL {
+        let declared = format!("# TYPE confab_{} ", series.name());
+        assert!(body.contains(&declared), "{series:?} missing:\n{body}");
+    }
+    let m = samples(&body);
+    assert_eq!(value(&m, "confab_delivery_failed_total", &[env]), 1.0);
+    assert_eq!(value(&m, "confab_delivery_retries_total", &[env]), 1.0);
+    for idle in [
+        "confab_update_panics_total",
+        "confab_updates_parked_total",
+        "confab_queue_overflow_total",
+        "confab_task_restarts_total",
+    ] {
+        assert_eq!(value(&m, idle, &[env]), 0.0, "{idle}");
+    }
+    let failed = [env, ("kind", "rejected")];
+    assert_eq!(value(&m, "confab_llm_failed_replies_total", &failed), 1.0);
+    let store = [env, ("cause", "store")];
+    assert_eq!(value(&m, "confab_internal_errors_total", &store), 0.0);
+    daemon.stop().await.expect("clean stop");
 }

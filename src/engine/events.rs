@@ -1,0 +1,247 @@
+//! The engine's events (see [`crate::events`]): each logs and moves [`EngineStats`]
+//! together. Fields are kinds, counts and durations, never message text.
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use super::stats::EngineStats;
+use crate::domain::{Platform, Reply, ReplyKind};
+use crate::events::Event;
+use crate::llm::LlmError;
+
+/// A message reached the engine.
+pub struct MessageReceived {
+    pub platform: Platform,
+}
+
+impl Event for MessageReceived {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        tracing::debug!(platform = self.platform.name(), "message received");
+        stats.messages.add(1);
+    }
+}
+
+/// The engine decided a message's reply. Every message ends with exactly one.
+pub struct ReplyDecided<'a> {
+    pub reply: &'a Reply,
+    /// Since the message reached the engine (the conversation's lock wait included).
+    pub elapsed: Duration,
+}
+
+impl Event for ReplyDecided<'_> {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        let outcome = self.reply.outcome();
+        let ms = self.elapsed.as_millis() as u64;
+        tracing::debug!(outcome, elapsed_ms = ms, "reply decided");
+        stats.count_outcome(outcome);
+        // The latency histogram is about answers (fresh or cached), not notices.
+        if let Reply::Text {
+            kind: ReplyKind::Answer | ReplyKind::Cached,
+            ..
+        } = self.reply
+        {
+            stats.observe_latency(self.elapsed);
+        }
+    }
+}
+
+/// A redelivered update whose reply was already sent: dropped.
+pub struct DuplicateDropped;
+
+impl Event for DuplicateDropped {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        tracing::debug!("redelivered update dropped: its reply was sent");
+        stats.duplicates.add(1);
+    }
+}
+
+/// A redelivered update decided before a crash but never confirmed sent: its stored
+/// reply goes out again, without an LLM call.
+pub struct DuplicateResent;
+
+impl Event for DuplicateResent {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        tracing::info!("redelivered update: sending its stored reply again");
+        stats.duplicates.add(1);
+    }
+}
+
+/// Which quota refused a message.
+#[derive(Debug, Clone, Copy)]
+pub enum Quota {
+    Messages,
+    Commands,
+}
+
+/// A message over a rate limit. `notice`: the one notice of the window (else silence).
+pub struct RateLimited {
+    pub quota: Quota,
+    pub notice: bool,
+}
+
+impl Event for RateLimited {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        let quota = match self.quota {
+            Quota::Messages => "messages",
+            Quota::Commands => "commands",
+        };
+        tracing::debug!(quota, notice = self.notice, "rate limited");
+        stats.rate_limited.add(1);
+    }
+}
+
+/// A message from a user whose daily token budget is spent. `notice`: the one notice
+/// of the day (else silence). Counted with the rate-limited messages.
+pub struct BudgetExhausted {
+    pub notice: bool,
+}
+
+impl Event for BudgetExhausted {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        tracing::debug!(notice = self.notice, "daily token budget exhausted");
+        stats.rate_limited.add(1);
+    }
+}
+
+/// A reply served from the cache; the LLM tokens it had cost are saved.
+pub struct CacheHit {
+    pub tokens_saved: u64,
+}
+
+impl Event for CacheHit {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        tracing::debug!(tokens_saved = self.tokens_saved, "cache hit");
+        stats.cache_hits.add(1);
+        stats.cache_tokens_saved.add(self.tokens_saved);
+    }
+}
+
+/// No fresh cache entry for this context: the LLM is asked.
+pub struct CacheMiss;
+
+impl Event for CacheMiss {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        tracing::debug!("cache miss");
+        stats.cache_misses.add(1);
+    }
+}
+
+/// The model said the context is too long: retried once with half the history.
+pub struct ContextTooLong {
+    pub history_tokens: u64,
+}
+
+impl Event for ContextTooLong {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        tracing::warn!(
+            history_tokens = self.history_tokens,
+            "context too long for the model; retrying with half the history"
+        );
+        stats.context_retries.add(1);
+    }
+}
+
+/// The LLM call failed after its retries; the user gets an apology.
+pub struct LlmFailed<'a> {
+    pub error: &'a LlmError,
+}
+
+impl Event for LlmFailed<'_> {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        let kind = self.error.kind();
+        tracing::warn!(error = %self.error, kind, "LLM call failed; apologising");
+        stats.llm_failures.add(kind, 1);
+    }
+}
+
+/// What failed inside confab itself (not the user, not the LLM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InternalCause {
+    /// A store read or write while deciding: the user got the internal-error notice.
+    Store,
+    /// The system prompt did not render: the internal-error notice.
+    Prompt,
+    /// A message for a bot that is not configured (removed by a reload): silence.
+    UnknownBot,
+    /// A cache entry could not be stored: the reply still went out.
+    CacheWrite,
+    /// A sent reply could not be marked sent: a redelivery may send it again.
+    MarkSent,
+}
+
+impl InternalCause {
+    /// Every cause, in declaration order (`cause as usize` indexes it).
+    pub const ALL: [InternalCause; 5] = [
+        InternalCause::Store,
+        InternalCause::Prompt,
+        InternalCause::UnknownBot,
+        InternalCause::CacheWrite,
+        InternalCause::MarkSent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InternalCause::Store => "store",
+            InternalCause::Prompt => "prompt",
+            InternalCause::UnknownBot => "unknown_bot",
+            InternalCause::CacheWrite => "cache_write",
+            InternalCause::MarkSent => "mark_sent",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            InternalCause::Store => "store failure while handling a message",
+            InternalCause::Prompt => "prompt rendering failed",
+            InternalCause::UnknownBot => "message for a bot that is not configured",
+            InternalCause::CacheWrite => "could not store a cache entry",
+            InternalCause::MarkSent => "could not record a sent reply",
+        }
+    }
+}
+
+/// One of our own failures, with its error (store and template errors name no
+/// message text).
+pub struct InternalError<'a> {
+    pub cause: InternalCause,
+    pub error: &'a dyn Display,
+}
+
+impl Event for InternalError<'_> {
+    type Stats = EngineStats;
+    fn emit(self, stats: &EngineStats) {
+        let cause = self.cause.as_str();
+        tracing::error!(cause, error = %self.error, "{}", self.cause.message());
+        stats.count_internal(self.cause);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cause_indexes_its_own_counter() {
+        for (i, cause) in InternalCause::ALL.iter().enumerate() {
+            assert_eq!(*cause as usize, i, "{cause:?}");
+        }
+        let stats = EngineStats::default();
+        InternalError {
+            cause: InternalCause::Prompt,
+            error: &"boom",
+        }
+        .emit(&stats);
+        assert_eq!(stats.internal_errors(InternalCause::Prompt), 1);
+        assert_eq!(stats.internal_errors(InternalCause::Store), 0);
+    }
+}

@@ -1,0 +1,164 @@
+//! The stages before any LLM work: dedupe, gate (ban, maintenance, non-text), command,
+//! admit (length, rate limit, daily budget).
+
+use super::{stop, MessageCtx, Step};
+use crate::domain::{Content, Rejection, Reply, ReplyKind};
+use crate::engine::events::{BudgetExhausted, DuplicateDropped, DuplicateResent};
+use crate::engine::events::{Quota, RateLimited};
+use crate::engine::limits::{human_duration, limit_key, secs_until_reset, utc_day, RateDecision};
+use crate::engine::{commands, commands_limit_user, now_unix, roll_day, Engine};
+use crate::engine::{MSG_BANNED, MSG_NON_TEXT};
+use crate::events::Event;
+use crate::store::{Handled, HandledEntry};
+
+impl Engine {
+    /// Dedupe: an update already answered stops here. One sent before stays silent;
+    /// one decided and stored before a crash but never confirmed sent gets its stored
+    /// reply again, without asking the LLM (and without storing the turns twice).
+    pub(super) fn dedupe(&self, update_key: Option<&str>) -> Step {
+        let Some(key) = update_key else {
+            return Ok(());
+        };
+        match self.store.handled(key)? {
+            Some(HandledEntry {
+                state: Handled::Sent,
+                ..
+            }) => {
+                DuplicateDropped.emit(&self.stats);
+                stop(Reply::Silent)
+            }
+            Some(HandledEntry {
+                state: Handled::Pending { reply },
+                ..
+            }) => {
+                DuplicateResent.emit(&self.stats);
+                stop(Reply::text(reply, ReplyKind::Answer))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Gate: ban and maintenance come before anything else a user can trigger; then
+    /// only text goes on (a note in private chats, silence in groups).
+    pub(super) fn gate<'a>(&self, m: &mut MessageCtx<'a>) -> Step {
+        m.record = self.store.user(&m.user)?;
+        if let Some(ban) = m.record.as_ref().and_then(|r| r.banned.as_ref()) {
+            if ban.notified {
+                return stop(Reply::Silent);
+            }
+            self.store.update_user(&m.user, &mut |r| {
+                if let Some(b) = r.banned.as_mut() {
+                    b.notified = true;
+                }
+            })?;
+            return stop(Reply::notice(Rejection::Banned, MSG_BANNED));
+        }
+        if let Some(msg) = self.maintenance() {
+            if !m.admin {
+                return stop(Reply::notice(Rejection::Maintenance, msg));
+            }
+        }
+        let inbound: &'a crate::domain::Inbound = m.inbound;
+        match &inbound.content {
+            Content::Text(t) if !t.trim().is_empty() => {
+                m.text = t.as_str();
+                Ok(())
+            }
+            _ if inbound.is_private => stop(Reply::notice(Rejection::NonText, MSG_NON_TEXT)),
+            _ => stop(Reply::Silent),
+        }
+    }
+
+    /// Command (route): a command is run and its answer ends the pipeline. Forwarded text
+    /// is someone else's words: never run as a command. Commands have their own, more
+    /// generous quota: cheap, but not free.
+    pub(super) fn route(&self, m: &MessageCtx<'_>) -> Step {
+        let Some(cmd) = commands::parse(m.text).filter(|_| !m.inbound.forwarded) else {
+            return Ok(());
+        };
+        if !m.admin {
+            let key = limit_key(&m.inbound.bot, &commands_limit_user(&m.user));
+            let limits = &m.cfg.limits;
+            let (per_minute, burst) = (limits.commands_per_minute, limits.commands_burst);
+            self.rate_gate(Quota::Commands, key, per_minute, burst)?;
+        }
+        let reply = self.command(cmd, m.inbound, m.text, m.cfg, m.bot, m.record.as_ref())?;
+        stop(reply)
+    }
+
+    /// Admit: the length check, then (for non-admins) the per-user rate limit and the
+    /// daily token budget, each with one notice per window.
+    pub(super) fn admit(&self, m: &MessageCtx<'_>) -> Step {
+        let chars = m.text.chars().count();
+        let max = m.cfg.limits.max_input_chars;
+        if chars > max {
+            return stop(Reply::notice(
+                Rejection::TooLong,
+                format!(
+                    "Your message is too long ({chars} chars, limit {max}). Please shorten it."
+                ),
+            ));
+        }
+        if m.admin {
+            return Ok(());
+        }
+        let limits = self.effective_limits(m.cfg, m.bot, m.record.as_ref());
+        let key = limit_key(&m.inbound.bot, &m.user.to_string());
+        self.rate_gate(Quota::Messages, key, limits.per_minute, limits.burst)?;
+        self.budget_gate(m, limits.daily_tokens)
+    }
+
+    /// Goes on while the user has tokens left today; else one notice per day, then silence.
+    fn budget_gate(&self, m: &MessageCtx<'_>, daily_tokens: u64) -> Step {
+        let now = now_unix();
+        let today = utc_day(now);
+        let usage = m
+            .record
+            .as_ref()
+            .map(|r| &r.usage)
+            .filter(|u| u.day == today);
+        if usage.map_or(0, |u| u.tokens) < daily_tokens {
+            return Ok(());
+        }
+        if usage.is_some_and(|u| u.budget_notified) {
+            BudgetExhausted { notice: false }.emit(&self.stats);
+            return stop(Reply::Silent);
+        }
+        self.store.update_user(&m.user, &mut |r| {
+            roll_day(r, today);
+            r.usage.budget_notified = true;
+        })?;
+        BudgetExhausted { notice: true }.emit(&self.stats);
+        stop(Reply::notice(
+            Rejection::BudgetExhausted,
+            format!(
+                "You've used today's token budget ({daily_tokens} tokens). It resets in {} (midnight UTC).",
+                human_duration(secs_until_reset(now) as u64)
+            ),
+        ))
+    }
+
+    /// Goes on while the key is within its quota; else the one notice per window, then
+    /// silence.
+    fn rate_gate(&self, quota: Quota, key: u64, per_minute: u32, burst: u32) -> Step {
+        match self.limits.check(key, per_minute, burst) {
+            RateDecision::Allowed => Ok(()),
+            RateDecision::Notify { retry_in } => {
+                let notice = true;
+                RateLimited { quota, notice }.emit(&self.stats);
+                stop(Reply::notice(
+                    Rejection::RateLimited,
+                    format!(
+                        "You're sending messages too fast. Try again in {}.",
+                        human_duration(retry_in.as_secs_f64().ceil() as u64)
+                    ),
+                ))
+            }
+            RateDecision::Silent => {
+                let notice = false;
+                RateLimited { quota, notice }.emit(&self.stats);
+                stop(Reply::Silent)
+            }
+        }
+    }
+}
