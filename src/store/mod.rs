@@ -11,9 +11,7 @@ mod layout;
 mod migrate;
 pub mod sled_store;
 
-use std::future::Future;
-use std::pin::Pin;
-
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ConversationKey, Platform, UserRef};
@@ -166,8 +164,6 @@ pub struct Exchange<'a> {
 
 /// A change to a user's record, applied inside a store batch.
 pub type UserUpdate<'a> = &'a mut dyn FnMut(&mut UserRecord);
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// All persistent state. Methods are synchronous and fast (in-memory tree operations);
 /// [`Store::flush`] is the one slow, async step and is shared by concurrent callers.
