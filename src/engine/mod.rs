@@ -297,7 +297,7 @@ impl Engine {
     ) -> Reply {
         let started = Instant::now();
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
-        let _turn = self.locks.acquire(inbound.conversation().to_string()).await;
+        let _guard = self.locks.acquire(inbound.conversation().to_string()).await;
         let reply = match self.decide(inbound, partial).await {
             Ok(d) => d.reply,
             Err(e) => {
