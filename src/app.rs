@@ -17,7 +17,7 @@ use crate::config::{self, Config, LoadOptions};
 use crate::engine::Engine;
 use crate::llm::{OpenAiProvider, ResilientLlm, RetryPolicy};
 use crate::shutdown::{self, Shutdown, Signal};
-use crate::store::{SledStore, Store};
+use crate::store::{Durable, SledStore, Store};
 
 /// A poller's or gateway's run future.
 type Intake = futures::future::BoxFuture<'static, ()>;
