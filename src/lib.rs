@@ -7,7 +7,7 @@
 //! - [`engine`]   — the pipeline: dedupe, ban, commands, validation, limits, budget, memory,
 //!   prompt, cache, LLM, memory append. Imports no SDK, no sled, no async-openai.
 //! - [`llm`]      — provider trait, async-openai implementation, retry/breaker/concurrency.
-//! - [`store`]    — `Store` trait and its sled implementation.
+//! - [`store`]    — one trait per role of the store (`Store` = all of them), sled behind them.
 //! - [`adapters`] — platform adapters (terminal today); translate, never decide.
 //! - [`app`]      — composition root: builds everything and runs it; ordered shutdown.
 //! - [`ops`]      — operator interfaces: the local control socket.

@@ -62,3 +62,26 @@ impl InboxStore for SledStore {
         self.purge_older(&self.handled, "handled", before, |h: &HandledEntry| h.at)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An intake position is the `meta` row an older daemon wrote (Telegram's
+    /// `tg_offset/<bot>`), so an upgraded daemon resumes where the old one stopped.
+    #[test]
+    fn intake_positions_are_the_meta_rows_older_daemons_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        s.meta_put("tg_offset/assistant", b"41").unwrap();
+        let got = s.intake_position("tg_offset/assistant").unwrap();
+        assert_eq!(got.as_deref(), Some(b"41".as_slice()));
+        s.set_intake_position("tg_offset/assistant", b"42").unwrap();
+        s.db.flush().unwrap();
+        drop(s);
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let got = s.meta_get("tg_offset/assistant").unwrap();
+        assert_eq!(got.as_deref(), Some(b"42".as_slice()));
+        assert_eq!(s.intake_position("tg_offset/other").unwrap(), None);
+    }
+}
