@@ -107,8 +107,7 @@ mod tests {
 
     #[test]
     fn cache_is_bounded_and_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let (_dir, s) = temp_store();
         let origin = UserRef::new(Platform::Telegram, "1");
         for i in 0..5u8 {
             let e = CacheEntry {

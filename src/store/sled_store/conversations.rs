@@ -177,8 +177,7 @@ mod tests {
 
     #[test]
     fn recent_turns_keeps_the_newest_within_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let (_dir, s) = temp_store();
         let k = key("1");
         for i in 0..10 {
             s.append_turns(&k, &[turn(&format!("t{i}"), 10)], None)
@@ -199,8 +198,7 @@ mod tests {
 
     #[test]
     fn corrupt_turn_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let (_dir, s) = temp_store();
         let k = key("1");
         s.append_turns(&k, &[turn("a", 1)], None).unwrap();
         let mut bad = s.conv_prefix(&k);

@@ -65,14 +65,14 @@ impl InboxStore for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::temp_store;
     use super::*;
 
     /// An intake position is the `meta` row an older daemon wrote (Telegram's
     /// `tg_offset/<bot>`), so an upgraded daemon resumes where the old one stopped.
     #[test]
     fn intake_positions_are_the_meta_rows_older_daemons_wrote() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let (dir, s) = temp_store();
         s.meta_put("tg_offset/assistant", b"41").unwrap();
         let got = s.intake_position("tg_offset/assistant").unwrap();
         assert_eq!(got.as_deref(), Some(b"41".as_slice()));

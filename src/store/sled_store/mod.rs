@@ -44,6 +44,7 @@ pub use migrate::backup_auth_for_rows;
 use super::crypto;
 use super::{Durable, StoreError, StoreResult, SCHEMA_VERSION};
 
+/// Every role of the store on one sled database (each role's methods in its own file).
 pub struct SledStore {
     db: Db,
     turns: Tree,
@@ -297,10 +298,18 @@ impl Durable for SledStore {
 /// Shared by the tests of every role.
 #[cfg(test)]
 mod fixtures {
+    use super::SledStore;
     use crate::domain::{ConversationKey, Platform, UserRef};
     use crate::store::{Ban, Role, Turn, UserRecord};
 
     pub(super) const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    /// A fresh store in a temp dir (dropped with the dir).
+    pub(super) fn temp_store() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        (dir, s)
+    }
 
     pub(super) fn key(user: &str) -> ConversationKey {
         ConversationKey {

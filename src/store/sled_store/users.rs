@@ -115,8 +115,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_user_record_is_an_error_and_is_never_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        let (_dir, s) = temp_store();
         let u = tg("5");
         s.users
             .insert(s.user_key(&u), b"{broken".as_slice())
