@@ -78,7 +78,9 @@ fn cache_hit(c: &mut Criterion) {
 /// The store alone: one answered message's write batch (no flush) and a history load.
 fn store(c: &mut Criterion) {
     use confab::domain::{ConversationKey, Platform, UserRef};
-    use confab::store::{Exchange, Handled, HandledEntry, Role, SledStore, Store, Turn};
+    use confab::store::{
+        ConversationStore, Exchange, Handled, HandledEntry, Role, SledStore, Turn,
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SledStore::open(dir.path(), 64, 500).expect("open store");
     let conv = |u: u64| ConversationKey {

@@ -20,9 +20,10 @@
 //!
 //! `--seed-users N` pre-populates the daemon's data dir (`<root>/data`, the `data_dir` that
 //! [`write_root`] configures) *before* the daemon starts, through the library's own
-//! `SledStore` (`Store::append_turns`, `Store::put_user`, the daemon's default `[store]`
-//! settings): N users of the same bot (`assistant`, Telegram, private chat id == user id ==
-//! `USER_BASE + i`, exactly the `ConversationKey` the Telegram adapter builds), each with a
+//! `SledStore` (`ConversationStore::append_turns`, `UserStore::put_user`, the daemon's
+//! default `[store]` settings): N users of the same bot (`assistant`, Telegram, private
+//! chat id == user id == `USER_BASE + i`, exactly the `ConversationKey` the Telegram
+//! adapter builds), each with a
 //! user record and 3 earlier exchanges (6 turns of 100–300 characters, token counts from the
 //! daemon's tokenizer, last seen 2 h – 14 days ago, inside the default 30-day retention).
 //! The active users are ids `USER_BASE + 0 .. USER_BASE + --users`, so they are the first
@@ -62,7 +63,9 @@ use rand::{Rng, SeedableRng};
 use confab::config::{Config, Env};
 use confab::domain::{ConversationKey, Platform};
 use confab::engine::prompt::Tokenizer;
-use confab::store::{Role, SledStore, Store, Turn, Usage, UserRecord};
+use confab::store::{
+    ConversationStore, Durable, Role, SledStore, Turn, Usage, UserRecord, UserStore,
+};
 
 use common::proc_cpu_secs;
 use fake_openai::FakeOpenAi;

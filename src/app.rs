@@ -16,7 +16,7 @@ use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::Engine;
 use crate::shutdown::{self, Shutdown, Signal};
-use crate::store::{SledStore, Store};
+use crate::store::{Durable, SledStore, Store};
 
 /// A poller's or gateway's run future.
 type Intake = futures::future::BoxFuture<'static, ()>;

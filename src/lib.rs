@@ -8,8 +8,8 @@
 //!   prompt, cache, LLM, memory append. Imports no SDK, no sled, no async-openai.
 //! - [`events`]   — internal events: one struct per happening; `emit` logs and counts it.
 //! - [`llm`]      — provider trait, async-openai implementation, retry/breaker/concurrency.
-//! - [`store`]    — the `Store` trait and its sled implementation (encryption at rest,
-//!   migrations, dumps for backups).
+//! - [`store`]    — one trait per role of the store (`Store` = all of them), sled behind them
+//!   (encryption at rest, migrations, dumps for backups).
 //! - [`adapters`] — Telegram (teloxide), Discord (serenity) and the terminal; one shared
 //!   delivery machinery (durable inbox, retries, panics parked); translate, never decide.
 //! - [`app`]      — composition root: builds everything and runs it; ordered shutdown.

@@ -12,7 +12,8 @@ use confab::config::{BotConfig, Config, Env};
 use confab::domain::{Content, Inbound, Platform};
 use confab::engine::Engine;
 use confab::llm::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider, ResilientLlm};
-use confab::store::{BoxFuture, SledStore, Store};
+use confab::store::{SledStore, Store};
+use futures::future::BoxFuture;
 
 /// Answers at once, like a 0 ms LLM.
 struct InstantLlm;

@@ -52,7 +52,7 @@ use crate::domain::{Attachment, Button, Inbound, Reply};
 
 mod private;
 use crate::engine::Engine;
-use crate::store::Store;
+use crate::store::InboxStore;
 pub use private::PrivateNote;
 
 /// What a user whose update did not fit the queues is told.
@@ -251,7 +251,7 @@ where
 /// stored with the entry; after [`PANIC_TRIES`] the entry moves to [`PARKED`]. Returns
 /// whether an attempt completed.
 pub async fn guarded<J, F, Fut>(
-    store: &dyn Store,
+    store: &dyn InboxStore,
     stats: &DeliveryStats,
     key: &str,
     entry: &mut Entry<J>,
@@ -289,7 +289,7 @@ where
     false
 }
 
-fn park<J: Serialize>(store: &dyn Store, stats: &DeliveryStats, key: &str, entry: &Entry<J>) {
+fn park<J: Serialize>(store: &dyn InboxStore, stats: &DeliveryStats, key: &str, entry: &Entry<J>) {
     let parked = format!("{PARKED}{key}");
     match serde_json::to_vec(entry) {
         Ok(bytes) => {
@@ -333,6 +333,8 @@ impl<T> Drop for Helper<T> {
 pub struct Delivery<P: Outbound> {
     out: Arc<P>,
     engine: Arc<Engine>,
+    /// The engine's store, as the one role delivery uses.
+    inbox: Arc<dyn InboxStore>,
     stats: Arc<DeliveryStats>,
     queue: SerialQueue<Item<P::Job>>,
     bot: String,
@@ -363,6 +365,7 @@ impl<P: Outbound> Delivery<P> {
             queue: SerialQueue::new(d.max_queue_per_chat, d.max_pending, settle),
             max_retry: Duration::from_secs(d.max_retry_secs),
             max_pending: d.max_pending,
+            inbox: engine.store().clone(),
             engine: engine.clone(),
             stats,
             bot: bot.to_string(),
@@ -378,6 +381,11 @@ impl<P: Outbound> Delivery<P> {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The inbox role of the engine's store (inbox, intake positions, flush).
+    pub fn inbox(&self) -> &Arc<dyn InboxStore> {
+        &self.inbox
     }
 
     pub fn stats(&self) -> &Arc<DeliveryStats> {
@@ -425,7 +433,7 @@ impl<P: Outbound> Delivery<P> {
     /// it again: updates already queued or running are not queued twice). Waits for
     /// room when the inbox holds more than the queues take.
     pub async fn replay(self: &Arc<Self>, tracker: &TaskTracker) {
-        let store = self.engine.store().clone();
+        let store = self.inbox.clone();
         let pending = match store.inbox_scan(&self.prefix) {
             Ok(p) => p,
             Err(e) => return tracing::error!(error = %e, "could not read the inbox"),
@@ -464,7 +472,7 @@ impl<P: Outbound> Delivery<P> {
             self.busy(&job, full, tracker);
             return false;
         }
-        let store = self.engine.store();
+        let store = &self.inbox;
         let entry = Entry { job, panics: 0 };
         match serde_json::to_vec(&entry) {
             Ok(bytes) => {
@@ -561,7 +569,7 @@ impl<P: Outbound> Delivery<P> {
     async fn run_update(self: Arc<Self>, key: String, mut entry: Entry<P::Job>) {
         let update = P::inbound(&entry.job).update_id.clone().unwrap_or_default();
         let span = tracing::info_span!("update", platform = P::PLATFORM, bot = %self.bot, update = %update);
-        let store = self.engine.store().clone();
+        let store = self.inbox.clone();
         let this = &self;
         let key = &key;
         guarded(&*store, &self.stats, key, &mut entry, |job| async move {
@@ -574,7 +582,7 @@ impl<P: Outbound> Delivery<P> {
     /// Handle → deliver → finish, for one update.
     async fn handle(self: Arc<Self>, key: &str, job: P::Job) {
         if P::FLUSH_BEFORE_HANDLING {
-            if let Err(e) = self.engine.store().flush().await {
+            if let Err(e) = self.inbox.flush().await {
                 tracing::error!(error = %e, "store flush failed for a received update");
             }
         }
@@ -715,7 +723,7 @@ impl<P: Outbound> Delivery<P> {
 
     /// Marks the reply sent, clears the inbox entry and makes both durable.
     pub async fn finish(&self, inbound: &Inbound, key: Option<&str>) {
-        let store = self.engine.store();
+        let store = &self.inbox;
         self.engine.mark_sent(inbound);
         if let Some(key) = key {
             if let Err(e) = store.inbox_remove(key) {
@@ -865,7 +873,7 @@ mod tests {
         n: u32,
     }
 
-    fn put(store: &dyn Store, key: &str, n: u32) -> Entry<Job> {
+    fn put(store: &dyn InboxStore, key: &str, n: u32) -> Entry<Job> {
         let entry = Entry {
             job: Job { n },
             panics: 0,
@@ -879,7 +887,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_update_is_counted_tried_three_times_then_parked() {
         let (_dir, store) = store();
-        let store: Arc<dyn Store> = Arc::new(store);
+        let store: Arc<dyn InboxStore> = Arc::new(store);
         let stats = Arc::new(DeliveryStats::default());
         let (tracker, queue) = (TaskTracker::new(), SerialQueue::new(10, 10, Duration::ZERO));
         let done = Arc::new(Mutex::new(Vec::new()));

@@ -28,6 +28,7 @@ use crate::domain::{Content, Inbound, Platform};
 use crate::engine::commands;
 use crate::engine::Engine;
 use crate::events::Event;
+use crate::store::InboxStore;
 
 mod out;
 use out::{scrub, TgOut};
@@ -211,7 +212,7 @@ impl TelegramAdapter {
         self.delivery.replay(&tracker).await;
         let store = self.delivery_store();
         let mut offset: i32 = store
-            .meta_get(&self.offset_key())
+            .intake_position(&self.offset_key())
             .ok()
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
@@ -266,8 +267,8 @@ impl TelegramAdapter {
         tracing::info!(bot = %self.name, "telegram polling stopped");
     }
 
-    fn delivery_store(&self) -> Arc<dyn crate::store::Store> {
-        self.delivery.engine().store().clone()
+    fn delivery_store(&self) -> Arc<dyn InboxStore> {
+        self.delivery.inbox().clone()
     }
 
     /// One getUpdates batch: translate, store in the inbox and queue (or refuse with a
@@ -301,7 +302,8 @@ impl TelegramAdapter {
             tracing::error!(error = %e, "store flush failed; not confirming updates");
             return offset;
         }
-        if let Err(e) = store.meta_put(&self.offset_key(), offset.to_string().as_bytes()) {
+        if let Err(e) = store.set_intake_position(&self.offset_key(), offset.to_string().as_bytes())
+        {
             tracing::error!(error = %e, "could not store the update offset");
         }
         offset

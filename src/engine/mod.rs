@@ -295,7 +295,7 @@ impl Engine {
             platform: inbound.platform,
         }
         .emit(&self.stats);
-        let _turn = self.locks.acquire(inbound.conversation().to_string()).await;
+        let _guard = self.locks.acquire(inbound.conversation().to_string()).await;
         let reply = match self.decide(inbound, partial).await {
             Ok(reply) | Err(Stop::Reply(reply)) => reply,
             Err(Stop::Internal(failure)) => {

@@ -12,7 +12,8 @@ pub struct ConversationLocks {
     map: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
 }
 
-pub struct Turn<'a> {
+/// Held while one message of a conversation is handled; dropping it lets the next one in.
+pub struct ConversationGuard<'a> {
     locks: &'a ConversationLocks,
     key: String,
     guard: Option<OwnedMutexGuard<()>>,
@@ -20,13 +21,13 @@ pub struct Turn<'a> {
 
 impl ConversationLocks {
     /// Waits until this conversation is free (FIFO: tokio's mutex is fair).
-    pub async fn acquire(&self, key: String) -> Turn<'_> {
+    pub async fn acquire(&self, key: String) -> ConversationGuard<'_> {
         let lock = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(key.clone()).or_default().clone()
         };
         let guard = lock.lock_owned().await;
-        Turn {
+        ConversationGuard {
             locks: self,
             key,
             guard: Some(guard),
@@ -38,7 +39,7 @@ impl ConversationLocks {
     }
 }
 
-impl Drop for Turn<'_> {
+impl Drop for ConversationGuard<'_> {
     fn drop(&mut self) {
         drop(self.guard.take());
         let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());

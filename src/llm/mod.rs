@@ -10,12 +10,11 @@ pub mod resilient;
 use std::pin::Pin;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::Stream;
 
 pub use openai::OpenAiProvider;
 pub use resilient::{Billed, BreakerState, ResilientLlm, RetryPolicy};
-
-use crate::store::BoxFuture;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatRole {

@@ -12,10 +12,10 @@ use async_openai::types::chat::{
     ChatCompletionStreamOptions, CreateChatCompletionRequest,
 };
 use async_openai::Client;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 
 use super::{ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError, LlmProvider};
-use crate::store::BoxFuture;
 
 /// A non-2xx status the HTTP layer saw before async-openai parsed the body, with the
 /// `Retry-After` header async-openai would otherwise drop.

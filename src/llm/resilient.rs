@@ -228,7 +228,7 @@ impl ResilientLlm {
     /// attempts it took. A half-open probe is a single attempt.
     async fn run<T, F>(&self, mut attempt_fn: F) -> Billed<T>
     where
-        F: FnMut() -> crate::store::BoxFuture<'static, Result<T, LlmError>>,
+        F: FnMut() -> futures::future::BoxFuture<'static, Result<T, LlmError>>,
     {
         let mut billable_failures = 0u32;
         let mut attempt = 0u32;
@@ -302,7 +302,7 @@ impl ResilientLlm {
         C: Fn(
                 Arc<dyn LlmProvider>,
                 ChatRequest,
-            ) -> crate::store::BoxFuture<'static, Result<T, LlmError>>
+            ) -> futures::future::BoxFuture<'static, Result<T, LlmError>>
             + Send
             + 'static,
     {
@@ -395,7 +395,7 @@ mod tests {
         fn complete(
             &self,
             _req: ChatRequest,
-        ) -> crate::store::BoxFuture<'_, Result<ChatResponse, LlmError>> {
+        ) -> futures::future::BoxFuture<'_, Result<ChatResponse, LlmError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             let err = self.err.clone();
             let fail = self.fail;
@@ -414,7 +414,7 @@ mod tests {
         fn stream(
             &self,
             _req: ChatRequest,
-        ) -> crate::store::BoxFuture<'_, Result<DeltaStream, LlmError>> {
+        ) -> futures::future::BoxFuture<'_, Result<DeltaStream, LlmError>> {
             Box::pin(async { Err(LlmError::Connect("no".into())) })
         }
     }

@@ -1,27 +1,21 @@
-//! Persistent state behind a small trait: conversation turns, users, cache, audit, handled updates.
+//! Persistent state behind role traits: [`ConversationStore`] (turns), [`UserStore`]
+//! (users, usage, usernames, forget), [`CacheStore`], [`AuditStore`], [`InboxStore`]
+//! (inbox, intake positions, handled markers: what adapters use) and [`MetaStore`], each
+//! with [`Durable::flush`]. [`Store`] is all of them, for the engine.
 //!
-//! The engine only sees [`Store`]; [`sled_store::SledStore`] is the one implementation
-//! (a Redis one can be added later without touching the engine).
+//! [`sled_store::SledStore`] is the one implementation (one file per role; backups and
+//! restores are its own methods); a Redis one can implement the same roles.
 
 pub mod crypto;
-mod dump;
-mod flush;
-mod forget;
-mod layout;
-mod migrate;
 pub mod sled_store;
 
-use std::future::Future;
-use std::pin::Pin;
-
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ConversationKey, Platform, UserRef};
 
 pub use crypto::{BackupAuth, BackupMac};
-pub use forget::FORGOTTEN;
-pub use migrate::backup_auth_for_rows;
-pub use sled_store::SledStore;
+pub use sled_store::{backup_auth_for_rows, SledStore, FORGOTTEN};
 
 /// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
 /// older one. 2: usernames indexed per platform.
@@ -155,7 +149,7 @@ pub struct CacheStats {
     pub entries: usize,
 }
 
-/// What [`Store::record_exchange`] writes atomically.
+/// What [`ConversationStore::record_exchange`] writes atomically.
 pub struct Exchange<'a> {
     pub conversation: &'a ConversationKey,
     pub turns: &'a [Turn],
@@ -167,11 +161,16 @@ pub struct Exchange<'a> {
 /// A change to a user's record, applied inside a store batch.
 pub type UserUpdate<'a> = &'a mut dyn FnMut(&mut UserRecord);
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// Makes writes durable; every role has it. Role methods are synchronous and fast
+/// (in-memory tree operations); [`Durable::flush`] is the one slow, async step and is
+/// shared by concurrent callers (group commit).
+pub trait Durable: Send + Sync + 'static {
+    /// Makes every write so far durable.
+    fn flush(&self) -> BoxFuture<'_, StoreResult<()>>;
+}
 
-/// All persistent state. Methods are synchronous and fast (in-memory tree operations);
-/// [`Store::flush`] is the one slow, async step and is shared by concurrent callers.
-pub trait Store: Send + Sync + 'static {
+/// Conversations: stored turns, per-user conversation index, clearing and retention.
+pub trait ConversationStore: Durable {
     /// Append turns to a conversation; optionally record the update as `Pending` in the
     /// same atomic batch, so a crash can never store the turns without the reply (or vice versa).
     fn append_turns(
@@ -200,7 +199,11 @@ pub trait Store: Send + Sync + 'static {
     fn clear_conversation(&self, key: &ConversationKey) -> StoreResult<usize>;
     /// Deletes every turn older than `before` (unix seconds); returns how many.
     fn purge_turns_before(&self, before: i64) -> StoreResult<usize>;
+}
 
+/// Users and usage: user records (moderation, overrides, usage), usernames, and
+/// forgetting a user.
+pub trait UserStore: Durable {
     /// A user's record; `None` if never seen. An unreadable record is an error (never
     /// an empty record: that would lift a ban).
     fn user(&self, user: &UserRef) -> StoreResult<Option<UserRecord>>;
@@ -217,7 +220,16 @@ pub trait Store: Send + Sync + 'static {
     fn for_each_user(&self, f: &mut dyn FnMut(&UserRecord)) -> StoreResult<()>;
     /// The user who now has `@username` (case-insensitive) on `platform`.
     fn find_username(&self, platform: Platform, username: &str) -> StoreResult<Option<UserRef>>;
+    /// Deletes everything stored about a user, in every role: turns in every
+    /// conversation, the user record and usernames, every cache entry the user
+    /// originated, pending replies to them, and their id, usernames and words in the
+    /// audit log (entries stay, naming [`FORGOTTEN`]). Adapter-owned inbox entries are
+    /// the caller's (the engine's).
+    fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport>;
+}
 
+/// The response cache, keyed by the engine's 32-byte hash.
+pub trait CacheStore: Durable {
     fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>>;
     /// Insert, then evict the oldest entries beyond `max_entries`.
     fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()>;
@@ -226,36 +238,52 @@ pub trait Store: Send + Sync + 'static {
     fn cache_expire(&self, before: i64) -> StoreResult<usize>;
     fn cache_clear(&self) -> StoreResult<usize>;
     fn cache_len(&self) -> usize;
+}
 
+/// The audit log of admin actions, in write order.
+pub trait AuditStore: Durable {
     fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()>;
     /// The newest `n` entries, newest first.
     fn audit_recent(&self, n: usize) -> StoreResult<Vec<AuditEntry>>;
     /// Deletes entries written before `before` (unix seconds); returns how many.
     fn audit_purge_before(&self, before: i64) -> StoreResult<usize>;
+}
 
-    fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>>;
-    fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()>;
-    /// Deletes handled markers older than `before`; returns how many.
-    fn purge_handled_before(&self, before: i64) -> StoreResult<usize>;
-
-    /// Small named values for adapters (e.g. a Telegram getUpdates offset).
-    fn meta_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
-    fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
-    fn meta_remove(&self, key: &str) -> StoreResult<()>;
-
-    /// Durable inbox of received-but-unanswered platform updates (adapter-owned bytes),
-    /// so that a crash between receiving and answering loses nothing.
+/// Intake: the durable inbox of received-but-unanswered platform updates
+/// (adapter-owned bytes, so that a crash between receiving and answering loses
+/// nothing), where each adapter's intake resumes, and the handled markers that make
+/// answering at most once. The one role adapters depend on.
+pub trait InboxStore: Durable {
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
     fn inbox_remove(&self, key: &str) -> StoreResult<()>;
     /// Every inbox entry whose key starts with `prefix`, in key order.
     fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
 
-    /// Deletes everything stored about a user: turns in every conversation, the user
-    /// record and usernames, every cache entry the user originated, pending replies to
-    /// them, and their id, usernames and words in the audit log (entries stay, naming
-    /// [`FORGOTTEN`]). Adapter-owned inbox entries are the caller's (the engine's).
-    fn forget_user(&self, user: &UserRef) -> StoreResult<ForgetReport>;
+    /// Where an adapter's intake resumes (e.g. a Telegram getUpdates offset).
+    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()>;
 
-    /// Makes every write so far durable. Concurrent callers share one flush (group commit).
-    fn flush(&self) -> BoxFuture<'_, StoreResult<()>>;
+    fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>>;
+    fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()>;
+    /// Deletes handled markers older than `before`; returns how many.
+    fn purge_handled_before(&self, before: i64) -> StoreResult<usize>;
+}
+
+/// Small named values (e.g. the engine's maintenance mode).
+pub trait MetaStore: Durable {
+    fn meta_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
+    fn meta_remove(&self, key: &str) -> StoreResult<()>;
+}
+
+/// All persistent state: every role, for the one component that needs them all (the
+/// engine). Others take the narrower role (`Arc<dyn Store>` upcasts to any of them).
+pub trait Store:
+    ConversationStore + UserStore + CacheStore + AuditStore + InboxStore + MetaStore
+{
+}
+
+impl<T> Store for T where
+    T: ConversationStore + UserStore + CacheStore + AuditStore + InboxStore + MetaStore + ?Sized
+{
 }

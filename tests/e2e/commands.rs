@@ -2,7 +2,7 @@
 //! stored effects and the audit trail.
 
 use confab::domain::{Content, Inbound, Platform, Reply, ReplyKind, UserRef, Visibility};
-use confab::store::{SledStore, Store};
+use confab::store::{AuditStore, CacheStore, ConversationStore, InboxStore, SledStore, UserStore};
 
 use crate::fake_openai::FakeOpenAi;
 use crate::harness::{text, Root};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use confab::app::{self, Hooks};
 use confab::config;
-use confab::store::{SledStore, Store};
+use confab::store::{InboxStore, SledStore};
 use serde_json::{json, Value};
 
 use crate::fake_discord::FakeDiscord;

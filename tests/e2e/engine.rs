@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use confab::domain::{Content, Rejection, Reply, ReplyKind};
 use confab::engine::{MSG_LLM_FAILED, MSG_LLM_UNAVAILABLE, MSG_NON_TEXT};
-use confab::store::Store;
+use confab::store::{CacheStore, ConversationStore};
 
 use crate::fake_openai::{Behavior, FakeOpenAi};
 use crate::harness::{msg, text, Root};

@@ -695,7 +695,7 @@ async fn a_forced_restore_that_fails_leaves_the_data_as_it_was() {
 #[test]
 fn writers_run_between_the_batches_of_a_backup() {
     use confab::ops::backup::{self, Chunks, BATCH_ROWS};
-    use confab::store::Store;
+    use confab::store::MetaStore;
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(&dir.path().join("data"), 8, 500).unwrap());

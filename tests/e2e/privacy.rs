@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use confab::domain::{Content, Inbound, Platform};
 use confab::ops::backup::{self, BackupError};
-use confab::store::{SledStore, Store};
+use confab::store::{SledStore, UserStore};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 

@@ -5,18 +5,15 @@
 use std::collections::HashSet;
 
 use super::layout::normalise_username;
-use super::sled_store::SledStore;
-use super::{
-    AuditEntry, CacheEntry, ForgetReport, Handled, HandledEntry, Role, Store, StoreError,
-    StoreResult, UserRecord, UserRef,
+use super::{io, SledStore};
+use crate::domain::UserRef;
+use crate::store::{
+    AuditEntry, CacheEntry, ConversationStore, ForgetReport, Handled, HandledEntry, Role,
+    StoreResult, UserRecord,
 };
 
 /// What a forgotten user is called in the audit log.
 pub const FORGOTTEN: &str = "[forgotten user]";
-
-fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
-}
 
 /// Replaces `needle` where it is not part of a longer id (`tg:1` must not match `tg:12`),
 /// ASCII case-insensitively.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use sled::Db;
 
-use super::{StoreError, StoreResult};
+use crate::store::{StoreError, StoreResult};
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
 

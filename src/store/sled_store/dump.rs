@@ -2,12 +2,18 @@
 
 use std::sync::atomic::Ordering;
 
-use super::crypto;
-use super::sled_store::{DumpCursor, DumpRow, SledStore, TREES};
-use super::{StoreError, StoreResult};
+use super::{io, SledStore, TREES};
+use crate::store::{crypto, StoreError, StoreResult};
 
-fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
+/// One stored (tree, key, value).
+pub type DumpRow = (String, Vec<u8>, Vec<u8>);
+
+/// Where the next [`SledStore::dump_batch`] starts: a tree (index into the order
+/// given) and the last key already copied from it.
+#[derive(Debug, Clone, Default)]
+pub struct DumpCursor {
+    pub tree: usize,
+    pub after: Option<Vec<u8>>,
 }
 
 impl SledStore {

@@ -11,19 +11,16 @@
 
 use sled::{Batch, Tree};
 
-use super::crypto::{self, Keys, LegacyCipher};
 use super::layout::{conv_prefix_plain, parse_conv_prefix, SEP};
-use super::sled_store::{DumpRow, SledStore};
-use super::{StoreError, StoreResult, UserRef, SCHEMA_VERSION};
+use super::{io, DumpRow, SledStore};
+use crate::domain::UserRef;
+use crate::store::crypto::{self, Keys, LegacyCipher};
+use crate::store::{StoreError, StoreResult, SCHEMA_VERSION};
 
 pub(super) const KEY_CHECK1: &str = "key_check";
 pub(super) const KEY_CHECK2: &str = "key_check2";
 pub(super) const KDF_SALT: &str = "kdf_salt";
 pub(super) const SEALED: &str = "sealed";
-
-fn io(e: sled::Error) -> StoreError {
-    StoreError::Io(e.to_string())
-}
 
 /// The store's keys from `secret` and its salt row, checked against `key_check2`.
 fn checked_keys(secret: &str, salt: &[u8], check: &[u8]) -> Result<Keys, String> {
@@ -233,5 +230,115 @@ impl SledStore {
             }
             _ => Ok((k.to_vec(), v)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::*;
+    use super::super::layout;
+    use super::*;
+    use crate::domain::Platform;
+    use crate::store::{ConversationStore, UserStore};
+
+    /// A schema-1 store, encrypted the old way (text sealed as `CFE1` under the unsalted
+    /// key, everything else plain, usernames not per platform), opened with the key.
+    #[test]
+    fn an_old_encrypted_store_is_migrated_once_and_completely() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = crypto::LegacyCipher::from_secret("old passphrase");
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            let u = tg("7");
+            let rec = serde_json::to_vec(&banned("sock puppet")).unwrap();
+            s.users.insert("tg:7", rec).unwrap();
+            s.usernames.insert("ann", "tg:7").unwrap();
+            let prefix = layout::conv_prefix_plain(&key("7"));
+            for (i, t) in ["first secret", "second secret"].iter().enumerate() {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&(i as u64).to_be_bytes());
+                let v = legacy.seal(&serde_json::to_vec(&turn(t, 1)).unwrap());
+                s.turns.insert(k, v).unwrap();
+            }
+            let mut idx = u.to_string().into_bytes();
+            idx.push(0);
+            idx.extend_from_slice(&prefix);
+            s.conv_index.insert(idx, &[] as &[u8]).unwrap();
+            s.meta
+                .insert("key_check", legacy.seal(crypto::CHECK))
+                .unwrap();
+            s.meta
+                .insert("schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let wrong = SledStore::open_with_key(dir.path(), 8, 500, Some("other"));
+        assert!(wrong.err().unwrap().to_string().contains("does not match"));
+        let check = |s: &SledStore| {
+            let u = tg("7");
+            let rec = s.user(&u).unwrap().unwrap();
+            assert_eq!(rec.banned.unwrap().reason, "sock puppet");
+            assert_eq!(
+                s.find_username(Platform::Telegram, "@Ann").unwrap(),
+                Some(u.clone())
+            );
+            assert_eq!(s.find_username(Platform::Discord, "ann").unwrap(), None);
+            let convs = s.user_conversations(&u).unwrap();
+            let texts: Vec<_> = convs[0].1.iter().map(|t| t.text.as_str()).collect();
+            assert_eq!(texts, ["first secret", "second secret"]);
+            for (tree, k, v) in s.dump().unwrap() {
+                let row = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&k),
+                    String::from_utf8_lossy(&v)
+                );
+                for needle in ["secret", "sock", "ann", "Ann", "tg:7"] {
+                    assert!(!row.contains(needle), "{needle} in {tree}: {row}");
+                }
+            }
+        };
+        {
+            let s = SledStore::open_with_key(dir.path(), 8, 500, Some("old passphrase")).unwrap();
+            check(&s);
+            assert!(s.meta.get("key_check").unwrap().is_none(), "old check gone");
+            // an interrupted migration: a row still in the old form, marker not yet set
+            s.meta.remove("sealed").unwrap();
+            let rec = serde_json::to_vec(&banned("late")).unwrap();
+            s.users.insert("tg:8", rec).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some("old passphrase")).unwrap();
+        check(&s);
+        assert_eq!(
+            s.user(&tg("8")).unwrap().unwrap().banned.unwrap().reason,
+            "late"
+        );
+        drop(s);
+        let none = SledStore::open(dir.path(), 8, 500).err().unwrap();
+        assert!(
+            none.to_string().contains("CONFAB_DATA_KEY is not set"),
+            "{none}"
+        );
+    }
+
+    #[test]
+    fn a_schema_1_store_gets_per_platform_usernames() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            s.usernames.insert("vip", "dc:20").unwrap();
+            s.meta
+                .insert("schema_version", &1u32.to_be_bytes())
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        assert_eq!(
+            s.find_username(Platform::Discord, "VIP").unwrap(),
+            Some(UserRef::new(Platform::Discord, "20"))
+        );
+        assert_eq!(s.find_username(Platform::Telegram, "vip").unwrap(), None);
+        let v = s.meta.get("schema_version").unwrap().unwrap();
+        assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Without a key, keys carry ids in the clear (`tg:123`, conversation prefixes, `tg:name`)
 //! and values are JSON. With a key, every value of a personal tree is sealed for its row
-//! (see [`super::crypto`]) and the ids and names in keys are replaced by keyed hashes:
+//! (see [`crypto`]) and the ids and names in keys are replaced by keyed hashes:
 //! a conversation prefix by 16 bytes, a user by 32 (16 in `conv_index`), a username by
 //! 32, a cache key by its HMAC. A plaintext value in a sealed tree is a corrupt entry.
 
@@ -11,9 +11,9 @@ use std::borrow::Cow;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::sled_store::SledStore;
-use super::{ConversationKey, StoreError, StoreResult, UserRef};
-use crate::domain::Platform;
+use super::{io, SledStore};
+use crate::domain::{ConversationKey, Platform, UserRef};
+use crate::store::{crypto, StoreError, StoreResult};
 
 pub(super) const SEP: u8 = 0;
 
@@ -160,7 +160,7 @@ impl SledStore {
         match &self.keys {
             Some(k) if SEALED_TREES.contains(&tree) => k.open(tree, key, bytes).map(Cow::Owned),
             Some(_) => Ok(Cow::Borrowed(bytes)),
-            None if super::crypto::is_sealed(bytes) || super::crypto::is_sealed_v1(bytes) => {
+            None if crypto::is_sealed(bytes) || crypto::is_sealed_v1(bytes) => {
                 Err("encrypted, but no data key is set".into())
             }
             None => Ok(Cow::Borrowed(bytes)),
@@ -237,7 +237,6 @@ impl SledStore {
         if before == after {
             return Ok(());
         }
-        let io = |e: sled::Error| StoreError::Io(e.to_string());
         if let Some(old) = &before {
             let k = self.username_key(user.platform, old);
             if let Some(v) = self.usernames.get(&k).map_err(io)? {
@@ -252,5 +251,36 @@ impl SledStore {
             self.usernames.insert(k, v).map_err(io)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::*;
+    use super::*;
+    use crate::store::{ConversationStore, UserRecord, UserStore};
+
+    #[test]
+    fn with_a_key_plaintext_and_moved_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_with_key(dir.path(), 8, 500, Some(KEY)).unwrap();
+        let (a, b) = (tg("1"), tg("2"));
+        s.put_user(&a, &banned("spam")).unwrap();
+        s.put_user(&b, &UserRecord::default()).unwrap();
+        // a plaintext record planted in place of b's: refused, not trusted
+        let plain = serde_json::to_vec(&UserRecord::default()).unwrap();
+        s.users.insert(s.user_key(&a), plain).unwrap();
+        assert!(s.user(&a).is_err());
+        // b's sealed record moved onto a's key does not open either
+        let sealed_b = s.users.get(s.user_key(&b)).unwrap().unwrap();
+        s.users.insert(s.user_key(&a), sealed_b).unwrap();
+        assert!(s.user(&a).is_err());
+        // a plaintext turn is skipped like any corrupt entry
+        let mut k = s.conv_prefix(&key("1"));
+        k.extend_from_slice(&1u64.to_be_bytes());
+        s.turns
+            .insert(k, serde_json::to_vec(&turn("planted", 1)).unwrap())
+            .unwrap();
+        assert!(s.all_turns(&key("1")).unwrap().is_empty());
     }
 }
