@@ -48,7 +48,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{stream_draft, DraftPut, Full, SerialQueue};
-use crate::domain::{Attachment, Button, Inbound, Reply};
+use crate::domain::{Attachment, Button, Inbound, Rendered, Reply};
 
 mod private;
 use crate::engine::Engine;
@@ -642,12 +642,11 @@ impl<P: Outbound> Delivery<P> {
         reply: &Reply,
         streamed: Option<P::MsgId>,
     ) -> Result<(), Failed> {
-        let Reply::Text {
+        let Some(Rendered {
             text,
             attachment,
             buttons,
-            ..
-        } = reply
+        }) = reply.rendered()
         else {
             return Ok(());
         };

@@ -38,7 +38,7 @@ use super::events::{Panicked, QueueOverflow, Refused, UpdatePanicked};
 use super::text::{char_len, split_message};
 use super::{redact, Throttle};
 use crate::config::{BotConfig, Config, Secret};
-use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply, Visibility};
+use crate::domain::{Attachment, Button, Content, Inbound, Platform, Rendered, Reply, Visibility};
 use crate::engine::commands::{self, Arg};
 use crate::engine::Engine;
 use crate::events::Event;
@@ -501,12 +501,11 @@ impl DiscordAdapter {
     /// the file. A personal answer to a slash command is ephemeral (flags 64) — if its
     /// command was deferred publicly, the public "thinking…" first becomes a note.
     async fn follow_up(&self, it: &Interact, reply: &Reply, personal: bool) -> Result<(), Failed> {
-        let Reply::Text {
+        let Some(Rendered {
             text,
             attachment,
             buttons,
-            ..
-        } = reply
+        }) = reply.rendered()
         else {
             return Ok(());
         };
