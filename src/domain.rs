@@ -235,6 +235,14 @@ pub struct Button {
     pub command: String,
 }
 
+/// What an adapter renders of a [`Reply::Text`] (see [`Reply::rendered`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Rendered<'a> {
+    pub text: &'a str,
+    pub attachment: Option<&'a Attachment>,
+    pub buttons: &'a [Button],
+}
+
 /// Who may read a reply. The engine decides; adapters render it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Visibility {
@@ -273,22 +281,27 @@ impl Reply {
     }
 
     /// The same reply, for the asking user's eyes only.
-    pub fn personal(self) -> Self {
+    pub fn personal(mut self) -> Self {
+        if let Reply::Text { visibility, .. } = &mut self {
+            *visibility = Visibility::Personal;
+        }
+        self
+    }
+
+    /// What an adapter sends: the text, its buttons and file (`None` for `Silent`).
+    pub fn rendered(&self) -> Option<Rendered<'_>> {
         match self {
             Reply::Text {
                 text,
-                kind,
                 attachment,
                 buttons,
                 ..
-            } => Reply::Text {
+            } => Some(Rendered {
                 text,
-                kind,
-                attachment,
+                attachment: attachment.as_ref(),
                 buttons,
-                visibility: Visibility::Personal,
-            },
-            Reply::Silent => Reply::Silent,
+            }),
+            Reply::Silent => None,
         }
     }
 

@@ -18,6 +18,19 @@ pub trait Event {
     fn emit(self, stats: &Self::Stats);
 }
 
+/// Implements [`Event`] for an event struct from its `emit` body alone:
+/// `impl_event!(CacheHit => EngineStats, |self, stats| { …log…; …count… });`
+/// (every event has the same `impl` frame; only its log line and counters differ).
+macro_rules! impl_event {
+    ($name:ty => $stats:ty, |$this:ident, $counters:ident| $body:block) => {
+        impl $crate::events::Event for $name {
+            type Stats = $stats;
+            fn emit($this, $counters: &$stats) $body
+        }
+    };
+}
+pub(crate) use impl_event;
+
 /// A monotonic counter. Readable anywhere; only events add to it.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);

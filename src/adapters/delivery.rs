@@ -642,20 +642,14 @@ impl<P: Outbound> Delivery<P> {
         reply: &Reply,
         streamed: Option<P::MsgId>,
     ) -> Result<(), Failed> {
-        let Reply::Text {
-            text,
-            attachment,
-            buttons,
-            ..
-        } = reply
-        else {
+        let Some(r) = reply.rendered() else {
             return Ok(());
         };
         let (stats, stop) = (&*self.stats, self.stop_token());
         let mut retry = Retry::new(self.max_retry);
-        let mut parts = self.out.split(text);
+        let mut parts = self.out.split(r.text);
         if let (Some(id), Some(first)) = (streamed, parts.first().cloned()) {
-            let b: &[Button] = if parts.len() == 1 { buttons } else { &[] };
+            let b: &[Button] = if parts.len() == 1 { r.buttons } else { &[] };
             let edit = retrying(&mut retry, stats, &stop, || {
                 self.out.edit_part(job, id, &first, b)
             });
@@ -671,13 +665,13 @@ impl<P: Outbound> Delivery<P> {
         }
         let last = parts.len().saturating_sub(1);
         for (i, part) in parts.iter().enumerate() {
-            let b: &[Button] = if i == last { buttons } else { &[] };
+            let b: &[Button] = if i == last { r.buttons } else { &[] };
             retrying(&mut retry, stats, &stop, || {
                 self.out.send_part(job, part, b)
             })
             .await?;
         }
-        if let Some(a) = attachment {
+        if let Some(a) = r.attachment {
             retrying(&mut retry, stats, &stop, || self.out.send_file(job, a)).await?;
         }
         Ok(())

@@ -36,7 +36,7 @@ use tracing::Instrument;
 use super::delivery::{Delivery, DeliveryStats, Failed, PrivateNote, BUSY_NOTICE};
 use super::events::{Panicked, QueueOverflow, Refused, UpdatePanicked};
 use super::text::{char_len, split_message};
-use super::{redact, Throttle};
+use super::{redact, IdentityError, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply, Visibility};
 use crate::engine::commands::{self, Arg};
@@ -76,14 +76,6 @@ pub struct Verified {
     token: Secret,
 }
 
-/// Why a Discord bot may not start (exit code 2: a configuration problem).
-#[derive(Debug, thiserror::Error)]
-#[error("bots/{bot}.toml: discord: {message}")]
-pub struct IdentityError {
-    pub bot: String,
-    pub message: String,
-}
-
 /// The REST client. A non-default `discord.api_url` (a test fake or a proxy) needs
 /// serenity's rate limiter off, because the limiter ignores the proxy; we then throttle
 /// ourselves (see [`DcOut`]).
@@ -113,10 +105,7 @@ fn status_of(e: &serenity::Error) -> Option<u16> {
 /// Asks Discord who the token belongs to (`/users/@me`, `/oauth2/applications/@me`) and
 /// refuses a token of another application — above all, a production token in staging.
 pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, IdentityError> {
-    let err = |message: String| IdentityError {
-        bot: bot_cfg.name.clone(),
-        message,
-    };
+    let err = IdentityError::of(&bot_cfg.name, "discord");
     let Some(dc) = &bot_cfg.discord else {
         return Err(err("no [discord] table".into()));
     };
@@ -501,13 +490,7 @@ impl DiscordAdapter {
     /// the file. A personal answer to a slash command is ephemeral (flags 64) — if its
     /// command was deferred publicly, the public "thinking…" first becomes a note.
     async fn follow_up(&self, it: &Interact, reply: &Reply, personal: bool) -> Result<(), Failed> {
-        let Reply::Text {
-            text,
-            attachment,
-            buttons,
-            ..
-        } = reply
-        else {
+        let Some(r) = reply.rendered() else {
             return Ok(());
         };
         let out = self.delivery.out();
@@ -519,21 +502,21 @@ impl DiscordAdapter {
                 .send_retrying(&mut retry, || out.edit_original(it, ANSWERED_PRIVATELY))
                 .await?;
         }
-        let parts = split_message(text, DC_LIMIT, char_len);
+        let parts = split_message(r.text, DC_LIMIT, char_len);
         let last = parts.len().saturating_sub(1);
         for (i, part) in parts.iter().enumerate() {
             let mut f = CreateInteractionResponseFollowup::new()
                 .content(part.clone())
                 .allowed_mentions(mentions())
                 .ephemeral(ephemeral);
-            if i == last && !buttons.is_empty() {
-                f = f.components(components(buttons));
+            if i == last && !r.buttons.is_empty() {
+                f = f.components(components(r.buttons));
             }
             self.delivery
                 .send_retrying(&mut retry, || out.followup(it, f.clone(), None))
                 .await?;
         }
-        if let Some(a) = attachment {
+        if let Some(a) = r.attachment {
             let f = CreateInteractionResponseFollowup::new()
                 .content(a.file_name.clone())
                 .ephemeral(ephemeral);

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Full;
-use crate::events::{Counter, Event};
+use crate::events::{impl_event, Counter};
 
 /// Counters of the delivery machinery, shared by every adapter of the process; moved
 /// only by the events below.
@@ -57,14 +57,11 @@ pub struct SendRetrying<'a> {
     pub reason: &'a str,
 }
 
-impl Event for SendRetrying<'_> {
-    type Stats = DeliveryStats;
-    fn emit(self, stats: &DeliveryStats) {
-        let reason = self.reason;
-        tracing::info!(retry_in = ?self.wait, %reason, "send failed; retrying");
-        stats.delivery_retries.add(1);
-    }
-}
+impl_event!(SendRetrying<'_> => DeliveryStats, |self, stats| {
+    let reason = self.reason;
+    tracing::info!(retry_in = ?self.wait, %reason, "send failed; retrying");
+    stats.delivery_retries.add(1);
+});
 
 /// Why a reply was given up.
 pub enum GiveUp {
@@ -80,23 +77,20 @@ pub struct DeliveryFailed<'a> {
     pub reason: &'a str,
 }
 
-impl Event for DeliveryFailed<'_> {
-    type Stats = DeliveryStats;
-    fn emit(self, stats: &DeliveryStats) {
-        let reason = self.reason;
-        match self.why {
-            GiveUp::Refused { platform } => {
-                tracing::warn!(%reason, "{platform} refused the reply; dropping it");
-            }
-            GiveUp::Expired { max_retry_secs } => tracing::error!(
-                %reason,
-                max_retry_secs,
-                "reply still not delivered after delivery.max_retry_secs; giving up"
-            ),
+impl_event!(DeliveryFailed<'_> => DeliveryStats, |self, stats| {
+    let reason = self.reason;
+    match self.why {
+        GiveUp::Refused { platform } => {
+            tracing::warn!(%reason, "{platform} refused the reply; dropping it");
         }
-        stats.delivery_failed.add(1);
+        GiveUp::Expired { max_retry_secs } => tracing::error!(
+            %reason,
+            max_retry_secs,
+            "reply still not delivered after delivery.max_retry_secs; giving up"
+        ),
     }
-}
+    stats.delivery_failed.add(1);
+});
 
 /// Where a panic was caught.
 pub enum Panicked<'a> {
@@ -115,26 +109,23 @@ pub struct UpdatePanicked<'a> {
     pub at: Panicked<'a>,
 }
 
-impl Event for UpdatePanicked<'_> {
-    type Stats = DeliveryStats;
-    fn emit(self, stats: &DeliveryStats) {
-        match self.at {
-            Panicked::Handling { key, tries } => {
-                tracing::error!(key, tries, "handling an update panicked")
-            }
-            Panicked::Translating { bot, update } => {
-                tracing::error!(bot, update, "translating an update panicked; skipped")
-            }
-            Panicked::TakingInInteraction { bot } => {
-                tracing::error!(bot, "taking in an interaction panicked; skipped")
-            }
-            Panicked::HandlingInteraction { bot } => {
-                tracing::error!(bot, "handling an interaction panicked")
-            }
+impl_event!(UpdatePanicked<'_> => DeliveryStats, |self, stats| {
+    match self.at {
+        Panicked::Handling { key, tries } => {
+            tracing::error!(key, tries, "handling an update panicked")
         }
-        stats.update_panics.add(1);
+        Panicked::Translating { bot, update } => {
+            tracing::error!(bot, update, "translating an update panicked; skipped")
+        }
+        Panicked::TakingInInteraction { bot } => {
+            tracing::error!(bot, "taking in an interaction panicked; skipped")
+        }
+        Panicked::HandlingInteraction { bot } => {
+            tracing::error!(bot, "handling an interaction panicked")
+        }
     }
-}
+    stats.update_panics.add(1);
+});
 
 /// An update moved to `parked/…` after `tries` panics.
 pub struct UpdateParked<'a> {
@@ -142,14 +133,11 @@ pub struct UpdateParked<'a> {
     pub tries: u32,
 }
 
-impl Event for UpdateParked<'_> {
-    type Stats = DeliveryStats;
-    fn emit(self, stats: &DeliveryStats) {
-        let (key, tries) = (self.key, self.tries);
-        tracing::error!(key, tries, "update parked after repeated panics");
-        stats.updates_parked.add(1);
-    }
-}
+impl_event!(UpdateParked<'_> => DeliveryStats, |self, stats| {
+    let (key, tries) = (self.key, self.tries);
+    tracing::error!(key, tries, "update parked after repeated panics");
+    stats.updates_parked.add(1);
+});
 
 /// What became of an update refused for a full queue.
 pub enum Refused {
@@ -170,27 +158,24 @@ pub struct QueueOverflow<'a> {
     pub refused: Refused,
 }
 
-impl Event for QueueOverflow<'_> {
-    type Stats = DeliveryStats;
-    fn emit(self, stats: &DeliveryStats) {
-        let (bot, full) = (self.bot, self.full);
-        match self.refused {
-            Refused::Noticed => {
-                tracing::warn!(bot, ?full, "queue full; update refused with a busy notice")
-            }
-            Refused::Silently => tracing::debug!(bot, ?full, "queue full; update refused"),
-            Refused::InteractionNoticed => tracing::warn!(
-                bot,
-                ?full,
-                "queue full; interaction answered with a busy notice"
-            ),
-            Refused::InteractionDropped => {
-                tracing::warn!(bot, ?full, "queue full; interaction dropped")
-            }
+impl_event!(QueueOverflow<'_> => DeliveryStats, |self, stats| {
+    let (bot, full) = (self.bot, self.full);
+    match self.refused {
+        Refused::Noticed => {
+            tracing::warn!(bot, ?full, "queue full; update refused with a busy notice")
         }
-        stats.overflow.add(1);
+        Refused::Silently => tracing::debug!(bot, ?full, "queue full; update refused"),
+        Refused::InteractionNoticed => tracing::warn!(
+            bot,
+            ?full,
+            "queue full; interaction answered with a busy notice"
+        ),
+        Refused::InteractionDropped => {
+            tracing::warn!(bot, ?full, "queue full; interaction dropped")
+        }
     }
-}
+    stats.overflow.add(1);
+});
 
 /// A poller or gateway task ended (`panicked` or stopped) and restarts after `retry_in`.
 pub struct TaskRestarted<'a> {
@@ -199,15 +184,12 @@ pub struct TaskRestarted<'a> {
     pub retry_in: Duration,
 }
 
-impl Event for TaskRestarted<'_> {
-    type Stats = DeliveryStats;
-    fn emit(self, stats: &DeliveryStats) {
-        let (task, retry_in) = (self.task, self.retry_in);
-        if self.panicked {
-            tracing::error!(task, ?retry_in, "task panicked; restarting");
-        } else {
-            tracing::warn!(task, ?retry_in, "task stopped; restarting");
-        }
-        stats.task_restarts.add(1);
+impl_event!(TaskRestarted<'_> => DeliveryStats, |self, stats| {
+    let (task, retry_in) = (self.task, self.retry_in);
+    if self.panicked {
+        tracing::error!(task, ?retry_in, "task panicked; restarting");
+    } else {
+        tracing::warn!(task, ?retry_in, "task stopped; restarting");
     }
-}
+    stats.task_restarts.add(1);
+});

@@ -340,6 +340,29 @@ where
 
 /// Replaces every occurrence of a secret in a string (error texts can carry URLs, and
 /// Telegram URLs carry the token).
+/// Why a bot may not start on a platform (exit code 2: a configuration problem).
+#[derive(Debug, thiserror::Error)]
+#[error("bots/{bot}.toml: {platform}: {message}")]
+pub struct IdentityError {
+    pub bot: String,
+    pub platform: &'static str,
+    pub message: String,
+}
+
+impl IdentityError {
+    /// Builds the refusals of one bot's check on one platform from their texts.
+    pub(crate) fn of<'a>(
+        bot: &'a str,
+        platform: &'static str,
+    ) -> impl Fn(String) -> IdentityError + Copy + 'a {
+        move |message| IdentityError {
+            bot: bot.to_string(),
+            platform,
+            message,
+        }
+    }
+}
+
 /// The token and the expected identity a platform's start-up identity check needs, or
 /// the refusal text naming what is missing. `what` names the identity key (`username`).
 pub(crate) fn identity_inputs<'a>(

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use super::delivery::{Delivery, DeliveryStats};
 use super::events::{Panicked, UpdatePanicked};
-use super::{redact, Throttle};
+use super::{redact, IdentityError, Throttle};
 use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Content, Inbound, Platform};
 use crate::engine::commands;
@@ -45,14 +45,6 @@ pub struct Verified {
     pub bot: Bot,
     pub me: Me,
     token: Secret,
-}
-
-/// Why a Telegram bot may not start (exit code 2: a configuration problem).
-#[derive(Debug, thiserror::Error)]
-#[error("bots/{bot}.toml: telegram: {message}")]
-pub struct IdentityError {
-    pub bot: String,
-    pub message: String,
 }
 
 fn tg_bot(cfg: &Config, token: &Secret) -> Result<Bot, String> {
@@ -79,10 +71,7 @@ fn reqwest_url(s: &str) -> Result<url::Url, String> {
 /// Asks Telegram who the token belongs to (getMe) and refuses a token of another bot —
 /// above all, a production token in staging.
 pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, IdentityError> {
-    let err = |message: String| IdentityError {
-        bot: bot_cfg.name.clone(),
-        message,
-    };
+    let err = IdentityError::of(&bot_cfg.name, "telegram");
     let Some(tg) = &bot_cfg.telegram else {
         return Err(err("no [telegram] table".into()));
     };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::stats::EngineStats;
 use crate::domain::{Platform, Reply, ReplyKind};
-use crate::events::Event;
+use crate::events::impl_event;
 use crate::llm::LlmError;
 
 /// A message reached the engine.
@@ -14,13 +14,10 @@ pub struct MessageReceived {
     pub platform: Platform,
 }
 
-impl Event for MessageReceived {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        tracing::debug!(platform = self.platform.name(), "message received");
-        stats.messages.add(1);
-    }
-}
+impl_event!(MessageReceived => EngineStats, |self, stats| {
+    tracing::debug!(platform = self.platform.name(), "message received");
+    stats.messages.add(1);
+});
 
 /// The engine decided a message's reply. Every message ends with exactly one.
 pub struct ReplyDecided<'a> {
@@ -29,46 +26,37 @@ pub struct ReplyDecided<'a> {
     pub elapsed: Duration,
 }
 
-impl Event for ReplyDecided<'_> {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        let outcome = self.reply.outcome();
-        let ms = self.elapsed.as_millis() as u64;
-        tracing::debug!(outcome, elapsed_ms = ms, "reply decided");
-        stats.count_outcome(outcome);
-        // The latency histogram is about answers (fresh or cached), not notices.
-        if let Reply::Text {
-            kind: ReplyKind::Answer | ReplyKind::Cached,
-            ..
-        } = self.reply
-        {
-            stats.observe_latency(self.elapsed);
-        }
+impl_event!(ReplyDecided<'_> => EngineStats, |self, stats| {
+    let outcome = self.reply.outcome();
+    let ms = self.elapsed.as_millis() as u64;
+    tracing::debug!(outcome, elapsed_ms = ms, "reply decided");
+    stats.count_outcome(outcome);
+    // The latency histogram is about answers (fresh or cached), not notices.
+    if let Reply::Text {
+        kind: ReplyKind::Answer | ReplyKind::Cached,
+        ..
+    } = self.reply
+    {
+        stats.observe_latency(self.elapsed);
     }
-}
+});
 
 /// A redelivered update whose reply was already sent: dropped.
 pub struct DuplicateDropped;
 
-impl Event for DuplicateDropped {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        tracing::debug!("redelivered update dropped: its reply was sent");
-        stats.duplicates.add(1);
-    }
-}
+impl_event!(DuplicateDropped => EngineStats, |self, stats| {
+    tracing::debug!("redelivered update dropped: its reply was sent");
+    stats.duplicates.add(1);
+});
 
 /// A redelivered update decided before a crash but never confirmed sent: its stored
 /// reply goes out again, without an LLM call.
 pub struct DuplicateResent;
 
-impl Event for DuplicateResent {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        tracing::info!("redelivered update: sending its stored reply again");
-        stats.duplicates.add(1);
-    }
-}
+impl_event!(DuplicateResent => EngineStats, |self, stats| {
+    tracing::info!("redelivered update: sending its stored reply again");
+    stats.duplicates.add(1);
+});
 
 /// Which quota refused a message.
 #[derive(Debug, Clone, Copy)]
@@ -83,17 +71,14 @@ pub struct RateLimited {
     pub notice: bool,
 }
 
-impl Event for RateLimited {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        let quota = match self.quota {
-            Quota::Messages => "messages",
-            Quota::Commands => "commands",
-        };
-        tracing::debug!(quota, notice = self.notice, "rate limited");
-        stats.rate_limited.add(1);
-    }
-}
+impl_event!(RateLimited => EngineStats, |self, stats| {
+    let quota = match self.quota {
+        Quota::Messages => "messages",
+        Quota::Commands => "commands",
+    };
+    tracing::debug!(quota, notice = self.notice, "rate limited");
+    stats.rate_limited.add(1);
+});
 
 /// A message from a user whose daily token budget is spent. `notice`: the one notice
 /// of the day (else silence). Counted with the rate-limited messages.
@@ -101,68 +86,53 @@ pub struct BudgetExhausted {
     pub notice: bool,
 }
 
-impl Event for BudgetExhausted {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        tracing::debug!(notice = self.notice, "daily token budget exhausted");
-        stats.rate_limited.add(1);
-    }
-}
+impl_event!(BudgetExhausted => EngineStats, |self, stats| {
+    tracing::debug!(notice = self.notice, "daily token budget exhausted");
+    stats.rate_limited.add(1);
+});
 
 /// A reply served from the cache; the LLM tokens it had cost are saved.
 pub struct CacheHit {
     pub tokens_saved: u64,
 }
 
-impl Event for CacheHit {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        tracing::debug!(tokens_saved = self.tokens_saved, "cache hit");
-        stats.cache_hits.add(1);
-        stats.cache_tokens_saved.add(self.tokens_saved);
-    }
-}
+impl_event!(CacheHit => EngineStats, |self, stats| {
+    tracing::debug!(tokens_saved = self.tokens_saved, "cache hit");
+    stats.cache_hits.add(1);
+    stats.cache_tokens_saved.add(self.tokens_saved);
+});
 
 /// No fresh cache entry for this context: the LLM is asked.
 pub struct CacheMiss;
 
-impl Event for CacheMiss {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        tracing::debug!("cache miss");
-        stats.cache_misses.add(1);
-    }
-}
+impl_event!(CacheMiss => EngineStats, |self, stats| {
+    tracing::debug!("cache miss");
+    stats.cache_misses.add(1);
+});
 
 /// The model said the context is too long: retried once with half the history.
 pub struct ContextTooLong {
     pub history_tokens: u64,
 }
 
-impl Event for ContextTooLong {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        tracing::warn!(
-            history_tokens = self.history_tokens,
-            "context too long for the model; retrying with half the history"
-        );
-        stats.context_retries.add(1);
-    }
-}
+impl_event!(ContextTooLong => EngineStats, |self, stats| {
+    tracing::warn!(
+        history_tokens = self.history_tokens,
+        "context too long for the model; retrying with half the history"
+    );
+    stats.context_retries.add(1);
+});
 
 /// The LLM call failed after its retries; the user gets an apology.
 pub struct LlmFailed<'a> {
     pub error: &'a LlmError,
 }
 
-impl Event for LlmFailed<'_> {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        let kind = self.error.kind();
-        tracing::warn!(error = %self.error, kind, "LLM call failed; apologising");
-        stats.llm_failures.add(kind, 1);
-    }
-}
+impl_event!(LlmFailed<'_> => EngineStats, |self, stats| {
+    let kind = self.error.kind();
+    tracing::warn!(error = %self.error, kind, "LLM call failed; apologising");
+    stats.llm_failures.add(kind, 1);
+});
 
 /// What failed inside confab itself (not the user, not the LLM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,18 +187,16 @@ pub struct InternalError<'a> {
     pub error: &'a dyn Display,
 }
 
-impl Event for InternalError<'_> {
-    type Stats = EngineStats;
-    fn emit(self, stats: &EngineStats) {
-        let cause = self.cause.as_str();
-        tracing::error!(cause, error = %self.error, "{}", self.cause.message());
-        stats.count_internal(self.cause);
-    }
-}
+impl_event!(InternalError<'_> => EngineStats, |self, stats| {
+    let cause = self.cause.as_str();
+    tracing::error!(cause, error = %self.error, "{}", self.cause.message());
+    stats.count_internal(self.cause);
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::Event;
 
     #[test]
     fn every_cause_indexes_its_own_counter() {

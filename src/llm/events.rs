@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::LlmError;
-use crate::events::{Counter, Event};
+use crate::events::{impl_event, Counter};
 
 /// Counters the ops endpoint and `/admin stats` read; moved only by the events below.
 #[derive(Debug, Default)]
@@ -29,27 +29,21 @@ pub struct AttemptStarted {
     pub attempt: u32,
 }
 
-impl Event for AttemptStarted {
-    type Stats = LlmStats;
-    fn emit(self, stats: &LlmStats) {
-        tracing::debug!(attempt = self.attempt, "LLM attempt");
-        stats.requests.add(1);
-    }
-}
+impl_event!(AttemptStarted => LlmStats, |self, stats| {
+    tracing::debug!(attempt = self.attempt, "LLM attempt");
+    stats.requests.add(1);
+});
 
 /// An attempt answered.
 pub struct AttemptSucceeded {
     pub latency: Duration,
 }
 
-impl Event for AttemptSucceeded {
-    type Stats = LlmStats;
-    fn emit(self, stats: &LlmStats) {
-        let micros = self.latency.as_micros() as u64;
-        tracing::debug!(latency_ms = micros / 1000, "LLM attempt answered");
-        stats.latency_micros.add(micros);
-    }
-}
+impl_event!(AttemptSucceeded => LlmStats, |self, stats| {
+    let micros = self.latency.as_micros() as u64;
+    tracing::debug!(latency_ms = micros / 1000, "LLM attempt answered");
+    stats.latency_micros.add(micros);
+});
 
 /// An attempt failed (it may be retried).
 pub struct AttemptFailed<'a> {
@@ -57,14 +51,11 @@ pub struct AttemptFailed<'a> {
     pub attempt: u32,
 }
 
-impl Event for AttemptFailed<'_> {
-    type Stats = LlmStats;
-    fn emit(self, stats: &LlmStats) {
-        let (error, kind) = (self.error, self.error.kind());
-        tracing::warn!(%error, kind, attempt = self.attempt, "LLM attempt failed");
-        stats.errors.add(1);
-    }
-}
+impl_event!(AttemptFailed<'_> => LlmStats, |self, stats| {
+    let (error, kind) = (self.error, self.error.kind());
+    tracing::warn!(%error, kind, attempt = self.attempt, "LLM attempt failed");
+    stats.errors.add(1);
+});
 
 /// A failed attempt is retried after `wait`.
 pub struct Retrying {
@@ -72,25 +63,19 @@ pub struct Retrying {
     pub wait: Duration,
 }
 
-impl Event for Retrying {
-    type Stats = LlmStats;
-    fn emit(self, stats: &LlmStats) {
-        let wait_ms = self.wait.as_millis() as u64;
-        tracing::debug!(attempt = self.attempt, wait_ms, "retrying the LLM call");
-        stats.retries.add(1);
-    }
-}
+impl_event!(Retrying => LlmStats, |self, stats| {
+    let wait_ms = self.wait.as_millis() as u64;
+    tracing::debug!(attempt = self.attempt, wait_ms, "retrying the LLM call");
+    stats.retries.add(1);
+});
 
 /// A call refused because the circuit is open (or opened while it waited to retry).
 pub struct CircuitRejected;
 
-impl Event for CircuitRejected {
-    type Stats = LlmStats;
-    fn emit(self, stats: &LlmStats) {
-        tracing::debug!("LLM call refused: circuit open");
-        stats.circuit_rejections.add(1);
-    }
-}
+impl_event!(CircuitRejected => LlmStats, |self, stats| {
+    tracing::debug!("LLM call refused: circuit open");
+    stats.circuit_rejections.add(1);
+});
 
 /// Why a call was refused as busy.
 #[derive(Debug, Clone, Copy)]
@@ -108,18 +93,15 @@ pub struct LlmBusy {
     pub cause: BusyCause,
 }
 
-impl Event for LlmBusy {
-    type Stats = LlmStats;
-    fn emit(self, stats: &LlmStats) {
-        let cause = match self.cause {
-            BusyCause::Slots => "slots",
-            BusyCause::QueueFull => "queue_full",
-            BusyCause::UserCall => "user_call",
-        };
-        tracing::debug!(cause, "LLM call refused: busy");
-        stats.busy_rejections.add(1);
-    }
-}
+impl_event!(LlmBusy => LlmStats, |self, stats| {
+    let cause = match self.cause {
+        BusyCause::Slots => "slots",
+        BusyCause::QueueFull => "queue_full",
+        BusyCause::UserCall => "user_call",
+    };
+    tracing::debug!(cause, "LLM call refused: busy");
+    stats.busy_rejections.add(1);
+});
 
 /// Tokens the endpoint reported for an answered call.
 pub struct TokensUsed {
@@ -127,12 +109,9 @@ pub struct TokensUsed {
     pub completion: u64,
 }
 
-impl Event for TokensUsed {
-    type Stats = LlmStats;
-    fn emit(self, stats: &LlmStats) {
-        let (prompt, completion) = (self.prompt, self.completion);
-        tracing::debug!(prompt, completion, "LLM tokens used");
-        stats.prompt_tokens.add(prompt);
-        stats.completion_tokens.add(completion);
-    }
-}
+impl_event!(TokensUsed => LlmStats, |self, stats| {
+    let (prompt, completion) = (self.prompt, self.completion);
+    tracing::debug!(prompt, completion, "LLM tokens used");
+    stats.prompt_tokens.add(prompt);
+    stats.completion_tokens.add(completion);
+});

@@ -95,6 +95,16 @@ pub struct Billed<T> {
     pub billable_failures: u32,
 }
 
+impl<T> Billed<T> {
+    /// The same bill, its success turned into something else.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Billed<U> {
+        Billed {
+            result: self.result.map(f),
+            billable_failures: self.billable_failures,
+        }
+    }
+}
+
 /// Failures after which the endpoint may have spent tokens on the prompt.
 fn may_have_cost(e: &LlmError) -> bool {
     matches!(
@@ -317,10 +327,7 @@ impl ResilientLlm {
         };
         let inner = self.inner.clone();
         let billed = self.run(move || call(inner.clone(), req.clone())).await;
-        Billed {
-            result: billed.result.map(|v| (v, slot)),
-            billable_failures: billed.billable_failures,
-        }
+        billed.map(|v| (v, slot))
     }
 
     /// A completion, with the failed attempts that may have cost tokens.
@@ -337,10 +344,7 @@ impl ResilientLlm {
             }
             .emit(&self.stats);
         }
-        Billed {
-            result: billed.result.map(|(resp, _slot)| resp),
-            billable_failures: billed.billable_failures,
-        }
+        billed.map(|(resp, _slot)| resp)
     }
 
     /// A streamed completion. Retries cover starting the stream; once text flows, a
@@ -352,30 +356,20 @@ impl ResilientLlm {
                 Box::pin(async move { inner.stream(req).await })
             })
             .await;
-        let billable_failures = billed.billable_failures;
-        let (stream, slot) = match billed.result {
-            Ok(started) => started,
-            Err(e) => {
-                return Billed {
-                    result: Err(e),
-                    billable_failures,
-                }
-            }
-        };
         let timeout = self.policy.timeout;
-        let guarded =
-            futures::stream::unfold((stream, Some(slot)), move |(mut s, slot)| async move {
-                slot.as_ref()?;
-                match tokio::time::timeout(timeout, s.next()).await {
-                    Ok(Some(item)) => Some((item, (s, slot))),
-                    Ok(None) => None,
-                    Err(_) => Some((Err(LlmError::Timeout), (s, None))),
-                }
-            });
-        Billed {
-            result: Ok(Box::pin(guarded)),
-            billable_failures,
-        }
+        billed.map(move |(stream, slot)| -> DeltaStream {
+            Box::pin(futures::stream::unfold(
+                (stream, Some(slot)),
+                move |(mut s, slot)| async move {
+                    slot.as_ref()?;
+                    match tokio::time::timeout(timeout, s.next()).await {
+                        Ok(Some(item)) => Some((item, (s, slot))),
+                        Ok(None) => None,
+                        Err(_) => Some((Err(LlmError::Timeout), (s, None))),
+                    }
+                },
+            ))
+        })
     }
 }
 
