@@ -514,19 +514,7 @@ async fn usernames_resolve_per_platform_and_renames_leave_nothing_stale() {
 
 /// Every (tree, key, value) with values decrypted, as text.
 fn dump_open_text(store: &SledStore) -> Vec<(String, String)> {
-    store
-        .dump_open()
-        .unwrap()
-        .into_iter()
-        .map(|(tree, k, v)| {
-            let row = format!(
-                "{} => {}",
-                String::from_utf8_lossy(&k),
-                String::from_utf8_lossy(&v)
-            );
-            (tree, row)
-        })
-        .collect()
+    crate::harness::rows_as_text(store.dump_open().unwrap())
 }
 
 /// Leaves a pending reply, an inbox entry, audit entries by and about the user and a

@@ -7,8 +7,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use confab::app::{self, Hooks};
-use confab::config;
 use confab::store::{InboxStore, SledStore};
 use serde_json::{json, Value};
 
@@ -302,23 +300,6 @@ async fn a_full_conversation_queue_gets_one_busy_notice_and_the_queued_ones_are_
     );
 }
 
-/// The daemon in-process with its ops endpoint's address.
-async fn start_with_ops(root: &Root) -> (Daemon, SocketAddr) {
-    let opts = root.tg_options();
-    let cfg = config::load(&opts).unwrap_or_else(|p| panic!("config problems:\n{p}"));
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let hooks = Hooks {
-        http_addr: Some(addr_tx),
-    };
-    let task = tokio::spawn(app::serve_with(cfg, opts, rx, hooks));
-    let addr = tokio::time::timeout(WAIT, addr_rx)
-        .await
-        .expect("ops endpoint listening in time")
-        .expect("daemon reported its ops address");
-    (Daemon { control: tx, task }, addr)
-}
-
 async fn readyz(addr: SocketAddr) -> u16 {
     let client = reqwest13::Client::builder()
         .no_proxy()
@@ -349,7 +330,7 @@ async fn wait_readyz(addr: SocketAddr, want: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_that_panics_does_not_stop_intake_and_readyz_follows_the_poller() {
     let (_llm, tg, root) = telegram(NO_LIMITS).await;
-    let (daemon, addr) = start_with_ops(&root).await;
+    let (daemon, addr) = Daemon::start_with_ops(&root).await;
     let group = -100777;
     // Case folding changes byte lengths here (the ohm sign U+2126 shrinks, U+0130 grows,
     // the total stays the same): stripping the mention once panicked the polling task

@@ -148,6 +148,23 @@ impl Daemon {
         Daemon { control: tx, task }
     }
 
+    /// Starts the daemon in-process and returns it with its ops endpoint's address.
+    pub async fn start_with_ops(root: &Root) -> (Daemon, std::net::SocketAddr) {
+        let opts = root.tg_options();
+        let cfg = config::load(&opts).unwrap_or_else(|p| panic!("config problems:\n{p}"));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let hooks = app::Hooks {
+            http_addr: Some(addr_tx),
+        };
+        let task = tokio::spawn(app::serve_with(cfg, opts, rx, hooks));
+        let addr = tokio::time::timeout(std::time::Duration::from_secs(30), addr_rx)
+            .await
+            .expect("ops endpoint listening in time")
+            .expect("daemon reported its ops address");
+        (Daemon { control: tx, task }, addr)
+    }
+
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.control.send(confab::shutdown::Signal::Stop).await;
         self.task.await.expect("daemon task")
@@ -196,4 +213,50 @@ impl Root {
         .expect("write env file");
         root
     }
+}
+
+/// Waits up to `limit` for a child process to exit; kills it and returns `None` after.
+pub fn wait_exit(child: &mut std::process::Child, limit: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Store rows as `(tree, "key => value")` text, for scans of what is stored.
+pub fn rows_as_text(rows: Vec<confab::store::sled_store::DumpRow>) -> Vec<(String, String)> {
+    rows.into_iter()
+        .map(|(tree, k, v)| {
+            let row = format!(
+                "{} => {}",
+                String::from_utf8_lossy(&k),
+                String::from_utf8_lossy(&v)
+            );
+            (tree, row)
+        })
+        .collect()
+}
+
+/// `confab user export USER` through the real binary (reaches a running daemon through
+/// its control socket).
+pub async fn cli_export(root: &Root, user: &str) -> std::process::Output {
+    let (r, env_file, user) = (root.path().to_path_buf(), root.env_file(), user.to_string());
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+            .args(["user", "export", &user, "--env", "staging", "--root"])
+            .arg(&r)
+            .arg("--env-file")
+            .arg(&env_file)
+            .output()
+            .expect("run confab")
+    })
+    .await
+    .expect("export task")
 }

@@ -8,7 +8,7 @@ use confab::store::SledStore;
 
 use crate::fake_openai::FakeOpenAi;
 use crate::fake_telegram::FakeTelegram;
-use crate::harness::{Root, TG_BOT_TOML, TG_TOKEN};
+use crate::harness::{wait_exit, Root, TG_BOT_TOML, TG_TOKEN};
 use crate::telegram::spawn_daemon;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -45,20 +45,6 @@ async fn wait_for_log(log: &std::path::Path, needle: &str) {
             "no {needle:?} in the log:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

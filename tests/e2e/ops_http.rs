@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use confab::app::{self, Hooks};
-use confab::config;
 use confab::shutdown::Signal;
 
 use crate::fake_openai::{Behavior, FakeOpenAi};
@@ -24,21 +22,8 @@ async fn setup() -> (FakeOpenAi, FakeTelegram, Root) {
     (llm, tg, root)
 }
 
-/// Starts the daemon in-process and returns it with its ops endpoint's address.
 async fn start(root: &Root) -> (Daemon, SocketAddr) {
-    let opts = root.tg_options();
-    let cfg = config::load(&opts).unwrap_or_else(|p| panic!("config problems:\n{p}"));
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let hooks = Hooks {
-        http_addr: Some(addr_tx),
-    };
-    let task = tokio::spawn(app::serve_with(cfg, opts, rx, hooks));
-    let addr = tokio::time::timeout(WAIT, addr_rx)
-        .await
-        .expect("ops endpoint listening in time")
-        .expect("daemon reported its ops address");
-    (Daemon { control: tx, task }, addr)
+    Daemon::start_with_ops(root).await
 }
 
 fn client() -> reqwest13::Client {

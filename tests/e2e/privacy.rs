@@ -52,18 +52,9 @@ const SECRETS: &[&str] = &[
 
 /// Every raw row (keys and values as stored), lowercased.
 fn raw_rows(store: &SledStore) -> Vec<(String, String)> {
-    store
-        .dump()
-        .unwrap()
+    crate::harness::rows_as_text(store.dump().unwrap())
         .into_iter()
-        .map(|(tree, k, v)| {
-            let row = format!(
-                "{} => {}",
-                String::from_utf8_lossy(&k),
-                String::from_utf8_lossy(&v)
-            );
-            (tree, row.to_lowercase())
-        })
+        .map(|(tree, row)| (tree, row.to_lowercase()))
         .collect()
 }
 

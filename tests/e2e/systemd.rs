@@ -98,7 +98,7 @@ use std::time::{Duration, Instant};
 use crate::fake_discord::FakeDiscord;
 use crate::fake_openai::FakeOpenAi;
 use crate::fake_telegram::FakeTelegram;
-use crate::harness::{DC_BOT_ID, DC_TOKEN, TG_TOKEN};
+use crate::harness::{wait_exit, DC_BOT_ID, DC_TOKEN, TG_TOKEN};
 
 /// The unprivileged uid/gid systemd's DynamicUser stands for in the emulation.
 const SERVICE_UID: u32 = 65534;
@@ -355,20 +355,6 @@ async fn wait_ready(child: &mut Child, log: &Path) -> String {
     }
 }
 
-fn wait_exit(child: &mut Child) -> Option<i32> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Every file and directory below `dir`: owned by `uid`, nothing for group or others.
 fn assert_private(dir: &Path, uid: u32) {
     for entry in std::fs::read_dir(dir).expect("ls").flatten() {
@@ -438,7 +424,7 @@ async fn the_installed_units_start_as_the_readme_says() {
     let backup_env = host.prepare(backup_unit, &backup);
     let backup_log = host.dir.path().join("backup.log");
     let mut job = host.exec(&backup, &backup_env, &backup_log);
-    let code = tokio::task::block_in_place(|| wait_exit(&mut job));
+    let code = tokio::task::block_in_place(|| wait_exit(&mut job, WAIT));
     assert_eq!(
         code,
         Some(0),
@@ -456,7 +442,7 @@ async fn the_installed_units_start_as_the_readme_says() {
         .args(["-TERM", &daemon.id().to_string()])
         .status()
         .expect("kill");
-    let code = tokio::task::block_in_place(|| wait_exit(&mut daemon));
+    let code = tokio::task::block_in_place(|| wait_exit(&mut daemon, WAIT));
     assert_eq!(
         code,
         Some(0),

@@ -415,19 +415,7 @@ async fn export_document_forget_button_and_cli_while_running() {
     let json: serde_json::Value = serde_json::from_slice(doc.document.as_deref().unwrap()).unwrap();
     assert!(json.to_string().contains("remember the word pelican"));
     // the operator CLI works while the daemon holds the store (control socket)
-    let r = root.path().to_path_buf();
-    let env_file = root.env_file();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_confab"))
-            .args(["user", "export", "tg:61", "--env", "staging", "--root"])
-            .arg(&r)
-            .arg("--env-file")
-            .arg(&env_file)
-            .output()
-            .expect("run confab")
-    })
-    .await
-    .unwrap();
+    let out = crate::harness::cli_export(&root, "tg:61").await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -453,19 +441,7 @@ async fn export_document_forget_button_and_cli_while_running() {
     );
     assert_eq!(tg.count("answerCallbackQuery"), 1);
     // and the data is gone: an export through the running daemon finds none of it
-    let r = root.path().to_path_buf();
-    let env_file = root.env_file();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_confab"))
-            .args(["user", "export", "tg:61", "--env", "staging", "--root"])
-            .arg(&r)
-            .arg("--env-file")
-            .arg(&env_file)
-            .output()
-            .expect("run confab")
-    })
-    .await
-    .unwrap();
+    let out = crate::harness::cli_export(&root, "tg:61").await;
     assert_eq!(out.status.code(), Some(0));
     let export: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(export["conversations"], serde_json::json!([]), "{export}");
