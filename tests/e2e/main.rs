@@ -7,6 +7,8 @@ mod fake_discord;
 mod fake_openai;
 #[path = "../support/fake_telegram.rs"]
 mod fake_telegram;
+#[path = "../support/redis_server.rs"]
+mod redis_server;
 mod harness;
 
 mod cli;
