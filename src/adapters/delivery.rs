@@ -50,9 +50,11 @@ use tracing::Instrument;
 use super::{stream_draft, DraftPut, Full, SerialQueue};
 use crate::domain::{Attachment, Button, Inbound, Reply};
 
+mod platform;
 mod private;
 use crate::engine::Engine;
 use crate::store::InboxStore;
+pub use platform::{Part, Profile};
 pub use private::PrivateNote;
 
 /// What a user whose update did not fit the queues is told.
@@ -98,15 +100,8 @@ pub trait Outbound: Send + Sync + 'static {
     type Job: Clone + Serialize + DeserializeOwned + Send + Sync + 'static;
     /// A sent message's id (for streaming edits).
     type MsgId: Copy + Send + Sync + 'static;
-    /// `telegram` / `discord` (log spans).
-    const PLATFORM: &'static str;
-    /// Longest streaming draft, in characters.
-    const DRAFT_LIMIT: usize;
-    /// How often the typing indicator is renewed.
-    const TYPING_EVERY: Duration;
-    /// Flush the store (the inbox entry) before handling: for platforms whose intake
-    /// does not flush before confirming.
-    const FLUSH_BEFORE_HANDLING: bool = false;
+    /// The platform's fixed facts, one value per platform.
+    const PROFILE: Profile;
 
     fn inbound(job: &Self::Job) -> &Inbound;
     /// The job's place in its conversation, oldest first (update id, snowflake).
@@ -123,20 +118,18 @@ pub trait Outbound: Send + Sync + 'static {
         id: Option<Self::MsgId>,
         text: String,
     ) -> impl Future<Output = DraftPut<Self::MsgId>> + Send;
-    /// One part of a reply, formatted; `buttons` go under it (the last part).
+    /// One part of a reply, formatted, with its buttons under it.
     fn send_part(
         &self,
         job: &Self::Job,
-        part: &str,
-        buttons: &[Button],
+        part: Part<'_>,
     ) -> impl Future<Output = SendResult<()>> + Send;
     /// Turns the streamed draft into the final, formatted first part.
     fn edit_part(
         &self,
         job: &Self::Job,
         id: Self::MsgId,
-        part: &str,
-        buttons: &[Button],
+        part: Part<'_>,
     ) -> impl Future<Output = SendResult<()>> + Send;
     fn send_file(
         &self,
@@ -525,7 +518,7 @@ impl<P: Outbound> Delivery<P> {
         QueueOverflow { bot, full, refused }.emit(&self.stats);
         let (out, job) = (self.out.clone(), job.clone());
         tracker.spawn(async move {
-            if let Err(e) = out.send_part(&job, BUSY_NOTICE, &[]).await {
+            if let Err(e) = out.send_part(&job, Part::plain(BUSY_NOTICE)).await {
                 tracing::debug!(error = ?e, "busy notice not delivered");
             }
         });
@@ -568,7 +561,7 @@ impl<P: Outbound> Delivery<P> {
 
     async fn run_update(self: Arc<Self>, key: String, mut entry: Entry<P::Job>) {
         let update = P::inbound(&entry.job).update_id.clone().unwrap_or_default();
-        let span = tracing::info_span!("update", platform = P::PLATFORM, bot = %self.bot, update = %update);
+        let span = tracing::info_span!("update", platform = P::PROFILE.platform, bot = %self.bot, update = %update);
         let store = self.inbox.clone();
         let this = &self;
         let key = &key;
@@ -581,7 +574,7 @@ impl<P: Outbound> Delivery<P> {
 
     /// Handle → deliver → finish, for one update.
     async fn handle(self: Arc<Self>, key: &str, job: P::Job) {
-        if P::FLUSH_BEFORE_HANDLING {
+        if P::PROFILE.flush_before_handling {
             if let Err(e) = self.inbox.flush().await {
                 tracing::error!(error = %e, "store flush failed for a received update");
             }
@@ -616,7 +609,7 @@ impl<P: Outbound> Delivery<P> {
             tokio::time::sleep(super::TYPING_AFTER).await;
             loop {
                 out.typing(&job).await;
-                tokio::time::sleep(P::TYPING_EVERY).await;
+                tokio::time::sleep(P::PROFILE.typing_every).await;
             }
         })))
     }
@@ -626,9 +619,12 @@ impl<P: Outbound> Delivery<P> {
         let out = self.out.clone();
         Helper(Some(tokio::spawn(async move {
             let (out, job) = (&*out, &job);
-            stream_draft(rx, P::DRAFT_LIMIT, EDIT_EVERY, move |id, text| async move {
-                out.draft(job, id, text).await
-            })
+            stream_draft(
+                rx,
+                P::PROFILE.draft_limit,
+                EDIT_EVERY,
+                move |id, text| async move { out.draft(job, id, text).await },
+            )
             .await
         })))
     }
@@ -649,9 +645,13 @@ impl<P: Outbound> Delivery<P> {
         let mut retry = Retry::new(self.max_retry);
         let mut parts = self.out.split(r.text);
         if let (Some(id), Some(first)) = (streamed, parts.first().cloned()) {
-            let b: &[Button] = if parts.len() == 1 { r.buttons } else { &[] };
+            let buttons: &[Button] = if parts.len() == 1 { r.buttons } else { &[] };
+            let part = Part {
+                text: &first,
+                buttons,
+            };
             let edit = retrying(&mut retry, stats, &stop, || {
-                self.out.edit_part(job, id, &first, b)
+                self.out.edit_part(job, id, part)
             });
             match edit.await {
                 Ok(()) => {
@@ -665,11 +665,12 @@ impl<P: Outbound> Delivery<P> {
         }
         let last = parts.len().saturating_sub(1);
         for (i, part) in parts.iter().enumerate() {
-            let b: &[Button] = if i == last { r.buttons } else { &[] };
-            retrying(&mut retry, stats, &stop, || {
-                self.out.send_part(job, part, b)
-            })
-            .await?;
+            let buttons: &[Button] = if i == last { r.buttons } else { &[] };
+            let part = Part {
+                text: part,
+                buttons,
+            };
+            retrying(&mut retry, stats, &stop, || self.out.send_part(job, part)).await?;
         }
         if let Some(a) = r.attachment {
             retrying(&mut retry, stats, &stop, || self.out.send_file(job, a)).await?;
@@ -689,7 +690,7 @@ impl<P: Outbound> Delivery<P> {
             Ok(()) => tracing::info!("update answered"),
             Err(Failed::Permanent(why) | Failed::Unreachable(why)) => {
                 let why_not = GiveUp::Refused {
-                    platform: P::PLATFORM,
+                    platform: P::PROFILE.platform,
                 };
                 DeliveryFailed {
                     why: why_not,

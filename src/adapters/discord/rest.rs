@@ -15,7 +15,8 @@ use serenity::http::{LightMethod, Multipart, MultipartUpload, Request, Route};
 use tokio::time::Instant;
 
 use super::{attachment, components, private_note_text, Interact, Job, DC_LIMIT, RATE_LIMIT_WAIT};
-use crate::adapters::delivery::{Outbound, PrivateNote, SendError, SendResult, RETRY_AFTER_MAX};
+use crate::adapters::delivery::RETRY_AFTER_MAX;
+use crate::adapters::delivery::{Outbound, Part, PrivateNote, Profile, SendError, SendResult};
 use crate::adapters::text::{char_len, split_message};
 use crate::adapters::{redact, DraftPut, Throttle};
 use crate::config::Secret;
@@ -317,11 +318,10 @@ fn message_id(answer: &[u8]) -> Option<MessageId> {
 impl Outbound for DcOut {
     type Job = Job;
     type MsgId = MessageId;
-    const PLATFORM: &'static str = "discord";
-    const DRAFT_LIMIT: usize = DC_LIMIT;
-    /// Discord shows "typing…" for about 10 s per request.
-    const TYPING_EVERY: Duration = Duration::from_secs(8);
-    const FLUSH_BEFORE_HANDLING: bool = true;
+    /// Discord shows "typing…" for about 10 s per request. The gateway intake does not
+    /// flush; the inbox entry is flushed before handling (group commit).
+    const PROFILE: Profile =
+        Profile::new("discord", DC_LIMIT, Duration::from_secs(8)).flushing_before_handling();
 
     fn inbound(job: &Job) -> &Inbound {
         &job.inbound
@@ -359,22 +359,16 @@ impl Outbound for DcOut {
         }
     }
 
-    async fn send_part(&self, job: &Job, part: &str, buttons: &[Button]) -> SendResult<()> {
-        self.create(job, new_message(job, part, buttons), None)
+    async fn send_part(&self, job: &Job, part: Part<'_>) -> SendResult<()> {
+        self.create(job, new_message(job, part.text, part.buttons), None)
             .await
             .map(|_| ())
     }
 
-    async fn edit_part(
-        &self,
-        job: &Job,
-        id: MessageId,
-        part: &str,
-        buttons: &[Button],
-    ) -> SendResult<()> {
-        let mut e = EditMessage::new().content(part);
-        if !buttons.is_empty() {
-            e = e.components(components(buttons));
+    async fn edit_part(&self, job: &Job, id: MessageId, part: Part<'_>) -> SendResult<()> {
+        let mut e = EditMessage::new().content(part.text);
+        if !part.buttons.is_empty() {
+            e = e.components(components(part.buttons));
         }
         self.edit(job, id, e).await
     }

@@ -13,7 +13,7 @@ use teloxide::types::{
 use teloxide::{ApiError, Bot, RequestError};
 
 use super::{Job, SPLIT_AT, TG_LIMIT};
-use crate::adapters::delivery::{Outbound, PrivateNote, SendError, SendResult};
+use crate::adapters::delivery::{Outbound, Part, PrivateNote, Profile, SendError, SendResult};
 use crate::adapters::text::{markdown_to_telegram_html, split_message, utf16_len};
 use crate::adapters::{redact, DraftPut, Throttle};
 use crate::config::Secret;
@@ -159,10 +159,8 @@ impl TgOut {
 impl Outbound for TgOut {
     type Job = Job;
     type MsgId = MessageId;
-    const PLATFORM: &'static str = "telegram";
-    const DRAFT_LIMIT: usize = TG_LIMIT;
     /// Telegram shows "typing…" for 5 s per action.
-    const TYPING_EVERY: Duration = Duration::from_secs(4);
+    const PROFILE: Profile = Profile::new("telegram", TG_LIMIT, Duration::from_secs(4));
 
     fn inbound(job: &Job) -> &Inbound {
         &job.inbound
@@ -212,9 +210,9 @@ impl Outbound for TgOut {
     }
 
     /// HTML; if Telegram rejects the entities (or the HTML is too long), plain text.
-    async fn send_part(&self, job: &Job, part: &str, buttons: &[Button]) -> SendResult<()> {
-        let markup = keyboard(buttons);
-        let html = markdown_to_telegram_html(part);
+    async fn send_part(&self, job: &Job, part: Part<'_>) -> SendResult<()> {
+        let markup = keyboard(part.buttons);
+        let html = markdown_to_telegram_html(part.text);
         if utf16_len(&html) <= TG_LIMIT {
             match self
                 .send(job, &html, Some(ParseMode::Html), markup.clone())
@@ -226,20 +224,14 @@ impl Outbound for TgOut {
                 other => return other.map_err(|e| classify(&e, &self.token)),
             }
         }
-        self.send(job, part, None, markup)
+        self.send(job, part.text, None, markup)
             .await
             .map_err(|e| classify(&e, &self.token))
     }
 
-    async fn edit_part(
-        &self,
-        job: &Job,
-        id: MessageId,
-        part: &str,
-        buttons: &[Button],
-    ) -> SendResult<()> {
-        let markup = keyboard(buttons);
-        let html = markdown_to_telegram_html(part);
+    async fn edit_part(&self, job: &Job, id: MessageId, part: Part<'_>) -> SendResult<()> {
+        let markup = keyboard(part.buttons);
+        let html = markdown_to_telegram_html(part.text);
         if utf16_len(&html) <= TG_LIMIT {
             match self
                 .edit(job, id, &html, Some(ParseMode::Html), markup.clone())
@@ -249,7 +241,7 @@ impl Outbound for TgOut {
                 other => return other.map_err(|e| classify(&e, &self.token)),
             }
         }
-        self.edit(job, id, part, None, markup)
+        self.edit(job, id, part.text, None, markup)
             .await
             .map_err(|e| classify(&e, &self.token))
     }
