@@ -41,6 +41,20 @@ impl Check<'_> {
         }
     }
 
+    /// [`Check::at_least_one`] for each `(key, value)` of `section`.
+    pub fn each_at_least_one(&mut self, section: &str, values: &[(&str, u64)]) {
+        for (key, value) in values {
+            self.at_least_one(&format!("{section}.{key}"), *value);
+        }
+    }
+
+    /// [`Check::at_most`] for each `(key, value, max)` of `section`.
+    pub fn each_at_most(&mut self, section: &str, values: &[(&str, u64, u64)]) {
+        for (key, value, max) in values {
+            self.at_most(&format!("{section}.{key}"), *value, *max);
+        }
+    }
+
     /// An upper bound (durations become `Instant` arithmetic: no value may overflow it).
     pub fn at_most(&mut self, key: &str, value: u64, max: u64) {
         if value > max {

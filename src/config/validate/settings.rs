@@ -146,18 +146,28 @@ fn llm(mut l: LlmConfig, c: &mut Check<'_>) -> LlmConfig {
     if l.model.trim().is_empty() {
         c.push("llm.model", "must not be empty");
     }
-    c.at_least_one("llm.timeout_secs", l.timeout_secs);
-    c.at_least_one("llm.connect_timeout_secs", l.connect_timeout_secs);
-    c.at_least_one("llm.max_concurrent", l.max_concurrent);
-    c.at_least_one("llm.breaker_failures", l.breaker_failures);
-    c.at_least_one("llm.breaker_cooldown_secs", l.breaker_cooldown_secs);
-    c.at_least_one("llm.queue_timeout_secs", l.queue_timeout_secs);
-    c.at_most("llm.timeout_secs", l.timeout_secs, 3_600);
-    c.at_most("llm.connect_timeout_secs", l.connect_timeout_secs, 3_600);
-    c.at_most("llm.breaker_cooldown_secs", l.breaker_cooldown_secs, 86_400);
-    c.at_most("llm.retry_after_cap_secs", l.retry_after_cap_secs, 3_600);
-    c.at_most("llm.backoff_base_ms", l.backoff_base_ms, 600_000);
-    c.at_most("llm.queue_timeout_secs", l.queue_timeout_secs, 3_600);
+    c.each_at_least_one(
+        "llm",
+        &[
+            ("timeout_secs", l.timeout_secs),
+            ("connect_timeout_secs", l.connect_timeout_secs),
+            ("max_concurrent", l.max_concurrent as u64),
+            ("breaker_failures", l.breaker_failures.into()),
+            ("breaker_cooldown_secs", l.breaker_cooldown_secs),
+            ("queue_timeout_secs", l.queue_timeout_secs),
+        ],
+    );
+    c.each_at_most(
+        "llm",
+        &[
+            ("timeout_secs", l.timeout_secs, 3_600),
+            ("connect_timeout_secs", l.connect_timeout_secs, 3_600),
+            ("breaker_cooldown_secs", l.breaker_cooldown_secs, 86_400),
+            ("retry_after_cap_secs", l.retry_after_cap_secs, 3_600),
+            ("backoff_base_ms", l.backoff_base_ms, 600_000),
+            ("queue_timeout_secs", l.queue_timeout_secs, 3_600),
+        ],
+    );
     if l.max_retries > 20 {
         c.push(
             "llm.max_retries",
@@ -172,12 +182,17 @@ fn llm(mut l: LlmConfig, c: &mut Check<'_>) -> LlmConfig {
 }
 
 fn limits(l: LimitsConfig, c: &mut Check<'_>) -> LimitsConfig {
-    c.at_least_one("limits.messages_per_minute", l.messages_per_minute);
-    c.at_least_one("limits.burst", l.burst);
-    c.at_least_one("limits.daily_tokens", l.daily_tokens);
-    c.at_least_one("limits.max_input_chars", l.max_input_chars);
-    c.at_least_one("limits.commands_per_minute", l.commands_per_minute);
-    c.at_least_one("limits.commands_burst", l.commands_burst);
+    c.each_at_least_one(
+        "limits",
+        &[
+            ("messages_per_minute", l.messages_per_minute.into()),
+            ("burst", l.burst.into()),
+            ("daily_tokens", l.daily_tokens),
+            ("max_input_chars", l.max_input_chars as u64),
+            ("commands_per_minute", l.commands_per_minute.into()),
+            ("commands_burst", l.commands_burst.into()),
+        ],
+    );
     l
 }
 
@@ -242,13 +257,14 @@ fn platform(
     let per_chat_per_minute = p.per_chat_per_minute.unwrap_or(d.per_chat_per_minute);
     let group_per_minute = p.group_per_minute.unwrap_or(d.group_per_minute);
     let global_per_second = p.global_per_second.unwrap_or(d.global_per_second);
-    for (key, v) in [
-        ("per_chat_per_minute", per_chat_per_minute),
-        ("group_per_minute", group_per_minute),
-        ("global_per_second", global_per_second),
-    ] {
-        c.at_least_one(&format!("{section}.{key}"), v);
-    }
+    c.each_at_least_one(
+        section,
+        &[
+            ("per_chat_per_minute", per_chat_per_minute.into()),
+            ("group_per_minute", group_per_minute.into()),
+            ("global_per_second", global_per_second.into()),
+        ],
+    );
     let api_url = c.url(
         &format!("{section}.api_url"),
         p.api_url.as_deref().unwrap_or(d.api_url),
@@ -262,9 +278,14 @@ fn platform(
 }
 
 fn delivery(d: DeliveryConfig, c: &mut Check<'_>) -> DeliveryConfig {
-    c.at_least_one("delivery.max_queue_per_chat", d.max_queue_per_chat);
-    c.at_least_one("delivery.max_pending", d.max_pending);
-    c.at_least_one("delivery.max_retry_secs", d.max_retry_secs);
+    c.each_at_least_one(
+        "delivery",
+        &[
+            ("max_queue_per_chat", d.max_queue_per_chat as u64),
+            ("max_pending", d.max_pending as u64),
+            ("max_retry_secs", d.max_retry_secs),
+        ],
+    );
     c.at_most("delivery.max_retry_secs", d.max_retry_secs, 7 * 86_400);
     d
 }
