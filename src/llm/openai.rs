@@ -94,6 +94,11 @@ impl OpenAiProvider {
         })
     }
 
+    /// A failed request as the caller sees it: mapped, and the key scrubbed from its text.
+    fn error(&self, e: OpenAIError) -> LlmError {
+        scrub(map_error(e), &self.key)
+    }
+
     fn build_request(req: ChatRequest, stream: bool) -> CreateChatCompletionRequest {
         let messages = req
             .messages
@@ -180,12 +185,8 @@ impl LlmProvider for OpenAiProvider {
     fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, LlmError>> {
         Box::pin(async move {
             let request = Self::build_request(req, false);
-            let resp = self
-                .client
-                .chat()
-                .create(request)
-                .await
-                .map_err(|e| scrub(map_error(e), &self.key))?;
+            let resp = self.client.chat().create(request).await;
+            let resp = resp.map_err(|e| self.error(e))?;
             let text = resp
                 .choices
                 .into_iter()
@@ -210,12 +211,8 @@ impl LlmProvider for OpenAiProvider {
     fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
         Box::pin(async move {
             let request = Self::build_request(req, true);
-            let stream = self
-                .client
-                .chat()
-                .create_stream(request)
-                .await
-                .map_err(|e| scrub(map_error(e), &self.key))?;
+            let stream = self.client.chat().create_stream(request).await;
+            let stream = stream.map_err(|e| self.error(e))?;
             let key = self.key.clone();
             let deltas = stream.filter_map(move |item| {
                 let key = key.clone();
