@@ -632,7 +632,7 @@ impl<P: Outbound> Delivery<P> {
     /// Sends a reply to the job's own chat: split, the streamed draft edited into the
     /// first part, buttons under the last, then the file; each call retried per
     /// [`retrying`].
-    pub async fn deliver_here(
+    async fn deliver_here(
         &self,
         job: &P::Job,
         reply: &Reply,

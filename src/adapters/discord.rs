@@ -106,14 +106,10 @@ fn status_of(e: &serenity::Error) -> Option<u16> {
 /// refuses a token of another application — above all, a production token in staging.
 pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, IdentityError> {
     let err = IdentityError::of(&bot_cfg.name, "discord");
-    let Some(dc) = &bot_cfg.discord else {
-        return Err(err("no [discord] table".into()));
-    };
-    let (token, expected) = super::identity_inputs(
+    let (dc, token, expected) = super::identity_inputs(
         cfg.env,
-        dc.token.as_ref(),
-        &dc.token_env,
-        dc.application_id.as_deref(),
+        bot_cfg.discord.as_ref(),
+        "discord",
         "application_id",
     )
     .map_err(err)?;
@@ -135,9 +131,9 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
     let user = http.get_current_user().await.map_err(failed)?;
     let app = http.get_current_application_info().await.map_err(failed)?;
     let found = app.id.get().to_string();
-    if found != expected {
-        let is_other = dc.other_application_id.as_deref() == Some(found.as_str());
-        let (whose, hint) = super::other_identity_note(cfg.env, is_other);
+    if let Some((whose, hint)) =
+        super::identity_mismatch(cfg.env, dc, expected, &found, |a, b| a == b)
+    {
         return Err(err(format!(
             "the token in {} belongs to application {found} (bot {}){whose}, but {} expects application {expected}{hint}",
             dc.token_env, user.name, cfg.env

@@ -185,11 +185,10 @@ pub struct TaskRestarted<'a> {
 }
 
 impl_event!(TaskRestarted<'_> => DeliveryStats, |self, stats| {
-    let (task, retry_in) = (self.task, self.retry_in);
     if self.panicked {
-        tracing::error!(task, ?retry_in, "task panicked; restarting");
+        tracing::error!(task = self.task, retry_in = ?self.retry_in, "task panicked; restarting");
     } else {
-        tracing::warn!(task, ?retry_in, "task stopped; restarting");
+        tracing::warn!(task = self.task, retry_in = ?self.retry_in, "task stopped; restarting");
     }
     stats.task_restarts.add(1);
 });

@@ -20,6 +20,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::{Env, PlatformBot, Secret};
 use crate::events::Event;
 use events::TaskRestarted;
 
@@ -338,8 +339,6 @@ where
     }
 }
 
-/// Replaces every occurrence of a secret in a string (error texts can carry URLs, and
-/// Telegram URLs carry the token).
 /// Why a bot may not start on a platform (exit code 2: a configuration problem).
 #[derive(Debug, thiserror::Error)]
 #[error("bots/{bot}.toml: {platform}: {message}")]
@@ -363,32 +362,49 @@ impl IdentityError {
     }
 }
 
-/// The token and the expected identity a platform's start-up identity check needs, or
-/// the refusal text naming what is missing. `what` names the identity key (`username`).
+/// The start of every platform's start-up identity check: the bot's table for the
+/// platform, its token and the identity this environment expects, or the refusal text
+/// naming what is missing. `what` names the identity key (`username`).
 pub(crate) fn identity_inputs<'a>(
-    env: crate::config::Env,
-    token: Option<&crate::config::Secret>,
-    token_env: &str,
-    expected: Option<&'a str>,
+    env: Env,
+    table: Option<&'a PlatformBot>,
+    platform: &str,
     what: &str,
-) -> Result<(crate::config::Secret, &'a str), String> {
-    let token = token.ok_or_else(|| format!("environment variable {token_env} is not set"))?;
+) -> Result<(&'a PlatformBot, Secret, &'a str), String> {
+    let p = table.ok_or_else(|| format!("no [{platform}] table"))?;
+    let token = p.token.as_ref();
+    let token = token.ok_or_else(|| format!("environment variable {} is not set", p.token_env))?;
+    let expected = p.identity.as_deref();
     let expected = expected.ok_or_else(|| format!("no {env} identity configured ({what})"))?;
-    Ok((token.clone(), expected))
+    Ok((p, token.clone(), expected))
+}
+
+/// Whether the identity the platform reported (`found`) is not the one this environment
+/// expects (`same` compares two identities): then the two ends of the refusal, as
+/// [`other_identity_note`] words them.
+pub(crate) fn identity_mismatch(
+    env: Env,
+    p: &PlatformBot,
+    expected: &str,
+    found: &str,
+    same: impl Fn(&str, &str) -> bool,
+) -> Option<(String, &'static str)> {
+    if same(found, expected) {
+        return None;
+    }
+    let is_other = p.other_identity.as_deref().is_some_and(|o| same(o, found));
+    Some(other_identity_note(env, is_other))
 }
 
 /// The two ends of a wrong-identity refusal: who the token belongs to when it is the
 /// other environment's bot (`is_other`), and the warning against production tokens in
 /// staging that goes last.
-pub(crate) fn other_identity_note(
-    env: crate::config::Env,
-    is_other: bool,
-) -> (String, &'static str) {
+fn other_identity_note(env: Env, is_other: bool) -> (String, &'static str) {
     if !is_other {
         return (String::new(), "");
     }
     let whose = format!(" — that is the {} bot", env.other());
-    let hint = if env == crate::config::Env::Staging {
+    let hint = if env == Env::Staging {
         "; never use production tokens in staging"
     } else {
         ""
@@ -396,6 +412,8 @@ pub(crate) fn other_identity_note(
     (whose, hint)
 }
 
+/// Replaces every occurrence of a secret in a string (error texts can carry URLs, and
+/// Telegram URLs carry the token).
 pub fn redact(text: &str, secret: &str) -> String {
     if secret.len() < 4 {
         return text.to_string();

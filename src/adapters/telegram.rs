@@ -72,17 +72,9 @@ fn reqwest_url(s: &str) -> Result<url::Url, String> {
 /// above all, a production token in staging.
 pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, IdentityError> {
     let err = IdentityError::of(&bot_cfg.name, "telegram");
-    let Some(tg) = &bot_cfg.telegram else {
-        return Err(err("no [telegram] table".into()));
-    };
-    let (token, expected) = super::identity_inputs(
-        cfg.env,
-        tg.token.as_ref(),
-        &tg.token_env,
-        tg.username.as_deref(),
-        "username",
-    )
-    .map_err(err)?;
+    let (tg, token, expected) =
+        super::identity_inputs(cfg.env, bot_cfg.telegram.as_ref(), "telegram", "username")
+            .map_err(err)?;
     let bot = tg_bot(cfg, &token).map_err(err)?;
     let me = match bot.get_me().await {
         Ok(me) => me,
@@ -101,12 +93,8 @@ pub async fn verify(cfg: &Config, bot_cfg: &BotConfig) -> Result<Verified, Ident
         }
     };
     let found = me.user.username.clone().unwrap_or_default();
-    if !found.eq_ignore_ascii_case(expected) {
-        let is_other = tg
-            .other_username
-            .as_deref()
-            .is_some_and(|other| other.eq_ignore_ascii_case(&found));
-        let (whose, hint) = super::other_identity_note(cfg.env, is_other);
+    let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    if let Some((whose, hint)) = super::identity_mismatch(cfg.env, tg, expected, &found, same) {
         return Err(err(format!(
             "the token in {} belongs to @{found}{whose}, but {} expects @{expected}{hint}",
             tg.token_env, cfg.env

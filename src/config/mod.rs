@@ -386,9 +386,9 @@ pub struct BotConfig {
     pub stream: bool,
     pub limits: Option<BotLimits>,
     /// `None`: the bot does not run on Telegram.
-    pub telegram: Option<TelegramBot>,
+    pub telegram: Option<PlatformBot>,
     /// `None`: the bot does not run on Discord.
-    pub discord: Option<DiscordBot>,
+    pub discord: Option<PlatformBot>,
 }
 
 /// Per-bot overrides of `[limits]`; `None` keeps the global value.
@@ -400,24 +400,16 @@ pub struct BotLimits {
     pub daily_tokens: Option<u64>,
 }
 
+/// A bot's `[telegram]` or `[discord]` table.
 #[derive(Debug, Clone)]
-pub struct TelegramBot {
+pub struct PlatformBot {
     pub token_env: String,
-    /// The username getMe must return in THIS environment, without `@`.
-    pub username: Option<String>,
-    /// The username configured for the other environment (to say "that is the production bot").
-    pub other_username: Option<String>,
+    /// Who the platform must say the token belongs to in THIS environment: the username
+    /// getMe returns (Telegram, without `@`), the application id (Discord).
+    pub identity: Option<String>,
+    /// The identity configured for the other environment (to say "that is the production bot").
+    pub other_identity: Option<String>,
     /// `None` when the variable is unset or empty.
-    pub token: Option<Secret>,
-}
-
-#[derive(Debug, Clone)]
-pub struct DiscordBot {
-    pub token_env: String,
-    /// The application id /users/@me must return in THIS environment.
-    pub application_id: Option<String>,
-    /// The application id configured for the other environment.
-    pub other_application_id: Option<String>,
     pub token: Option<Secret>,
 }
 
@@ -1031,7 +1023,7 @@ api_url = "api.telegram.org"
             .and_then(|b| b.telegram.clone())
             .expect("telegram");
         assert_eq!(tg.token.as_ref().map(Secret::expose), Some("real-token"));
-        assert_eq!(tg.username.as_deref(), Some("b_staging_bot"));
+        assert_eq!(tg.identity.as_deref(), Some("b_staging_bot"));
         assert_eq!(c.limits.burst, 9);
 
         // An explicit --env-file must exist; the default one may be absent.
@@ -1088,7 +1080,7 @@ api_url = "api.telegram.org"
         ));
         let b = c.bot("b").expect("bot");
         assert_eq!(
-            b.discord.as_ref().and_then(|d| d.application_id.as_deref()),
+            b.discord.as_ref().and_then(|d| d.identity.as_deref()),
             Some("111")
         );
     }
@@ -1167,11 +1159,11 @@ api_url = "api.telegram.org"
         let c = ok(load_with(&opts, &[]));
         let b = c.bot("b").expect("bot");
         assert_eq!(
-            b.telegram.as_ref().and_then(|x| x.username.as_deref()),
+            b.telegram.as_ref().and_then(|x| x.identity.as_deref()),
             Some("b_bot")
         );
         assert_eq!(
-            b.discord.as_ref().and_then(|x| x.application_id.as_deref()),
+            b.discord.as_ref().and_then(|x| x.identity.as_deref()),
             Some("2")
         );
         assert_eq!(
@@ -1273,7 +1265,7 @@ api_url = "api.telegram.org"
         assert_eq!(c.data_dir, PathBuf::from("data/staging"));
         let b = c.bot("assistant").expect("assistant bot");
         assert_eq!(
-            b.telegram.as_ref().and_then(|t| t.username.as_deref()),
+            b.telegram.as_ref().and_then(|t| t.identity.as_deref()),
             Some("acme_staging_bot")
         );
         assert!(c.prompts.contains_key("assistant"));

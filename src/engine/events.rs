@@ -41,20 +41,20 @@ impl_event!(ReplyDecided<'_> => EngineStats, |self, stats| {
     }
 });
 
-/// A redelivered update whose reply was already sent: dropped.
-pub struct DuplicateDropped;
+/// A redelivered update (counted as a duplicate either way).
+pub enum Redelivered {
+    /// Its reply was already sent: dropped.
+    Dropped,
+    /// Decided before a crash but never confirmed sent: its stored reply goes out
+    /// again, without an LLM call.
+    Resent,
+}
 
-impl_event!(DuplicateDropped => EngineStats, |self, stats| {
-    tracing::debug!("redelivered update dropped: its reply was sent");
-    stats.duplicates.add(1);
-});
-
-/// A redelivered update decided before a crash but never confirmed sent: its stored
-/// reply goes out again, without an LLM call.
-pub struct DuplicateResent;
-
-impl_event!(DuplicateResent => EngineStats, |self, stats| {
-    tracing::info!("redelivered update: sending its stored reply again");
+impl_event!(Redelivered => EngineStats, |self, stats| {
+    match self {
+        Redelivered::Dropped => tracing::debug!("redelivered update dropped: its reply was sent"),
+        Redelivered::Resent => tracing::info!("redelivered update: sending its stored reply again"),
+    }
     stats.duplicates.add(1);
 });
 
@@ -63,31 +63,24 @@ impl_event!(DuplicateResent => EngineStats, |self, stats| {
 pub enum Quota {
     Messages,
     Commands,
+    /// The user's daily token budget is spent.
+    DailyTokens,
 }
 
-/// A message over a rate limit. `notice`: the one notice of the window (else silence).
+/// A message refused by a quota: a rate limit or the daily token budget. `notice`: the
+/// one notice of the window or day (else silence).
 pub struct RateLimited {
     pub quota: Quota,
     pub notice: bool,
 }
 
 impl_event!(RateLimited => EngineStats, |self, stats| {
-    let quota = match self.quota {
-        Quota::Messages => "messages",
-        Quota::Commands => "commands",
-    };
-    tracing::debug!(quota, notice = self.notice, "rate limited");
-    stats.rate_limited.add(1);
-});
-
-/// A message from a user whose daily token budget is spent. `notice`: the one notice
-/// of the day (else silence). Counted with the rate-limited messages.
-pub struct BudgetExhausted {
-    pub notice: bool,
-}
-
-impl_event!(BudgetExhausted => EngineStats, |self, stats| {
-    tracing::debug!(notice = self.notice, "daily token budget exhausted");
+    let notice = self.notice;
+    match self.quota {
+        Quota::Messages => tracing::debug!(quota = "messages", notice, "rate limited"),
+        Quota::Commands => tracing::debug!(quota = "commands", notice, "rate limited"),
+        Quota::DailyTokens => tracing::debug!(notice, "daily token budget exhausted"),
+    }
     stats.rate_limited.add(1);
 });
 

@@ -21,7 +21,7 @@ impl<P: Outbound> Delivery<P> {
     /// Sends a reply where it belongs: a `Personal` reply to an update from a shared
     /// place goes to the user's private chat (see [`Delivery::deliver_privately`]),
     /// anything else to where the update came from (see [`Delivery::deliver_here`]).
-    pub async fn deliver(
+    pub(super) async fn deliver(
         &self,
         job: &P::Job,
         reply: &Reply,

@@ -7,7 +7,7 @@ use toml::{Table, Value};
 
 use super::{bot_file, Check};
 use crate::config::raw::{self, Doc, RawBot, RawPerEnv};
-use crate::config::{BotConfig, BotLimits, DiscordBot, Env, Problem, TelegramBot};
+use crate::config::{BotConfig, BotLimits, Env, PlatformBot, Problem};
 
 /// Build one bot from its file's table. `prompts` are the loaded prompt names.
 pub(crate) fn bot(
@@ -115,7 +115,7 @@ struct Platform<T> {
 }
 
 /// `[telegram]`: the token's variable and the username per environment (`@` optional).
-fn telegram_bot(p: Platform<raw::RawTelegramBot>, env: Env, c: &mut Check<'_>) -> TelegramBot {
+fn telegram_bot(p: Platform<raw::RawTelegramBot>, env: Env, c: &mut Check<'_>) -> PlatformBot {
     let Platform { raw, ids } = p;
     let token_env = token_env(c, "telegram.token_env", raw.token_env);
     let unprefixed = |name: String| name.trim_start_matches('@').to_owned();
@@ -142,16 +142,16 @@ fn telegram_bot(p: Platform<raw::RawTelegramBot>, env: Env, c: &mut Check<'_>) -
             s.trim_start_matches('@').to_ascii_lowercase()
         });
     }
-    TelegramBot {
+    PlatformBot {
         token_env,
-        username,
-        other_username,
+        identity: username,
+        other_identity: other_username,
         token: None,
     }
 }
 
 /// `[discord]`: the token's variable and the application id per environment.
-fn discord_bot(p: Platform<raw::RawDiscordBot>, env: Env, c: &mut Check<'_>) -> DiscordBot {
+fn discord_bot(p: Platform<raw::RawDiscordBot>, env: Env, c: &mut Check<'_>) -> PlatformBot {
     let Platform { raw, ids } = p;
     let token_env = token_env(c, "discord.token_env", raw.token_env);
     let application_id = ids.as_ref().and_then(|ids| ids.for_env(env));
@@ -168,10 +168,10 @@ fn discord_bot(p: Platform<raw::RawDiscordBot>, env: Env, c: &mut Check<'_>) -> 
         }
         same_identity(c, "discord.application_id", ids, str::to_owned);
     }
-    DiscordBot {
+    PlatformBot {
         token_env,
-        application_id,
-        other_application_id,
+        identity: application_id,
+        other_identity: other_application_id,
         token: None,
     }
 }

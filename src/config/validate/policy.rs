@@ -85,16 +85,19 @@ fn bot_secrets(bot: &mut BotConfig, rules: &Rules<'_>, problems: &mut Vec<Proble
     };
     let env = rules.env;
     let needs_identity = rules.production || rules.required;
-    if let Some(t) = &mut bot.telegram {
-        t.token = rules.secret(&mut c, "telegram.token_env", &t.token_env, rules.required);
-        if needs_identity && t.username.is_none() {
-            c.push("telegram.username", format!("no {env} identity"));
-        }
-    }
-    if let Some(d) = &mut bot.discord {
-        d.token = rules.secret(&mut c, "discord.token_env", &d.token_env, rules.required);
-        if needs_identity && d.application_id.is_none() {
-            c.push("discord.application_id", format!("no {env} identity"));
+    let platforms = [
+        ("telegram", "username", &mut bot.telegram),
+        ("discord", "application_id", &mut bot.discord),
+    ];
+    for (section, identity, p) in platforms {
+        let Some(p) = p else { continue };
+        let key = format!("{section}.token_env");
+        p.token = rules.secret(&mut c, &key, &p.token_env, rules.required);
+        if needs_identity && p.identity.is_none() {
+            c.push(
+                &format!("{section}.{identity}"),
+                format!("no {env} identity"),
+            );
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::{stop, MessageCtx, Step};
 use crate::domain::{Content, Rejection, Reply, ReplyKind};
-use crate::engine::events::{BudgetExhausted, DuplicateDropped, DuplicateResent};
+use crate::engine::events::Redelivered;
 use crate::engine::events::{Quota, RateLimited};
 use crate::engine::limits::{human_duration, limit_key, secs_until_reset, utc_day, RateDecision};
 use crate::engine::{commands, commands_limit_user, now_unix, roll_day, Engine};
@@ -24,14 +24,14 @@ impl Engine {
                 state: Handled::Sent,
                 ..
             }) => {
-                DuplicateDropped.emit(&self.stats);
+                Redelivered::Dropped.emit(&self.stats);
                 stop(Reply::Silent)
             }
             Some(HandledEntry {
                 state: Handled::Pending { reply },
                 ..
             }) => {
-                DuplicateResent.emit(&self.stats);
+                Redelivered::Resent.emit(&self.stats);
                 stop(Reply::text(reply, ReplyKind::Answer))
             }
             None => Ok(()),
@@ -121,14 +121,22 @@ impl Engine {
             return Ok(());
         }
         if usage.is_some_and(|u| u.budget_notified) {
-            BudgetExhausted { notice: false }.emit(&self.stats);
+            RateLimited {
+                quota: Quota::DailyTokens,
+                notice: false,
+            }
+            .emit(&self.stats);
             return stop(Reply::Silent);
         }
         self.store.update_user(&m.user, &mut |r| {
             roll_day(r, today);
             r.usage.budget_notified = true;
         })?;
-        BudgetExhausted { notice: true }.emit(&self.stats);
+        RateLimited {
+            quota: Quota::DailyTokens,
+            notice: true,
+        }
+        .emit(&self.stats);
         stop(Reply::notice(
             Rejection::BudgetExhausted,
             format!(
