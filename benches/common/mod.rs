@@ -60,9 +60,7 @@ pub fn engine_and_store(dir: &std::path::Path, cache: bool) -> (Arc<Engine>, Arc
     cfg.bots = vec![BotConfig {
         name: "assistant".into(),
         prompt: "assistant".into(),
-        model: None,
-        temperature: None,
-        max_tokens: None,
+        llm: Default::default(),
         stream: false,
         limits: None,
         telegram: None,

@@ -278,6 +278,14 @@ pub struct LlmConfig {
     pub max_tokens: Option<u32>,
 }
 
+/// A bot's overrides of `[llm]`; `None` keeps the global value.
+#[derive(Debug, Clone, Default)]
+pub struct LlmOverrides {
+    pub model: Option<String>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<u32>,
+}
+
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -378,10 +386,7 @@ pub struct BotConfig {
     pub name: String,
     /// Name of an existing `prompts/<prompt>.md`.
     pub prompt: String,
-    /// Overrides `llm.model` etc. for this bot.
-    pub model: Option<String>,
-    pub temperature: Option<f32>,
-    pub max_tokens: Option<u32>,
+    pub llm: LlmOverrides,
     /// Edit the reply as tokens arrive.
     pub stream: bool,
     pub limits: Option<BotLimits>,

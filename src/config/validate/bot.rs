@@ -7,7 +7,7 @@ use toml::{Table, Value};
 
 use super::{bot_file, Check};
 use crate::config::raw::{self, Doc, RawBot, RawPerEnv};
-use crate::config::{BotConfig, BotLimits, Env, PlatformBot, Problem};
+use crate::config::{BotConfig, BotLimits, Env, LlmOverrides, PlatformBot, Problem};
 
 /// Build one bot from its file's table. `prompts` are the loaded prompt names.
 pub(crate) fn bot(
@@ -57,9 +57,11 @@ pub(crate) fn bot(
     BotConfig {
         name: name.to_owned(),
         prompt,
-        model: rb.model,
-        temperature: rb.temperature,
-        max_tokens: rb.max_tokens,
+        llm: LlmOverrides {
+            model: rb.model,
+            temperature: rb.temperature,
+            max_tokens: rb.max_tokens,
+        },
         stream: rb.stream,
         limits: limits.map(|l| bot_limits(l, c)),
         telegram: telegram.map(|p| telegram_bot(p, env, c)),

@@ -36,9 +36,13 @@ impl Engine {
             .max_context_tokens
             .saturating_sub(m.system_tokens + m.user_tokens);
         m.sampling = Sampling {
-            model: bot.model.clone().unwrap_or_else(|| cfg.llm.model.clone()),
-            temperature: bot.temperature.or(cfg.llm.temperature),
-            max_tokens: bot.max_tokens.or(cfg.llm.max_tokens),
+            model: bot
+                .llm
+                .model
+                .clone()
+                .unwrap_or_else(|| cfg.llm.model.clone()),
+            temperature: bot.llm.temperature.or(cfg.llm.temperature),
+            max_tokens: bot.llm.max_tokens.or(cfg.llm.max_tokens),
             stream: bot.stream && m.partial.is_some(),
         };
         Ok(())
