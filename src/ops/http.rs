@@ -239,9 +239,10 @@ enum Kind {
     Histogram,
 }
 
-/// Declares [`Series`] from one table: variant, name (without `confab_`), type,
-/// variable labels, help. The collector's `samples` matches every variant, so a
-/// series cannot be declared without being read, nor read without being declared.
+/// Declares [`Series`] from one table, one row per series (grouped by topic): variant,
+/// name (without `confab_`), type, variable labels, help. The collector's `samples`
+/// matches every variant, so a series cannot be declared without being read, nor read
+/// without being declared.
 macro_rules! series {
     ($($variant:ident: $name:literal, $kind:ident, [$($label:literal),*], $help:literal;)*) => {
         /// Every exported series.
@@ -282,50 +283,41 @@ macro_rules! series {
 }
 
 series! {
+    // Messages and their replies.
     Messages: "messages_total", Counter, [], "Messages received by the engine.";
     Replies: "replies_total", Counter, ["outcome"], "Replies by outcome.";
-    RateLimited: "rate_limited_total", Counter, [],
-        "Messages refused by a rate limit or budget.";
-    Duplicates: "duplicates_total", Counter, [],
-        "Redelivered updates dropped or resent without an LLM call.";
-    InternalErrors: "internal_errors_total", Counter, ["cause"],
-        "Our own failures by cause: store and prompt (the user got the internal-error notice), unknown_bot, cache_write, mark_sent.";
-    ContextRetries: "context_retries_total", Counter, [],
-        "LLM calls retried with half the history after a context-length error.";
-    LlmFailedReplies: "llm_failed_replies_total", Counter, ["kind"],
-        "Replies that apologised for a failed LLM call, by the last error's kind.";
+    RateLimited: "rate_limited_total", Counter, [], "Messages refused by a rate limit or budget.";
+    Duplicates: "duplicates_total", Counter, [], "Redelivered updates dropped or resent without an LLM call.";
+    InternalErrors: "internal_errors_total", Counter, ["cause"], "Our own failures by cause: store and prompt (the user got the internal-error notice), unknown_bot, cache_write, mark_sent.";
+    ContextRetries: "context_retries_total", Counter, [], "LLM calls retried with half the history after a context-length error.";
+    LlmFailedReplies: "llm_failed_replies_total", Counter, ["kind"], "Replies that apologised for a failed LLM call, by the last error's kind.";
+    ReplyLatency: "reply_latency_seconds", Histogram, [], "Time from receiving a message to its reply being ready.";
+
+    // The LLM.
+    LlmTokens: "llm_tokens_total", Counter, ["kind"], "LLM tokens by kind (prompt, completion).";
     LlmRequests: "llm_requests_total", Counter, [], "LLM attempts, retries included.";
     LlmErrors: "llm_errors_total", Counter, [], "Failed LLM attempts.";
     LlmRetries: "llm_retries_total", Counter, [], "LLM attempts that were retries.";
-    LlmCircuitRejections: "llm_circuit_rejections_total", Counter, [],
-        "LLM calls refused by the open circuit.";
-    LlmBusy: "llm_busy_total", Counter, [],
-        "LLM calls refused with the busy apology (no slot, or the user's previous call, within llm.queue_timeout_secs).";
-    LlmTokens: "llm_tokens_total", Counter, ["kind"],
-        "LLM tokens by kind (prompt, completion).";
-    LlmRequestSeconds: "llm_request_seconds", Summary, [],
-        "Latency of successful LLM attempts.";
+    LlmCircuitRejections: "llm_circuit_rejections_total", Counter, [], "LLM calls refused by the open circuit.";
+    LlmBusy: "llm_busy_total", Counter, [], "LLM calls refused with the busy apology (no slot, or the user's previous call, within llm.queue_timeout_secs).";
+    LlmRequestSeconds: "llm_request_seconds", Summary, [], "Latency of successful LLM attempts.";
+    CircuitState: "circuit_state", Gauge, [], "LLM circuit breaker: 0 closed, 1 open, 2 half-open.";
+
+    // The reply cache.
     CacheHits: "cache_hits_total", Counter, [], "Reply cache hits.";
     CacheMisses: "cache_misses_total", Counter, [], "Reply cache misses.";
-    CacheTokensSaved: "cache_tokens_saved_total", Counter, [],
-        "LLM tokens saved by cache hits.";
+    CacheTokensSaved: "cache_tokens_saved_total", Counter, [], "LLM tokens saved by cache hits.";
     CacheEntries: "cache_entries", Gauge, [], "Entries in the reply cache.";
-    CircuitState: "circuit_state", Gauge, [],
-        "LLM circuit breaker: 0 closed, 1 open, 2 half-open.";
-    ReplyLatency: "reply_latency_seconds", Histogram, [],
-        "Time from receiving a message to its reply being ready.";
-    DeliveryRetries: "delivery_retries_total", Counter, [],
-        "Sends waited out and tried again (transient errors and 429s).";
-    DeliveryFailed: "delivery_failed_total", Counter, [],
-        "Replies given up: refused for good, or still failing after delivery.max_retry_secs.";
-    UpdatePanics: "update_panics_total", Counter, [],
-        "Panics caught while translating or handling one update.";
-    UpdatesParked: "updates_parked_total", Counter, [],
-        "Updates moved out of the inbox after repeated panics.";
-    QueueOverflow: "queue_overflow_total", Counter, [],
-        "Updates refused because a queue was full (the user got a busy notice).";
-    TaskRestarts: "task_restarts_total", Counter, [],
-        "Poller and gateway tasks restarted after they died.";
+
+    // Delivery by the adapters.
+    DeliveryRetries: "delivery_retries_total", Counter, [], "Sends waited out and tried again (transient errors and 429s).";
+    DeliveryFailed: "delivery_failed_total", Counter, [], "Replies given up: refused for good, or still failing after delivery.max_retry_secs.";
+    UpdatePanics: "update_panics_total", Counter, [], "Panics caught while translating or handling one update.";
+    UpdatesParked: "updates_parked_total", Counter, [], "Updates moved out of the inbox after repeated panics.";
+    QueueOverflow: "queue_overflow_total", Counter, [], "Updates refused because a queue was full (the user got a busy notice).";
+    TaskRestarts: "task_restarts_total", Counter, [], "Poller and gateway tasks restarted after they died.";
+
+    // The process.
     Users: "users", Gauge, [], "Users known to the store.";
     Uptime: "uptime_seconds", Gauge, [], "Seconds since the daemon started.";
 }
