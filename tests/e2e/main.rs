@@ -14,6 +14,7 @@ mod redis_server;
 mod cli;
 mod commands;
 mod delivery;
+mod deploy;
 mod discord;
 mod engine;
 mod faults;
