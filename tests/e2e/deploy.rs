@@ -145,9 +145,9 @@ pub fn metric_names(expr: &str) -> BTreeSet<String> {
         .filter(|(at, w)| {
             let first = w.chars().next().unwrap_or('0');
             let call = bare[at + w.len()..].trim_start().starts_with('(');
-            !(first.is_ascii_digit() || first == '$' || first == '.')
-                && !call
-                && !KEYWORDS.contains(&w.to_ascii_lowercase().as_str())
+            let not_a_name = first.is_ascii_digit() || first == '$' || first == '.';
+            let keyword = KEYWORDS.contains(&w.to_ascii_lowercase().as_str());
+            !(not_a_name || call || keyword)
         })
         .map(|(_, w)| w.to_string())
         .collect()
