@@ -15,6 +15,7 @@ use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::Engine;
+use crate::events::ErrorKind;
 use crate::shutdown::{self, Shutdown, Signal};
 use crate::store::{Durable, SledStore, Store};
 
@@ -109,8 +110,8 @@ fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {
             };
             match tokio::task::spawn_blocking(sweep).await {
                 Ok(Ok(report)) => tracing::info!(?report, "sweep done"),
-                Ok(Err(e)) => tracing::error!(error = %e, "sweep failed"),
-                Err(e) => tracing::error!(error = %e, "sweep task panicked"),
+                Ok(Err(e)) => tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "sweep failed"),
+                Err(e) => tracing::error!(error.kind = ErrorKind::Panic.as_str(), error = %e, "sweep task panicked"),
             }
         }
     });
@@ -255,7 +256,7 @@ async fn until_stop(app: &App, control: &mut tokio::sync::mpsc::Receiver<Signal>
                 let result = app.engine.reload_now();
                 crate::ops::notify::ready();
                 if let Err(e) = result {
-                    tracing::error!(error = %e, "reload failed; keeping the old configuration");
+                    tracing::error!(error.kind = ErrorKind::Config.as_str(), error = %e, "reload failed; keeping the old configuration");
                 }
             }
             Signal::Stop => break,

@@ -41,3 +41,37 @@ pub fn release_free_heap() {
         }
     }
 }
+
+/// The process's resident set size in bytes, from `/proc/self/statm` (resident pages
+/// × page size), read when asked (the `/metrics` scrape); `None` where there is no
+/// procfs.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    pages.checked_mul(page_size()?)
+}
+
+fn page_size() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: `sysconf` takes an int and returns a long; no pointers, thread-safe.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(size).ok().filter(|s| *s > 0)
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resident_bytes_reads_procfs() {
+        if !std::path::Path::new("/proc/self/statm").exists() {
+            eprintln!("skipped: no /proc/self/statm");
+            return;
+        }
+        let rss = super::resident_bytes().expect("statm parses");
+        // A test binary holds at least a megabyte and far less than a terabyte.
+        assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+    }
+}

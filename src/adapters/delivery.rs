@@ -91,7 +91,7 @@ pub type SendResult<T> = Result<T, SendError>;
 pub use super::events::{DeliveryCounts, DeliveryStats};
 use super::events::{DeliveryFailed, GiveUp, Panicked, QueueOverflow, Refused};
 use super::events::{SendRetrying, UpdatePanicked, UpdateParked};
-use crate::events::Event;
+use crate::events::{ErrorKind, Event};
 
 /// One platform's outbound side: rendering and sending. Every call is one attempt
 /// (outbound throttling included); retries are the machinery's.
@@ -271,10 +271,12 @@ where
             match serde_json::to_vec(entry) {
                 Ok(bytes) => {
                     if let Err(e) = store.inbox_put(key, &bytes) {
-                        tracing::error!(key, error = %e, "could not store an update's panic count");
+                        tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), key, error = %e, "could not store an update's panic count");
                     }
                 }
-                Err(e) => tracing::error!(key, error = %e, "could not encode an inbox entry"),
+                Err(e) => {
+                    tracing::error!(error.kind = ErrorKind::Encode.as_str(), key, error = %e, "could not encode an inbox entry")
+                }
             }
         }
     }
@@ -287,13 +289,15 @@ fn park<J: Serialize>(store: &dyn InboxStore, stats: &DeliveryStats, key: &str, 
     match serde_json::to_vec(entry) {
         Ok(bytes) => {
             if let Err(e) = store.inbox_put(&parked, &bytes) {
-                tracing::error!(key, error = %e, "could not park an update");
+                tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), key, error = %e, "could not park an update");
             }
         }
-        Err(e) => tracing::error!(key, error = %e, "could not encode a parked update"),
+        Err(e) => {
+            tracing::error!(error.kind = ErrorKind::Encode.as_str(), key, error = %e, "could not encode a parked update")
+        }
     }
     if let Err(e) = store.inbox_remove(key) {
-        tracing::error!(key, error = %e, "could not remove a parked update from the inbox");
+        tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), key, error = %e, "could not remove a parked update from the inbox");
     }
     UpdateParked {
         key: &parked,
@@ -429,7 +433,9 @@ impl<P: Outbound> Delivery<P> {
         let store = self.inbox.clone();
         let pending = match store.inbox_scan(&self.prefix) {
             Ok(p) => p,
-            Err(e) => return tracing::error!(error = %e, "could not read the inbox"),
+            Err(e) => {
+                return tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not read the inbox")
+            }
         };
         if !pending.is_empty() {
             tracing::info!(bot = %self.bot, count = pending.len(), "replaying unanswered updates");
@@ -439,7 +445,7 @@ impl<P: Outbound> Delivery<P> {
             let entry = match serde_json::from_slice::<Entry<P::Job>>(&bytes) {
                 Ok(entry) => entry,
                 Err(e) => {
-                    tracing::error!(key, error = %e, "corrupt inbox entry skipped");
+                    tracing::error!(error.kind = ErrorKind::StoreCorrupt.as_str(), key, error = %e, "corrupt inbox entry skipped");
                     let _ = store.inbox_remove(&key);
                     continue;
                 }
@@ -470,10 +476,12 @@ impl<P: Outbound> Delivery<P> {
         match serde_json::to_vec(&entry) {
             Ok(bytes) => {
                 if let Err(e) = store.inbox_put(&key, &bytes) {
-                    tracing::error!(error = %e, "could not store a received update");
+                    tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not store a received update");
                 }
             }
-            Err(e) => tracing::error!(error = %e, "could not encode a received update"),
+            Err(e) => {
+                tracing::error!(error.kind = ErrorKind::Encode.as_str(), error = %e, "could not encode a received update")
+            }
         }
         let order = P::order(&entry.job);
         let item = Item::Update {
@@ -576,7 +584,7 @@ impl<P: Outbound> Delivery<P> {
     async fn handle(self: Arc<Self>, key: &str, job: P::Job) {
         if P::PROFILE.flush_before_handling {
             if let Err(e) = self.inbox.flush().await {
-                tracing::error!(error = %e, "store flush failed for a received update");
+                tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "store flush failed for a received update");
             }
         }
         self.out.before(&job).await;
@@ -722,12 +730,12 @@ impl<P: Outbound> Delivery<P> {
         self.engine.mark_sent(inbound);
         if let Some(key) = key {
             if let Err(e) = store.inbox_remove(key) {
-                tracing::error!(error = %e, "could not clear an answered update from the inbox");
+                tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not clear an answered update from the inbox");
             }
         }
         // Durable "sent": after a crash, only a reply whose send was in flight can repeat.
         if let Err(e) = store.flush().await {
-            tracing::error!(error = %e, "store flush failed after a reply");
+            tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "store flush failed after a reply");
         }
     }
 

@@ -41,7 +41,7 @@ use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Attachment, Button, Content, Inbound, Platform, Reply, Visibility};
 use crate::engine::commands::{self, Arg};
 use crate::engine::Engine;
-use crate::events::Event;
+use crate::events::{ErrorKind, Event};
 
 mod interact;
 mod rest;
@@ -232,7 +232,7 @@ impl DiscordAdapter {
                     tracing::warn!(bot = %self.name, retry_in = ?backoff, "discord gateway stopped; reconnecting")
                 }
                 Err(e) => {
-                    tracing::error!(bot = %self.name, error = %e, retry_in = ?backoff, "discord gateway failed; reconnecting")
+                    tracing::error!(error.kind = ErrorKind::Platform.as_str(), bot = %self.name, error = %e, retry_in = ?backoff, "discord gateway failed; reconnecting")
                 }
             }
             self.connected.store(false, Ordering::Relaxed);

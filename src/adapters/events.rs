@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Full;
-use crate::events::{impl_event, Counter};
+use crate::events::{impl_event, Counter, ErrorKind};
 
 /// Counters of the delivery machinery, shared by every adapter of the process; moved
 /// only by the events below.
@@ -84,6 +84,7 @@ impl_event!(DeliveryFailed<'_> => DeliveryStats, |self, stats| {
             tracing::warn!(%reason, "{platform} refused the reply; dropping it");
         }
         GiveUp::Expired { max_retry_secs } => tracing::error!(
+            error.kind = ErrorKind::DeliveryExpired.as_str(),
             %reason,
             max_retry_secs,
             "reply still not delivered after delivery.max_retry_secs; giving up"
@@ -110,18 +111,24 @@ pub struct UpdatePanicked<'a> {
 }
 
 impl_event!(UpdatePanicked<'_> => DeliveryStats, |self, stats| {
+    let kind = ErrorKind::Panic.as_str();
     match self.at {
         Panicked::Handling { key, tries } => {
-            tracing::error!(key, tries, "handling an update panicked")
+            tracing::error!(error.kind = kind, key, tries, "handling an update panicked")
         }
-        Panicked::Translating { bot, update } => {
-            tracing::error!(bot, update, "translating an update panicked; skipped")
-        }
-        Panicked::TakingInInteraction { bot } => {
-            tracing::error!(bot, "taking in an interaction panicked; skipped")
-        }
+        Panicked::Translating { bot, update } => tracing::error!(
+            error.kind = kind,
+            bot,
+            update,
+            "translating an update panicked; skipped"
+        ),
+        Panicked::TakingInInteraction { bot } => tracing::error!(
+            error.kind = kind,
+            bot,
+            "taking in an interaction panicked; skipped"
+        ),
         Panicked::HandlingInteraction { bot } => {
-            tracing::error!(bot, "handling an interaction panicked")
+            tracing::error!(error.kind = kind, bot, "handling an interaction panicked")
         }
     }
     stats.update_panics.add(1);
@@ -135,7 +142,8 @@ pub struct UpdateParked<'a> {
 
 impl_event!(UpdateParked<'_> => DeliveryStats, |self, stats| {
     let (key, tries) = (self.key, self.tries);
-    tracing::error!(key, tries, "update parked after repeated panics");
+    let kind = ErrorKind::Panic.as_str();
+    tracing::error!(error.kind = kind, key, tries, "update parked after repeated panics");
     stats.updates_parked.add(1);
 });
 
@@ -186,7 +194,8 @@ pub struct TaskRestarted<'a> {
 
 impl_event!(TaskRestarted<'_> => DeliveryStats, |self, stats| {
     if self.panicked {
-        tracing::error!(task = self.task, retry_in = ?self.retry_in, "task panicked; restarting");
+        let kind = ErrorKind::Panic.as_str();
+        tracing::error!(error.kind = kind, task = self.task, retry_in = ?self.retry_in, "task panicked; restarting");
     } else {
         tracing::warn!(task = self.task, retry_in = ?self.retry_in, "task stopped; restarting");
     }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Env, PlatformBot, Secret};
-use crate::events::Event;
+use crate::events::{ErrorKind, Event};
 use events::TaskRestarted;
 
 /// The typing indicator is shown only once an answer takes longer than this: quick
@@ -158,7 +158,10 @@ impl<T: Send + 'static> SerialQueue<T> {
                 };
                 let done = AssertUnwindSafe(async { run(job).await }).catch_unwind();
                 if done.await.is_err() {
-                    tracing::error!("a queued job panicked; its conversation goes on");
+                    tracing::error!(
+                        error.kind = ErrorKind::Panic.as_str(),
+                        "a queued job panicked; its conversation goes on"
+                    );
                 }
                 queue.done(&key);
             }

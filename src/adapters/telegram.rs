@@ -27,7 +27,7 @@ use crate::config::{BotConfig, Config, Secret};
 use crate::domain::{Content, Inbound, Platform};
 use crate::engine::commands;
 use crate::engine::Engine;
-use crate::events::Event;
+use crate::events::{ErrorKind, Event};
 use crate::store::InboxStore;
 
 mod out;
@@ -276,12 +276,12 @@ impl TelegramAdapter {
         }
         let store = self.delivery_store();
         if let Err(e) = store.flush().await {
-            tracing::error!(error = %e, "store flush failed; not confirming updates");
+            tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "store flush failed; not confirming updates");
             return offset;
         }
         if let Err(e) = store.set_intake_position(&self.offset_key(), offset.to_string().as_bytes())
         {
-            tracing::error!(error = %e, "could not store the update offset");
+            tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not store the update offset");
         }
         offset
     }

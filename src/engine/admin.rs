@@ -12,6 +12,7 @@ use super::{now_unix, Engine};
 use crate::domain::{
     Attachment, Button, Inbound, Platform, Rejection, Reply, ReplyKind, UserRef, Visibility,
 };
+use crate::events::ErrorKind;
 use crate::llm::BreakerState;
 use crate::store::{AuditEntry, Ban, ForgetReport, StoreError, StoreResult, UserRecord};
 
@@ -199,7 +200,7 @@ impl Engine {
             result: result.to_string(),
         };
         if let Err(e) = self.store().audit_append(&entry) {
-            tracing::error!(error = %e, "could not write the audit log");
+            tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not write the audit log");
         }
     }
 

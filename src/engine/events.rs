@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::stats::EngineStats;
 use crate::domain::{Platform, Reply, ReplyKind};
-use crate::events::impl_event;
+use crate::events::{impl_event, ErrorKind};
 use crate::llm::LlmError;
 
 /// A message reached the engine.
@@ -16,7 +16,7 @@ pub struct MessageReceived {
 
 impl_event!(MessageReceived => EngineStats, |self, stats| {
     tracing::debug!(platform = self.platform.name(), "message received");
-    stats.messages.add(1);
+    stats.count_message(self.platform);
 });
 
 /// The engine decided a message's reply. Every message ends with exactly one.
@@ -39,6 +39,18 @@ impl_event!(ReplyDecided<'_> => EngineStats, |self, stats| {
     {
         stats.observe_latency(self.elapsed);
     }
+});
+
+/// An answered exchange (turns, pending reply, usage) was written in one transaction
+/// and made durable by the group-commit flush, in `elapsed`.
+pub struct StoreWritten {
+    pub elapsed: Duration,
+}
+
+impl_event!(StoreWritten => EngineStats, |self, stats| {
+    let us = self.elapsed.as_micros() as u64;
+    tracing::debug!(elapsed_us = us, "exchange stored");
+    stats.store_write.observe(self.elapsed);
 });
 
 /// A redelivered update (counted as a duplicate either way).
@@ -162,6 +174,17 @@ impl InternalCause {
         }
     }
 
+    /// The `error.kind` its log line carries.
+    pub fn error_kind(self) -> ErrorKind {
+        match self {
+            InternalCause::Store | InternalCause::CacheWrite | InternalCause::MarkSent => {
+                ErrorKind::StoreIo
+            }
+            InternalCause::Prompt => ErrorKind::Prompt,
+            InternalCause::UnknownBot => ErrorKind::Config,
+        }
+    }
+
     fn message(self) -> &'static str {
         match self {
             InternalCause::Store => "store failure while handling a message",
@@ -182,7 +205,8 @@ pub struct InternalError<'a> {
 
 impl_event!(InternalError<'_> => EngineStats, |self, stats| {
     let cause = self.cause.as_str();
-    tracing::error!(cause, error = %self.error, "{}", self.cause.message());
+    let kind = self.cause.error_kind().as_str();
+    tracing::error!(error.kind = kind, cause, error = %self.error, "{}", self.cause.message());
     stats.count_internal(self.cause);
 });
 

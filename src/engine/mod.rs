@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::{BotConfig, Config};
 use crate::domain::{Inbound, Platform, Rejection, Reply, UserRef};
-use crate::events::Event;
+use crate::events::{ErrorKind, Event};
 use crate::llm::ResilientLlm;
 use crate::store::{Handled, HandledEntry, Store, StoreError, UserRecord};
 use events::{InternalCause, InternalError, MessageReceived, ReplyDecided};
@@ -105,7 +105,7 @@ impl Engine {
         let maintenance = match store.meta_get(MAINTENANCE_KEY) {
             Ok(m) => m.map(|b| String::from_utf8_lossy(&b).into_owned()),
             Err(e) => {
-                tracing::error!(error = %e, "could not read the stored maintenance mode");
+                tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not read the stored maintenance mode");
                 None
             }
         };
@@ -224,7 +224,7 @@ impl Engine {
             None => self.store.meta_remove(MAINTENANCE_KEY),
         };
         if let Err(e) = stored {
-            tracing::error!(error = %e, "could not store the maintenance mode; it lasts until a restart");
+            tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not store the maintenance mode; it lasts until a restart");
         }
         *self.maintenance.write().unwrap_or_else(|p| p.into_inner()) = message;
     }

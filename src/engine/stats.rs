@@ -2,20 +2,41 @@
 //! move only through the events in `engine/events.rs`.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use super::events::InternalCause;
-use crate::events::{Counter, LabeledCounter};
+use crate::domain::Platform;
+use crate::events::{Buckets, Counter, Histogram, LabeledCounter};
 
 /// Upper bounds (seconds) of the reply-latency histogram buckets.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The reply-latency histogram's bounds ([`LATENCY_BUCKETS`]).
+#[derive(Debug)]
+pub struct ReplyBuckets;
+
+impl Buckets for ReplyBuckets {
+    const BOUNDS: &'static [f64] = LATENCY_BUCKETS;
+}
+
+/// The store-write histogram's bounds: one exchange's transaction and group-commit
+/// flush, from 100 µs to 2.5 s.
+#[derive(Debug)]
+pub struct StoreWriteBuckets;
+
+impl Buckets for StoreWriteBuckets {
+    const BOUNDS: &'static [f64] = &[
+        0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+}
+
 #[derive(Debug, Default)]
 pub struct EngineStats {
     pub messages: Counter,
+    /// Messages by platform (the same messages as `messages`).
+    by_platform: LabeledCounter,
     /// Redelivered updates dropped (already sent) or resent from the store.
     pub duplicates: Counter,
     /// Messages refused by a rate limit (messages or commands) or the daily budget.
@@ -30,8 +51,10 @@ pub struct EngineStats {
     /// Our own failures, by cause ([`InternalCause`]).
     internal: [Counter; InternalCause::ALL.len()],
     outcomes: LabeledCounter,
-    /// Cumulative counts per bucket (last slot = +Inf), plus sum in microseconds.
-    latency: Mutex<(Vec<u64>, u64)>,
+    /// Reply latency of answers (fresh or cached).
+    pub reply_latency: Histogram<ReplyBuckets>,
+    /// Writing one answered exchange and making it durable (`record_exchange` + flush).
+    pub store_write: Histogram<StoreWriteBuckets>,
 }
 
 impl EngineStats {
@@ -55,24 +78,27 @@ impl EngineStats {
         }
     }
 
-    pub(crate) fn observe_latency(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        if l.0.is_empty() {
-            l.0 = vec![0; LATENCY_BUCKETS.len() + 1];
+    /// Messages by platform, every platform listed (0 before its first message).
+    pub fn messages_by_platform(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts = self.by_platform.snapshot();
+        for p in [Platform::Telegram, Platform::Discord, Platform::Terminal] {
+            counts.entry(p.name()).or_default();
         }
-        let idx = LATENCY_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        l.0[idx] += 1;
-        l.1 += d.as_micros() as u64;
+        counts
+    }
+
+    pub(super) fn count_message(&self, platform: Platform) {
+        self.messages.add(1);
+        self.by_platform.add(platform.name(), 1);
+    }
+
+    pub(crate) fn observe_latency(&self, d: Duration) {
+        self.reply_latency.observe(d);
     }
 
     /// Per-bucket counts (not cumulative; last = over the largest bound) and the sum.
     pub fn latency(&self) -> (Vec<u64>, Duration) {
-        let l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        (l.0.clone(), Duration::from_micros(l.1))
+        self.reply_latency.snapshot()
     }
 
     /// Upper bound of the bucket holding the given quantile (e.g. 0.95), if any samples.

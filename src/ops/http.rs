@@ -27,9 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::delivery::DeliveryStats;
 use crate::engine::events::InternalCause;
-use crate::engine::stats::{EngineStats, LATENCY_BUCKETS};
 use crate::engine::Engine;
-use crate::events::Counter;
+use crate::events::{Buckets, Counter, ErrorKind, Histogram};
 
 /// What `/readyz` looks at besides the store: each enabled platform adapter's
 /// `connected` flag, and whether the daemon is shutting down.
@@ -92,7 +91,7 @@ pub async fn start(
     readiness: Arc<Readiness>,
     stop: CancellationToken,
 ) -> anyhow::Result<Server> {
-    let registry = registry(engine.clone(), delivery)?;
+    let registry = registry_with(engine.clone(), delivery, readiness.clone())?;
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .with_context(|| format!("binding the ops HTTP endpoint on {bind}"))?;
@@ -197,7 +196,8 @@ async fn metrics(State(s): State<AppState>) -> Response {
         )
             .into_response(),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "encoding metrics failed");
+            let kind = ErrorKind::Metrics.as_str();
+            tracing::error!(error.kind = kind, error = %e, "encoding metrics failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "encoding metrics failed\n",
@@ -205,7 +205,8 @@ async fn metrics(State(s): State<AppState>) -> Response {
                 .into_response()
         }
         Err(e) => {
-            tracing::error!(error = %e, "metrics task failed");
+            let kind = ErrorKind::Metrics.as_str();
+            tracing::error!(error.kind = kind, error = %e, "metrics task failed");
             (StatusCode::INTERNAL_SERVER_ERROR, "metrics task failed\n").into_response()
         }
     }
@@ -219,14 +220,24 @@ pub fn render(registry: &Registry) -> prometheus::Result<String> {
 }
 
 /// A registry with the `confab_` prefix, the `env` label on every series, and a
-/// collector reading `engine`'s and the adapters' counters at scrape time.
+/// collector reading `engine`'s and the adapters' counters at scrape time. Readiness
+/// (`confab_ready`) sees only the store (no platforms registered).
 pub fn registry(engine: Arc<Engine>, delivery: Arc<DeliveryStats>) -> anyhow::Result<Registry> {
+    registry_with(engine, delivery, Arc::new(Readiness::default()))
+}
+
+/// [`registry`] whose `confab_ready` gauge is `/readyz`'s answer.
+pub fn registry_with(
+    engine: Arc<Engine>,
+    delivery: Arc<DeliveryStats>,
+    readiness: Arc<Readiness>,
+) -> anyhow::Result<Registry> {
     let env = engine.config().env.as_str().to_string();
     let labels = HashMap::from([("env".to_string(), env)]);
     let registry = Registry::new_custom(Some("confab".into()), Some(labels))
         .context("creating the metrics registry")?;
     registry
-        .register(Box::new(EngineCollector::new(engine, delivery)?))
+        .register(Box::new(EngineCollector::new(engine, delivery, readiness)?))
         .context("registering the metrics collector")?;
     Ok(registry)
 }
@@ -284,7 +295,7 @@ macro_rules! series {
 
 series! {
     // Messages and their replies.
-    Messages: "messages_total", Counter, [], "Messages received by the engine.";
+    Messages: "messages_total", Counter, ["platform"], "Messages received by the engine, by platform.";
     Replies: "replies_total", Counter, ["outcome"], "Replies by outcome.";
     RateLimited: "rate_limited_total", Counter, [], "Messages refused by a rate limit or budget.";
     Duplicates: "duplicates_total", Counter, [], "Redelivered updates dropped or resent without an LLM call.";
@@ -320,16 +331,24 @@ series! {
     // The process.
     Users: "users", Gauge, [], "Users known to the store.";
     Uptime: "uptime_seconds", Gauge, [], "Seconds since the daemon started.";
+    Ready: "ready", Gauge, [], "1 when /readyz answers 200 (store readable, platforms connected, not shutting down), else 0.";
+    ResidentMemory: "resident_memory_bytes", Gauge, [], "Resident set size of the process (/proc/self/statm).";
+    StoreWrite: "store_write_seconds", Histogram, [], "Time to write one answered exchange in one transaction and make it durable (group-commit flush).";
 }
 
 struct EngineCollector {
     engine: Arc<Engine>,
     delivery: Arc<DeliveryStats>,
+    readiness: Arc<Readiness>,
     descs: Vec<Desc>,
 }
 
 impl EngineCollector {
-    fn new(engine: Arc<Engine>, delivery: Arc<DeliveryStats>) -> anyhow::Result<Self> {
+    fn new(
+        engine: Arc<Engine>,
+        delivery: Arc<DeliveryStats>,
+        readiness: Arc<Readiness>,
+    ) -> anyhow::Result<Self> {
         let descs = Series::ALL
             .iter()
             .map(|s| {
@@ -345,6 +364,7 @@ impl EngineCollector {
         Ok(Self {
             engine,
             delivery,
+            readiness,
             descs,
         })
     }
@@ -356,7 +376,7 @@ impl EngineCollector {
         let get = Counter::get;
         let one = |value: u64| vec![counter(value, vec![])];
         match series {
-            Series::Messages => one(e.messages.get()),
+            Series::Messages => labeled("platform", e.messages_by_platform()),
             Series::Replies => labeled("outcome", e.outcomes()),
             Series::RateLimited => one(e.rate_limited.get()),
             Series::Duplicates => one(e.duplicates.get()),
@@ -387,7 +407,7 @@ impl EngineCollector {
             Series::CircuitState => {
                 vec![gauge(self.engine.llm().breaker_state().as_gauge() as f64)]
             }
-            Series::ReplyLatency => vec![histogram(e)],
+            Series::ReplyLatency => vec![histogram(&e.reply_latency)],
             Series::DeliveryRetries => one(self.delivery.snapshot().delivery_retries),
             Series::DeliveryFailed => one(self.delivery.snapshot().delivery_failed),
             Series::UpdatePanics => one(self.delivery.snapshot().update_panics),
@@ -402,6 +422,14 @@ impl EngineCollector {
                 }
             },
             Series::Uptime => vec![gauge(self.engine.uptime().as_secs_f64())],
+            Series::Ready => {
+                let ready = self.readiness.reasons(&self.engine).is_empty();
+                vec![gauge(if ready { 1.0 } else { 0.0 })]
+            }
+            Series::ResidentMemory => crate::memory::resident_bytes()
+                .map(|b| vec![gauge(b as f64)])
+                .unwrap_or_default(),
+            Series::StoreWrite => vec![histogram(&e.store_write)],
         }
     }
 }
@@ -444,14 +472,14 @@ fn summary(count: u64, sum_secs: f64) -> proto::Metric {
     m
 }
 
-/// Prometheus buckets from the engine's per-bucket counts (made cumulative; the last
+/// Prometheus buckets from a histogram's per-bucket counts (made cumulative; the last
 /// slot, over the largest bound, only counts towards `+Inf`, which the encoder adds
 /// from the sample count).
-fn histogram(stats: &EngineStats) -> proto::Metric {
-    let (counts, sum) = stats.latency();
-    let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
+fn histogram<B: Buckets>(h: &Histogram<B>) -> proto::Metric {
+    let (counts, sum) = h.snapshot();
+    let mut buckets = Vec::with_capacity(B::BOUNDS.len());
     let mut cumulative = 0u64;
-    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+    for (i, bound) in B::BOUNDS.iter().enumerate() {
         cumulative += counts.get(i).copied().unwrap_or(0);
         let mut b = proto::Bucket::default();
         b.set_upper_bound(*bound);
@@ -502,6 +530,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::engine::stats::{EngineStats, LATENCY_BUCKETS};
 
     #[test]
     fn histogram_buckets_are_cumulative_and_inf_is_the_count() {
@@ -509,7 +538,7 @@ mod tests {
         for ms in [0, 3, 3, 200, 120_000] {
             stats.observe_latency(Duration::from_millis(ms));
         }
-        let m = histogram(&stats);
+        let m = histogram(&stats.reply_latency);
         let h = m.get_histogram();
         let counts: Vec<u64> = h
             .get_bucket()
@@ -526,7 +555,7 @@ mod tests {
 
     #[test]
     fn an_empty_histogram_encodes() {
-        let m = histogram(&EngineStats::default());
+        let m = histogram(&EngineStats::default().reply_latency);
         assert_eq!(m.get_histogram().get_sample_count(), 0);
         assert!(m
             .get_histogram()

@@ -175,7 +175,12 @@ async fn healthz_and_metrics_while_traffic_flows() {
 
     let m = scrape(addr).await;
     let env = ("env", "staging");
-    assert_eq!(value(&m, "confab_messages_total", &[env]), 20.0);
+    let tg_messages = [env, ("platform", "telegram")];
+    assert_eq!(value(&m, "confab_messages_total", &tg_messages), 20.0);
+    assert_eq!(
+        value(&m, "confab_messages_total", &[env, ("platform", "discord")]),
+        0.0
+    );
     let replies: f64 = m
         .iter()
         .filter(|(n, _, _)| n == "confab_replies_total")
@@ -209,6 +214,18 @@ async fn healthz_and_metrics_while_traffic_flows() {
     assert_eq!(value(&m, "confab_circuit_state", &[env]), 0.0);
     assert!(value(&m, "confab_users", &[env]) >= 20.0);
     assert!(value(&m, "confab_uptime_seconds", &[env]) > 0.0);
+    assert_eq!(value(&m, "confab_ready", &[env]), 1.0);
+    assert!(value(&m, "confab_resident_memory_bytes", &[env]) > 1e6);
+    // Every fresh answer was stored and flushed once, timed.
+    assert_eq!(value(&m, "confab_store_write_seconds_count", &[env]), 20.0);
+    assert_eq!(
+        value(
+            &m,
+            "confab_store_write_seconds_bucket",
+            &[env, ("le", "+Inf")]
+        ),
+        20.0
+    );
 
     // The histogram: cumulative buckets, +Inf equals the count, every reply observed.
     let count = value(&m, "confab_reply_latency_seconds_count", &[env]);
@@ -259,6 +276,10 @@ async fn readyz_turns_503_when_telegram_is_unreachable() {
         s == 503 && j["ready"] == false && has_reason(j, "telegram/assistant: not connected")
     })
     .await;
+    assert_eq!(
+        value(&scrape(addr).await, "confab_ready", &[("env", "staging")]),
+        0.0
+    );
     // Alive all the same.
     assert_eq!(get(addr, "/healthz").await.0, 200);
     daemon.stop().await.expect("clean stop");

@@ -4,7 +4,7 @@
 use super::{Answer, Internal, MessageCtx, Sampling, Step, Stop};
 use crate::config::CacheScope;
 use crate::domain::{Platform, Reply, ReplyKind};
-use crate::engine::events::{CacheHit, CacheMiss, InternalCause, InternalError};
+use crate::engine::events::{CacheHit, CacheMiss, InternalCause, InternalError, StoreWritten};
 use crate::engine::limits::utc_day;
 use crate::engine::prompt::PromptVars;
 use crate::engine::{cache, now_unix, roll_day, Engine};
@@ -125,7 +125,10 @@ impl Engine {
                 InternalError { cause, error: &e }.emit(&self.stats);
             }
         }
+        let started = tokio::time::Instant::now();
         self.remember(m, &answer).await?;
+        let elapsed = started.elapsed();
+        StoreWritten { elapsed }.emit(&self.stats);
         Ok(Reply::text(answer.text, answer.kind))
     }
 

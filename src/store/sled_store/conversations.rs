@@ -8,6 +8,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use super::layout::parse_conv_prefix;
 use super::{io, SledStore};
 use crate::domain::{ConversationKey, UserRef};
+use crate::events::ErrorKind;
 use crate::store::{ConversationStore, Exchange, StoreError, StoreResult, Turn, UserRecord};
 
 /// The `users` row change made inside [`SledStore::record_exchange`]'s transaction.
@@ -23,7 +24,7 @@ impl SledStore {
             .filter_map(|item| match item {
                 Ok((k, v)) => self.decode::<Turn>("turns", &k, &v).map(|t| (k, t)),
                 Err(e) => {
-                    tracing::error!(tree = "turns", error = %e, "store read failed");
+                    tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), tree = "turns", error = %e, "store read failed");
                     None
                 }
             })
@@ -145,7 +146,11 @@ impl ConversationStore for SledStore {
                     let turns = self.all_turns(&key)?;
                     out.push((key, turns));
                 }
-                None => tracing::error!(tree = "conv_index", "corrupt index entry skipped"),
+                None => tracing::error!(
+                    error.kind = ErrorKind::StoreCorrupt.as_str(),
+                    tree = "conv_index",
+                    "corrupt index entry skipped"
+                ),
             }
         }
         Ok(out)

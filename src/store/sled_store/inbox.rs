@@ -3,6 +3,7 @@
 //! `handled` (update id → [`HandledEntry`]).
 
 use super::{io, SledStore};
+use crate::events::ErrorKind;
 use crate::store::{HandledEntry, InboxStore, MetaStore, StoreResult};
 
 impl InboxStore for SledStore {
@@ -26,7 +27,11 @@ impl InboxStore for SledStore {
             let (k, v) = item.map_err(io)?;
             match (String::from_utf8(k.to_vec()), self.unseal("inbox", &k, &v)) {
                 (Ok(key), Ok(value)) => out.push((key, value.into_owned())),
-                _ => tracing::error!(tree = "inbox", "unreadable inbox entry skipped"),
+                _ => tracing::error!(
+                    error.kind = ErrorKind::StoreCorrupt.as_str(),
+                    tree = "inbox",
+                    "unreadable inbox entry skipped"
+                ),
             }
         }
         Ok(out)

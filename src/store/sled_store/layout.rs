@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::{io, SledStore};
 use crate::domain::{ConversationKey, Platform, UserRef};
+use crate::events::ErrorKind;
 use crate::store::{crypto, StoreError, StoreResult};
 
 pub(super) const SEP: u8 = 0;
@@ -211,7 +212,7 @@ impl SledStore {
         match self.decode_strict(tree, key, bytes) {
             Ok(v) => Some(v),
             Err(e) => {
-                tracing::error!(tree, error = %e, "corrupt store entry skipped");
+                tracing::error!(error.kind = ErrorKind::StoreCorrupt.as_str(), tree, error = %e, "corrupt store entry skipped");
                 None
             }
         }

@@ -4,6 +4,7 @@
 
 use super::{io, SledStore};
 use crate::domain::{Platform, UserRef};
+use crate::events::ErrorKind;
 use crate::store::{ForgetReport, StoreResult, UserRecord, UserStore};
 
 impl UserStore for SledStore {
@@ -97,7 +98,11 @@ impl UserStore for SledStore {
             .and_then(|s| s.parse::<UserRef>().ok())
             .filter(|u| u.platform == platform);
         if found.is_none() {
-            tracing::error!(tree = "usernames", "corrupt store entry skipped");
+            tracing::error!(
+                error.kind = ErrorKind::StoreCorrupt.as_str(),
+                tree = "usernames",
+                "corrupt store entry skipped"
+            );
         }
         Ok(found)
     }
