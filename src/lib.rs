@@ -32,6 +32,7 @@ pub mod memory;
 pub mod ops;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;
 
 #[cfg(test)]
 mod proptests;

@@ -170,8 +170,13 @@ fn is_zero(n: &u32) -> bool {
 
 /// Work waiting for its conversation's turn.
 pub enum Item<J> {
-    /// A durable update (in the inbox under `key`).
-    Update { key: String, entry: Entry<J> },
+    /// A durable update (in the inbox under `key`), with its `update` span, opened when
+    /// it was received (or replayed): the root of its trace.
+    Update {
+        key: String,
+        entry: Entry<J>,
+        span: tracing::Span,
+    },
     /// Other work kept in order with the conversation's updates (e.g. a Discord
     /// interaction, which is not durable); a panic in it is caught and counted.
     Task(BoxFuture<'static, ()>),
@@ -307,6 +312,41 @@ fn park<J: Serialize>(store: &dyn InboxStore, stats: &DeliveryStats, key: &str, 
         tries: PANIC_TRIES,
     }
     .emit(stats);
+}
+
+/// The span of one platform call (Bot API method, Discord REST call): a child of the
+/// update's span with the platform, the method and how it ended — never text or URLs.
+fn send_span(platform: &'static str, method: &'static str) -> tracing::Span {
+    tracing::debug_span!(
+        "send",
+        otel.name = %format_args!("{platform} {method}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        platform,
+        method,
+        outcome = tracing::field::Empty,
+    )
+}
+
+/// Runs one platform call inside its [`send_span`] and records the outcome.
+pub(crate) async fn traced<P: Outbound, T>(
+    method: &'static str,
+    call: impl Future<Output = SendResult<T>>,
+) -> SendResult<T> {
+    let span = send_span(P::PLATFORM, method);
+    let result = call.instrument(span.clone()).await;
+    let outcome = match &result {
+        Ok(_) => "sent",
+        Err(SendError::RetryAfter(_)) => "retry_after",
+        Err(SendError::Transient(_)) => "transient",
+        Err(SendError::Permanent(_)) => "permanent",
+        Err(SendError::Unreachable(_)) => "unreachable",
+    };
+    span.record("outcome", outcome);
+    if result.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+    result
 }
 
 /// Aborts a helper task (typing, streaming edits) when dropped, also on a panic.
@@ -459,7 +499,9 @@ impl<P: Outbound> Delivery<P> {
                 }
             }
             let order = P::order(&entry.job);
-            let _ = self.push(Item::Update { key, entry }, conv, order, tracker);
+            let span = self.update_span(&entry.job, true);
+            let item = Item::Update { key, entry, span };
+            let _ = self.push(item, conv, order, tracker);
         }
     }
 
@@ -473,6 +515,7 @@ impl<P: Outbound> Delivery<P> {
             return false;
         }
         let store = &self.inbox;
+        let span = self.update_span(&job, false);
         let entry = Entry { job, panics: 0 };
         match serde_json::to_vec(&entry) {
             Ok(bytes) => {
@@ -486,6 +529,7 @@ impl<P: Outbound> Delivery<P> {
         let item = Item::Update {
             key: key.clone(),
             entry,
+            span,
         };
         match self.push(item, conv, order, tracker) {
             Ok(_) => true,
@@ -555,7 +599,9 @@ impl<P: Outbound> Delivery<P> {
 
     fn run_item(self: Arc<Self>, item: Item<P::Job>) -> BoxFuture<'static, ()> {
         match item {
-            Item::Update { key, entry } => self.run_update(key, entry).boxed(),
+            Item::Update { key, entry, span } => {
+                self.run_update(key, entry).instrument(span).boxed()
+            }
             Item::Task(task) => async move {
                 if AssertUnwindSafe(task).catch_unwind().await.is_err() {
                     let at = Panicked::HandlingInteraction { bot: &self.bot };
@@ -566,16 +612,28 @@ impl<P: Outbound> Delivery<P> {
         }
     }
 
+    /// The root span of one update's trace (and its log lines): ids only, no text.
+    /// Opened at receipt, so the trace also shows the wait in the conversation's queue.
+    fn update_span(&self, job: &P::Job, replayed: bool) -> tracing::Span {
+        let update = P::inbound(job).update_id.as_deref().unwrap_or_default();
+        tracing::info_span!(
+            parent: None,
+            "update",
+            platform = P::PLATFORM,
+            bot = %self.bot,
+            update = %update,
+            replayed,
+        )
+    }
+
+    /// Runs inside the update's span (see [`Delivery::run_item`]).
     async fn run_update(self: Arc<Self>, key: String, mut entry: Entry<P::Job>) {
-        let update = P::inbound(&entry.job).update_id.clone().unwrap_or_default();
-        let span = tracing::info_span!("update", platform = P::PLATFORM, bot = %self.bot, update = %update);
         let store = self.inbox.clone();
         let this = &self;
         let key = &key;
         guarded(&*store, &self.stats, key, &mut entry, |job| async move {
             this.clone().handle(key, job).await
         })
-        .instrument(span)
         .await;
     }
 
@@ -612,25 +670,33 @@ impl<P: Outbound> Delivery<P> {
 
     fn spawn_typing(&self, job: P::Job) -> Helper<()> {
         let out = self.out.clone();
-        Helper(Some(tokio::spawn(async move {
+        let typing = async move {
             tokio::time::sleep(super::TYPING_AFTER).await;
             loop {
                 out.typing(&job).await;
                 tokio::time::sleep(P::TYPING_EVERY).await;
             }
-        })))
+        };
+        Helper(Some(tokio::spawn(typing.in_current_span())))
     }
 
     /// Shows the reply growing (see [`stream_draft`]); the task returns the draft's id.
     fn spawn_editor(&self, job: P::Job, rx: watch::Receiver<String>) -> Helper<Option<P::MsgId>> {
         let out = self.out.clone();
-        Helper(Some(tokio::spawn(async move {
+        let editor = async move {
             let (out, job) = (&*out, &job);
             stream_draft(rx, P::DRAFT_LIMIT, EDIT_EVERY, move |id, text| async move {
-                out.draft(job, id, text).await
+                let method = if id.is_some() {
+                    "edit_draft"
+                } else {
+                    "send_draft"
+                };
+                let span = send_span(P::PLATFORM, method);
+                out.draft(job, id, text).instrument(span).await
             })
             .await
-        })))
+        };
+        Helper(Some(tokio::spawn(editor.in_current_span())))
     }
 
     /// Sends a reply to the job's own chat: split, the streamed draft edited into the
@@ -651,7 +717,7 @@ impl<P: Outbound> Delivery<P> {
         if let (Some(id), Some(first)) = (streamed, parts.first().cloned()) {
             let b: &[Button] = if parts.len() == 1 { r.buttons } else { &[] };
             let edit = retrying(&mut retry, stats, &stop, || {
-                self.out.edit_part(job, id, &first, b)
+                traced::<P, _>("edit_part", self.out.edit_part(job, id, &first, b))
             });
             match edit.await {
                 Ok(()) => {
@@ -667,12 +733,13 @@ impl<P: Outbound> Delivery<P> {
         for (i, part) in parts.iter().enumerate() {
             let b: &[Button] = if i == last { r.buttons } else { &[] };
             retrying(&mut retry, stats, &stop, || {
-                self.out.send_part(job, part, b)
+                traced::<P, _>("send_part", self.out.send_part(job, part, b))
             })
             .await?;
         }
         if let Some(a) = r.attachment {
-            retrying(&mut retry, stats, &stop, || self.out.send_file(job, a)).await?;
+            let send = || traced::<P, _>("send_file", self.out.send_file(job, a));
+            retrying(&mut retry, stats, &stop, send).await?;
         }
         Ok(())
     }
@@ -732,11 +799,12 @@ impl<P: Outbound> Delivery<P> {
 
     /// The retry policy for platform calls outside [`Delivery::deliver`] (e.g. Discord
     /// interaction follow-ups).
-    pub async fn send_retrying<T, F, Fut>(&self, retry: &mut Retry, op: F) -> Result<T, Failed>
+    pub async fn send_retrying<T, F, Fut>(&self, retry: &mut Retry, mut op: F) -> Result<T, Failed>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = SendResult<T>>,
     {
+        let op = || traced::<P, _>("send", op());
         retrying(retry, &self.stats, &self.stop_token(), op).await
     }
 
