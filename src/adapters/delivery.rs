@@ -51,9 +51,11 @@ use super::{stream_draft, DraftPut, Full, SerialQueue};
 use crate::domain::{Attachment, Button, Inbound, Reply};
 
 mod private;
+mod trace;
 use crate::engine::Engine;
 use crate::store::InboxStore;
 pub use private::PrivateNote;
+use trace::{send_span, traced};
 
 /// What a user whose update did not fit the queues is told.
 pub const BUSY_NOTICE: &str = "I'm busy right now — please send that again in a minute.";
@@ -312,41 +314,6 @@ fn park<J: Serialize>(store: &dyn InboxStore, stats: &DeliveryStats, key: &str, 
         tries: PANIC_TRIES,
     }
     .emit(stats);
-}
-
-/// The span of one platform call (Bot API method, Discord REST call): a child of the
-/// update's span with the platform, the method and how it ended — never text or URLs.
-fn send_span(platform: &'static str, method: &'static str) -> tracing::Span {
-    tracing::debug_span!(
-        "send",
-        otel.name = %format_args!("{platform} {method}"),
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        platform,
-        method,
-        outcome = tracing::field::Empty,
-    )
-}
-
-/// Runs one platform call inside its [`send_span`] and records the outcome.
-pub(crate) async fn traced<P: Outbound, T>(
-    method: &'static str,
-    call: impl Future<Output = SendResult<T>>,
-) -> SendResult<T> {
-    let span = send_span(P::PLATFORM, method);
-    let result = call.instrument(span.clone()).await;
-    let outcome = match &result {
-        Ok(_) => "sent",
-        Err(SendError::RetryAfter(_)) => "retry_after",
-        Err(SendError::Transient(_)) => "transient",
-        Err(SendError::Permanent(_)) => "permanent",
-        Err(SendError::Unreachable(_)) => "unreachable",
-    };
-    span.record("outcome", outcome);
-    if result.is_err() {
-        span.record("otel.status_code", "ERROR");
-    }
-    result
 }
 
 /// Aborts a helper task (typing, streaming edits) when dropped, also on a panic.
@@ -610,20 +577,6 @@ impl<P: Outbound> Delivery<P> {
             }
             .boxed(),
         }
-    }
-
-    /// The root span of one update's trace (and its log lines): ids only, no text.
-    /// Opened at receipt, so the trace also shows the wait in the conversation's queue.
-    fn update_span(&self, job: &P::Job, replayed: bool) -> tracing::Span {
-        let update = P::inbound(job).update_id.as_deref().unwrap_or_default();
-        tracing::info_span!(
-            parent: None,
-            "update",
-            platform = P::PLATFORM,
-            bot = %self.bot,
-            update = %update,
-            replayed,
-        )
     }
 
     /// Runs inside the update's span (see [`Delivery::run_item`]).

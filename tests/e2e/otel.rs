@@ -231,3 +231,22 @@ async fn without_an_endpoint_nothing_is_exported_and_replies_are_unchanged() {
     let log = std::fs::read_to_string(root.path().join("daemon.log")).unwrap_or_default();
     assert!(!log.contains("OpenTelemetry traces on"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_one_warning_never_a_reply() {
+    // A port that refuses connections: bound, then closed.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let settings = format!("[otel]\nendpoint = \"http://{addr}\"\n");
+    let (_llm, tg, root) = setup(&settings).await;
+    let child = spawn(&root, &[]);
+    let reply = one_message(&tg, child, &root).await;
+    assert_eq!(reply, format!("echo: {TEXT}"));
+    let log = std::fs::read_to_string(root.path().join("daemon.log")).unwrap_or_default();
+    let warnings = log.matches("export to the collector failed").count();
+    assert_eq!(warnings, 1, "{log}");
+    for secret in [TEXT, TG_TOKEN, LLM_KEY] {
+        assert!(!log.contains(secret), "{secret:?} in the log");
+    }
+}
