@@ -250,3 +250,60 @@ async fn a_collector_that_is_down_costs_one_warning_never_a_reply() {
         assert!(!log.contains(secret), "{secret:?} in the log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confab_chat_traces_each_line_as_one_update() {
+    use std::io::Write;
+    let otlp = FakeOtlp::start().await;
+    let llm = FakeOpenAi::start().await;
+    let settings = format!("[otel]\nendpoint = {:?}\n", otlp.endpoint);
+    let root = Root::new(&llm.base_url, &settings);
+    std::fs::write(root.env_file(), format!("OPENAI_API_KEY={LLM_KEY}\n")).expect("env file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
+    cmd.args(["chat", "--env", "staging", "--root"])
+        .arg(root.path())
+        .arg("--env-file")
+        .arg(root.env_file())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "3600000")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for var in OTEL_VARS {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd.spawn().expect("spawn confab chat");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{TEXT}\n").as_bytes())
+        .expect("write");
+    drop(stdin);
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("chat output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("echo: {TEXT}")), "{stdout}");
+
+    // End of input ends the chat; the spans left before the process exited.
+    let spans = otlp.spans();
+    let roots = named(&spans, "update");
+    assert_eq!(roots.len(), 1, "{spans:#?}");
+    assert_eq!(as_str(roots[0].attr("platform")), Some("terminal"));
+    let trace = &roots[0].span.trace_id;
+    let names: HashSet<&str> = spans
+        .iter()
+        .filter(|s| &s.span.trace_id == trace)
+        .map(|s| s.span.name.as_str())
+        .collect();
+    for name in STAGES.iter().chain(&["chat gpt-4o-mini"]) {
+        assert!(names.contains(name), "{name} missing from {names:?}");
+    }
+    for body in otlp.raw() {
+        for secret in [TEXT, LLM_KEY] {
+            assert!(!body.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        }
+    }
+}
