@@ -307,3 +307,19 @@ async fn confab_chat_traces_each_line_as_one_update() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_ratio_of_zero_exports_no_span() {
+    let otlp = FakeOtlp::start().await;
+    let settings = format!(
+        "[otel]\nendpoint = {:?}\nsample_ratio = 0.0\n",
+        otlp.endpoint
+    );
+    let (_llm, tg, root) = setup(&settings).await;
+    let child = spawn(&root, &[]);
+    let reply = one_message(&tg, child, &root).await;
+    assert_eq!(reply, format!("echo: {TEXT}"));
+    let log = std::fs::read_to_string(root.path().join("daemon.log")).unwrap_or_default();
+    assert!(log.contains("OpenTelemetry traces on"), "{log}");
+    assert!(otlp.spans().is_empty(), "{:#?}", otlp.spans());
+}
