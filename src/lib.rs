@@ -19,6 +19,7 @@
 //! - [`logging`]  — tracing setup (pretty or JSON), `env` on every line, secret-bearing
 //!   targets capped, panics logged without their message.
 //! - [`memory`]   — allocator tuning (glibc arenas, returning freed heap after sweeps).
+//! - [`telemetry`] — OpenTelemetry traces over OTLP/HTTP (off unless a collector is named).
 
 pub mod adapters;
 pub mod app;
@@ -32,6 +33,7 @@ pub mod memory;
 pub mod ops;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;
 
 #[cfg(test)]
 mod proptests;

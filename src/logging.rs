@@ -8,14 +8,16 @@
 //! trace. Those targets are capped at info — even under `RUST_LOG=trace` — unless
 //! `log.unsafe_debug = true`.
 
+use opentelemetry_sdk::trace::SdkTracer;
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::LogFormat;
 
@@ -78,13 +80,19 @@ fn secret_cap(unsafe_debug: bool) -> Targets {
 
 /// Installs the global subscriber with the secret cap on. Safe to call once; later
 /// calls are ignored.
-pub fn init(format: LogFormat, level: &str, env: Option<&'static str>) {
-    init_with(format, level, env, false);
+/// `traces`: see [`init_config`].
+pub fn init(format: LogFormat, level: &str, env: Option<&'static str>, traces: Option<SdkTracer>) {
+    init_with(format, level, env, false, traces);
 }
 
-/// The daemon's logging from `[log]`: format, level and `unsafe_debug`.
-pub fn init_config(log: &crate::config::LogConfig, env: Option<&'static str>) {
-    init_with(log.format, &log.level, env, log.unsafe_debug);
+/// The daemon's logging from `[log]`: format, level and `unsafe_debug`; with `traces`
+/// (see `telemetry`), confab's spans are also exported as OpenTelemetry traces.
+pub fn init_config(
+    log: &crate::config::LogConfig,
+    env: Option<&'static str>,
+    traces: Option<SdkTracer>,
+) {
+    init_with(log.format, &log.level, env, log.unsafe_debug, traces);
     install_panic_hook();
     if log.unsafe_debug {
         tracing::warn!("log.unsafe_debug is on: debug/trace logs of the HTTP and gateway clients can contain tokens");
@@ -112,16 +120,21 @@ pub fn install_panic_hook() {
     }));
 }
 
-fn init_with(format: LogFormat, level: &str, env: Option<&'static str>, unsafe_debug: bool) {
+/// The log lines: JSON or pretty, on stderr, filtered by the level and the secret cap
+/// (a filter of this layer only, so the trace layer sees spans the log level hides).
+fn log_layer(
+    format: LogFormat,
+    level: &str,
+    env: Option<&'static str>,
+    unsafe_debug: bool,
+) -> Box<dyn Layer<Registry> + Send + Sync> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let cap = secret_cap(unsafe_debug);
-    let _ = match format {
-        LogFormat::Json => builder
+    let filter = filter.and(secret_cap(unsafe_debug));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => layer
             .event_format(WithEnv {
                 inner: format::format()
                     .json()
@@ -132,18 +145,32 @@ fn init_with(format: LogFormat, level: &str, env: Option<&'static str>, unsafe_d
                 json: true,
             })
             .fmt_fields(format::JsonFields::new())
-            .finish()
-            .with(cap)
-            .try_init(),
-        LogFormat::Pretty => builder
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => layer
             .event_format(WithEnv {
                 inner: format::format().with_target(false),
                 env,
                 json: false,
             })
-            .finish()
-            .with(cap)
-            .try_init(),
+            .with_filter(filter)
+            .boxed(),
+    }
+}
+
+/// Without `traces` the subscriber is the log layer alone: no trace layer exists, not
+/// even an idle one.
+fn init_with(
+    format: LogFormat,
+    level: &str,
+    env: Option<&'static str>,
+    unsafe_debug: bool,
+    traces: Option<SdkTracer>,
+) {
+    let logs = tracing_subscriber::registry().with(log_layer(format, level, env, unsafe_debug));
+    let _ = match traces {
+        None => logs.try_init(),
+        Some(tracer) => logs.with(crate::telemetry::layer(tracer)).try_init(),
     };
 }
 

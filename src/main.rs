@@ -151,24 +151,41 @@ fn load_or_report(opts: &LoadOptions) -> Result<Config, ExitCode> {
 /// Logging, once for every command: `run` logs as `[log]` says; the others are terminal
 /// tools that log only warnings and errors, to stderr (`chat` keeps the terminal for the
 /// conversation). Config warnings do not fail anything: `check` prints them as its
-/// output, `run` logs them.
-fn start_logging(cmd: &Cmd, cfg: &Config) {
+/// output, `run` logs them. `run` and `chat` export traces when `[otel]` or the
+/// `OTEL_*` variables say so; the returned pipeline is flushed at exit.
+fn start_logging(cmd: &Cmd, cfg: &Config) -> Option<confab::telemetry::Traces> {
     let warnings = config::warnings(cfg);
+    let traced = matches!(cmd, Cmd::Run(_) | Cmd::Chat { .. });
+    let (traces, tracer, failed) = match traced.then(|| confab::telemetry::start(cfg)) {
+        Some(Ok(Some((traces, tracer)))) => (Some(traces), Some(tracer), None),
+        Some(Err(e)) => (None, None, Some(e)),
+        Some(Ok(None)) | None => (None, None, None),
+    };
+    let on = tracer.is_some();
     match cmd {
         Cmd::Run(_) => {
-            confab::logging::init_config(&cfg.log, Some(cfg.env.as_str()));
+            confab::logging::init_config(&cfg.log, Some(cfg.env.as_str()), tracer);
             for w in warnings {
                 tracing::warn!(file = %w.file, key = %w.key, "{}", w.message);
             }
         }
         Cmd::Check { .. } => {
-            confab::logging::init(LogFormat::Pretty, "warn", None);
+            confab::logging::init(LogFormat::Pretty, "warn", None, None);
             for w in warnings {
                 eprintln!("warning: {w}");
             }
         }
-        _ => confab::logging::init(LogFormat::Pretty, "warn", None),
+        _ => confab::logging::init(LogFormat::Pretty, "warn", None, tracer),
     }
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, "OpenTelemetry traces are off");
+    } else if on {
+        tracing::info!(
+            sample_ratio = cfg.otel.sample_ratio,
+            "OpenTelemetry traces on"
+        );
+    }
+    traces
 }
 
 /// Exit code of a command's outcome: a refused start is a configuration problem (2),
@@ -274,6 +291,11 @@ fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    start_logging(&cli.command, &cfg);
-    dispatch(cli.command, cfg, opts, &runtime)
+    let traces = start_logging(&cli.command, &cfg);
+    let code = dispatch(cli.command, cfg, opts, &runtime);
+    // After a graceful stop: the last spans leave before the process exits.
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
+    code
 }

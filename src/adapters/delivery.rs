@@ -52,10 +52,12 @@ use crate::domain::{Attachment, Button, Inbound, Reply};
 
 mod platform;
 mod private;
+mod trace;
 use crate::engine::Engine;
 use crate::store::InboxStore;
 pub use platform::{Part, Profile};
 pub use private::PrivateNote;
+use trace::{send_span, traced};
 
 /// What a user whose update did not fit the queues is told.
 pub const BUSY_NOTICE: &str = "I'm busy right now — please send that again in a minute.";
@@ -163,8 +165,13 @@ fn is_zero(n: &u32) -> bool {
 
 /// Work waiting for its conversation's turn.
 pub enum Item<J> {
-    /// A durable update (in the inbox under `key`).
-    Update { key: String, entry: Entry<J> },
+    /// A durable update (in the inbox under `key`), with its `update` span, opened when
+    /// it was received (or replayed): the root of its trace.
+    Update {
+        key: String,
+        entry: Entry<J>,
+        span: tracing::Span,
+    },
     /// Other work kept in order with the conversation's updates (e.g. a Discord
     /// interaction, which is not durable); a panic in it is caught and counted.
     Task(BoxFuture<'static, ()>),
@@ -458,7 +465,9 @@ impl<P: Outbound> Delivery<P> {
                 }
             }
             let order = P::order(&entry.job);
-            let _ = self.push(Item::Update { key, entry }, conv, order, tracker);
+            let span = self.update_span(&entry.job, true);
+            let item = Item::Update { key, entry, span };
+            let _ = self.push(item, conv, order, tracker);
         }
     }
 
@@ -472,6 +481,7 @@ impl<P: Outbound> Delivery<P> {
             return false;
         }
         let store = &self.inbox;
+        let span = self.update_span(&job, false);
         let entry = Entry { job, panics: 0 };
         match serde_json::to_vec(&entry) {
             Ok(bytes) => {
@@ -487,6 +497,7 @@ impl<P: Outbound> Delivery<P> {
         let item = Item::Update {
             key: key.clone(),
             entry,
+            span,
         };
         match self.push(item, conv, order, tracker) {
             Ok(_) => true,
@@ -556,7 +567,9 @@ impl<P: Outbound> Delivery<P> {
 
     fn run_item(self: Arc<Self>, item: Item<P::Job>) -> BoxFuture<'static, ()> {
         match item {
-            Item::Update { key, entry } => self.run_update(key, entry).boxed(),
+            Item::Update { key, entry, span } => {
+                self.run_update(key, entry).instrument(span).boxed()
+            }
             Item::Task(task) => async move {
                 if AssertUnwindSafe(task).catch_unwind().await.is_err() {
                     let at = Panicked::HandlingInteraction { bot: &self.bot };
@@ -567,16 +580,14 @@ impl<P: Outbound> Delivery<P> {
         }
     }
 
+    /// Runs inside the update's span (see [`Delivery::run_item`]).
     async fn run_update(self: Arc<Self>, key: String, mut entry: Entry<P::Job>) {
-        let update = P::inbound(&entry.job).update_id.clone().unwrap_or_default();
-        let span = tracing::info_span!("update", platform = P::PROFILE.platform, bot = %self.bot, update = %update);
         let store = self.inbox.clone();
         let this = &self;
         let key = &key;
         guarded(&*store, &self.stats, key, &mut entry, |job| async move {
             this.clone().handle(key, job).await
         })
-        .instrument(span)
         .await;
     }
 
@@ -613,28 +624,33 @@ impl<P: Outbound> Delivery<P> {
 
     fn spawn_typing(&self, job: P::Job) -> Helper<()> {
         let out = self.out.clone();
-        Helper(Some(tokio::spawn(async move {
+        let typing = async move {
             tokio::time::sleep(super::TYPING_AFTER).await;
             loop {
                 out.typing(&job).await;
                 tokio::time::sleep(P::PROFILE.typing_every).await;
             }
-        })))
+        };
+        Helper(Some(tokio::spawn(typing.in_current_span())))
     }
 
     /// Shows the reply growing (see [`stream_draft`]); the task returns the draft's id.
     fn spawn_editor(&self, job: P::Job, rx: watch::Receiver<String>) -> Helper<Option<P::MsgId>> {
         let out = self.out.clone();
-        Helper(Some(tokio::spawn(async move {
+        let editor = async move {
             let (out, job) = (&*out, &job);
-            stream_draft(
-                rx,
-                P::PROFILE.draft_limit,
-                EDIT_EVERY,
-                move |id, text| async move { out.draft(job, id, text).await },
-            )
+            stream_draft(rx, P::PROFILE.draft_limit, EDIT_EVERY, move |id, text| async move {
+                let method = if id.is_some() {
+                    "edit_draft"
+                } else {
+                    "send_draft"
+                };
+                let span = send_span(P::PROFILE.platform, method);
+                out.draft(job, id, text).instrument(span).await
+            })
             .await
-        })))
+        };
+        Helper(Some(tokio::spawn(editor.in_current_span())))
     }
 
     /// Sends a reply to the job's own chat: split, the streamed draft edited into the
@@ -659,7 +675,7 @@ impl<P: Outbound> Delivery<P> {
                 buttons,
             };
             let edit = retrying(&mut retry, stats, &stop, || {
-                self.out.edit_part(job, id, part)
+                traced::<P, _>("edit_part", self.out.edit_part(job, id, part))
             });
             match edit.await {
                 Ok(()) => {
@@ -678,10 +694,14 @@ impl<P: Outbound> Delivery<P> {
                 text: part,
                 buttons,
             };
-            retrying(&mut retry, stats, &stop, || self.out.send_part(job, part)).await?;
+            retrying(&mut retry, stats, &stop, || {
+                traced::<P, _>("send_part", self.out.send_part(job, part))
+            })
+            .await?;
         }
         if let Some(a) = r.attachment {
-            retrying(&mut retry, stats, &stop, || self.out.send_file(job, a)).await?;
+            let send = || traced::<P, _>("send_file", self.out.send_file(job, a));
+            retrying(&mut retry, stats, &stop, send).await?;
         }
         Ok(())
     }
@@ -741,11 +761,12 @@ impl<P: Outbound> Delivery<P> {
 
     /// The retry policy for platform calls outside [`Delivery::deliver`] (e.g. Discord
     /// interaction follow-ups).
-    pub async fn send_retrying<T, F, Fut>(&self, retry: &mut Retry, op: F) -> Result<T, Failed>
+    pub async fn send_retrying<T, F, Fut>(&self, retry: &mut Retry, mut op: F) -> Result<T, Failed>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = SendResult<T>>,
     {
+        let op = || traced::<P, _>("send", op());
         retrying(retry, &self.stats, &self.stop_token(), op).await
     }
 

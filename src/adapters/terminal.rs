@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::domain::{Content, Inbound, Platform, Reply};
 use crate::engine::Engine;
@@ -45,16 +46,13 @@ impl TerminalChat {
                 forwarded: false,
                 content: Content::Text(line),
             };
-            let reply = if streaming {
-                self.streamed(&inbound, &mut out).await?
-            } else {
-                let reply = self.engine.handle(&inbound).await;
-                if let Some(text) = reply.as_text() {
-                    out.write_all(format!("{}> {}\n", self.bot, text).as_bytes())
-                        .await?;
-                }
-                reply
-            };
+            // The root span of this line's trace, like an adapter's `update` span.
+            let span =
+                tracing::info_span!(parent: None, "update", platform = "terminal", bot = %self.bot);
+            let reply = self
+                .answer(&inbound, streaming, &mut out)
+                .instrument(span)
+                .await?;
             if let Reply::Text {
                 attachment: Some(a),
                 ..
@@ -69,6 +67,24 @@ impl TerminalChat {
             out.flush().await?;
         }
         Ok(())
+    }
+
+    /// Asks the engine and prints its answer (as it streams in, for a streaming bot).
+    async fn answer<W: AsyncWrite + Unpin>(
+        &self,
+        inbound: &Inbound,
+        streaming: bool,
+        out: &mut W,
+    ) -> std::io::Result<Reply> {
+        if streaming {
+            return self.streamed(inbound, out).await;
+        }
+        let reply = self.engine.handle(inbound).await;
+        if let Some(text) = reply.as_text() {
+            out.write_all(format!("{}> {}\n", self.bot, text).as_bytes())
+                .await?;
+        }
+        Ok(reply)
     }
 
     /// Prints text as it streams in, then whatever the final reply adds.

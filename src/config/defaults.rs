@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::raw::{RawCache, RawHttp, RawLog};
 use super::{
     AdminsConfig, AuditConfig, DeliveryConfig, Env, LimitsConfig, LlmConfig, MemoryConfig,
-    StoreConfig,
+    OtelConfig, StoreConfig,
 };
 
 /// `data_dir`: each environment gets its own store.
@@ -131,6 +131,16 @@ impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             retention_days: 365,
+        }
+    }
+}
+
+impl Default for OtelConfig {
+    /// Off (no endpoint); when on, every update is traced.
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            sample_ratio: 1.0,
         }
     }
 }

@@ -210,6 +210,8 @@ pub struct Config {
     pub discord: PlatformConfig,
     pub delivery: DeliveryConfig,
     pub audit: AuditConfig,
+    /// OpenTelemetry traces (off unless an endpoint is configured).
+    pub otel: OtelConfig,
     /// Every `bots/*.toml`, sorted by name.
     pub bots: Vec<BotConfig>,
     /// Every `prompts/*.md`: file stem -> template source (compiles with minijinja).
@@ -350,6 +352,19 @@ pub struct DeliveryConfig {
     pub max_queue_per_chat: usize,
     /// Updates waiting across all conversations of one adapter.
     pub max_pending: usize,
+}
+
+/// `[otel]`: OpenTelemetry traces over OTLP/HTTP (SPEC §15). Off while no endpoint is
+/// set here or in `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtelConfig {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); traces go to
+    /// `{endpoint}/v1/traces`. Wins over the `OTEL_EXPORTER_OTLP_*` variables.
+    pub endpoint: Option<String>,
+    /// Share of updates traced (0.0 to 1.0), unless `OTEL_TRACES_SAMPLER` says otherwise.
+    pub sample_ratio: f64,
 }
 
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -812,6 +827,30 @@ mod tests {
         let d = Config::with_defaults(Env::Production, "/srv");
         assert_eq!(d.data_dir, PathBuf::from("data/production"));
         assert_eq!(d.limits.burst, 3);
+    }
+
+    #[test]
+    fn otel_endpoint_and_sample_ratio_are_checked() {
+        let t = Tree::new();
+        t.write(
+            "config/staging.toml",
+            "[otel]\nendpoint = \"collector:4318\"\nsample_ratio = 1.5\n",
+        );
+        check(
+            t.load(Env::Staging, &[]),
+            &[
+                "config/staging.toml: otel.endpoint: `collector:4318` is not an http:// or https:// URL",
+                "config/staging.toml: otel.sample_ratio: 1.5 is out of range (0.0 to 1.0)",
+            ],
+        );
+        t.write(
+            "config/staging.toml",
+            "[otel]\nendpoint = \"http://c:4318/\"\n",
+        );
+        let c = ok(t.load(Env::Staging, &[]));
+        assert_eq!(c.otel.endpoint.as_deref(), Some("http://c:4318"));
+        assert_eq!(c.otel.sample_ratio, 1.0);
+        assert_eq!(ok(Tree::new().load(Env::Staging, &[])).otel.endpoint, None);
     }
 
     #[test]
@@ -1347,6 +1386,7 @@ api_url = "api.telegram.org"
             ("discord", keys(platform())),
             ("delivery", keys(DeliveryConfig::default())),
             ("audit", keys(AuditConfig::default())),
+            ("otel", keys(OtelConfig::default())),
         ];
         let commented = |key: &str| {
             let prefix = format!("# {key} = ");

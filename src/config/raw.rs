@@ -3,7 +3,7 @@
 //! Every shape is `deny_unknown_fields` with a default for every field (in
 //! `defaults.rs`), so an absent key means "the documented default" and a typo is an
 //! error. Sections whose validated form is the same (`[llm]`, `[limits]`, `[memory]`,
-//! `[store]`, `[admins]`, `[delivery]`, `[audit]`, a bot's `[limits]`) deserialise
+//! `[store]`, `[admins]`, `[delivery]`, `[audit]`, `[otel]`, a bot's `[limits]`) deserialise
 //! straight into their `Config` struct; the others have a raw shape here. Sections are
 //! deserialised one at a time from a `toml::Table` (after environment overrides were
 //! applied to it), which lets each problem carry its dotted key path.
@@ -37,6 +37,7 @@ pub(crate) struct RawTop {
     pub discord: Table,
     pub delivery: Table,
     pub audit: Table,
+    pub otel: Table,
 }
 
 #[cfg_attr(test, derive(serde::Serialize))]

@@ -14,6 +14,8 @@ use async_openai::types::chat::{
 use async_openai::Client;
 use futures::future::BoxFuture;
 use futures::StreamExt;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::{ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError, LlmProvider};
 
@@ -181,57 +183,157 @@ fn map_error(e: OpenAIError) -> LlmError {
     }
 }
 
+/// The client span of one attempt, with the GenAI semantic-convention attributes that
+/// are known up front; usage, finish reasons and errors are recorded when they arrive.
+/// Model names and counts only: never a message, a key or a URL.
+fn chat_span(model: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "chat",
+        otel.name = %format_args!("chat {model}"),
+        otel.kind = "client",
+        otel.status_code = Empty,
+        gen_ai.operation.name = "chat",
+        gen_ai.system = "openai",
+        gen_ai.provider.name = "openai",
+        gen_ai.request.model = %model,
+        gen_ai.response.model = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        gen_ai.response.finish_reasons = Empty,
+        error.type = Empty,
+    )
+}
+
+/// A finish reason as the conventions spell it (`stop`, `length`, …).
+fn reason_name<T: serde::Serialize>(reason: &T) -> String {
+    match serde_json::to_value(reason) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "other".into(),
+    }
+}
+
+fn record_usage(span: &tracing::Span, input: u32, output: u32) {
+    span.record("gen_ai.usage.input_tokens", i64::from(input));
+    span.record("gen_ai.usage.output_tokens", i64::from(output));
+}
+
+fn record_error(span: &tracing::Span, e: &LlmError) {
+    span.record("otel.status_code", "ERROR");
+    span.record("error.type", e.kind());
+}
+
 impl LlmProvider for OpenAiProvider {
     fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, LlmError>> {
-        Box::pin(async move {
-            let request = Self::build_request(req, false);
-            let resp = self.client.chat().create(request).await;
-            let resp = resp.map_err(|e| self.error(e))?;
-            let text = resp
-                .choices
-                .into_iter()
-                .next()
-                .and_then(|c| c.message.content)
-                .unwrap_or_default();
-            if text.trim().is_empty() {
-                return Err(LlmError::BadResponse("empty answer".into()));
+        let span = chat_span(&req.model);
+        let traced = span.clone();
+        let call = async move {
+            let result = self.complete_once(req, &traced).await;
+            if let Err(e) = &result {
+                record_error(&traced, e);
             }
-            let (prompt_tokens, completion_tokens) = resp
-                .usage
-                .map(|u| (u.prompt_tokens as u64, u.completion_tokens as u64))
-                .unwrap_or((0, 0));
-            Ok(ChatResponse {
-                text,
-                prompt_tokens,
-                completion_tokens,
-            })
-        })
+            result
+        };
+        Box::pin(call.instrument(span))
     }
 
     fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
-        Box::pin(async move {
-            let request = Self::build_request(req, true);
-            let stream = self.client.chat().create_stream(request).await;
-            let stream = stream.map_err(|e| self.error(e))?;
-            let key = self.key.clone();
-            let deltas = stream.filter_map(move |item| {
-                let key = key.clone();
-                async move {
-                    match item {
-                        Ok(chunk) => chunk
-                            .choices
-                            .into_iter()
-                            .next()
-                            .and_then(|c| c.delta.content)
-                            .filter(|s| !s.is_empty())
-                            .map(Ok),
-                        // Any stream error (including an `{"error":…}` event) ends the stream.
-                        Err(e) => Some(Err(scrub(map_error(e), &key))),
+        let span = chat_span(&req.model);
+        let traced = span.clone();
+        let call = async move {
+            let result = self.stream_once(req, traced.clone()).await;
+            if let Err(e) = &result {
+                record_error(&traced, e);
+            }
+            result
+        };
+        Box::pin(call.instrument(span))
+    }
+}
+
+impl OpenAiProvider {
+    async fn complete_once(
+        &self,
+        req: ChatRequest,
+        span: &tracing::Span,
+    ) -> Result<ChatResponse, LlmError> {
+        let request = Self::build_request(req, false);
+        let resp = self
+            .client
+            .chat()
+            .create(request)
+            .await
+            .map_err(|e| self.error(e))?;
+        span.record("gen_ai.response.model", resp.model.as_str());
+        let reasons: Vec<String> = resp
+            .choices
+            .iter()
+            .filter_map(|c| c.finish_reason.as_ref().map(reason_name))
+            .collect();
+        span.record("gen_ai.response.finish_reasons", reasons.join(",").as_str());
+        if let Some(u) = &resp.usage {
+            record_usage(span, u.prompt_tokens, u.completion_tokens);
+        }
+        let text = resp
+            .choices
+            .into_iter()
+            .next()
+            .and_then(|c| c.message.content)
+            .unwrap_or_default();
+        if text.trim().is_empty() {
+            return Err(LlmError::BadResponse("empty answer".into()));
+        }
+        let (prompt_tokens, completion_tokens) = resp
+            .usage
+            .map(|u| (u.prompt_tokens as u64, u.completion_tokens as u64))
+            .unwrap_or((0, 0));
+        Ok(ChatResponse {
+            text,
+            prompt_tokens,
+            completion_tokens,
+        })
+    }
+
+    /// A streamed completion. `span` goes with the stream (it ends when the stream is
+    /// dropped) and gets the usage and finish reason from the last chunks.
+    async fn stream_once(
+        &self,
+        req: ChatRequest,
+        span: tracing::Span,
+    ) -> Result<DeltaStream, LlmError> {
+        let request = Self::build_request(req, true);
+        let stream = self
+            .client
+            .chat()
+            .create_stream(request)
+            .await
+            .map_err(|e| self.error(e))?;
+        let key = self.key.clone();
+        let deltas = stream.filter_map(move |item| {
+            let key = key.clone();
+            let span = span.clone();
+            async move {
+                match item {
+                    Ok(chunk) => {
+                        if let Some(u) = &chunk.usage {
+                            record_usage(&span, u.prompt_tokens, u.completion_tokens);
+                        }
+                        let choice = chunk.choices.into_iter().next()?;
+                        if let Some(reason) = &choice.finish_reason {
+                            let name = reason_name(reason);
+                            span.record("gen_ai.response.finish_reasons", name.as_str());
+                        }
+                        choice.delta.content.filter(|s| !s.is_empty()).map(Ok)
+                    }
+                    // Any stream error (including an `{"error":…}` event) ends the stream.
+                    Err(e) => {
+                        let e = scrub(map_error(e), &key);
+                        record_error(&span, &e);
+                        Some(Err(e))
                     }
                 }
-            });
-            Ok(Box::pin(deltas) as DeltaStream)
-        })
+            }
+        });
+        Ok(Box::pin(deltas) as DeltaStream)
     }
 }
 

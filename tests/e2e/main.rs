@@ -5,6 +5,8 @@
 mod fake_discord;
 #[path = "../support/fake_openai.rs"]
 mod fake_openai;
+#[path = "../support/fake_otlp.rs"]
+mod fake_otlp;
 #[path = "../support/fake_telegram.rs"]
 mod fake_telegram;
 mod harness;
@@ -22,6 +24,7 @@ mod flood;
 mod hardening;
 mod ops;
 mod ops_http;
+mod otel;
 mod personal;
 mod privacy;
 mod systemd;

@@ -587,6 +587,13 @@ fn unix_now() -> u64 {
 }
 
 /// ≈ chars / 4, at least 1.
+/// The usage (prompt, completion tokens) the fake reports for `rec` answered with
+/// `reply` (non-streamed), for tests that compare what the client saw.
+pub fn reported_usage(rec: &RecordedRequest, reply: &str) -> (u64, u64) {
+    let prompt_chars: usize = rec.messages.iter().map(|(_, c)| c.chars().count()).sum();
+    (tokens_for(prompt_chars), tokens_for(reply.chars().count()))
+}
+
 fn tokens_for(chars: usize) -> u64 {
     ((chars / 4) as u64).max(1)
 }

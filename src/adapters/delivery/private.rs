@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use super::{retrying, Delivery, Failed, Outbound, Retry, SendResult};
+use super::{retrying, traced, Delivery, Failed, Outbound, Retry, SendResult};
 use crate::domain::{Reply, Visibility};
 
 /// What a shared place (group, guild channel) is told when a personal reply to one of
@@ -50,7 +50,8 @@ impl<P: Outbound> Delivery<P> {
     {
         let (stats, stop) = (&*self.stats, self.stop_token());
         let mut retry = Retry::new(self.max_retry);
-        let private = retrying(&mut retry, stats, &stop, || self.out.private_chat(job)).await;
+        let open = || traced::<P, _>("private_chat", self.out.private_chat(job));
+        let private = retrying(&mut retry, stats, &stop, open).await;
         let sent = match private {
             Ok(dm) => self.deliver_here(&dm, reply, None).await,
             Err(e) => Err(e),
@@ -64,6 +65,9 @@ impl<P: Outbound> Delivery<P> {
             Err(other) => return Err(other),
         };
         let mut retry = Retry::new(self.max_retry);
-        retrying(&mut retry, stats, &stop, || note(told)).await
+        retrying(&mut retry, stats, &stop, || {
+            traced::<P, _>("private_note", note(told))
+        })
+        .await
     }
 }

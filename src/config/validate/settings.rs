@@ -12,8 +12,8 @@ use crate::config::defaults;
 use crate::config::raw::{self, Doc};
 use crate::config::{
     AdminsConfig, AuditConfig, CacheConfig, CacheScope, Config, DeliveryConfig, Env, HttpConfig,
-    LimitsConfig, LlmConfig, LogConfig, LogFormat, MemoryConfig, PlatformConfig, Problem,
-    StoreConfig,
+    LimitsConfig, LlmConfig, LogConfig, LogFormat, MemoryConfig, OtelConfig, PlatformConfig,
+    Problem, StoreConfig,
 };
 
 /// The sections of the config file, deserialised (not yet checked).
@@ -31,6 +31,7 @@ struct Sections {
     discord: raw::RawPlatform,
     delivery: DeliveryConfig,
     audit: AuditConfig,
+    otel: OtelConfig,
 }
 
 /// Deserialise every section, each reporting its own bad keys with its dotted path
@@ -46,7 +47,8 @@ fn read(doc: &Doc<'_>, table: Table, problems: &mut Vec<Problem>) -> Sections {
         };
     }
     sections!(
-        http, log, llm, limits, memory, cache, store, admins, telegram, discord, delivery, audit
+        http, log, llm, limits, memory, cache, store, admins, telegram, discord, delivery, audit,
+        otel
     )
 }
 
@@ -83,6 +85,7 @@ pub(crate) fn settings(
         discord: platform("discord", s.discord, &defaults::DISCORD, c),
         delivery: delivery(s.delivery, c),
         audit: audit(s.audit, c),
+        otel: super::otel::otel(s.otel, c),
         bots: Vec::new(),
         prompts: BTreeMap::new(),
         data_key: None,

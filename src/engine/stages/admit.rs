@@ -15,6 +15,7 @@ impl Engine {
     /// Dedupe: an update already answered stops here. One sent before stays silent;
     /// one decided and stored before a crash but never confirmed sent gets its stored
     /// reply again, without asking the LLM (and without storing the turns twice).
+    #[tracing::instrument(level = "debug", name = "dedupe", skip_all)]
     pub(super) fn dedupe(&self, update_key: Option<&str>) -> Step {
         let Some(key) = update_key else {
             return Ok(());
@@ -40,6 +41,7 @@ impl Engine {
 
     /// Gate: ban and maintenance come before anything else a user can trigger; then
     /// only text goes on (a note in private chats, silence in groups).
+    #[tracing::instrument(level = "debug", name = "gate", skip_all)]
     pub(super) fn gate<'a>(&self, m: &mut MessageCtx<'a>) -> Step {
         m.record = self.store.user(&m.user)?;
         if let Some(ban) = m.record.as_ref().and_then(|r| r.banned.as_ref()) {
@@ -72,6 +74,7 @@ impl Engine {
     /// Command (route): a command is run and its answer ends the pipeline. Forwarded text
     /// is someone else's words: never run as a command. Commands have their own, more
     /// generous quota: cheap, but not free.
+    #[tracing::instrument(level = "debug", name = "route", skip_all)]
     pub(super) fn route(&self, m: &MessageCtx<'_>) -> Step {
         let Some(cmd) = commands::parse(m.text).filter(|_| !m.inbound.forwarded) else {
             return Ok(());
@@ -88,6 +91,7 @@ impl Engine {
 
     /// Admit: the length check, then (for non-admins) the per-user rate limit and the
     /// daily token budget, each with one notice per window.
+    #[tracing::instrument(level = "debug", name = "admit", skip_all)]
     pub(super) fn admit(&self, m: &MessageCtx<'_>) -> Step {
         let chars = m.text.chars().count();
         let max = m.cfg.limits.max_input_chars;

@@ -16,6 +16,7 @@ use crate::store::{CacheEntry, Exchange, Handled, HandledEntry, Role, StoreError
 impl Engine {
     /// Context: renders the bot's system prompt, counts the prompt's and the
     /// question's tokens, and sets what the history may take.
+    #[tracing::instrument(level = "debug", name = "context", skip_all)]
     pub(super) fn context(&self, m: &mut MessageCtx<'_>) -> Step {
         let (cfg, bot) = (m.cfg, m.bot);
         let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
@@ -50,6 +51,7 @@ impl Engine {
 
     /// Context, continued: loads the newest turns that fit the history budget and
     /// derives the cache key from everything the LLM would see.
+    #[tracing::instrument(level = "debug", name = "history", skip_all)]
     pub(super) fn history(&self, m: &mut MessageCtx<'_>) -> Step {
         let turns = self
             .store
@@ -82,6 +84,7 @@ impl Engine {
     }
 
     /// Cache: a fresh entry for this exact context answers without an LLM call.
+    #[tracing::instrument(level = "debug", name = "cache", skip_all)]
     pub(super) fn cache(&self, m: &MessageCtx<'_>) -> Step<Option<Answer>> {
         let Some(key) = &m.cache_key else {
             return Ok(None);
@@ -110,6 +113,7 @@ impl Engine {
 
     /// Record: a fresh answer becomes a cache entry; both turns, the pending reply and
     /// the usage are stored in one batch and made durable. Only then may it be sent.
+    #[tracing::instrument(level = "debug", name = "record", skip_all)]
     pub(super) async fn record(&self, m: &MessageCtx<'_>, answer: Answer) -> Step<Reply> {
         if let (Some(key), ReplyKind::Answer) = (&m.cache_key, &answer.kind) {
             let entry = CacheEntry {

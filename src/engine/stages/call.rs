@@ -21,6 +21,7 @@ impl Engine {
     /// said the context is too long (our count is cl100k's; the model's differs), so
     /// the history budget is halved, once. Failed attempts that may have been paid for
     /// count against the user's budget.
+    #[tracing::instrument(level = "debug", name = "call", skip_all)]
     pub(super) async fn call(&self, m: &mut MessageCtx<'_>) -> Step<Option<Answer>> {
         let mut messages = Vec::with_capacity(m.history.len() + 2);
         messages.push(ChatMessage::new(ChatRole::System, m.system.clone()));
