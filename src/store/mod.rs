@@ -3,10 +3,12 @@
 //! (inbox, intake positions, handled markers: what adapters use) and [`MetaStore`], each
 //! with [`Durable::flush`]. [`Store`] is all of them, for the engine.
 //!
-//! [`sled_store::SledStore`] is the one implementation (one file per role; backups and
-//! restores are its own methods); a Redis one can implement the same roles.
+//! [`sled_store::SledStore`] (one process, embedded; backups and restores are its own
+//! methods) and [`redis_store::RedisStore`] (several instances on one Redis) implement
+//! the same roles, one file per role each.
 
 pub mod crypto;
+pub mod redis_store;
 pub mod sled_store;
 
 use futures::future::BoxFuture;
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{ConversationKey, Platform, UserRef};
 
 pub use crypto::{BackupAuth, BackupMac};
+pub use redis_store::{RedisOptions, RedisStats, RedisStore};
 pub use sled_store::{backup_auth_for_rows, SledStore, FORGOTTEN};
 
 /// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
@@ -167,6 +170,10 @@ pub type UserUpdate<'a> = &'a mut dyn FnMut(&mut UserRecord);
 pub trait Durable: Send + Sync + 'static {
     /// Makes every write so far durable.
     fn flush(&self) -> BoxFuture<'_, StoreResult<()>>;
+    /// The Redis round-trip counters, on the Redis backend (`confab_redis_*`).
+    fn redis_stats(&self) -> Option<&RedisStats> {
+        None
+    }
 }
 
 /// Conversations: stored turns, per-user conversation index, clearing and retention.
