@@ -323,12 +323,44 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// `sled` (embedded, one process; the default) or `redis` (several instances).
+    pub backend: StoreBackend,
     /// sled page cache.
     pub cache_capacity_mb: u64,
     /// How often sled flushes to disk (bounds what a power loss can take).
     pub flush_every_ms: u64,
     /// Under load, a durability flush waits up to this long for more replies to share it.
     pub group_commit_us: u64,
+    /// The env var holding the Redis URL (`redis://[user:pass@]host:port/db`, a secret).
+    pub redis_url_env: String,
+    /// Bounds every Redis round trip and connection attempt.
+    pub redis_timeout_ms: u64,
+    /// Every Redis key starts with it; unset: `confab:<env>`.
+    pub redis_prefix: Option<String>,
+    /// The Redis URL, read from `redis_url_env` (never logged).
+    #[serde(skip)]
+    pub redis_url: Option<Secret>,
+}
+
+/// Where the store lives: `[store] backend`.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One embedded sled database in `data_dir` (one process).
+    #[default]
+    Sled,
+    /// One Redis (≥ 7, or Valkey) shared by every instance.
+    Redis,
+}
+
+impl StoreConfig {
+    /// The key prefix: `redis_prefix`, else `confab:<env>`.
+    pub fn prefix(&self, env: Env) -> String {
+        self.redis_prefix
+            .clone()
+            .unwrap_or_else(|| format!("confab:{env}"))
+    }
 }
 
 /// Outbound delivery: retries while a platform is down, and queue bounds.

@@ -30,6 +30,7 @@ use crate::engine::events::InternalCause;
 use crate::engine::stats::{EngineStats, LATENCY_BUCKETS};
 use crate::engine::Engine;
 use crate::events::Counter;
+use crate::store::redis_store::events::COMMAND_BUCKETS;
 
 /// What `/readyz` looks at besides the store: each enabled platform adapter's
 /// `connected` flag, and whether the daemon is shutting down.
@@ -328,6 +329,12 @@ series! {
         "Poller and gateway tasks restarted after they died.";
     Users: "users", Gauge, [], "Users known to the store.";
     Uptime: "uptime_seconds", Gauge, [], "Seconds since the daemon started.";
+    RedisCommands: "redis_commands_total", Counter, ["result"],
+        "Redis round trips (commands, pipelines, scripts) by result: ok, error (refused by Redis), unreachable (timeout, refused or dropped connection). Redis backend only.";
+    RedisCommandSeconds: "redis_command_seconds", Histogram, [],
+        "Latency of Redis round trips. Redis backend only.";
+    RedisUp: "redis_up", Gauge, [],
+        "1 when the last Redis round trip got an answer, else 0. Redis backend only.";
 }
 
 struct EngineCollector {
@@ -410,6 +417,25 @@ impl EngineCollector {
                 }
             },
             Series::Uptime => vec![gauge(self.engine.uptime().as_secs_f64())],
+            Series::RedisCommands => match self.engine.store().redis_stats() {
+                Some(r) => vec![
+                    counter(r.ok.get(), vec![label("result", "ok")]),
+                    counter(r.error.get(), vec![label("result", "error")]),
+                    counter(r.unreachable.get(), vec![label("result", "unreachable")]),
+                ],
+                None => vec![],
+            },
+            Series::RedisCommandSeconds => match self.engine.store().redis_stats() {
+                Some(r) => {
+                    let (counts, sum) = r.latency();
+                    vec![histogram_of(&COMMAND_BUCKETS, &counts, sum)]
+                }
+                None => vec![],
+            },
+            Series::RedisUp => match self.engine.store().redis_stats() {
+                Some(r) => vec![gauge(if r.up() { 1.0 } else { 0.0 })],
+                None => vec![],
+            },
         }
     }
 }
@@ -457,9 +483,14 @@ fn summary(count: u64, sum_secs: f64) -> proto::Metric {
 /// from the sample count).
 fn histogram(stats: &EngineStats) -> proto::Metric {
     let (counts, sum) = stats.latency();
-    let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
+    histogram_of(&LATENCY_BUCKETS, &counts, sum)
+}
+
+/// A histogram from per-bucket counts of `bounds` (one more slot for over the largest).
+fn histogram_of(bounds: &[f64], counts: &[u64], sum: Duration) -> proto::Metric {
+    let mut buckets = Vec::with_capacity(bounds.len());
     let mut cumulative = 0u64;
-    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+    for (i, bound) in bounds.iter().enumerate() {
         cumulative += counts.get(i).copied().unwrap_or(0);
         let mut b = proto::Bucket::default();
         b.set_upper_bound(*bound);

@@ -20,6 +20,44 @@ pub use crypto::{BackupAuth, BackupMac};
 pub use redis_store::{RedisOptions, RedisStats, RedisStore};
 pub use sled_store::{backup_auth_for_rows, SledStore, FORGOTTEN};
 
+/// The store a daemon opened: every role behind [`Store`], plus the concrete backend
+/// for what only one of them does (sled's backups, Redis's health and settings).
+#[derive(Clone)]
+pub enum Backend {
+    Sled(std::sync::Arc<SledStore>),
+    Redis(std::sync::Arc<RedisStore>),
+}
+
+impl Backend {
+    /// Every role, for the engine.
+    pub fn store(&self) -> std::sync::Arc<dyn Store> {
+        match self {
+            Backend::Sled(s) => s.clone(),
+            Backend::Redis(r) => r.clone(),
+        }
+    }
+
+    /// The sled store (backups, restores), if that is the backend.
+    pub fn sled(&self) -> Option<&std::sync::Arc<SledStore>> {
+        match self {
+            Backend::Sled(s) => Some(s),
+            Backend::Redis(_) => None,
+        }
+    }
+
+    /// The Redis store, if that is the backend.
+    pub fn redis(&self) -> Option<&std::sync::Arc<RedisStore>> {
+        match self {
+            Backend::Redis(r) => Some(r),
+            Backend::Sled(_) => None,
+        }
+    }
+}
+
+/// What backup and restore say on Redis (not built yet).
+pub const REDIS_BACKUP_UNSUPPORTED: &str =
+    "backup and restore are not yet supported on redis: use redis persistence (AOF/RDB) and its own backups";
+
 /// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
 /// older one. 2: usernames indexed per platform.
 pub const SCHEMA_VERSION: u32 = 2;

@@ -69,6 +69,14 @@ impl RedisStore {
     /// Connects (within the timeout) and checks the data key against the one the
     /// store was written with. Must run inside a tokio runtime.
     pub fn open(opts: RedisOptions) -> StoreResult<RedisStore> {
+        let key = opts.data_key.clone();
+        let mut store = Self::connect(opts)?;
+        store.apply_key(key.as_deref())?;
+        Ok(store)
+    }
+
+    /// Connects and pings, without touching the data key (`confab check`).
+    pub fn connect(opts: RedisOptions) -> StoreResult<RedisStore> {
         let secrets = secrets_of(&opts.url);
         let scrub = |e: &dyn std::fmt::Display| scrub(&e.to_string(), &secrets);
         let client = redis::Client::open(opts.url.as_str()).map_err(|e| StoreError::Open {
@@ -96,7 +104,7 @@ impl RedisStore {
                 reason: scrub(&e),
             }
         })?;
-        let mut store = RedisStore {
+        let store = RedisStore {
             conn,
             prefix: opts.prefix,
             timeout: opts.timeout,
@@ -109,7 +117,6 @@ impl RedisStore {
             path: "redis".into(),
             reason: format!("Redis is unreachable: {e}"),
         })?;
-        store.apply_key(opts.data_key.as_deref())?;
         Ok(store)
     }
 
