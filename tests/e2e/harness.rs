@@ -274,13 +274,6 @@ impl Backend {
     pub fn redis() -> Backend {
         Backend::Redis(crate::redis_server::RedisServer::start())
     }
-
-    pub fn server(&self) -> Option<&crate::redis_server::RedisServer> {
-        match self {
-            Backend::Sled => None,
-            Backend::Redis(s) => Some(s),
-        }
-    }
 }
 
 impl Root {

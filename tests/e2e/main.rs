@@ -23,5 +23,6 @@ mod ops;
 mod ops_http;
 mod personal;
 mod privacy;
+mod redis;
 mod systemd;
 mod telegram;

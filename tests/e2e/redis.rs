@@ -1,0 +1,190 @@
+//! The Redis store on a real `redis-server` (never a mock): what only Redis does — the
+//! data really is in Redis, Redis going away and coming back under traffic, `/readyz`,
+//! `confab_redis_*` metrics and `confab check`. The engine's own tests run on both
+//! backends in `engine.rs` and `commands.rs` (`on_both_backends!`).
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use confab::engine::MSG_INTERNAL;
+
+use crate::fake_openai::FakeOpenAi;
+use crate::fake_telegram::FakeTelegram;
+use crate::harness::{Daemon, Root, TG_BOT_TOML, TG_TOKEN};
+use crate::ops_http::{get, has_reason, readyz};
+use crate::redis_server::RedisServer;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn setup(server: &RedisServer) -> (FakeOpenAi, FakeTelegram, Root) {
+    let llm = FakeOpenAi::start().await;
+    let tg = FakeTelegram::start(TG_TOKEN, "acme_staging_bot").await;
+    let root = Root::telegram(&llm.base_url, &tg.api_url, "", TG_BOT_TOML);
+    root.use_redis(server);
+    (llm, tg, root)
+}
+
+/// Polls `/readyz` until its status is `want`; returns the last body.
+async fn wait_ready(addr: SocketAddr, want: u16) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, json) = readyz(addr).await;
+        if status == want {
+            return json;
+        }
+        assert!(Instant::now() < deadline, "readyz stayed {status} {json}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the sample line starting with `series` (name and labels as printed).
+async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (_, _, body) = get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_turn_is_in_redis_under_the_environment_prefix() {
+    let server = RedisServer::start();
+    let (_llm, tg, root) = setup(&server).await;
+    let daemon = Daemon::start(&root);
+    tg.send_private(31, "Ann", "remember the word heliotrope");
+    let sent = tg.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].text, "echo: remember the word heliotrope");
+    let lists = server.cli(&["--scan", "--pattern", "confab:staging:turns:*"]);
+    let list = lists.lines().next().expect("a conversation list in Redis");
+    assert!(list.contains("{tg:31}"), "hash-tagged by user: {list}");
+    let turns = server.cli(&["--raw", "LRANGE", list, "0", "-1"]);
+    assert!(turns.contains("remember the word heliotrope"), "{turns}");
+    assert!(turns.contains("echo: remember the word heliotrope"), "{turns}");
+    let user = server.cli(&["--raw", "GET", "confab:staging:user:{tg:31}"]);
+    assert!(user.contains("\"total_messages\":1"), "usage in Redis: {user}");
+    // every key of this daemon is under the environment's prefix
+    let all = server.cli(&["--scan"]);
+    assert!(
+        all.lines().all(|k| k.starts_with("confab:staging:")),
+        "{all}"
+    );
+    daemon.stop().await.unwrap();
+}
+
+/// Redis killed while messages arrive: each gets the try-again apology within the
+/// timeout (never silence, never a panic), `/readyz` says why it is not ready, and once
+/// Redis is back the daemon answers again without a restart; nothing is answered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_then_back_apologises_then_answers_again() {
+    let mut server = RedisServer::start();
+    let (llm, tg, root) = setup(&server).await;
+    let (daemon, addr) = Daemon::start_with_ops(&root).await;
+    tg.send_private(41, "Ann", "before");
+    assert_eq!(tg.wait_for_sent(1, WAIT).await[0].text, "echo: before");
+    wait_ready(addr, 200).await;
+    assert_eq!(metric(addr, "confab_redis_up").await, Some(1.0));
+
+    server.kill();
+    let down = wait_ready(addr, 503).await;
+    assert!(has_reason(&down, "store"), "{down}");
+    tg.send_private(41, "Ann", "during one");
+    tg.send_private(42, "Bo", "during two");
+    let sent = tg.wait_for_sent(3, WAIT).await;
+    assert_eq!(sent[1].text, MSG_INTERNAL, "{sent:#?}");
+    assert_eq!(sent[2].text, MSG_INTERNAL, "{sent:#?}");
+    assert_eq!(llm.request_count(), 1, "no LLM call without the store");
+    assert_eq!(metric(addr, "confab_redis_up").await, Some(0.0));
+    let unreachable = "confab_redis_commands_total{result=\"unreachable\",env=\"staging\"}";
+    assert!(metric(addr, unreachable).await.unwrap_or(0.0) > 0.0);
+
+    server.restart();
+    wait_ready(addr, 200).await;
+    tg.send_private(42, "Bo", "after");
+    let sent = tg.wait_for_sent(4, WAIT).await;
+    assert_eq!(sent[3].text, "echo: after", "{sent:#?}");
+    // give a wrongly repeated answer time to show up
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let texts: Vec<String> = tg.sent().into_iter().map(|m| m.text).collect();
+    assert_eq!(
+        texts,
+        vec!["echo: before", MSG_INTERNAL, MSG_INTERNAL, "echo: after"]
+    );
+    assert_eq!(llm.request_count(), 2);
+    assert_eq!(metric(addr, "confab_update_panics_total").await, Some(0.0));
+    assert!(
+        metric(addr, "confab_redis_command_seconds_count").await.unwrap_or(0.0) > 0.0
+    );
+    daemon.stop().await.expect("a clean stop");
+}
+
+fn check(root: &Root) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_confab"))
+        .args(["check", "--env", "staging", "--root"])
+        .arg(root.path())
+        .arg("--env-file")
+        .arg(root.env_file())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run confab check");
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), s(&out.stdout), s(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_redis_persistence_and_warns_without_aof() {
+    let on = RedisServer::start();
+    let root = Root::new("http://127.0.0.1:9/v1", "");
+    root.use_redis(&on);
+    let (code, out, err) = check(&root);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("redis: reachable ($CONFAB_REDIS_URL), keys under confab:staging, appendonly yes, appendfsync everysec"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
+
+    let off = RedisServer::start_with(&["--appendonly", "no"]);
+    let root = Root::new("http://127.0.0.1:9/v1", "");
+    root.use_redis(&off);
+    let (code, out, err) = check(&root);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("appendonly no"), "{out}");
+    assert!(out.contains("warning: redis: appendonly is off"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_an_unreachable_redis_without_its_url_or_password() {
+    let mut server = RedisServer::start();
+    let port = server.port;
+    server.kill();
+    let root = Root::new("http://127.0.0.1:9/v1", "");
+    std::fs::write(
+        root.env_file(),
+        format!("CONFAB_REDIS_URL=redis://app:hunter2secret@127.0.0.1:{port}/0\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.path().join("config/staging.toml"),
+        std::fs::read_to_string(root.path().join("config/staging.toml")).unwrap()
+            + "\n[store]\nbackend = \"redis\"\nredis_timeout_ms = 500\n",
+    )
+    .unwrap();
+    let (code, out, err) = check(&root);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("redis ($CONFAB_REDIS_URL) is unreachable"), "{err}");
+    assert!(!err.contains("hunter2secret") && !out.contains("hunter2secret"), "{err}");
+    assert!(!err.contains(&format!("app:")), "{err}");
+}
+
+/// A daemon cannot start on Redis without the URL: a config error naming the variable.
+#[tokio::test]
+async fn redis_without_a_url_is_a_config_error() {
+    let root = Root::new("http://127.0.0.1:9/v1", "[store]\nbackend = \"redis\"\n");
+    let (code, out, err) = check(&root);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("store.redis_url_env: environment variable CONFAB_REDIS_URL is not set"),
+        "{err}"
+    );
+}
