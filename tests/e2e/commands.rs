@@ -42,25 +42,6 @@ fn admin_of(platform: Platform) -> &'static str {
     }
 }
 
-/// Every tree's keys and values, as text, for "nothing left about this user" checks.
-fn dump_text(store: &SledStore) -> Vec<(String, String)> {
-    store
-        .dump()
-        .unwrap()
-        .into_iter()
-        .map(|(tree, k, v)| {
-            (
-                tree,
-                format!(
-                    "{} => {}",
-                    String::from_utf8_lossy(&k),
-                    String::from_utf8_lossy(&v)
-                ),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn admin_commands_on_every_platform_path() {
     let llm = FakeOpenAi::start().await;
@@ -343,17 +324,20 @@ async fn forget_asks_then_deletes_everything_about_the_user(backend: &Backend) {
         .any(|a| a.target.as_deref() == Some("[forgotten user]")));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn user_cli_exports_and_forgets_without_a_daemon() {
+on_both_backends!(multi_thread: user_cli_exports_and_forgets_without_a_daemon);
+
+/// `confab user …` with no daemon running opens the store itself: on Redis its calls
+/// run on a blocking thread (`Handle::block_on` without `block_in_place`'s hand-off).
+async fn user_cli_exports_and_forgets_without_a_daemon(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, ADMINS);
+    let root = Root::on(backend, &llm.base_url, ADMINS);
     {
         let app = root.build();
         app.engine
             .handle(&on(Platform::Telegram, "5550123", "cli question"))
             .await;
         // The scan below can see the user (nothing is sealed here): it is not vacuous.
-        let rows = dump_text(app.sled().unwrap());
+        let rows = stored_text(&app, backend);
         for needle in ["5550123", "cli question", "echo: cli"] {
             assert!(rows.iter().any(|(_, r)| r.contains(needle)), "{needle}");
         }
@@ -400,7 +384,7 @@ async fn user_cli_exports_and_forgets_without_a_daemon() {
         .user(&UserRef::new(Platform::Telegram, "5550123"))
         .unwrap()
         .is_none());
-    for (tree, row) in dump_text(app.sled().unwrap()) {
+    for (tree, row) in stored_text(&app, backend) {
         for needle in ["5550123", "cli question", "echo: cli"] {
             assert!(!row.contains(needle), "{tree}: {row}");
         }

@@ -316,6 +316,20 @@ impl Root {
 /// `NAME::redis` (a real `redis-server` of its own, on tokio's multi-thread runtime,
 /// which the Redis store's blocking bridge needs).
 macro_rules! on_both_backends {
+    (multi_thread: $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sled() {
+                super::$name(&crate::harness::Backend::Sled).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let backend = crate::harness::Backend::redis();
+                super::$name(&backend).await
+            }
+        }
+    )*};
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test]

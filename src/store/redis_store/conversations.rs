@@ -9,7 +9,22 @@ use crate::domain::{ConversationKey, UserRef};
 use crate::store::{ConversationStore, Exchange, StoreError, StoreResult, Turn, UserRecord};
 
 /// How many times a user record write is retried when another writer changed it.
-pub(super) const CAS_ATTEMPTS: usize = 16;
+pub(super) const CAS_ATTEMPTS: u32 = 32;
+
+/// Before retry `attempt` of a compare-and-set: a random pause of up to 2^attempt ms
+/// (at most 64 ms), so writers that keep colliding spread out. A retry follows a
+/// round trip that succeeded, so this runs where [`RedisStore::run`] may block (a
+/// multi-thread runtime or a blocking thread): `block_in_place` hands the worker's
+/// tasks off first, as `run` does.
+pub(super) fn cas_backoff(attempt: u32) {
+    if attempt == 0 {
+        return;
+    }
+    use rand::Rng;
+    let cap = 1u64 << attempt.min(6);
+    let ms = rand::rng().random_range(0..=cap);
+    tokio::task::block_in_place(|| std::thread::sleep(std::time::Duration::from_millis(ms)));
+}
 /// Turns read per round trip from the end of a conversation.
 const PAGE: isize = 64;
 
@@ -113,7 +128,8 @@ impl ConversationStore for RedisStore {
             .iter()
             .map(|t| self.encode("turns", &list, t))
             .collect::<StoreResult<Vec<_>>>()?;
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            cas_backoff(attempt);
             if self.try_exchange(&mut exchange, &turns)? {
                 return Ok(());
             }

@@ -3,7 +3,7 @@
 //! `P:username:N` (per platform; a rename drops the old name). A record that cannot be
 //! read is an error, never a fresh record (it may hold a ban).
 
-use super::conversations::CAS_ATTEMPTS;
+use super::conversations::{cas_backoff, CAS_ATTEMPTS};
 use super::layout::normalise_username;
 use super::scripts::{DEL_IF, PUT_USER_IF};
 use super::RedisStore;
@@ -91,7 +91,8 @@ impl UserStore for RedisStore {
 
     fn put_user(&self, user: &UserRef, record: &UserRecord) -> StoreResult<()> {
         let key = self.user_key(user);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            cas_backoff(attempt);
             let k = key.clone();
             let raw: Option<Vec<u8>> = self.run(|mut c| async move {
                 redis::cmd("GET").arg(k).query_async(&mut c).await
@@ -113,7 +114,8 @@ impl UserStore for RedisStore {
         f: &mut dyn FnMut(&mut UserRecord),
     ) -> StoreResult<UserRecord> {
         let key = self.user_key(user);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
+            cas_backoff(attempt);
             let (raw, old) = self.read_user(&key)?;
             let before = old.as_ref().and_then(|r| r.username.clone());
             let mut rec = old.unwrap_or_default();
