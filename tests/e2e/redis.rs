@@ -237,3 +237,56 @@ async fn concurrent_user_updates_are_all_kept() {
     assert_eq!(rec.usage.total_messages, 100);
     assert_eq!(app.store.user_count().unwrap(), 1);
 }
+
+/// A Redis that answers too slowly: the message gets the try-again apology within
+/// about the configured timeout (never a hang), and the next one is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_fails_within_the_timeout() {
+    use crate::harness::{msg, text};
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, "");
+    root.use_redis(&server);
+    let app = root.build();
+    assert_eq!(text(&app.engine.handle(&msg("5", "hello")).await), "echo: hello");
+    let port = server.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port, "DEBUG", "SLEEP", "4"])
+            .output()
+    });
+    // Wait until the server is busy sleeping: a PING of our own gets no answer.
+    let deadline = Instant::now() + WAIT;
+    while !busy(server.port) {
+        assert!(Instant::now() < deadline, "DEBUG SLEEP never started");
+        assert!(!sleeper.is_finished(), "DEBUG SLEEP ended early");
+    }
+    let slow = tokio::time::timeout(WAIT, app.engine.handle(&msg("5", "are you there?")))
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(text(&slow), MSG_INTERNAL);
+    let _ = sleeper.join();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = text(&app.engine.handle(&msg("5", "and now?")).await);
+        if r == "echo: and now?" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still failing: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a PING to the server goes unanswered for 300 ms (it is busy, or down).
+fn busy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return true;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(300)));
+    if conn.write_all(b"PING\r\n").is_err() {
+        return true;
+    }
+    let mut buf = [0u8; 16];
+    !matches!(conn.read(&mut buf), Ok(n) if n > 0)
+}
