@@ -85,7 +85,11 @@ fn open_store(config: &Config) -> anyhow::Result<Backend> {
                 .mode(0o700)
                 .create(&config.data_dir)
                 .with_context(|| format!("creating {}", config.data_dir.display()))?;
-            format!("the Redis store ({}, keys under {})", s.redis_url_env, s.prefix(config.env))
+            format!(
+                "the Redis store ({}, keys under {})",
+                s.redis_url_env,
+                s.prefix(config.env)
+            )
         }
     };
     s.open(
@@ -124,7 +128,12 @@ pub fn check_redis(config: &Config) -> anyhow::Result<Vec<String>> {
     let settings = store
         .persistence()
         .with_context(|| format!("reading the settings of redis (${})", s.redis_url_env))?;
-    let get = |k: &str| settings.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let get = |k: &str| {
+        settings
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
     let mut out = vec![format!(
         "redis: reachable (${}), keys under {prefix}, appendonly {}, appendfsync {}",
         s.redis_url_env,

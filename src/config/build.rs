@@ -50,7 +50,9 @@ impl StoreConfig {
         cache_ttl_secs: u64,
     ) -> StoreResult<Backend> {
         match self.backend {
-            StoreBackend::Sled => self.open_sled(data_dir, data_key).map(|s| Backend::Sled(Arc::new(s))),
+            StoreBackend::Sled => self
+                .open_sled(data_dir, data_key)
+                .map(|s| Backend::Sled(Arc::new(s))),
             StoreBackend::Redis => {
                 let url = self.redis_url.as_ref().ok_or_else(|| StoreError::Open {
                     path: "redis".into(),

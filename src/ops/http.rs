@@ -483,7 +483,7 @@ fn summary(count: u64, sum_secs: f64) -> proto::Metric {
 /// from the sample count).
 fn histogram(stats: &EngineStats) -> proto::Metric {
     let (counts, sum) = stats.latency();
-    histogram_of(&LATENCY_BUCKETS, &counts, sum)
+    histogram_of(LATENCY_BUCKETS, &counts, sum)
 }
 
 /// A histogram from per-bucket counts of `bounds` (one more slot for over the largest).

@@ -346,7 +346,8 @@ async fn timeout_is_honoured() {
 
 async fn trimming_keeps_the_newest_turns(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::on(backend, 
+    let root = Root::on(
+        backend,
         &llm.base_url,
         "[memory]\nmax_context_tokens = 80\n[limits]\nburst = 100\n",
     );
@@ -544,7 +545,8 @@ async fn one_conversation_in_order_many_in_parallel() {
 async fn sweeper_purges_old_turns_and_expired_cache(backend: &Backend) {
     use confab::store::{CacheEntry, Role, Turn};
     let llm = FakeOpenAi::start().await;
-    let root = Root::on(backend, 
+    let root = Root::on(
+        backend,
         &llm.base_url,
         "[memory]\nretention_days = 1\n[cache]\nttl_secs = 60\n",
     );

@@ -308,7 +308,10 @@ impl Root {
             self.path().join("config/staging.toml"),
             "\n[store]\nbackend = \"redis\"\nredis_timeout_ms = 1500\n".into(),
         );
-        append(self.env_file(), format!("\nCONFAB_REDIS_URL={}\n", server.url()));
+        append(
+            self.env_file(),
+            format!("\nCONFAB_REDIS_URL={}\n", server.url()),
+        );
     }
 }
 

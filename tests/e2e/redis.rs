@@ -60,9 +60,15 @@ async fn a_stored_turn_is_in_redis_under_the_environment_prefix() {
     assert!(list.contains("{tg:31}"), "hash-tagged by user: {list}");
     let turns = server.cli(&["--raw", "LRANGE", list, "0", "-1"]);
     assert!(turns.contains("remember the word heliotrope"), "{turns}");
-    assert!(turns.contains("echo: remember the word heliotrope"), "{turns}");
+    assert!(
+        turns.contains("echo: remember the word heliotrope"),
+        "{turns}"
+    );
     let user = server.cli(&["--raw", "GET", "confab:staging:user:{tg:31}"]);
-    assert!(user.contains("\"total_messages\":1"), "usage in Redis: {user}");
+    assert!(
+        user.contains("\"total_messages\":1"),
+        "usage in Redis: {user}"
+    );
     // every key of this daemon is under the environment's prefix
     let all = server.cli(&["--scan"]);
     assert!(
@@ -113,7 +119,10 @@ async fn redis_down_then_back_apologises_then_answers_again() {
     assert_eq!(llm.request_count(), 2);
     assert_eq!(metric(addr, "confab_update_panics_total").await, Some(0.0));
     assert!(
-        metric(addr, "confab_redis_command_seconds_count").await.unwrap_or(0.0) > 0.0
+        metric(addr, "confab_redis_command_seconds_count")
+            .await
+            .unwrap_or(0.0)
+            > 0.0
     );
     daemon.stop().await.expect("a clean stop");
 }
@@ -172,9 +181,15 @@ async fn check_names_an_unreachable_redis_without_its_url_or_password() {
     .unwrap();
     let (code, out, err) = check(&root);
     assert_eq!(code, Some(1), "{out}{err}");
-    assert!(err.contains("redis ($CONFAB_REDIS_URL) is unreachable"), "{err}");
-    assert!(!err.contains("hunter2secret") && !out.contains("hunter2secret"), "{err}");
-    assert!(!err.contains(&format!("app:")), "{err}");
+    assert!(
+        err.contains("redis ($CONFAB_REDIS_URL) is unreachable"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2secret") && !out.contains("hunter2secret"),
+        "{err}"
+    );
+    assert!(!err.contains("app:"), "{err}");
 }
 
 /// A daemon cannot start on Redis without the URL: a config error naming the variable.
@@ -248,7 +263,10 @@ async fn a_slow_redis_fails_within_the_timeout() {
     let root = Root::new(&llm.base_url, "");
     root.use_redis(&server);
     let app = root.build();
-    assert_eq!(text(&app.engine.handle(&msg("5", "hello")).await), "echo: hello");
+    assert_eq!(
+        text(&app.engine.handle(&msg("5", "hello")).await),
+        "echo: hello"
+    );
     let port = server.port.to_string();
     let sleeper = std::thread::spawn(move || {
         Command::new("redis-cli")

@@ -221,7 +221,10 @@ fn store(s: StoreConfig, c: &mut Check<'_>) -> StoreConfig {
     if s.redis_timeout_ms > 60_000 {
         c.push(
             "store.redis_timeout_ms",
-            format!("{} ms is too long a wait for Redis; use at most 60000", s.redis_timeout_ms),
+            format!(
+                "{} ms is too long a wait for Redis; use at most 60000",
+                s.redis_timeout_ms
+            ),
         );
     }
     if let Some(p) = &s.redis_prefix {

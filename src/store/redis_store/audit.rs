@@ -85,7 +85,11 @@ impl AuditStore for RedisStore {
                 .query_async(&mut c)
                 .await
         })?;
-        Ok(self.audit_rows(&key, rows).into_iter().map(|(_, e)| e).collect())
+        Ok(self
+            .audit_rows(&key, rows)
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
     }
 
     fn audit_purge_before(&self, before: i64) -> StoreResult<usize> {

@@ -55,7 +55,11 @@ impl CacheStore for RedisStore {
         let id = self.cache_id(key);
         let k = self.cache_key(&id);
         let value = self.encode("cache", &k, entry)?;
-        let (index, ttl, at) = (self.cache_index_key(), self.cache_ttl_secs, entry.created_at);
+        let (index, ttl, at) = (
+            self.cache_index_key(),
+            self.cache_ttl_secs,
+            entry.created_at,
+        );
         let idx = index.clone();
         let (_, _, len): ((), i64, usize) = self.run(|mut c| async move {
             redis::pipe()

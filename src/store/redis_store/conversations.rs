@@ -35,9 +35,8 @@ impl RedisStore {
         key: &str,
     ) -> StoreResult<(Option<Vec<u8>>, Option<UserRecord>)> {
         let k = key.to_string();
-        let raw: Option<Vec<u8>> = self.run(|mut c| async move {
-            redis::cmd("GET").arg(k).query_async(&mut c).await
-        })?;
+        let raw: Option<Vec<u8>> =
+            self.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
         let rec = match &raw {
             Some(v) => Some(self.decode_strict("users", key, v)?),
             None => None,
@@ -97,12 +96,13 @@ impl RedisStore {
         let conv_id = self.conversation_id(ex.conversation);
         let convs = self.convs_key(&ex.conversation.user_ref());
         let conv_text = super::layout::conversation_text(ex.conversation);
-        inv.arg(&conv_id)
-            .arg(self.seal("conv_index", &format!("{convs}/{conv_id}"), conv_text.as_bytes()));
+        inv.arg(&conv_id).arg(self.seal(
+            "conv_index",
+            &format!("{convs}/{conv_id}"),
+            conv_text.as_bytes(),
+        ));
         match ex.handled {
-            Some((id, entry)) => {
-                inv.arg(self.encode("handled", &self.handled_key(id), entry)?)
-            }
+            Some((id, entry)) => inv.arg(self.encode("handled", &self.handled_key(id), entry)?),
             None => inv.arg(""),
         };
         inv.arg(HANDLED_TTL_SECS);
@@ -172,9 +172,8 @@ impl ConversationStore for RedisStore {
     fn user_conversations(&self, user: &UserRef) -> StoreResult<Vec<(ConversationKey, Vec<Turn>)>> {
         let convs = self.convs_key(user);
         let k = convs.clone();
-        let rows: Vec<(String, Vec<u8>)> = self.run(|mut c| async move {
-            redis::cmd("HGETALL").arg(k).query_async(&mut c).await
-        })?;
+        let rows: Vec<(String, Vec<u8>)> = self
+            .run(|mut c| async move { redis::cmd("HGETALL").arg(k).query_async(&mut c).await })?;
         let mut out = Vec::new();
         for (id, sealed) in rows {
             let conv = self

@@ -24,14 +24,23 @@ impl InboxStore for RedisStore {
         let v = self.seal("inbox", &format!("{hash}/{key}"), value);
         let f = key.to_string();
         self.run(|mut c| async move {
-            redis::cmd("HSET").arg(hash).arg(f).arg(v).query_async::<()>(&mut c).await
+            redis::cmd("HSET")
+                .arg(hash)
+                .arg(f)
+                .arg(v)
+                .query_async::<()>(&mut c)
+                .await
         })
     }
 
     fn inbox_remove(&self, key: &str) -> StoreResult<()> {
         let (hash, f) = (self.inbox_key(), key.to_string());
         self.run(|mut c| async move {
-            redis::cmd("HDEL").arg(hash).arg(f).query_async::<()>(&mut c).await
+            redis::cmd("HDEL")
+                .arg(hash)
+                .arg(f)
+                .query_async::<()>(&mut c)
+                .await
         })
     }
 

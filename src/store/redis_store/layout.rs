@@ -119,7 +119,11 @@ impl RedisStore {
     }
 
     pub(super) fn username_key(&self, platform: Platform, name: &str) -> String {
-        let plain = format!("{}:{}", platform.prefix(), escape(&normalise_username(name)));
+        let plain = format!(
+            "{}:{}",
+            platform.prefix(),
+            escape(&normalise_username(name))
+        );
         self.key(&format!("username:{}", self.hide(b"username", plain)))
     }
 
@@ -171,9 +175,13 @@ impl RedisStore {
         }
     }
 
-    pub(super) fn encode<T: Serialize>(&self, tree: &str, key: &str, v: &T) -> StoreResult<Vec<u8>> {
-        let plain =
-            serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
+    pub(super) fn encode<T: Serialize>(
+        &self,
+        tree: &str,
+        key: &str,
+        v: &T,
+    ) -> StoreResult<Vec<u8>> {
+        let plain = serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
         Ok(self.seal(tree, key, &plain))
     }
 

@@ -152,7 +152,9 @@ impl RedisStore {
                     [k, v] => Some((k.clone(), v.clone())),
                     _ => None,
                 })),
-                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {}
+                Err(e)
+                    if e.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {}
                 Err(e) => return Err(self.error(&e)),
             }
         }

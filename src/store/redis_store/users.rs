@@ -33,9 +33,8 @@ impl RedisStore {
     /// The raw value of a username key and whether it names `user`.
     pub(super) fn username_of(&self, key: &str) -> StoreResult<Option<(Vec<u8>, Option<UserRef>)>> {
         let k = key.to_string();
-        let raw: Option<Vec<u8>> = self.run(|mut c| async move {
-            redis::cmd("GET").arg(k).query_async(&mut c).await
-        })?;
+        let raw: Option<Vec<u8>> =
+            self.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
         Ok(raw.map(|v| {
             let who = self
                 .unseal("usernames", key, &v)
@@ -77,7 +76,11 @@ impl RedisStore {
             let k = self.username_key(user.platform, new);
             let v = self.seal("usernames", &k, user.to_string().as_bytes());
             self.run(|mut c| async move {
-                redis::cmd("SET").arg(k).arg(v).query_async::<()>(&mut c).await
+                redis::cmd("SET")
+                    .arg(k)
+                    .arg(v)
+                    .query_async::<()>(&mut c)
+                    .await
             })?;
         }
         Ok(())
@@ -94,9 +97,8 @@ impl UserStore for RedisStore {
         for attempt in 0..CAS_ATTEMPTS {
             cas_backoff(attempt);
             let k = key.clone();
-            let raw: Option<Vec<u8>> = self.run(|mut c| async move {
-                redis::cmd("GET").arg(k).query_async(&mut c).await
-            })?;
+            let raw: Option<Vec<u8>> = self
+                .run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
             let before = raw
                 .as_ref()
                 .and_then(|v| self.decode::<UserRecord>("users", &key, v))
@@ -135,17 +137,16 @@ impl UserStore for RedisStore {
 
     fn for_each_user(&self, f: &mut dyn FnMut(&UserRecord)) -> StoreResult<()> {
         let k = self.users_key();
-        let ids: Vec<String> =
-            self.run(|mut c| async move { redis::cmd("SMEMBERS").arg(k).query_async(&mut c).await })?;
+        let ids: Vec<String> = self
+            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(k).query_async(&mut c).await })?;
         for chunk in ids.chunks(200) {
             let keys: Vec<String> = chunk
                 .iter()
                 .map(|id| self.key(&format!("user:{{{id}}}")))
                 .collect();
             let ks = keys.clone();
-            let values: Vec<Option<Vec<u8>>> = self.run(|mut c| async move {
-                redis::cmd("MGET").arg(ks).query_async(&mut c).await
-            })?;
+            let values: Vec<Option<Vec<u8>>> = self
+                .run(|mut c| async move { redis::cmd("MGET").arg(ks).query_async(&mut c).await })?;
             for (key, v) in keys.iter().zip(values) {
                 if let Some(rec) = v.and_then(|v| self.decode::<UserRecord>("users", key, &v)) {
                     f(&rec);
