@@ -308,3 +308,47 @@ fn busy(port: u16) -> bool {
     let mut buf = [0u8; 16];
     !matches!(conn.read(&mut buf), Ok(n) if n > 0)
 }
+
+/// With `CONFAB_DATA_KEY` a Redis store is sealed like sled: no message text in Redis,
+/// a wrong key or a missing one refuses to open (never garbage later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_redis_store_refuses_a_wrong_or_missing_key() {
+    use crate::harness::{msg, text};
+    let server = RedisServer::start();
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, "");
+    let with_key = |key: Option<&str>| {
+        let line = key.map(|k| format!("CONFAB_DATA_KEY=\"{k}\"\n"));
+        std::fs::write(root.env_file(), line.unwrap_or_default()).unwrap();
+        root.use_redis(&server);
+    };
+    with_key(Some("the right passphrase for redis"));
+    {
+        let app = root.build();
+        let r = app.engine.handle(&msg("3", "my secret is flamingo")).await;
+        assert_eq!(text(&r), "echo: my secret is flamingo");
+        let all = crate::harness::redis_text(&server);
+        assert!(all.iter().any(|(_, r)| r.contains(":turns:")), "{all:?}");
+        for (_, row) in &all {
+            assert!(!row.contains("flamingo") && !row.contains("tg:3"), "{row}");
+        }
+    }
+    // use_redis appended the [store] table once already: only the env file changes now
+    let reopen = |key: Option<&str>| {
+        let mut env = key
+            .map(|k| format!("CONFAB_DATA_KEY=\"{k}\"\n"))
+            .unwrap_or_default();
+        env.push_str(&format!("CONFAB_REDIS_URL={}\n", server.url()));
+        std::fs::write(root.env_file(), env).unwrap();
+        let cfg = confab::config::load(&root.options()).expect("config");
+        confab::app::build(cfg).err().map(|e| format!("{e:#}"))
+    };
+    let wrong = reopen(Some("a wrong passphrase")).expect("refused");
+    assert!(wrong.contains("does not match"), "{wrong}");
+    let missing = reopen(None).expect("refused");
+    assert!(
+        missing.contains("encrypted but CONFAB_DATA_KEY is not set"),
+        "{missing}"
+    );
+    assert!(reopen(Some("the right passphrase for redis")).is_none());
+}
