@@ -337,7 +337,11 @@ async fn every_declared_series_renders_with_the_delivery_counters() {
     assert_eq!(tg.wait_for_sent(2, WAIT).await.len(), 2);
 
     let (_, _, body) = get(addr, "/metrics").await;
-    for series in confab::ops::http::Series::ALL {
+    // `confab_redis_*` exist on the Redis backend only (redis.rs checks them there).
+    for series in confab::ops::http::Series::ALL
+        .iter()
+        .filter(|s| !s.name().starts_with("redis_"))
+    {
         let declared = format!("# TYPE confab_{} ", series.name());
         assert!(body.contains(&declared), "{series:?} missing:\n{body}");
     }

@@ -118,6 +118,13 @@ async fn redis_down_then_back_apologises_then_answers_again() {
     );
     assert_eq!(llm.request_count(), 2);
     assert_eq!(metric(addr, "confab_update_panics_total").await, Some(0.0));
+    let (_, _, body) = get(addr, "/metrics").await;
+    for series in ["redis_commands_total", "redis_command_seconds", "redis_up"] {
+        assert!(
+            body.contains(&format!("# TYPE confab_{series} ")),
+            "{series}"
+        );
+    }
     assert!(
         metric(addr, "confab_redis_command_seconds_count")
             .await
