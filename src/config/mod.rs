@@ -894,6 +894,37 @@ mod tests {
     }
 
     #[test]
+    fn the_redis_store_settings_are_checked_and_the_url_is_a_secret() {
+        let t = Tree::new();
+        t.write(
+            "config/staging.toml",
+            "[store]\nbackend = \"redis\"\nredis_timeout_ms = 0\nredis_prefix = \"a b*\"\nredis_url_env = \"redis://x\"\n",
+        );
+        check(
+            t.load(Env::Staging, &[]),
+            &[
+                "config/staging.toml: store.redis_url_env: not a valid environment variable name (letters, digits, `_`); this names the variable that holds the secret, the secret itself goes in the env file",
+                "config/staging.toml: store.redis_timeout_ms: must be at least 1",
+                "config/staging.toml: store.redis_prefix: 1 to 64 characters without spaces, braces or glob characters (e.g. \"confab:staging\")",
+            ],
+        );
+        t.write("config/staging.toml", "[store]\nbackend = \"redis\"\n");
+        let url = "redis://:pw-in-the-url@10.0.0.5:6379/0";
+        let c = t
+            .load(Env::Staging, &[("CONFAB_REDIS_URL", url)])
+            .expect("loads");
+        assert_eq!(c.store.backend, StoreBackend::Redis);
+        assert_eq!(c.store.prefix(c.env), "confab:staging");
+        assert_eq!(c.store.redis_url.as_ref().map(Secret::expose), Some(url));
+        assert!(!format!("{c:?}").contains("pw-in-the-url"));
+        let sled = Tree::new();
+        sled.write("config/staging.toml", "");
+        let c = sled.load(Env::Production, &[]).err();
+        let c = c.map(|p| p.to_string()).unwrap_or_default();
+        assert!(!c.contains("redis"), "sled needs no Redis URL: {c}");
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let t = Tree::new();
         t.write(
