@@ -84,7 +84,7 @@ impl_event!(CommandDone => RedisStats, |self, stats| {
         }
     }
     if !was_up && self.outcome != Outcome::Unreachable {
-        tracing::info!("redis reachable again");
+        tracing::info!("redis reachable");
     }
 });
 
