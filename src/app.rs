@@ -17,7 +17,7 @@ use crate::config::{self, Config, LoadOptions};
 use crate::engine::Engine;
 use crate::events::ErrorKind;
 use crate::shutdown::{self, Shutdown, Signal};
-use crate::store::{Durable, SledStore, Store};
+use crate::store::{Backend, SledStore, Store, REDIS_BACKUP_UNSUPPORTED};
 
 /// A poller's or gateway's run future.
 type Intake = futures::future::BoxFuture<'static, ()>;
@@ -65,29 +65,108 @@ pub struct Identities {
 
 pub struct App {
     pub engine: Arc<Engine>,
-    pub store: Arc<SledStore>,
+    /// Every role of the store (the engine's).
+    pub store: Arc<dyn Store>,
+    /// The concrete backend (sled's backups, Redis's health).
+    pub backend: Backend,
     /// The adapters' delivery counters (retries, failures, panics, overflow).
     pub delivery: Arc<DeliveryStats>,
 }
 
-/// Opens the store of `config.data_dir` with the data key.
-fn open_store(config: &Config) -> anyhow::Result<SledStore> {
-    config
-        .store
-        .open(&config.data_dir, config.data_key.as_ref())
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))
+/// Opens the configured store (sled in `config.data_dir`, or Redis) with the data key.
+/// On Redis the data dir still holds the control socket: it is created owner-only.
+fn open_store(config: &Config) -> anyhow::Result<Backend> {
+    let s = &config.store;
+    let what = match s.backend {
+        config::StoreBackend::Sled => format!("the store in {}", config.data_dir.display()),
+        config::StoreBackend::Redis => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.data_dir)
+                .with_context(|| format!("creating {}", config.data_dir.display()))?;
+            format!(
+                "the Redis store ({}, keys under {})",
+                s.redis_url_env,
+                s.prefix(config.env)
+            )
+        }
+    };
+    s.open(
+        config.env,
+        &config.data_dir,
+        config.data_key.as_ref(),
+        config.cache.ttl_secs,
+    )
+    .with_context(|| format!("opening {what}"))
+}
+
+impl App {
+    /// The sled store, when that is the backend (backups, tests that read its trees).
+    pub fn sled(&self) -> Option<&Arc<SledStore>> {
+        self.backend.sled()
+    }
+}
+
+/// `confab check` on the Redis backend: Redis answers (the URL never shown) and its
+/// persistence settings, with a warning when AOF is off. `Err` when unreachable.
+pub fn check_redis(config: &Config) -> anyhow::Result<Vec<String>> {
+    let s = &config.store;
+    let url = s
+        .redis_url
+        .as_ref()
+        .with_context(|| format!("{} is not set", s.redis_url_env))?;
+    let prefix = s.prefix(config.env);
+    let store = crate::store::RedisStore::connect(crate::store::RedisOptions {
+        url: url.expose().to_string(),
+        prefix: prefix.clone(),
+        timeout: Duration::from_millis(s.redis_timeout_ms),
+        cache_ttl_secs: config.cache.ttl_secs,
+        data_key: None,
+    })
+    .with_context(|| format!("redis (${}) is unreachable", s.redis_url_env))?;
+    let settings = store
+        .persistence()
+        .with_context(|| format!("reading the settings of redis (${})", s.redis_url_env))?;
+    let get = |k: &str| {
+        settings
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut out = vec![format!(
+        "redis: reachable (${}), keys under {prefix}, appendonly {}, appendfsync {}",
+        s.redis_url_env,
+        get("appendonly").unwrap_or("unknown"),
+        get("appendfsync").unwrap_or("unknown"),
+    )];
+    match get("appendonly") {
+        Some("yes") => {}
+        Some(_) => out.push(
+            "warning: redis: appendonly is off: a Redis crash loses every turn written since \
+             its last snapshot; set `appendonly yes` (README: running several instances)"
+                .into(),
+        ),
+        None => out.push(
+            "warning: redis: CONFIG GET refused; make sure the server runs with `appendonly yes`"
+                .into(),
+        ),
+    }
+    Ok(out)
 }
 
 /// Opens the store and builds the engine. Fails with a clear message (e.g. the store is
 /// locked by a running daemon, or not writable).
 pub fn build(config: Config) -> anyhow::Result<App> {
-    let store = Arc::new(open_store(&config)?);
+    let backend = open_store(&config)?;
+    let store = backend.store();
     let llm = Arc::new(config.llm.build().context("building the LLM client")?);
-    let dyn_store: Arc<dyn Store> = store.clone();
-    let engine = Arc::new(Engine::new(config, dyn_store, llm).context("building the engine")?);
+    let engine = Arc::new(Engine::new(config, store.clone(), llm).context("building the engine")?);
     Ok(App {
         engine,
         store,
+        backend,
         delivery: Arc::default(),
     })
 }
@@ -239,7 +318,7 @@ fn start_control_socket(
         .with_context(|| format!("binding the control socket {}", path.display()))?;
     Ok(tokio::spawn(crate::ops::control::serve(
         app.engine.clone(),
-        app.store.clone(),
+        app.sled().cloned(),
         listener,
         path,
         shutdown.token.clone(),
@@ -365,7 +444,9 @@ pub async fn backup(
         Some(Ok(_)) => {}
         Some(Err(reason)) => anyhow::bail!("backup failed: {reason}"),
         None => {
-            let store = Arc::new(open_store(&config)?);
+            let Some(store) = open_store(&config)?.sled().cloned() else {
+                anyhow::bail!("{REDIS_BACKUP_UNSUPPORTED}");
+            };
             let mut w = std::io::BufWriter::new(file.file()?.try_clone()?);
             tokio::task::spawn_blocking(move || {
                 backup::write_store(store, &mut w)?;
@@ -394,6 +475,9 @@ pub async fn restore(
     from: &std::path::Path,
     force: bool,
 ) -> anyhow::Result<String> {
+    if config.store.backend == config::StoreBackend::Redis {
+        anyhow::bail!("{REDIS_BACKUP_UNSUPPORTED}");
+    }
     let path = crate::ops::control::socket_path(&config.data_dir);
     if tokio::net::UnixStream::connect(&path).await.is_ok() {
         anyhow::bail!(

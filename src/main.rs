@@ -219,6 +219,26 @@ fn check(cfg: Config, online: bool, runtime: &Runtime) -> ExitCode {
         cfg.bots.len(),
         cfg.prompts.len()
     );
+    if cfg.store.backend == confab::config::StoreBackend::Redis {
+        // The store's calls block on Redis: they run on a runtime worker, off `block_on`.
+        let probe = {
+            let cfg = cfg.clone();
+            runtime.block_on(async move {
+                tokio::task::spawn(async move { confab::app::check_redis(&cfg) }).await
+            })
+        };
+        match probe {
+            Ok(Ok(lines)) => lines.iter().for_each(|l| println!("{l}")),
+            Ok(Err(e)) => {
+                eprintln!("confab: {e:#}");
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("confab: checking redis: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     ExitCode::SUCCESS
 }
 

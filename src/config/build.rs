@@ -5,9 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{defaults, LlmConfig, Secret, StoreConfig};
+use super::{defaults, Env, LlmConfig, Secret, StoreBackend, StoreConfig};
 use crate::llm::{LlmError, OpenAiProvider, ResilientLlm, RetryPolicy};
-use crate::store::{SledStore, StoreResult};
+use crate::store::{Backend, RedisOptions, RedisStore, SledStore, StoreError, StoreResult};
 
 impl LlmConfig {
     /// Retries, timeouts, breaker and concurrency cap of `[llm]`.
@@ -39,9 +39,39 @@ impl LlmConfig {
 }
 
 impl StoreConfig {
-    /// Opens the sled store in `data_dir` (encrypted with `data_key` when set), with
-    /// this section's page cache, flush period and group-commit window.
-    pub fn open(&self, data_dir: &Path, data_key: Option<&Secret>) -> StoreResult<SledStore> {
+    /// Opens the configured backend: sled in `data_dir` (with this section's page
+    /// cache, flush period and group-commit window) or Redis at `redis_url`; either
+    /// encrypted with `data_key` when set.
+    pub fn open(
+        &self,
+        env: Env,
+        data_dir: &Path,
+        data_key: Option<&Secret>,
+        cache_ttl_secs: u64,
+    ) -> StoreResult<Backend> {
+        match self.backend {
+            StoreBackend::Sled => self
+                .open_sled(data_dir, data_key)
+                .map(|s| Backend::Sled(Arc::new(s))),
+            StoreBackend::Redis => {
+                let url = self.redis_url.as_ref().ok_or_else(|| StoreError::Open {
+                    path: "redis".into(),
+                    reason: format!("{} is not set", self.redis_url_env),
+                })?;
+                let store = RedisStore::open(RedisOptions {
+                    url: url.expose().to_string(),
+                    prefix: self.prefix(env),
+                    timeout: Duration::from_millis(self.redis_timeout_ms),
+                    cache_ttl_secs,
+                    data_key: data_key.map(|k| k.expose().to_string()),
+                })?;
+                Ok(Backend::Redis(Arc::new(store)))
+            }
+        }
+    }
+
+    /// Opens the sled store in `data_dir` (encrypted with `data_key` when set).
+    pub fn open_sled(&self, data_dir: &Path, data_key: Option<&Secret>) -> StoreResult<SledStore> {
         let store = SledStore::open_with_key(
             data_dir,
             self.cache_capacity_mb,

@@ -103,6 +103,11 @@ impl Default for StoreConfig {
             cache_capacity_mb: 16,
             flush_every_ms: 500,
             group_commit_us: 500,
+            backend: super::StoreBackend::Sled,
+            redis_url_env: "CONFAB_REDIS_URL".into(),
+            redis_timeout_ms: 2000,
+            redis_prefix: None,
+            redis_url: None,
         }
     }
 }

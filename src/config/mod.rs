@@ -333,12 +333,44 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// `sled` (embedded, one process; the default) or `redis` (several instances).
+    pub backend: StoreBackend,
     /// sled page cache.
     pub cache_capacity_mb: u64,
     /// How often sled flushes to disk (bounds what a power loss can take).
     pub flush_every_ms: u64,
     /// Under load, a durability flush waits up to this long for more replies to share it.
     pub group_commit_us: u64,
+    /// The env var holding the Redis URL (`redis://[user:pass@]host:port/db`, a secret).
+    pub redis_url_env: String,
+    /// Bounds every Redis round trip and connection attempt.
+    pub redis_timeout_ms: u64,
+    /// Every Redis key starts with it; unset: `confab:<env>`.
+    pub redis_prefix: Option<String>,
+    /// The Redis URL, read from `redis_url_env` (never logged).
+    #[serde(skip)]
+    pub redis_url: Option<Secret>,
+}
+
+/// Where the store lives: `[store] backend`.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One embedded sled database in `data_dir` (one process).
+    #[default]
+    Sled,
+    /// One Redis (≥ 7, or Valkey) shared by every instance.
+    Redis,
+}
+
+impl StoreConfig {
+    /// The key prefix: `redis_prefix`, else `confab:<env>`.
+    pub fn prefix(&self, env: Env) -> String {
+        self.redis_prefix
+            .clone()
+            .unwrap_or_else(|| format!("confab:{env}"))
+    }
 }
 
 /// Outbound delivery: retries while a platform is down, and queue bounds.
@@ -895,6 +927,37 @@ mod tests {
             t.load(Env::Staging, &[]),
             &["config/staging.toml: store.group_commit_us: 500000 is too long a wait before each flush; use at most 100000 (100 ms), 0 to flush at once"],
         );
+    }
+
+    #[test]
+    fn the_redis_store_settings_are_checked_and_the_url_is_a_secret() {
+        let t = Tree::new();
+        t.write(
+            "config/staging.toml",
+            "[store]\nbackend = \"redis\"\nredis_timeout_ms = 0\nredis_prefix = \"a b*\"\nredis_url_env = \"redis://x\"\n",
+        );
+        check(
+            t.load(Env::Staging, &[]),
+            &[
+                "config/staging.toml: store.redis_url_env: not a valid environment variable name (letters, digits, `_`); this names the variable that holds the secret, the secret itself goes in the env file",
+                "config/staging.toml: store.redis_timeout_ms: must be at least 1",
+                "config/staging.toml: store.redis_prefix: 1 to 64 characters without spaces, braces or glob characters (e.g. \"confab:staging\")",
+            ],
+        );
+        t.write("config/staging.toml", "[store]\nbackend = \"redis\"\n");
+        let url = "redis://:pw-in-the-url@10.0.0.5:6379/0";
+        let c = t
+            .load(Env::Staging, &[("CONFAB_REDIS_URL", url)])
+            .expect("loads");
+        assert_eq!(c.store.backend, StoreBackend::Redis);
+        assert_eq!(c.store.prefix(c.env), "confab:staging");
+        assert_eq!(c.store.redis_url.as_ref().map(Secret::expose), Some(url));
+        assert!(!format!("{c:?}").contains("pw-in-the-url"));
+        let sled = Tree::new();
+        sled.write("config/staging.toml", "");
+        let c = sled.load(Env::Production, &[]).err();
+        let c = c.map(|p| p.to_string()).unwrap_or_default();
+        assert!(!c.contains("redis"), "sled needs no Redis URL: {c}");
     }
 
     #[test]

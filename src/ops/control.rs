@@ -103,7 +103,7 @@ fn peer_allowed(peer_uid: u32) -> bool {
 /// Serves the control socket until `stop`.
 pub async fn serve(
     engine: Arc<Engine>,
-    store: Arc<SledStore>,
+    store: Option<Arc<SledStore>>,
     listener: UnixListener,
     path: PathBuf,
     stop: CancellationToken,
@@ -145,7 +145,7 @@ async fn write_line(write: &mut OwnedWriteHalf, response: &Response) -> std::io:
 
 async fn handle(
     engine: Arc<Engine>,
-    store: Arc<SledStore>,
+    store: Option<Arc<SledStore>>,
     stream: UnixStream,
 ) -> std::io::Result<()> {
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
@@ -163,7 +163,10 @@ async fn handle(
         return write.shutdown().await;
     }
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Backup) => return stream_backup(store, write).await,
+        Ok(Request::Backup) => match store {
+            Some(store) => return stream_backup(store, write).await,
+            None => refusal(crate::store::REDIS_BACKUP_UNSUPPORTED.into()),
+        },
         Ok(req) => tokio::task::spawn_blocking(move || execute(&engine, &req))
             .await
             .unwrap_or_else(|e| refusal(e.to_string())),

@@ -334,6 +334,11 @@ series! {
     Ready: "ready", Gauge, [], "1 when /readyz answers 200 (store readable, platforms connected, not shutting down), else 0.";
     ResidentMemory: "resident_memory_bytes", Gauge, [], "Resident set size of the process (/proc/self/statm).";
     StoreWrite: "store_write_seconds", Histogram, [], "Time to write one answered exchange in one transaction and make it durable (group-commit flush).";
+
+    // The Redis backend (absent on sled).
+    RedisCommands: "redis_commands_total", Counter, ["result"], "Redis round trips (commands, pipelines, scripts) by result: ok, error (refused by Redis), unreachable (timeout, refused or dropped connection). Redis backend only.";
+    RedisCommandSeconds: "redis_command_seconds", Histogram, [], "Latency of Redis round trips. Redis backend only.";
+    RedisUp: "redis_up", Gauge, [], "1 when the last Redis round trip got an answer, else 0. Redis backend only.";
 }
 
 struct EngineCollector {
@@ -430,6 +435,22 @@ impl EngineCollector {
                 .map(|b| vec![gauge(b as f64)])
                 .unwrap_or_default(),
             Series::StoreWrite => vec![histogram(&e.store_write)],
+            Series::RedisCommands => match self.engine.store().redis_stats() {
+                Some(r) => vec![
+                    counter(r.ok.get(), vec![label("result", "ok")]),
+                    counter(r.error.get(), vec![label("result", "error")]),
+                    counter(r.unreachable.get(), vec![label("result", "unreachable")]),
+                ],
+                None => vec![],
+            },
+            Series::RedisCommandSeconds => match self.engine.store().redis_stats() {
+                Some(r) => vec![histogram(&r.latency)],
+                None => vec![],
+            },
+            Series::RedisUp => match self.engine.store().redis_stats() {
+                Some(r) => vec![gauge(if r.up() { 1.0 } else { 0.0 })],
+                None => vec![],
+            },
         }
     }
 }

@@ -3,10 +3,12 @@
 //! (inbox, intake positions, handled markers: what adapters use) and [`MetaStore`], each
 //! with [`Durable::flush`]. [`Store`] is all of them, for the engine.
 //!
-//! [`sled_store::SledStore`] is the one implementation (one file per role; backups and
-//! restores are its own methods); a Redis one can implement the same roles.
+//! [`sled_store::SledStore`] (one process, embedded; backups and restores are its own
+//! methods) and [`redis_store::RedisStore`] (several instances on one Redis) implement
+//! the same roles, one file per role each.
 
 pub mod crypto;
+pub mod redis_store;
 pub mod sled_store;
 
 use futures::future::BoxFuture;
@@ -15,7 +17,46 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{ConversationKey, Platform, UserRef};
 
 pub use crypto::{BackupAuth, BackupMac};
+pub use redis_store::{RedisOptions, RedisStats, RedisStore};
 pub use sled_store::{backup_auth_for_rows, SledStore, FORGOTTEN};
+
+/// The store a daemon opened: every role behind [`Store`], plus the concrete backend
+/// for what only one of them does (sled's backups, Redis's health and settings).
+#[derive(Clone)]
+pub enum Backend {
+    Sled(std::sync::Arc<SledStore>),
+    Redis(std::sync::Arc<RedisStore>),
+}
+
+impl Backend {
+    /// Every role, for the engine.
+    pub fn store(&self) -> std::sync::Arc<dyn Store> {
+        match self {
+            Backend::Sled(s) => s.clone(),
+            Backend::Redis(r) => r.clone(),
+        }
+    }
+
+    /// The sled store (backups, restores), if that is the backend.
+    pub fn sled(&self) -> Option<&std::sync::Arc<SledStore>> {
+        match self {
+            Backend::Sled(s) => Some(s),
+            Backend::Redis(_) => None,
+        }
+    }
+
+    /// The Redis store, if that is the backend.
+    pub fn redis(&self) -> Option<&std::sync::Arc<RedisStore>> {
+        match self {
+            Backend::Redis(r) => Some(r),
+            Backend::Sled(_) => None,
+        }
+    }
+}
+
+/// What backup and restore say on Redis (not built yet).
+pub const REDIS_BACKUP_UNSUPPORTED: &str =
+    "backup and restore are not yet supported on redis: use redis persistence (AOF/RDB) and its own backups";
 
 /// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
 /// older one. 2: usernames indexed per platform.
@@ -167,6 +208,10 @@ pub type UserUpdate<'a> = &'a mut dyn FnMut(&mut UserRecord);
 pub trait Durable: Send + Sync + 'static {
     /// Makes every write so far durable.
     fn flush(&self) -> BoxFuture<'_, StoreResult<()>>;
+    /// The Redis round-trip counters, on the Redis backend (`confab_redis_*`).
+    fn redis_stats(&self) -> Option<&RedisStats> {
+        None
+    }
 }
 
 /// Conversations: stored turns, per-user conversation index, clearing and retention.

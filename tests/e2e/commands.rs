@@ -2,10 +2,18 @@
 //! stored effects and the audit trail.
 
 use confab::domain::{Content, Inbound, Platform, Reply, ReplyKind, UserRef, Visibility};
-use confab::store::{AuditStore, CacheStore, ConversationStore, InboxStore, SledStore, UserStore};
+use confab::store::{AuditStore, CacheStore, ConversationStore, SledStore, UserStore};
 
 use crate::fake_openai::FakeOpenAi;
-use crate::harness::{text, Root};
+use crate::harness::{on_both_backends, stored_text, text, Backend, Root};
+
+on_both_backends!(
+    audit_survives_a_restart,
+    forget_asks_then_deletes_everything_about_the_user,
+    usernames_resolve_per_platform_and_renames_leave_nothing_stale,
+    a_forwarded_admin_command_is_never_executed,
+    maintenance_mode_survives_a_restart,
+);
 
 mod declared;
 
@@ -34,32 +42,13 @@ fn admin_of(platform: Platform) -> &'static str {
     }
 }
 
-/// Every tree's keys and values, as text, for "nothing left about this user" checks.
-fn dump_text(store: &SledStore) -> Vec<(String, String)> {
-    store
-        .dump()
-        .unwrap()
-        .into_iter()
-        .map(|(tree, k, v)| {
-            (
-                tree,
-                format!(
-                    "{} => {}",
-                    String::from_utf8_lossy(&k),
-                    String::from_utf8_lossy(&v)
-                ),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn admin_commands_on_every_platform_path() {
     let llm = FakeOpenAi::start().await;
     let root = Root::new(&llm.base_url, ADMINS);
     let app = root.build();
     let e = &app.engine;
-    let store = &app.store;
+    let store = app.sled().unwrap();
     for platform in [Platform::Telegram, Platform::Discord, Platform::Terminal] {
         let admin = |cmd: &str| on(platform, admin_of(platform), cmd);
         // a user to act on, who has talked before (so @name7 is known)
@@ -168,10 +157,9 @@ async fn admin_commands_on_every_platform_path() {
     assert!(audit.iter().any(|a| a.actor == "cli:operator"));
 }
 
-#[tokio::test]
-async fn audit_survives_a_restart() {
+async fn audit_survives_a_restart(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, ADMINS);
+    let root = Root::on(backend, &llm.base_url, ADMINS);
     {
         let app = root.build();
         app.engine
@@ -276,10 +264,9 @@ async fn export_is_json_with_every_turn() {
     assert_eq!(doc["profile"]["usage"]["total_messages"], 2);
 }
 
-#[tokio::test]
-async fn forget_asks_then_deletes_everything_about_the_user() {
+async fn forget_asks_then_deletes_everything_about_the_user(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, ADMINS);
+    let root = Root::on(backend, &llm.base_url, ADMINS);
     let app = root.build();
     let e = &app.engine;
     let mut m = on(Platform::Telegram, "4242", "a unique question about zebras");
@@ -316,7 +303,7 @@ async fn forget_asks_then_deletes_everything_about_the_user() {
         done,
         "Deleted: 4 messages in 1 conversations, 2 cached replies, your profile and usage."
     );
-    for (tree, row) in dump_text(&app.store) {
+    for (tree, row) in stored_text(&app, backend) {
         for needle in ["4242", "zebras", "another one", "name4242"] {
             assert!(!row.contains(needle), "{tree}: {row}");
         }
@@ -337,17 +324,20 @@ async fn forget_asks_then_deletes_everything_about_the_user() {
         .any(|a| a.target.as_deref() == Some("[forgotten user]")));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn user_cli_exports_and_forgets_without_a_daemon() {
+on_both_backends!(multi_thread: user_cli_exports_and_forgets_without_a_daemon);
+
+/// `confab user …` with no daemon running opens the store itself: on Redis its calls
+/// run on a blocking thread (`Handle::block_on` without `block_in_place`'s hand-off).
+async fn user_cli_exports_and_forgets_without_a_daemon(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, ADMINS);
+    let root = Root::on(backend, &llm.base_url, ADMINS);
     {
         let app = root.build();
         app.engine
             .handle(&on(Platform::Telegram, "5550123", "cli question"))
             .await;
         // The scan below can see the user (nothing is sealed here): it is not vacuous.
-        let rows = dump_text(&app.store);
+        let rows = stored_text(&app, backend);
         for needle in ["5550123", "cli question", "echo: cli"] {
             assert!(rows.iter().any(|(_, r)| r.contains(needle)), "{needle}");
         }
@@ -394,7 +384,7 @@ async fn user_cli_exports_and_forgets_without_a_daemon() {
         .user(&UserRef::new(Platform::Telegram, "5550123"))
         .unwrap()
         .is_none());
-    for (tree, row) in dump_text(&app.store) {
+    for (tree, row) in stored_text(&app, backend) {
         for needle in ["5550123", "cli question", "echo: cli"] {
             assert!(!row.contains(needle), "{tree}: {row}");
         }
@@ -445,10 +435,9 @@ async fn personal_output_is_personal_and_the_rest_public() {
 
 /// A Discord user renamed to a Telegram VIP's username must not receive the VIP's
 /// admin actions; a renamed user's old name resolves to nobody.
-#[tokio::test]
-async fn usernames_resolve_per_platform_and_renames_leave_nothing_stale() {
+async fn usernames_resolve_per_platform_and_renames_leave_nothing_stale(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, ADMINS);
+    let root = Root::on(backend, &llm.base_url, ADMINS);
     let app = root.build();
     let e = &app.engine;
     let mut vip = on(Platform::Telegram, "10", "hi");
@@ -512,21 +501,21 @@ async fn usernames_resolve_per_platform_and_renames_leave_nothing_stale() {
     assert!(got.starts_with("I don't know @vip_new"), "{got}");
 }
 
-/// Every (tree, key, value) with values decrypted, as text.
-fn dump_open_text(store: &SledStore) -> Vec<(String, String)> {
-    crate::harness::rows_as_text(store.dump_open().unwrap())
-}
-
 /// Leaves a pending reply, an inbox entry, audit entries by and about the user and a
 /// username, then `/forget`s: no tree may hold the id or any of the words afterwards.
-async fn forget_leaves_nothing(data_key: Option<&str>) {
+async fn forget_leaves_nothing(backend: &Backend, data_key: Option<&str>) {
     let llm = FakeOpenAi::start().await;
     let root = Root::new(&llm.base_url, ADMINS);
     if let Some(key) = data_key {
         std::fs::write(root.env_file(), format!("CONFAB_DATA_KEY=\"{key}\"\n")).unwrap();
     }
+    root.use_backend(backend);
     let app = root.build();
-    assert_eq!(app.store.is_encrypted(), data_key.is_some());
+    let encrypted = match backend {
+        Backend::Sled => app.sled().unwrap().is_encrypted(),
+        Backend::Redis(_) => app.backend.redis().unwrap().is_encrypted(),
+    };
+    assert_eq!(encrypted, data_key.is_some());
     let e = &app.engine;
     let user = |said: &str| on(Platform::Telegram, "4242", said);
     let mut m = user("a unique question about zebras");
@@ -552,9 +541,11 @@ async fn forget_leaves_nothing(data_key: Option<&str>) {
         )
         .unwrap();
     e.handle(&on(Platform::Telegram, "77", "keep me")).await;
-    let before = dump_open_text(&app.store);
-    assert!(before.iter().any(|(_, r)| r.contains("zebras")), "seeded");
-    assert!(before.iter().any(|(t, _)| t == "inbox"), "seeded");
+    let before = stored_text(&app, backend);
+    if data_key.is_none() || matches!(backend, Backend::Sled) {
+        assert!(before.iter().any(|(_, r)| r.contains("zebras")), "seeded");
+        assert!(before.iter().any(|(_, r)| r.contains("narwhals")), "seeded");
+    }
 
     e.handle(&user("/forget")).await;
     let done = text(&e.handle(&user("/forget confirm")).await);
@@ -562,7 +553,7 @@ async fn forget_leaves_nothing(data_key: Option<&str>) {
         done.starts_with("Deleted: 4 messages in 1 conversations"),
         "{done}"
     );
-    for (tree, row) in dump_open_text(&app.store) {
+    for (tree, row) in stored_text(&app, backend) {
         for needle in [
             "4242",
             "zebras",
@@ -586,20 +577,22 @@ async fn forget_leaves_nothing(data_key: Option<&str>) {
     assert_eq!(app.store.all_turns(&other).unwrap().len(), 2);
 }
 
-#[tokio::test]
-async fn forget_leaves_no_trace_in_any_tree() {
-    forget_leaves_nothing(None).await;
+async fn forget_leaves_no_trace_in_any_tree(backend: &Backend) {
+    forget_leaves_nothing(backend, None).await;
 }
 
-#[tokio::test]
-async fn forget_leaves_no_trace_in_any_tree_of_an_encrypted_store() {
-    forget_leaves_nothing(Some("a long passphrase for the forget test")).await;
+async fn forget_leaves_no_trace_in_any_tree_of_an_encrypted_store(backend: &Backend) {
+    forget_leaves_nothing(backend, Some("a long passphrase for the forget test")).await;
 }
 
-#[tokio::test]
-async fn a_forwarded_admin_command_is_never_executed() {
+on_both_backends!(
+    forget_leaves_no_trace_in_any_tree,
+    forget_leaves_no_trace_in_any_tree_of_an_encrypted_store,
+);
+
+async fn a_forwarded_admin_command_is_never_executed(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, ADMINS);
+    let root = Root::on(backend, &llm.base_url, ADMINS);
     let app = root.build();
     let e = &app.engine;
     e.handle(&on(Platform::Telegram, "7", "hello")).await;
@@ -620,10 +613,9 @@ async fn a_forwarded_admin_command_is_never_executed() {
     assert!(app.store.user(&victim).unwrap().unwrap().banned.is_some());
 }
 
-#[tokio::test]
-async fn maintenance_mode_survives_a_restart() {
+async fn maintenance_mode_survives_a_restart(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, ADMINS);
+    let root = Root::on(backend, &llm.base_url, ADMINS);
     {
         let app = root.build();
         let on_ = on(
@@ -691,7 +683,8 @@ async fn a_corrupt_user_record_is_refused_not_reset() {
         "{got}"
     );
     let raw = app
-        .store
+        .sled()
+        .unwrap()
         .db()
         .open_tree("users")
         .unwrap()

@@ -5,10 +5,20 @@ use std::time::Duration;
 
 use confab::domain::{Content, Rejection, Reply, ReplyKind};
 use confab::engine::{MSG_LLM_FAILED, MSG_LLM_UNAVAILABLE, MSG_NON_TEXT};
-use confab::store::{CacheStore, ConversationStore};
 
 use crate::fake_openai::{Behavior, FakeOpenAi};
-use crate::harness::{msg, text, Root};
+use crate::harness::{msg, on_both_backends, text, Backend, Root};
+
+on_both_backends!(
+    answers_and_remembers_the_conversation,
+    memory_survives_a_store_reopen,
+    daily_budget_is_enforced_with_one_notice,
+    cache_hit_makes_no_llm_call,
+    trimming_keeps_the_newest_turns,
+    duplicates_and_crash_redelivery,
+    reset_and_usage_commands,
+    sweeper_purges_old_turns_and_expired_cache,
+);
 
 fn kind(reply: &Reply) -> Option<ReplyKind> {
     match reply {
@@ -17,10 +27,9 @@ fn kind(reply: &Reply) -> Option<ReplyKind> {
     }
 }
 
-#[tokio::test]
-async fn answers_and_remembers_the_conversation() {
+async fn answers_and_remembers_the_conversation(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "");
+    let root = Root::on(backend, &llm.base_url, "");
     let app = root.build();
     let r1 = app.engine.handle(&msg("1", "my name is Ann")).await;
     assert_eq!(text(&r1), "echo: my name is Ann");
@@ -42,10 +51,9 @@ async fn answers_and_remembers_the_conversation() {
     assert_eq!(llm.requests().pop().unwrap().messages.len(), 2);
 }
 
-#[tokio::test]
-async fn memory_survives_a_store_reopen() {
+async fn memory_survives_a_store_reopen(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "");
+    let root = Root::on(backend, &llm.base_url, "");
     {
         let app = root.build();
         app.engine.handle(&msg("7", "remember the number 42")).await;
@@ -117,10 +125,9 @@ async fn rate_limit_notice_once_per_window() {
     );
 }
 
-#[tokio::test]
-async fn daily_budget_is_enforced_with_one_notice() {
+async fn daily_budget_is_enforced_with_one_notice(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "[limits]\ndaily_tokens = 30\n");
+    let root = Root::on(backend, &llm.base_url, "[limits]\ndaily_tokens = 30\n");
     let app = root.build();
     let first = app
         .engine
@@ -149,10 +156,9 @@ async fn daily_budget_is_enforced_with_one_notice() {
     );
 }
 
-#[tokio::test]
-async fn cache_hit_makes_no_llm_call() {
+async fn cache_hit_makes_no_llm_call(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "");
+    let root = Root::on(backend, &llm.base_url, "");
     let app = root.build();
     let a = app.engine.handle(&msg("1", "What is Rust?")).await;
     // same persona (the prompt names the user, so use a same-named user on another chat)
@@ -338,10 +344,10 @@ async fn timeout_is_honoured() {
     assert_eq!(llm.request_count(), 2);
 }
 
-#[tokio::test]
-async fn trimming_keeps_the_newest_turns() {
+async fn trimming_keeps_the_newest_turns(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(
+    let root = Root::on(
+        backend,
         &llm.base_url,
         "[memory]\nmax_context_tokens = 80\n[limits]\nburst = 100\n",
     );
@@ -408,10 +414,9 @@ async fn bad_input_gets_clear_notices() {
     assert_eq!(llm.request_count(), 0);
 }
 
-#[tokio::test]
-async fn duplicates_and_crash_redelivery() {
+async fn duplicates_and_crash_redelivery(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "");
+    let root = Root::on(backend, &llm.base_url, "");
     let app = root.build();
     let m = msg("1", "hello");
     let r = app.engine.handle(&m).await;
@@ -426,10 +431,9 @@ async fn duplicates_and_crash_redelivery() {
     assert_eq!(app.store.all_turns(&m.conversation()).unwrap().len(), 2);
 }
 
-#[tokio::test]
-async fn reset_and_usage_commands() {
+async fn reset_and_usage_commands(backend: &Backend) {
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "");
+    let root = Root::on(backend, &llm.base_url, "");
     let app = root.build();
     app.engine.handle(&msg("1", "remember me")).await;
     let r = app.engine.handle(&msg("1", "/reset")).await;
@@ -538,11 +542,11 @@ async fn one_conversation_in_order_many_in_parallel() {
     assert!(questions.iter().all(|q| q == "q0"), "{questions:?}");
 }
 
-#[tokio::test]
-async fn sweeper_purges_old_turns_and_expired_cache() {
+async fn sweeper_purges_old_turns_and_expired_cache(backend: &Backend) {
     use confab::store::{CacheEntry, Role, Turn};
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(
+    let root = Root::on(
+        backend,
         &llm.base_url,
         "[memory]\nretention_days = 1\n[cache]\nttl_secs = 60\n",
     );

@@ -25,7 +25,7 @@ async fn message_text_is_encrypted_at_rest_and_a_wrong_key_is_refused() {
         let app = root.build();
         let r = app.engine.handle(&msg("1", "my secret is flamingo")).await;
         assert_eq!(text(&r), "echo: my secret is flamingo");
-        for (tree, k, v) in app.store.dump().unwrap() {
+        for (tree, k, v) in app.sled().unwrap().dump().unwrap() {
             let row = format!(
                 "{}{}",
                 String::from_utf8_lossy(&k),

@@ -260,3 +260,121 @@ pub async fn cli_export(root: &Root, user: &str) -> std::process::Output {
     .await
     .expect("export task")
 }
+
+/// Which store a test runs on: the same test bodies run on both (see
+/// [`on_both_backends`]).
+pub enum Backend {
+    Sled,
+    /// A real `redis-server` of the test's own, stopped when the test ends.
+    Redis(crate::redis_server::RedisServer),
+}
+
+impl Backend {
+    /// A fresh `redis-server` on a free loopback port.
+    pub fn redis() -> Backend {
+        Backend::Redis(crate::redis_server::RedisServer::start())
+    }
+}
+
+impl Root {
+    /// [`Root::new`] on `backend`.
+    pub fn on(backend: &Backend, base_url: &str, settings: &str) -> Root {
+        let root = Root::new(base_url, settings);
+        root.use_backend(backend);
+        root
+    }
+
+    /// Points the root's store at `backend`: for Redis, `[store] backend = "redis"`
+    /// appended to config/staging.toml and the URL added to `.env.test` (call it after
+    /// anything that rewrites the env file).
+    pub fn use_backend(&self, backend: &Backend) {
+        if let Backend::Redis(server) = backend {
+            self.use_redis(server);
+        }
+    }
+
+    /// See [`Root::use_backend`].
+    pub fn use_redis(&self, server: &crate::redis_server::RedisServer) {
+        use std::io::Write;
+        let append = |path: PathBuf, text: String| {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .expect("open for append");
+            f.write_all(text.as_bytes()).expect("append");
+        };
+        append(
+            self.path().join("config/staging.toml"),
+            "\n[store]\nbackend = \"redis\"\nredis_timeout_ms = 1500\n".into(),
+        );
+        append(
+            self.env_file(),
+            format!("\nCONFAB_REDIS_URL={}\n", server.url()),
+        );
+    }
+}
+
+/// Runs each named `async fn NAME(backend: &Backend)` as two tests, `NAME::sled` and
+/// `NAME::redis` (a real `redis-server` of its own, on tokio's multi-thread runtime,
+/// which the Redis store's blocking bridge needs).
+macro_rules! on_both_backends {
+    (multi_thread: $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sled() {
+                super::$name(&crate::harness::Backend::Sled).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let backend = crate::harness::Backend::redis();
+                super::$name(&backend).await
+            }
+        }
+    )*};
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sled() {
+                super::$name(&crate::harness::Backend::Sled).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let backend = crate::harness::Backend::redis();
+                super::$name(&backend).await
+            }
+        }
+    )*};
+}
+pub(crate) use on_both_backends;
+
+/// Everything stored, as `(where, "key => value")` text: sled's trees (values
+/// decrypted), or every Redis key with its whole value as `redis-cli` prints it.
+pub fn stored_text(app: &App, backend: &Backend) -> Vec<(String, String)> {
+    match backend {
+        Backend::Sled => rows_as_text(app.sled().expect("sled").dump_open().expect("dump")),
+        Backend::Redis(server) => redis_text(server),
+    }
+}
+
+/// Every key of a Redis server with its value, read with `redis-cli` (so the test sees
+/// what an operator would).
+pub fn redis_text(server: &crate::redis_server::RedisServer) -> Vec<(String, String)> {
+    let keys = server.cli(&["--scan"]);
+    let mut out = Vec::new();
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let value = match server.cli(&["TYPE", key]).as_str() {
+            "string" => server.cli(&["--raw", "GET", key]),
+            "list" => server.cli(&["--raw", "LRANGE", key, "0", "-1"]),
+            "hash" => server.cli(&["--raw", "HGETALL", key]),
+            "set" => server.cli(&["--raw", "SMEMBERS", key]),
+            "zset" => server.cli(&["--raw", "ZRANGE", key, "0", "-1", "WITHSCORES"]),
+            "stream" => server.cli(&["--raw", "XRANGE", key, "-", "+"]),
+            other => format!("<{other}>"),
+        };
+        out.push(("redis".to_string(), format!("{key} => {value}")));
+    }
+    out
+}

@@ -27,5 +27,6 @@ mod ops_http;
 mod otel;
 mod personal;
 mod privacy;
+mod redis;
 mod systemd;
 mod telegram;

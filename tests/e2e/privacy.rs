@@ -94,11 +94,11 @@ async fn with_a_key_no_tree_holds_anything_personal_in_the_clear() {
     {
         let app = root.build();
         populate(&app).await;
-        assert_nothing_personal(&app.store);
+        assert_nothing_personal(app.sled().unwrap());
     }
     // and everything still works after a restart with the same key
     let app = root.build();
-    assert_nothing_personal(&app.store);
+    assert_nothing_personal(app.sled().unwrap());
     let e = &app.engine;
     let who = text(&e.handle(&admin("/admin whois @zq_hidden")).await);
     assert!(who.contains("Zanzibar Quill @zq_hidden"), "{who}");
@@ -121,9 +121,9 @@ async fn a_plaintext_store_is_encrypted_on_the_first_start_with_a_key() {
     let root = Root::new(&llm.base_url, ADMINS);
     {
         let app = root.build();
-        assert!(!app.store.is_encrypted());
+        assert!(!app.sled().unwrap().is_encrypted());
         populate(&app).await;
-        let rows = raw_rows(&app.store);
+        let rows = raw_rows(app.sled().unwrap());
         assert!(
             rows.iter().any(|(_, r)| r.contains("zanzibar")),
             "plain before"
@@ -131,8 +131,8 @@ async fn a_plaintext_store_is_encrypted_on_the_first_start_with_a_key() {
     }
     set_key(&root, HEX_KEY);
     let app = root.build();
-    assert!(app.store.is_encrypted());
-    assert_nothing_personal(&app.store);
+    assert!(app.sled().unwrap().is_encrypted());
+    assert_nothing_personal(app.sled().unwrap());
     // nothing was lost: the ban, the name, the username, the memory
     let who = text(&app.engine.handle(&admin("/admin whois @zq_hidden")).await);
     assert!(who.contains("BANNED by tg:100 (sock puppet ring)"), "{who}");
@@ -163,9 +163,10 @@ async fn a_backup_edited_without_the_key_is_refused() {
     set_key(&root, HEX_KEY);
     let app = root.build();
     populate(&app).await;
-    let rows = app.store.dump().unwrap();
+    let rows = app.sled().unwrap().dump().unwrap();
     let auth = app
-        .store
+        .sled()
+        .unwrap()
         .backup_auth()
         .expect("an encrypted store signs its backups");
     let good = backup::encode(&rows, Some(&auth)).unwrap();

@@ -3,7 +3,7 @@
 
 use super::{bot_file, Check};
 use crate::config::secrets::{self, Vars};
-use crate::config::{BotConfig, Config, Env, Problem, Secret, DATA_KEY_ENV};
+use crate::config::{BotConfig, Config, Env, Problem, Secret, StoreBackend, DATA_KEY_ENV};
 
 pub(crate) struct Policy<'a> {
     pub config_file: &'a str,
@@ -54,6 +54,10 @@ pub(crate) fn secrets_and_policy(
         && config.admins.discord.is_empty()
     {
         c.push("admins", "production needs at least one admin");
+    }
+    if config.store.backend == StoreBackend::Redis {
+        let var = config.store.redis_url_env.clone();
+        config.store.redis_url = rules.secret(&mut c, "store.redis_url_env", &var, true);
     }
     config.data_key = data_key(&rules, problems);
     for bot in &mut config.bots {

@@ -234,6 +234,26 @@ fn store(s: StoreConfig, c: &mut Check<'_>) -> StoreConfig {
             ),
         );
     }
+    c.env_name("store.redis_url_env", &s.redis_url_env);
+    c.at_least_one("store.redis_timeout_ms", s.redis_timeout_ms);
+    if s.redis_timeout_ms > 60_000 {
+        c.push(
+            "store.redis_timeout_ms",
+            format!(
+                "{} ms is too long a wait for Redis; use at most 60000",
+                s.redis_timeout_ms
+            ),
+        );
+    }
+    if let Some(p) = &s.redis_prefix {
+        let bad = |ch: char| ch.is_whitespace() || ch.is_control() || "{}*?[]\\".contains(ch);
+        if p.is_empty() || p.len() > 64 || p.chars().any(bad) {
+            c.push(
+                "store.redis_prefix",
+                "1 to 64 characters without spaces, braces or glob characters (e.g. \"confab:staging\")",
+            );
+        }
+    }
     s
 }
 

@@ -130,49 +130,14 @@ impl SledStore {
     /// and usernames become [`FORGOTTEN`], and a command naming them keeps only its name.
     fn forget_in_audit(&self, user: &UserRef, aliases: &[String]) -> StoreResult<usize> {
         let _gate = self.write_gate();
-        let me = user.to_string();
-        let names: Vec<String> = std::iter::once(me.clone())
-            .chain(aliases.iter().map(|a| format!("@{a}")))
-            .chain(
-                aliases
-                    .iter()
-                    .map(|a| format!("{}:@{a}", user.platform.prefix())),
-            )
-            .collect();
-        let scrub = |s: &str| -> Option<String> {
-            let mut out: Option<String> = None;
-            for n in &names {
-                if let Some(r) = replace_whole(out.as_deref().unwrap_or(s), n, FORGOTTEN) {
-                    out = Some(r);
-                }
-            }
-            out
-        };
         let mut n = 0;
         for item in self.audit.iter() {
             let (k, v) = item.map_err(io)?;
             let Some(mut e) = self.decode::<AuditEntry>("audit", &k, &v) else {
                 continue;
             };
-            let by_them = e.actor == me;
-            let target = e.target.as_deref().map(|t| (t == me, scrub(t)));
-            let command = scrub(&e.command);
-            let result = scrub(&e.result);
-            let about_them = matches!(target, Some((true, _)) | Some((_, Some(_))));
-            if !(by_them || about_them || command.is_some() || result.is_some()) {
+            if !scrub_audit_entry(&mut e, user, aliases) {
                 continue;
-            }
-            if by_them {
-                e.actor = FORGOTTEN.to_string();
-            }
-            if let Some((exact, scrubbed)) = target {
-                if exact || scrubbed.is_some() {
-                    e.target = Some(FORGOTTEN.to_string());
-                }
-            }
-            e.command = redact_command(&e.command);
-            if let Some(r) = result {
-                e.result = r;
             }
             self.audit
                 .insert(&k, self.encode("audit", &k, &e)?)
@@ -181,6 +146,55 @@ impl SledStore {
         }
         Ok(n)
     }
+}
+
+/// Rewrites an audit entry that names `user` (by id or one of their `aliases`, the
+/// normalised usernames): their id and names become [`FORGOTTEN`], a command naming
+/// them keeps only its name. False when the entry is not about them (left as it is).
+pub(in crate::store) fn scrub_audit_entry(
+    e: &mut AuditEntry,
+    user: &UserRef,
+    aliases: &[String],
+) -> bool {
+    let me = user.to_string();
+    let names: Vec<String> = std::iter::once(me.clone())
+        .chain(aliases.iter().map(|a| format!("@{a}")))
+        .chain(
+            aliases
+                .iter()
+                .map(|a| format!("{}:@{a}", user.platform.prefix())),
+        )
+        .collect();
+    let scrub = |s: &str| -> Option<String> {
+        let mut out: Option<String> = None;
+        for n in &names {
+            if let Some(r) = replace_whole(out.as_deref().unwrap_or(s), n, FORGOTTEN) {
+                out = Some(r);
+            }
+        }
+        out
+    };
+    let by_them = e.actor == me;
+    let target = e.target.as_deref().map(|t| (t == me, scrub(t)));
+    let command = scrub(&e.command);
+    let result = scrub(&e.result);
+    let about_them = matches!(target, Some((true, _)) | Some((_, Some(_))));
+    if !(by_them || about_them || command.is_some() || result.is_some()) {
+        return false;
+    }
+    if by_them {
+        e.actor = FORGOTTEN.to_string();
+    }
+    if let Some((exact, scrubbed)) = target {
+        if exact || scrubbed.is_some() {
+            e.target = Some(FORGOTTEN.to_string());
+        }
+    }
+    e.command = redact_command(&e.command);
+    if let Some(r) = result {
+        e.result = r;
+    }
+    true
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use sled::{Db, Tree};
 pub use dump::{DumpCursor, DumpRow};
 pub use flush::FlushCounts;
 use flush::Flusher;
+pub(in crate::store) use forget::scrub_audit_entry;
 pub use forget::FORGOTTEN;
 pub use migrate::backup_auth_for_rows;
 

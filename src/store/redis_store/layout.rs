@@ -1,0 +1,336 @@
+//! Key names and value encoding on Redis.
+//!
+//! Every key starts with the configured prefix (`confab:staging`). Per-user keys carry
+//! the user in a hash tag, so a user's conversations, index and record share a slot:
+//! `P:turns:{U}:C` (a list of turns, oldest first), `P:convs:{U}` (hash: conversation
+//! id → conversation), `P:user:{U}` (the record), `P:users` (set of U), `P:username:N`
+//! (→ user), `P:cache:K` (entry, native TTL) with `P:cache_index` (sorted set by
+//! created_at), `P:audit` (a stream), `P:handled:ID` (TTL), `P:inbox` and `P:meta`
+//! (hashes). Without a data key U is `tg:123`, C the escaped conversation, N
+//! `tg:name`, K the hex cache key; with one they are keyed hashes (hex) and every
+//! personal value is sealed with the tree name and the key as associated data, like
+//! sled's. A plaintext value where a sealed one belongs is a corrupt entry.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::RedisStore;
+use crate::domain::{ConversationKey, Platform, UserRef};
+use crate::store::{crypto, StoreError, StoreResult};
+
+/// Escapes a part of a key: everything but `[A-Za-z0-9._@-]` as `%XX`, so `:`, `{`, `}`
+/// and `*` never appear inside a part.
+pub(super) fn escape(part: &str) -> String {
+    let mut out = String::with_capacity(part.len());
+    for b in part.bytes() {
+        if b.is_ascii_alphanumeric() || b"._@-".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn unescape(part: &str) -> Option<String> {
+    super::percent_decode(part).ok()
+}
+
+/// `bot:platform:chat:user`, each part escaped: a conversation as text.
+pub(super) fn conversation_text(key: &ConversationKey) -> String {
+    [
+        key.bot.as_str(),
+        key.platform.prefix(),
+        key.chat.as_str(),
+        key.user.as_str(),
+    ]
+    .map(escape)
+    .join(":")
+}
+
+pub(super) fn parse_conversation(text: &str) -> Option<ConversationKey> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [bot, platform, chat, user] = parts.as_slice() else {
+        return None;
+    };
+    let platform = match *platform {
+        "tg" => Platform::Telegram,
+        "dc" => Platform::Discord,
+        "cli" => Platform::Terminal,
+        _ => return None,
+    };
+    Some(ConversationKey {
+        bot: unescape(bot)?,
+        platform,
+        chat: unescape(chat)?,
+        user: unescape(user)?,
+    })
+}
+
+/// `@Name` → `name`: the form usernames are indexed by.
+pub(super) fn normalise_username(name: &str) -> String {
+    name.trim().trim_start_matches('@').to_lowercase()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl RedisStore {
+    /// `P:rest`.
+    pub(super) fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    /// `plain` as is, or the hex of its keyed hash when a data key is set.
+    fn hide(&self, domain: &[u8], plain: String) -> String {
+        match &self.keys {
+            Some(k) => hex(&k.index(domain, plain.as_bytes())[..16]),
+            None => plain,
+        }
+    }
+
+    /// A user's id in keys (`tg:123` or a hash).
+    pub(super) fn user_id(&self, user: &UserRef) -> String {
+        let plain = format!("{}:{}", user.platform.prefix(), escape(&user.id));
+        self.hide(b"user", plain)
+    }
+
+    /// A conversation's id in keys.
+    pub(super) fn conversation_id(&self, key: &ConversationKey) -> String {
+        self.hide(b"conv", conversation_text(key))
+    }
+
+    pub(super) fn turns_key(&self, key: &ConversationKey) -> String {
+        let user = self.user_id(&key.user_ref());
+        self.key(&format!("turns:{{{user}}}:{}", self.conversation_id(key)))
+    }
+
+    pub(super) fn convs_key(&self, user: &UserRef) -> String {
+        self.key(&format!("convs:{{{}}}", self.user_id(user)))
+    }
+
+    pub(super) fn user_key(&self, user: &UserRef) -> String {
+        self.key(&format!("user:{{{}}}", self.user_id(user)))
+    }
+
+    pub(super) fn users_key(&self) -> String {
+        self.key("users")
+    }
+
+    pub(super) fn username_key(&self, platform: Platform, name: &str) -> String {
+        let plain = format!(
+            "{}:{}",
+            platform.prefix(),
+            escape(&normalise_username(name))
+        );
+        self.key(&format!("username:{}", self.hide(b"username", plain)))
+    }
+
+    /// The id of a cache entry: the engine's hash, keyed with a data key.
+    pub(super) fn cache_id(&self, key: &[u8; 32]) -> String {
+        match &self.keys {
+            Some(k) => hex(&k.index(b"cache", key)),
+            None => hex(key),
+        }
+    }
+
+    pub(super) fn cache_key(&self, id: &str) -> String {
+        self.key(&format!("cache:{id}"))
+    }
+
+    pub(super) fn cache_index_key(&self) -> String {
+        self.key("cache_index")
+    }
+
+    pub(super) fn audit_key(&self) -> String {
+        self.key("audit")
+    }
+
+    pub(super) fn handled_key(&self, update: &str) -> String {
+        self.key(&format!("handled:{}", escape(update)))
+    }
+
+    pub(super) fn inbox_key(&self) -> String {
+        self.key("inbox")
+    }
+
+    pub(super) fn meta_key(&self) -> String {
+        self.key("meta")
+    }
+
+    /// Seals `plain` for `tree` and row `key` when a data key is set.
+    pub(super) fn seal(&self, tree: &str, key: &str, plain: &[u8]) -> Vec<u8> {
+        match &self.keys {
+            Some(k) => k.seal(tree, key.as_bytes(), plain),
+            None => plain.to_vec(),
+        }
+    }
+
+    pub(super) fn unseal(&self, tree: &str, key: &str, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        match &self.keys {
+            Some(k) => k.open(tree, key.as_bytes(), bytes),
+            None if crypto::is_sealed(bytes) => Err("encrypted, but no data key is set".into()),
+            None => Ok(bytes.to_vec()),
+        }
+    }
+
+    pub(super) fn encode<T: Serialize>(
+        &self,
+        tree: &str,
+        key: &str,
+        v: &T,
+    ) -> StoreResult<Vec<u8>> {
+        let plain = serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
+        Ok(self.seal(tree, key, &plain))
+    }
+
+    /// Decodes a value; an unreadable one is an error naming the tree (never its
+    /// contents or key).
+    pub(super) fn decode_strict<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        key: &str,
+        bytes: &[u8],
+    ) -> StoreResult<T> {
+        let plain = self
+            .unseal(tree, key, bytes)
+            .map_err(|reason| StoreError::Corrupt { tree, reason })?;
+        serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
+            tree,
+            reason: format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        })
+    }
+
+    /// Decodes a value; a corrupt one is logged and skipped.
+    pub(super) fn decode<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Option<T> {
+        match self.decode_strict(tree, key, bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(tree, error = %e, "corrupt store entry skipped");
+                None
+            }
+        }
+    }
+
+    /// Derives the data key's sub-keys (a passphrase with the salt kept in `P:meta`)
+    /// and checks it against the key check the store was first written with: a wrong
+    /// key, or none for a sealed store, fails here.
+    pub(super) fn apply_key(&mut self, secret: Option<&str>) -> StoreResult<()> {
+        let meta = self.meta_key();
+        let open_err = |reason: String| StoreError::Open {
+            path: format!("redis ({})", self.prefix),
+            reason,
+        };
+        let Some(secret) = secret else {
+            let check: Option<Vec<u8>> = self.hget(&meta, "key_check2")?;
+            if check.is_some() {
+                return Err(open_err(
+                    "the store is encrypted but CONFAB_DATA_KEY is not set".into(),
+                ));
+            }
+            return Ok(());
+        };
+        let salt = crypto::new_salt().to_vec();
+        self.hsetnx(&meta, "kdf_salt", &salt)?;
+        let salt: Vec<u8> = self.hget(&meta, "kdf_salt")?.unwrap_or(salt);
+        self.keys = Some(crypto::Keys::derive(secret, &salt).map_err(open_err)?);
+        let sealed = self.seal("meta", "key_check2", crypto::CHECK2);
+        self.hsetnx(&meta, "key_check2", &sealed)?;
+        let stored: Vec<u8> = self.hget(&meta, "key_check2")?.unwrap_or(sealed);
+        match self.unseal("meta", "key_check2", &stored) {
+            Ok(v) if v == crypto::CHECK2 => Ok(()),
+            _ => Err(open_err(
+                "CONFAB_DATA_KEY does not match the key this store was written with".into(),
+            )),
+        }
+    }
+
+    pub(super) fn hget(&self, key: &str, field: &str) -> StoreResult<Option<Vec<u8>>> {
+        let (key, field) = (key.to_string(), field.to_string());
+        self.run(|mut c| async move {
+            redis::cmd("HGET")
+                .arg(key)
+                .arg(field)
+                .query_async(&mut c)
+                .await
+        })
+    }
+
+    fn hsetnx(&self, key: &str, field: &str, value: &[u8]) -> StoreResult<()> {
+        let (key, field, value) = (key.to_string(), field.to_string(), value.to_vec());
+        self.run(|mut c| async move {
+            redis::cmd("HSETNX")
+                .arg(key)
+                .arg(field)
+                .arg(value)
+                .query_async::<()>(&mut c)
+                .await
+        })
+    }
+
+    /// Every key matching `pattern` (SCAN; for rare whole-store walks: forget, purge).
+    pub(super) fn scan_keys(&self, pattern: &str) -> StoreResult<Vec<String>> {
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let pattern = pattern.to_string();
+            let (next, batch): (u64, Vec<String>) = self.run(|mut c| async move {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut c)
+                    .await
+            })?;
+            out.extend(batch);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The prefix as a SCAN pattern (glob characters escaped).
+    pub(super) fn pattern(&self, rest: &str) -> String {
+        let mut p = String::new();
+        for c in self.prefix.chars() {
+            if "*?[]\\".contains(c) {
+                p.push('\\');
+            }
+            p.push(c);
+        }
+        format!("{p}:{rest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversations_round_trip_through_their_text() {
+        let key = ConversationKey {
+            bot: "assistant".into(),
+            platform: Platform::Discord,
+            chat: "a:b{c}*%".into(),
+            user: "ünï".into(),
+        };
+        let text = conversation_text(&key);
+        assert!(!text.contains('{') && !text.contains('*'), "{text}");
+        assert_eq!(parse_conversation(&text), Some(key));
+        assert_eq!(parse_conversation("a:xx:b:c"), None);
+    }
+}

@@ -1,0 +1,65 @@
+//! The server-side Lua scripts: each one is atomic on Redis (no other command runs in
+//! between), so an exchange's turns, pending reply and usage land together or not at
+//! all. A user record is written compare-and-set: the script applies the new record
+//! only if the stored bytes are still those the caller read (else it returns 0 and the
+//! caller reads again), which works on a multiplexed connection where WATCH does not.
+
+use std::sync::LazyLock;
+
+/// KEYS: 1 user record, 2 users set, 3 turns list, 4 conversations hash, 5 handled.
+/// ARGV: 1 `u` to write the user record, 2 `1` if a record was read, 3 the bytes read,
+/// 4 the new record, 5 the user's id (for the set), 6 conversation id, 7 conversation
+/// (index value), 8 handled entry or empty, 9 handled TTL (s), 10.. turns.
+pub(super) static RECORD_EXCHANGE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if ARGV[1] == 'u' then
+  local cur = redis.call('GET', KEYS[1])
+  if ARGV[2] == '1' then
+    if cur ~= ARGV[3] then return 0 end
+  elseif cur then
+    return 0
+  end
+  redis.call('SET', KEYS[1], ARGV[4])
+  redis.call('SADD', KEYS[2], ARGV[5])
+end
+if #ARGV >= 10 then
+  for i = 10, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+  redis.call('HSETNX', KEYS[4], ARGV[6], ARGV[7])
+end
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[9])
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: 1 user record, 2 users set. ARGV: 1 `1` if a record was read, 2 the bytes
+/// read, 3 the new record, 4 the user's id.
+pub(super) static PUT_USER_IF: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if cur ~= ARGV[2] then return 0 end
+elseif cur then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"#,
+    )
+});
+
+/// Deletes `KEYS[1]` only if it still holds `ARGV[1]` (a username still pointing at
+/// the user who drops it).
+pub(super) static DEL_IF: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
