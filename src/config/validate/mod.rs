@@ -4,6 +4,7 @@
 
 mod bot;
 mod policy;
+mod scale;
 mod settings;
 
 pub(crate) use bot::{bot, bots_together};
