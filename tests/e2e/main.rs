@@ -25,3 +25,4 @@ mod personal;
 mod privacy;
 mod systemd;
 mod telegram;
+mod webhook;
