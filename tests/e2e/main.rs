@@ -23,6 +23,7 @@ mod ops;
 mod ops_http;
 mod personal;
 mod privacy;
+mod shards;
 mod systemd;
 mod telegram;
 mod webhook;
