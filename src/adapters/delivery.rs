@@ -332,10 +332,9 @@ impl<T> Drop for Helper<T> {
 /// What became of a received update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// In the inbox (unless the store failed and the intake allows that) and queued
-    /// (or already queued: a redelivery).
+    /// Stored (see [`Delivery::admit`] on a store failure) and queued, or already queued.
     Queued,
-    /// A queue was full: not stored; the user got a busy notice (or one is due later).
+    /// A queue was full: not stored; the user gets a busy notice (at most one a minute).
     Refused,
     /// The inbox did not take it: neither stored nor queued.
     NotStored,
@@ -482,19 +481,10 @@ impl<P: Outbound> Delivery<P> {
         self.take_in(key, job, tracker, false) == Admission::Queued
     }
 
-    /// [`Delivery::admit`] for an intake that can ask the platform to send the update
-    /// again (a webhook answering 5xx): an update the inbox did not take is not queued
-    /// either ([`Admission::NotStored`]). The caller flushes before acknowledging.
-    pub fn admit_stored(
-        self: &Arc<Self>,
-        key: String,
-        job: P::Job,
-        tracker: &TaskTracker,
-    ) -> Admission {
-        self.take_in(key, job, tracker, true)
-    }
-
-    fn take_in(
+    /// [`Delivery::admit`], telling what became of the update. `must_store`: for an
+    /// intake the platform redelivers to (a webhook answering 5xx), an update the inbox
+    /// did not take is not queued either. The caller flushes before acknowledging.
+    pub fn take_in(
         self: &Arc<Self>,
         key: String,
         job: P::Job,
@@ -508,12 +498,12 @@ impl<P: Outbound> Delivery<P> {
         }
         let store = &self.inbox;
         let entry = Entry { job, panics: 0 };
-        let stored = match serde_json::to_vec(&entry) {
-            Ok(bytes) => store
-                .inbox_put(&key, &bytes)
-                .map_err(|e| tracing::error!(error = %e, "could not store a received update")),
-            Err(e) => Err(tracing::error!(error = %e, "could not encode a received update")),
-        };
+        let stored = serde_json::to_vec(&entry)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| store.inbox_put(&key, &bytes).map_err(|e| e.to_string()));
+        if let Err(e) = &stored {
+            tracing::error!(error = %e, "could not store a received update");
+        }
         if must_store && stored.is_err() {
             return Admission::NotStored;
         }

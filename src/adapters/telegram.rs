@@ -294,21 +294,16 @@ impl TelegramAdapter {
 
     /// One received update (polled or pushed): translated (a panic there is caught and
     /// counted, the update skipped) and admitted to the inbox and queue. `None`: nothing
-    /// for the bot. `must_store`: see [`Delivery::admit_stored`].
+    /// for the bot. `must_store`: see [`Delivery::take_in`].
     fn take(&self, update: Update, tracker: &TaskTracker, must_store: bool) -> Option<Admission> {
         let id = update.id.0;
         let translated =
             std::panic::catch_unwind(AssertUnwindSafe(|| self.translate(id, update.kind)));
         match translated {
-            Ok(Some(job)) if must_store => {
-                Some(self.delivery.admit_stored(self.inbox_key(id), job, tracker))
+            Ok(Some(job)) => {
+                let key = self.inbox_key(id);
+                Some(self.delivery.take_in(key, job, tracker, must_store))
             }
-            Ok(Some(job)) => Some(
-                match self.delivery.admit(self.inbox_key(id), job, tracker) {
-                    true => Admission::Queued,
-                    false => Admission::Refused,
-                },
-            ),
             Ok(None) => None,
             Err(_) => {
                 let at = Panicked::Translating {

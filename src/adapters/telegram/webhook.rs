@@ -1,9 +1,9 @@
 //! Telegram webhook intake (SPEC §14): one local HTTP server for every Telegram bot of
 //! the process, each bot at `<path of webhook_url>/telegram/<bot>`. A request must carry
 //! `X-Telegram-Bot-Api-Secret-Token` (compared in constant time; 401 otherwise, nothing
-//! stored). Its update goes through the same translation and `Delivery::admit_stored`
-//! as a polled one, and the request is answered 200 only once the update is in the
-//! inbox and flushed; a store failure answers 500 (Telegram redelivers), full queues 503
+//! stored). Its update goes through the polled updates' translation and
+//! `Delivery::take_in` (with `must_store`), and the request is answered 200 only once
+//! the update is in the inbox and flushed; a store failure answers 500 (Telegram redelivers), full queues 503
 //! (Telegram retries later, like a paused poll). A body that is no update is counted and
 //! answered 200: Telegram would redeliver a non-2xx answer forever.
 
