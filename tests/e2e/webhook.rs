@@ -324,3 +324,46 @@ async fn check_explains_bad_webhook_settings() {
         "the secret is never echoed: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queues_answer_503_and_telegrams_redelivery_is_answered_later() {
+    let (llm, tg, root, _url) = setup("[delivery]\nmax_pending = 1\n").await;
+    // Long enough for the second update to find the queue full (it is refused until then).
+    llm.set_latency(Duration::from_secs(4));
+    let daemon = Daemon::start(&root);
+    wait_webhook(&tg).await;
+    let first = tg.send_private(47, "Flo", "first");
+    let second = tg.send_private(48, "Gus", "second");
+    wait_reply(&tg, 47, "echo: first").await;
+    wait_reply(&tg, 48, "echo: second").await;
+    assert_eq!(tg.deliveries(first), 1);
+    assert!(
+        tg.deliveries(second) >= 2,
+        "refused (503) while the queue was full, then redelivered: {}",
+        tg.deliveries(second)
+    );
+    assert_eq!(llm.request_count(), 2);
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_mode_deletes_a_webhook_left_behind_and_answers() {
+    let llm = FakeOpenAi::start().await;
+    let tg = FakeTelegram::start(TG_TOKEN, "acme_staging_bot").await;
+    // A webhook left by an earlier run in webhook mode: getUpdates answers 409 meanwhile.
+    let status = reqwest::Client::new()
+        .post(format!("{}/bot{TG_TOKEN}/setWebhook", tg.api_url))
+        .header("content-type", "application/json")
+        .body(json!({ "url": "http://127.0.0.1:9/old" }).to_string())
+        .send()
+        .await
+        .expect("setWebhook")
+        .status();
+    assert!(status.is_success());
+    let root = Root::telegram(&llm.base_url, &tg.api_url, "", TG_BOT_TOML);
+    let daemon = Daemon::start(&root);
+    tg.send_private(49, "Hal", "polling again");
+    wait_reply(&tg, 49, "echo: polling again").await;
+    assert!(tg.webhook().is_none(), "deleteWebhook was called");
+    daemon.stop().await.expect("clean stop");
+}
