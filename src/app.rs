@@ -208,6 +208,8 @@ pub struct Hooks {
     /// Receives the ops HTTP endpoint's bound address once it listens (useful with
     /// `http.bind` on port 0).
     pub http_addr: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    /// Receives the Telegram webhook server's bound address (webhook mode only).
+    pub webhook_addr: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 }
 
 /// The daemon, driven by `control` (signals in production, a channel in tests).
@@ -255,7 +257,13 @@ pub async fn serve_with(
     spawn_sweeper(app.engine.clone(), &shutdown);
     // Intake (polling) stops first; replies in flight run on the tracker and finish.
     let intake = shutdown.token.child_token();
-    let pollers = start_intake(adapters, &intake, &shutdown, &app.delivery);
+    let webhook = start_webhook(&app, &adapters, &intake, &shutdown).await?;
+    if let (Some(tx), Some(w)) = (hooks.webhook_addr, &webhook) {
+        let _ = tx.send(w.addr);
+    }
+    let mut pollers = start_intake(adapters, &intake, &shutdown, &app.delivery);
+    // Drained with the pollers: it stops accepting with intake, requests in flight end.
+    pollers.extend(webhook.map(|w| w.task));
     tracing::info!(%env, bots = app.engine.config().bots.len(), "confab running");
     crate::ops::notify::ready();
     crate::ops::notify::spawn_watchdog(shutdown.token.clone());
@@ -367,6 +375,26 @@ async fn drain(
         tracing::warn!("shutdown timeout reached with work in flight");
     }
     app.store.flush().await.context("flushing the store")
+}
+
+/// Telegram webhook mode: binds the one webhook server of every Telegram bot (a bind
+/// failure stops start-up); `None` in polling mode or without Telegram bots.
+async fn start_webhook(
+    app: &App,
+    adapters: &Adapters,
+    intake: &tokio_util::sync::CancellationToken,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<telegram::webhook::Server>> {
+    let config = app.engine.config();
+    let crate::config::TelegramMode::Webhook(hook) = &config.telegram_mode else {
+        return Ok(None);
+    };
+    if adapters.telegram.is_empty() {
+        return Ok(None);
+    }
+    let tracker = shutdown.tracker.clone();
+    let server = telegram::webhook::start(hook, &adapters.telegram, tracker, intake.clone());
+    Ok(Some(server.await?))
 }
 
 /// Starts every adapter's poller / gateway under a supervisor: a task that dies is

@@ -333,6 +333,17 @@ impl<T> Drop for Helper<T> {
     }
 }
 
+/// What became of a received update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Stored (see [`Delivery::admit`] on a store failure) and queued, or already queued.
+    Queued,
+    /// A queue was full: not stored; the user gets a busy notice (at most one a minute).
+    Refused,
+    /// The inbox did not take it: neither stored nor queued.
+    NotStored,
+}
+
 /// The machinery for one adapter (one bot on one platform).
 pub struct Delivery<P: Outbound> {
     out: Arc<P>,
@@ -475,23 +486,35 @@ impl<P: Outbound> Delivery<P> {
     /// conversation's queue or the adapter is full, not stored and answered with a busy
     /// notice. Returns whether it was accepted.
     pub fn admit(self: &Arc<Self>, key: String, job: P::Job, tracker: &TaskTracker) -> bool {
+        self.take_in(key, job, tracker, false) == Admission::Queued
+    }
+
+    /// [`Delivery::admit`], telling what became of the update. `must_store`: for an
+    /// intake the platform redelivers to (a webhook answering 5xx), an update the inbox
+    /// did not take is not queued either. The caller flushes before acknowledging.
+    pub fn take_in(
+        self: &Arc<Self>,
+        key: String,
+        job: P::Job,
+        tracker: &TaskTracker,
+        must_store: bool,
+    ) -> Admission {
         let conv = P::inbound(&job).conversation().to_string();
         if let Err(full) = self.queue.room(&conv) {
             self.busy(&job, full, tracker);
-            return false;
+            return Admission::Refused;
         }
         let store = &self.inbox;
         let span = self.update_span(&job, false);
         let entry = Entry { job, panics: 0 };
-        match serde_json::to_vec(&entry) {
-            Ok(bytes) => {
-                if let Err(e) = store.inbox_put(&key, &bytes) {
-                    tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not store a received update");
-                }
-            }
-            Err(e) => {
-                tracing::error!(error.kind = ErrorKind::Encode.as_str(), error = %e, "could not encode a received update")
-            }
+        let stored = serde_json::to_vec(&entry)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| store.inbox_put(&key, &bytes).map_err(|e| e.to_string()));
+        if let Err(e) = &stored {
+            tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not store or encode a received update");
+        }
+        if must_store && stored.is_err() {
+            return Admission::NotStored;
         }
         let order = P::order(&entry.job);
         let item = Item::Update {
@@ -500,14 +523,14 @@ impl<P: Outbound> Delivery<P> {
             span,
         };
         match self.push(item, conv, order, tracker) {
-            Ok(_) => true,
+            Ok(_) => Admission::Queued,
             Err((full, item)) => {
                 // Filled up meanwhile (another intake task): nothing half-done.
                 let _ = store.inbox_remove(&key);
                 if let Item::Update { entry, .. } = item {
                     self.busy(&entry.job, full, tracker);
                 }
-                false
+                Admission::Refused
             }
         }
     }

@@ -45,6 +45,7 @@ use crate::events::{ErrorKind, Event};
 
 mod interact;
 mod rest;
+mod shards;
 use interact::Interact;
 use rest::{mentions, DcOut};
 
@@ -270,7 +271,9 @@ impl DiscordAdapter {
             .map_err(|e| format!("building the client: {}", self.scrub(&e)))?;
         let shards = client.shard_manager.clone();
         let mut prune = tokio::time::interval(Duration::from_secs(300));
-        let start = client.start();
+        let layout = self.engine().config().discord_shards;
+        tracing::info!(bot = %self.name, shards = %shards::describe(layout), "discord gateway starting");
+        let start = shards::start(&mut client, layout);
         tokio::pin!(start);
         loop {
             tokio::select! {
@@ -626,7 +629,8 @@ impl EventHandler for Handler {
     async fn ready(&self, _ctx: Context, ready: Ready) {
         let a = &self.adapter;
         a.connected.store(true, Ordering::Relaxed);
-        tracing::info!(bot = %a.name, user = %ready.user.name, "discord gateway connected");
+        let shard = ready.shard.map(|s| format!("{}/{}", s.id, s.total));
+        tracing::info!(bot = %a.name, user = %ready.user.name, shard = ?shard, "discord gateway connected");
         a.register_commands().await;
     }
 

@@ -24,6 +24,10 @@ pub struct DeliveryStats {
     pub overflow: Counter,
     /// Poller / gateway tasks restarted after they died.
     pub task_restarts: Counter,
+    /// Telegram webhook requests answered 200 without an update: unparseable bodies.
+    pub webhook_malformed: Counter,
+    /// Telegram webhook requests refused 401: a missing or wrong secret token.
+    pub webhook_unauthorized: Counter,
 }
 
 /// A point-in-time copy of [`DeliveryStats`].
@@ -35,6 +39,8 @@ pub struct DeliveryCounts {
     pub updates_parked: u64,
     pub overflow: u64,
     pub task_restarts: u64,
+    pub webhook_malformed: u64,
+    pub webhook_unauthorized: u64,
 }
 
 impl DeliveryStats {
@@ -47,6 +53,8 @@ impl DeliveryStats {
             updates_parked: get(&self.updates_parked),
             overflow: get(&self.overflow),
             task_restarts: get(&self.task_restarts),
+            webhook_malformed: get(&self.webhook_malformed),
+            webhook_unauthorized: get(&self.webhook_unauthorized),
         }
     }
 }
@@ -200,4 +208,32 @@ impl_event!(TaskRestarted<'_> => DeliveryStats, |self, stats| {
         tracing::warn!(task = self.task, retry_in = ?self.retry_in, "task stopped; restarting");
     }
     stats.task_restarts.add(1);
+});
+
+/// Why the Telegram webhook turned a request away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookRefusal {
+    /// A body that is no update (answered 200 so Telegram does not redeliver it).
+    Malformed,
+    /// No or a wrong `X-Telegram-Bot-Api-Secret-Token` (answered 401).
+    Unauthorized,
+}
+
+/// A webhook request that carried no update we could take.
+pub struct WebhookRefused<'a> {
+    pub bot: &'a str,
+    pub why: WebhookRefusal,
+}
+
+impl_event!(WebhookRefused<'_> => DeliveryStats, |self, stats| {
+    match self.why {
+        WebhookRefusal::Malformed => {
+            tracing::warn!(bot = self.bot, "telegram webhook: a body that is no update; ignored");
+            stats.webhook_malformed.add(1);
+        }
+        WebhookRefusal::Unauthorized => {
+            tracing::warn!(target: "security", bot = self.bot, "telegram webhook: missing or wrong secret token; refused");
+            stats.webhook_unauthorized.add(1);
+        }
+    }
 });

@@ -15,15 +15,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::requests::Requester;
-use teloxide::types::{AllowedUpdate, BotCommand, Me, MessageEntityKind, Update, UpdateKind};
+use teloxide::types::{BotCommand, Me, MessageEntityKind, Update, UpdateKind};
 use teloxide::{ApiError, Bot, RequestError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::delivery::{Delivery, DeliveryStats};
+use super::delivery::{Admission, Delivery, DeliveryStats};
 use super::events::{Panicked, UpdatePanicked};
 use super::{redact, IdentityError, Throttle};
-use crate::config::{BotConfig, Config, Secret};
+use crate::config::{BotConfig, Config, Secret, TelegramMode};
 use crate::domain::{Content, Inbound, Platform};
 use crate::engine::commands;
 use crate::engine::Engine;
@@ -31,6 +31,7 @@ use crate::events::{ErrorKind, Event};
 use crate::store::InboxStore;
 
 mod out;
+pub mod webhook;
 use out::{scrub, TgOut};
 
 /// Telegram's limit is 4096; leave room for HTML entities added by formatting.
@@ -187,6 +188,13 @@ impl TelegramAdapter {
             tracing::warn!(bot = %self.name, error = %self.scrub(&e), "setMyCommands failed");
         }
         self.delivery.replay(&tracker).await;
+        if let TelegramMode::Webhook(hook) = &self.delivery.engine().config().telegram_mode {
+            return self.run_webhook(hook, stop).await;
+        }
+        // A webhook left by webhook mode would make getUpdates fail (409).
+        if let Err(e) = self.bot.delete_webhook().await {
+            tracing::warn!(bot = %self.name, error = %self.scrub(&e), "deleteWebhook failed");
+        }
         let store = self.delivery_store();
         let mut offset: i32 = store
             .intake_position(&self.offset_key())
@@ -210,7 +218,7 @@ impl TelegramAdapter {
                 .get_updates()
                 .offset(offset)
                 .timeout(POLL_SECS)
-                .allowed_updates(vec![AllowedUpdate::Message, AllowedUpdate::CallbackQuery]);
+                .allowed_updates(webhook::ALLOWED);
             let result = tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = prune.tick() => { self.delivery.out().throttle.prune(); continue; }
@@ -257,22 +265,8 @@ impl TelegramAdapter {
         for update in updates {
             let id = update.id.0;
             offset = offset.max(i32::try_from(id).unwrap_or(i32::MAX).saturating_add(1));
-            let translated =
-                std::panic::catch_unwind(AssertUnwindSafe(|| self.translate(id, update.kind)));
-            match translated {
-                Ok(Some(job)) => {
-                    // Durable before Telegram is told (by the next poll's offset) to forget it.
-                    self.delivery.admit(self.inbox_key(id), job, tracker);
-                }
-                Ok(None) => {}
-                Err(_) => {
-                    let at = Panicked::Translating {
-                        bot: &self.name,
-                        update: u64::from(id),
-                    };
-                    UpdatePanicked { at }.emit(self.delivery.stats());
-                }
-            }
+            // Durable before Telegram is told (by the next poll's offset) to forget it.
+            self.take(update, tracker, false);
         }
         let store = self.delivery_store();
         if let Err(e) = store.flush().await {
@@ -284,6 +278,30 @@ impl TelegramAdapter {
             tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not store the update offset");
         }
         offset
+    }
+
+    /// One received update (polled or pushed): translated (a panic there is caught and
+    /// counted, the update skipped) and admitted to the inbox and queue. `None`: nothing
+    /// for the bot. `must_store`: see [`Delivery::take_in`].
+    fn take(&self, update: Update, tracker: &TaskTracker, must_store: bool) -> Option<Admission> {
+        let id = update.id.0;
+        let translated =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.translate(id, update.kind)));
+        match translated {
+            Ok(Some(job)) => {
+                let key = self.inbox_key(id);
+                Some(self.delivery.take_in(key, job, tracker, must_store))
+            }
+            Ok(None) => None,
+            Err(_) => {
+                let at = Panicked::Translating {
+                    bot: &self.name,
+                    update: u64::from(id),
+                };
+                UpdatePanicked { at }.emit(self.delivery.stats());
+                None
+            }
+        }
     }
 
     fn translate(&self, update_id: u32, kind: UpdateKind) -> Option<Job> {

@@ -174,3 +174,10 @@ pub const DISCORD: Platform = Platform {
     group_per_minute: 60,
     global_per_second: 50,
 };
+
+/// `[telegram] mode`.
+pub const TELEGRAM_MODE: &str = "polling";
+/// `[telegram] webhook_bind`: the local webhook server (behind TLS termination).
+pub const TELEGRAM_WEBHOOK_BIND: &str = "127.0.0.1:8443";
+/// `[telegram] webhook_secret_env`: the variable holding the webhook's secret token.
+pub const TELEGRAM_WEBHOOK_SECRET_ENV: &str = "TELEGRAM_WEBHOOK_SECRET";

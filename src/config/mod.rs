@@ -13,6 +13,7 @@
 mod build;
 pub mod defaults;
 mod raw;
+mod scale;
 mod secrets;
 mod validate;
 
@@ -24,6 +25,8 @@ use std::str::FromStr;
 
 use raw::Doc;
 use secrets::EnvFile;
+
+pub use scale::{Shards, TelegramMode, WebhookConfig};
 
 /// Environment variable holding the optional key for encryption at rest.
 pub const DATA_KEY_ENV: &str = "CONFAB_DATA_KEY";
@@ -207,7 +210,11 @@ pub struct Config {
     pub store: StoreConfig,
     pub admins: AdminsConfig,
     pub telegram: PlatformConfig,
+    /// `[telegram] mode`: long polling (default) or a webhook (SPEC §14).
+    pub telegram_mode: TelegramMode,
     pub discord: PlatformConfig,
+    /// `[discord] shards`: "auto" (default) or this instance's range.
+    pub discord_shards: Shards,
     pub delivery: DeliveryConfig,
     pub audit: AuditConfig,
     /// OpenTelemetry traces (off unless an endpoint is configured).
@@ -1430,11 +1437,22 @@ api_url = "api.telegram.org"
             let obj = json.as_object().cloned().unwrap_or_default();
             obj.into_iter().map(|(k, v)| (k, v.is_null())).collect()
         }
-        let platform = || raw::RawPlatform {
+        let telegram = raw::RawTelegram {
             api_url: Some(String::new()),
             per_chat_per_minute: Some(0),
             group_per_minute: Some(0),
             global_per_second: Some(0),
+            mode: Some(String::new()),
+            webhook_url: None,
+            webhook_bind: Some(String::new()),
+            webhook_secret_env: Some(String::new()),
+        };
+        let discord = raw::RawDiscord {
+            api_url: Some(String::new()),
+            per_chat_per_minute: Some(0),
+            group_per_minute: Some(0),
+            global_per_second: Some(0),
+            shards: Some(toml::Value::String(String::new())),
         };
         let sections = [
             ("http", keys(raw::RawHttp::default())),
@@ -1445,8 +1463,8 @@ api_url = "api.telegram.org"
             ("cache", keys(raw::RawCache::default())),
             ("store", keys(StoreConfig::default())),
             ("admins", keys(AdminsConfig::default())),
-            ("telegram", keys(platform())),
-            ("discord", keys(platform())),
+            ("telegram", keys(telegram)),
+            ("discord", keys(discord)),
             ("delivery", keys(DeliveryConfig::default())),
             ("audit", keys(AuditConfig::default())),
             ("otel", keys(OtelConfig::default())),
@@ -1466,6 +1484,108 @@ api_url = "api.telegram.org"
         }
         for key in ["data_dir", "shutdown_timeout_secs"] {
             assert!(table.contains_key(key), "config/staging.toml lacks {key}");
+        }
+    }
+
+    #[test]
+    fn webhook_mode_needs_a_url_and_a_secret_in_telegrams_alphabet() {
+        let t = Tree::new();
+        t.write("config/staging.toml", "[telegram]\nmode = \"webhook\"\n");
+        let mut opts = t.opts(Env::Staging);
+        opts.require_platform_tokens = true;
+        check(
+            load_with(&opts, &[]),
+            &[
+                "config/staging.toml: telegram.webhook_url: required with mode = \"webhook\": the public https:// URL Telegram calls (e.g. \"https://bot.example.com\"; each bot is served at <url>/telegram/<bot>)",
+                "config/staging.toml: telegram.webhook_secret_env: environment variable TELEGRAM_WEBHOOK_SECRET is not set",
+            ],
+        );
+        t.write("config/staging.toml", "[telegram]\nmode = \"hook\"\n");
+        check(
+            load_with(&opts, &[]),
+            &["config/staging.toml: telegram.mode: `hook` is not one of \"polling\", \"webhook\""],
+        );
+        t.write(
+            "config/staging.toml",
+            "[telegram]\nmode = \"webhook\"\nwebhook_url = \"http://127.0.0.1:1/x\"\nwebhook_bind = \"here\"\nwebhook_secret_env = \"HOOK\"\n",
+        );
+        check(
+            load_with(&opts, &[("HOOK", "not allowed!")]),
+            &[
+                "config/staging.toml: telegram.webhook_bind: `here` is not an IP:port address (e.g. 127.0.0.1:8443)",
+                "config/staging.toml: telegram.webhook_secret_env: the secret in HOOK must be 1 to 256 characters of A-Z, a-z, 0-9, `_` and `-` (Telegram's rule for the secret token)",
+            ],
+        );
+        let long = "a".repeat(257);
+        let problems = lines(load_with(&opts, &[("HOOK", &long)]));
+        assert!(
+            problems.iter().any(|p| p.contains("1 to 256 characters")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().all(|p| !p.contains(&long)),
+            "the secret is never echoed"
+        );
+        t.write(
+            "config/staging.toml",
+            "[telegram]\nmode = \"webhook\"\nwebhook_url = \"http://127.0.0.1:1/x/\"\nwebhook_secret_env = \"HOOK\"\n",
+        );
+        let c = ok(load_with(&opts, &[("HOOK", "s3cr3t_-X")]));
+        let TelegramMode::Webhook(hook) = &c.telegram_mode else {
+            panic!("webhook mode: {:?}", c.telegram_mode);
+        };
+        assert_eq!(hook.url_for("b"), "http://127.0.0.1:1/x/telegram/b");
+        assert_eq!(hook.bind.to_string(), "127.0.0.1:8443");
+        assert_eq!(hook.secret.as_ref().map(Secret::expose), Some("s3cr3t_-X"));
+        // Production: only https.
+        t.write(
+            "config/production.toml",
+            "[admins]\ntelegram = [42]\n[telegram]\nmode = \"webhook\"\nwebhook_url = \"http://bot.example.com\"\n",
+        );
+        let problems = lines(t.load(Env::Production, &[]));
+        assert!(
+            problems.contains(&"config/production.toml: telegram.webhook_url: `http://bot.example.com` is not https://; Telegram calls webhooks over HTTPS only (http:// is allowed in staging, for tests)".to_string()),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn shard_ranges_are_checked_against_the_total() {
+        let t = Tree::new();
+        let shards = |v: &str| {
+            t.write("config/staging.toml", &format!("[discord]\nshards = {v}\n"));
+            t.load(Env::Staging, &[])
+        };
+        assert_eq!(ok(shards("\"auto\"")).discord_shards, Shards::Auto);
+        assert_eq!(ok(t.load(Env::Staging, &[])).discord_shards, Shards::Auto);
+        assert_eq!(
+            ok(shards("{ total = 4, ids = \"2-3\" }")).discord_shards,
+            Shards::Range {
+                total: 4,
+                first: 2,
+                last: 3
+            }
+        );
+        assert_eq!(
+            ok(shards("{ total = 1, ids = \"0\" }")).discord_shards,
+            Shards::Range {
+                total: 1,
+                first: 0,
+                last: 0
+            }
+        );
+        let cases = [
+            ("\"all\"", "discord.shards: \"all\" is not \"auto\" or { total = N, ids = \"A-B\" } (e.g. { total = 4, ids = \"0-1\" })"),
+            ("{ total = 0, ids = \"0-0\" }", "discord.shards.total: 0 is not a shard count (1 to 65535)"),
+            ("{ total = 4, ids = \"3-2\" }", "discord.shards.ids: \"3-2\": the first shard (3) comes after the last (2)"),
+            ("{ total = 4, ids = \"2-4\" }", "discord.shards.ids: \"2-4\": shard 4 does not exist with total = 4 (ids run from 0 to 3)"),
+            ("{ total = 4, ids = \"a-b\" }", "discord.shards.ids: `a-b` is not a shard range like \"0-3\""),
+            ("{ total = 4 }", "discord.shards.ids: missing: the shards this instance runs, e.g. ids = \"0-3\""),
+            ("{ ids = \"0-1\" }", "discord.shards: `total` is missing: \"auto\" or { total = N, ids = \"A-B\" } (e.g. { total = 4, ids = \"0-1\" })"),
+            ("{ total = 4, ids = \"0-1\", count = 2 }", "discord.shards.count: unknown key (expected `total` and `ids`)"),
+        ];
+        for (value, problem) in cases {
+            check(shards(value), &[&format!("config/staging.toml: {problem}")]);
         }
     }
 

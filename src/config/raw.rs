@@ -77,6 +77,56 @@ pub(crate) struct RawPlatform {
     pub global_per_second: Option<u32>,
 }
 
+/// `[telegram]` in the config file: the platform keys plus how updates come in.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawTelegram {
+    pub api_url: Option<String>,
+    pub per_chat_per_minute: Option<u32>,
+    pub group_per_minute: Option<u32>,
+    pub global_per_second: Option<u32>,
+    pub mode: Option<String>,
+    pub webhook_url: Option<String>,
+    pub webhook_bind: Option<String>,
+    pub webhook_secret_env: Option<String>,
+}
+
+/// `[discord]` in the config file: the platform keys plus the shard layout, kept raw
+/// (`"auto"` or a table) so each wrong shape gets its own explanation.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawDiscord {
+    pub api_url: Option<String>,
+    pub per_chat_per_minute: Option<u32>,
+    pub group_per_minute: Option<u32>,
+    pub global_per_second: Option<u32>,
+    pub shards: Option<Value>,
+}
+
+impl RawTelegram {
+    pub fn platform(&self) -> RawPlatform {
+        RawPlatform {
+            api_url: self.api_url.clone(),
+            per_chat_per_minute: self.per_chat_per_minute,
+            group_per_minute: self.group_per_minute,
+            global_per_second: self.global_per_second,
+        }
+    }
+}
+
+impl RawDiscord {
+    pub fn platform(&self) -> RawPlatform {
+        RawPlatform {
+            api_url: self.api_url.clone(),
+            per_chat_per_minute: self.per_chat_per_minute,
+            group_per_minute: self.group_per_minute,
+            global_per_second: self.global_per_second,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // bots/<name>.toml
 

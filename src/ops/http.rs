@@ -113,7 +113,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts connections until `stop`, each served by hyper with a header-read timeout;
 /// at most [`MAX_CONNECTIONS`] at once.
-async fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
@@ -327,6 +327,8 @@ series! {
     UpdatesParked: "updates_parked_total", Counter, [], "Updates moved out of the inbox after repeated panics.";
     QueueOverflow: "queue_overflow_total", Counter, [], "Updates refused because a queue was full (the user got a busy notice).";
     TaskRestarts: "task_restarts_total", Counter, [], "Poller and gateway tasks restarted after they died.";
+    WebhookMalformed: "telegram_webhook_malformed_total", Counter, [], "Telegram webhook requests whose body was no update (answered 200, ignored).";
+    WebhookUnauthorized: "telegram_webhook_unauthorized_total", Counter, [], "Telegram webhook requests refused for a missing or wrong secret token.";
 
     // The process.
     Users: "users", Gauge, [], "Users known to the store.";
@@ -419,6 +421,8 @@ impl EngineCollector {
             Series::UpdatesParked => one(self.delivery.snapshot().updates_parked),
             Series::QueueOverflow => one(self.delivery.snapshot().overflow),
             Series::TaskRestarts => one(self.delivery.snapshot().task_restarts),
+            Series::WebhookMalformed => one(self.delivery.snapshot().webhook_malformed),
+            Series::WebhookUnauthorized => one(self.delivery.snapshot().webhook_unauthorized),
             Series::Users => match self.engine.store().user_count() {
                 Ok(n) => vec![gauge(n as f64)],
                 Err(err) => {

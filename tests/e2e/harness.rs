@@ -156,6 +156,7 @@ impl Daemon {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let hooks = app::Hooks {
             http_addr: Some(addr_tx),
+            ..Default::default()
         };
         let task = tokio::spawn(app::serve_with(cfg, opts, rx, hooks));
         let addr = tokio::time::timeout(std::time::Duration::from_secs(30), addr_rx)

@@ -28,5 +28,7 @@ mod otel;
 mod personal;
 mod privacy;
 mod redis;
+mod shards;
 mod systemd;
 mod telegram;
+mod webhook;

@@ -161,6 +161,13 @@ struct FakeState {
     /// Dispatched while no session was connected: re-sent after an IDENTIFY.
     orphans: Vec<(String, Value)>,
     identify_count: usize,
+    /// The `shard` array of every IDENTIFY, in order (`[0, 1]` when it had none).
+    identified_shards: Vec<[u64; 2]>,
+    /// The shard each connection identified as, and that connection's own sequence
+    /// (for dispatches sent to one shard, see [`FakeDiscord::send_guild_on_shard`]).
+    conn_shards: HashMap<u64, (u64, u64)>,
+    /// What `GET /gateway/bot` recommends.
+    recommended_shards: u64,
     resume_count: usize,
     refuse_resume: bool,
     echo_own: bool,
@@ -278,6 +285,9 @@ impl FakeDiscord {
             log: Vec::new(),
             orphans: Vec::new(),
             identify_count: 0,
+            identified_shards: Vec::new(),
+            conn_shards: HashMap::new(),
+            recommended_shards: 1,
             resume_count: 0,
             refuse_resume: false,
             echo_own: false,
@@ -381,6 +391,60 @@ impl FakeDiscord {
     /// Sequence number of the last dispatch.
     pub fn last_seq(&self) -> u64 {
         lock(&self.state).seq
+    }
+
+    /// What `GET /gateway/bot` recommends as the shard count from now on (default 1).
+    pub fn set_recommended_shards(&self, n: u64) {
+        lock(&self.state).recommended_shards = n;
+    }
+
+    /// The `shard` array (`[id, total]`) of every IDENTIFY so far, in order.
+    pub fn identified_shards(&self) -> Vec<[u64; 2]> {
+        lock(&self.state).identified_shards.clone()
+    }
+
+    /// Waits until `n` IDENTIFYs arrived; returns their shard arrays.
+    pub async fn wait_identified(&self, n: usize, timeout: Duration) -> Vec<[u64; 2]> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.identified_shards().len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.identified_shards()
+    }
+
+    /// MESSAGE_CREATE mentioning the bot in a guild channel, sent only on the connection
+    /// of `shard` (as Discord routes a guild's events to one shard), with that
+    /// connection's own sequence numbers. `false` if no connection identified as `shard`.
+    pub fn send_guild_on_shard(
+        &self,
+        shard: u64,
+        guild_id: u64,
+        channel_id: u64,
+        user_id: u64,
+        username: &str,
+        content: &str,
+    ) -> bool {
+        let mut st = lock(&self.state);
+        let Some((&conn, &(_, seq))) = st
+            .conn_shards
+            .iter()
+            .filter(|(_, (s, _))| *s == shard)
+            .max_by_key(|(c, _)| **c)
+        else {
+            return false;
+        };
+        let bot_id = st.identity.bot_id;
+        let content = format!("<@{bot_id}> {content}");
+        let mut msg = guild_message(&mut st, guild_id, channel_id, user_id, username, &content);
+        let mut bot = st.bot_user();
+        bot["member"] = partial_member_json();
+        msg["mentions"] = json!([bot]);
+        st.store.insert(msg_id(&msg), msg.clone());
+        st.conn_shards.insert(conn, (shard, seq + 1));
+        let text = json!({"op": 0, "s": seq + 1, "t": "MESSAGE_CREATE", "d": msg}).to_string();
+        st.conns
+            .get(&conn)
+            .is_some_and(|tx| tx.send(Out::Text(text)).is_ok())
     }
 
     /// MESSAGE_CREATE in a DM channel (no `guild_id`). Returns the message id.
@@ -1027,6 +1091,7 @@ async fn run_connection(state: Shared, socket: WebSocket) {
     }
     let mut st = lock(&state);
     st.conns.remove(&conn_id);
+    st.conn_shards.remove(&conn_id);
     if st.active == Some(conn_id) {
         st.active = None;
     }
@@ -1057,6 +1122,12 @@ fn handle_op(state: &Shared, conn_id: u64, tx: &mpsc::UnboundedSender<Out>, text
                 return;
             }
             st.identify_count += 1;
+            let shard = match v["d"]["shard"].as_array().map(Vec::as_slice) {
+                Some([id, total]) => [id.as_u64().unwrap_or(0), total.as_u64().unwrap_or(1)],
+                _ => [0, 1],
+            };
+            st.identified_shards.push(shard);
+            st.conn_shards.insert(conn_id, (shard[0], 1));
             st.sessions += 1;
             let session_id = format!("sess-{}", st.sessions);
             st.session_id = Some(session_id.clone());
@@ -1079,7 +1150,7 @@ fn handle_op(state: &Shared, conn_id: u64, tx: &mpsc::UnboundedSender<Out>, text
                     "guilds": [],
                     "session_id": session_id,
                     "resume_gateway_url": st.gateway_url,
-                    "shard": [0, 1],
+                    "shard": shard,
                     "application": {"id": st.identity.app_id.to_string(), "flags": 0},
                     "private_channels": [],
                 }
@@ -1448,7 +1519,7 @@ fn route(
             200,
             Some(json!({
                 "url": st.gateway_url,
-                "shards": 1,
+                "shards": st.recommended_shards,
                 "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1},
             })),
         ),

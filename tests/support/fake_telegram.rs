@@ -139,6 +139,26 @@ struct TgState {
     /// Users whose private chat refuses the bot (see [`FakeTelegram::refuse_private`]).
     refused_private: Vec<i64>,
     down: bool,
+    /// The registered webhook (setWebhook), if any: updates are then POSTed to it.
+    webhook: Option<Webhook>,
+    /// Every setWebhook call, in order.
+    webhook_sets: Vec<Webhook>,
+    /// Whether the pushing task runs (started by the first setWebhook).
+    pusher: bool,
+    /// Webhook POSTs per update id (each attempt, redeliveries included).
+    deliveries: HashMap<i64, usize>,
+    /// Update ids the webhook acknowledged with a 2xx, in order.
+    acked: Vec<i64>,
+    /// Every update pushed and acknowledged, by id (for [`FakeTelegram::redeliver`]).
+    pushed: HashMap<i64, Value>,
+}
+
+/// A webhook as registered with setWebhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    pub secret_token: Option<String>,
+    pub drop_pending_updates: Option<String>,
 }
 
 impl TgState {
@@ -222,6 +242,12 @@ impl FakeTelegram {
                 outages: Vec::new(),
                 refused_private: Vec::new(),
                 down: false,
+                webhook: None,
+                webhook_sets: Vec::new(),
+                pusher: false,
+                deliveries: HashMap::new(),
+                acked: Vec::new(),
+                pushed: HashMap::new(),
             }),
             updates_changed: Notify::new(),
             sent_changed: Notify::new(),
@@ -1268,14 +1294,23 @@ async fn dispatch(
     upload: Option<Upload>,
 ) -> (u16, Value) {
     match method {
-        "getupdates" => get_updates(inner, body).await,
+        "getupdates" if lock(inner).webhook.is_none() => get_updates(inner, body).await,
         "getme" => ok(lock(inner).me()),
-        "getwebhookinfo" => ok(
-            json!({ "url": "", "has_custom_certificate": false, "pending_update_count": lock(inner).updates.len() }),
+        "getupdates" if lock(inner).webhook.is_some() => err(
+            409,
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first",
         ),
-        "deletewebhook" | "close" | "logout" | "answercallbackquery" | "deletemessage" => {
+        "getwebhookinfo" => {
+            let st = lock(inner);
+            let url = st.webhook.as_ref().map(|w| w.url.clone()).unwrap_or_default();
+            ok(json!({ "url": url, "has_custom_certificate": false, "pending_update_count": st.updates.len() }))
+        }
+        "setwebhook" => set_webhook(inner, body),
+        "deletewebhook" => {
+            lock(inner).webhook = None;
             ok(json!(true))
         }
+        "close" | "logout" | "answercallbackquery" | "deletemessage" => ok(json!(true)),
         "sendmessage" => send_message(inner, body),
         "editmessagetext" => edit_message_text(inner, body),
         "senddocument" => send_document(inner, body, upload),
@@ -1580,4 +1615,163 @@ fn send_document(inner: &Shared, body: &Value, upload: Option<Upload>) -> (u16, 
     };
     inner.sent_changed.notify_waiters();
     ok(result)
+}
+
+// ---------------------------------------------------------------------------
+// Webhook: like Telegram, once setWebhook named a URL every queued update is POSTed
+// there (oldest first, one at a time) with the secret header, and redelivered with
+// backoff until the endpoint answers 2xx.
+
+/// Redelivery backoff: first wait, and the longest.
+const PUSH_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+
+fn set_webhook(inner: &Shared, body: &Value) -> (u16, Value) {
+    let url = str_field(body, "url").unwrap_or_default();
+    let hook = Webhook {
+        url: url.clone(),
+        secret_token: str_field(body, "secret_token"),
+        drop_pending_updates: body.get("drop_pending_updates").map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }),
+    };
+    let start = {
+        let mut st = lock(inner);
+        if let Some(list) = body.get("allowed_updates").and_then(Value::as_array) {
+            st.allowed_updates = Some(
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            );
+        }
+        st.webhook_sets.push(hook.clone());
+        st.webhook = (!url.is_empty()).then_some(hook);
+        !std::mem::replace(&mut st.pusher, true)
+    };
+    if start {
+        tokio::spawn(push_loop(inner.clone()));
+    }
+    inner.updates_changed.notify_waiters();
+    ok(json!(true))
+}
+
+/// POSTs the oldest queued update to the webhook until it is acknowledged, then the
+/// next; ends when the fake shuts down.
+async fn push_loop(inner: Shared) {
+    let client = reqwest::Client::new();
+    let mut backoff = PUSH_BACKOFF.0;
+    loop {
+        let notified = inner.updates_changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = {
+            let mut st = lock(&inner);
+            if st.down {
+                return;
+            }
+            let hook = st.webhook.clone();
+            let first = hook
+                .as_ref()
+                .and_then(|_| st.collect_updates(1).into_iter().next());
+            hook.zip(first)
+        };
+        let Some((hook, update)) = next else {
+            notified.await;
+            continue;
+        };
+        let id = update_id(&update);
+        *lock(&inner).deliveries.entry(id).or_default() += 1;
+        let body = update.to_string().into_bytes();
+        let status = post(&client, &hook.url, hook.secret_token.as_deref(), body).await;
+        if (200..300).contains(&status) {
+            let mut st = lock(&inner);
+            if st.updates.front().is_some_and(|u| update_id(u) == id) {
+                st.updates.pop_front();
+            }
+            st.acked.push(id);
+            st.pushed.insert(id, update);
+            backoff = PUSH_BACKOFF.0;
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(PUSH_BACKOFF.1);
+        }
+    }
+}
+
+/// One POST; the status, or 0 when the endpoint could not be reached.
+async fn post(client: &reqwest::Client, url: &str, secret: Option<&str>, body: Vec<u8>) -> u16 {
+    let mut req = client
+        .post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .timeout(Duration::from_secs(60))
+        .body(body);
+    if let Some(secret) = secret {
+        req = req.header("X-Telegram-Bot-Api-Secret-Token", secret);
+    }
+    match req.send().await {
+        Ok(resp) => resp.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+impl FakeTelegram {
+    /// The webhook as last registered (`None` without one, or after deleteWebhook).
+    pub fn webhook(&self) -> Option<Webhook> {
+        self.st().webhook.clone()
+    }
+
+    /// Every setWebhook call, in order.
+    pub fn webhook_sets(&self) -> Vec<Webhook> {
+        self.st().webhook_sets.clone()
+    }
+
+    /// Webhook POSTs of update `id` so far (redeliveries included).
+    pub fn deliveries(&self, id: i64) -> usize {
+        self.st().deliveries.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Whether the webhook acknowledged update `id` (answered 2xx).
+    pub fn acked(&self, id: i64) -> bool {
+        self.st().acked.contains(&id)
+    }
+
+    /// Waits until update `id` is acknowledged; false after `limit`.
+    pub async fn wait_acked(&self, id: i64, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if self.acked(id) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.acked(id)
+    }
+
+    /// Pushes an update that was already acknowledged once more (Telegram does that when
+    /// it missed the answer). Returns false if `id` was never pushed.
+    pub fn redeliver(&self, id: i64) -> bool {
+        let mut st = self.st();
+        let Some(update) = st.pushed.get(&id).cloned() else {
+            return false;
+        };
+        let pos = st
+            .updates
+            .iter()
+            .position(|u| update_id(u) > id)
+            .unwrap_or(st.updates.len());
+        st.updates.insert(pos, update);
+        drop(st);
+        self.inner.updates_changed.notify_waiters();
+        true
+    }
+
+    /// POSTs `body` straight to the registered webhook with `secret` (not queued, not
+    /// redelivered) and returns the status (0: unreachable; 404 without a webhook).
+    pub async fn post_webhook(&self, body: &[u8], secret: Option<&str>) -> u16 {
+        let Some(hook) = self.webhook() else {
+            return 404;
+        };
+        post(&reqwest::Client::new(), &hook.url, secret, body.to_vec()).await
+    }
 }

@@ -5,6 +5,7 @@
 mod bot;
 mod otel;
 mod policy;
+mod scale;
 mod settings;
 
 pub(crate) use bot::{bot, bots_together};

@@ -1,9 +1,9 @@
 //! Secrets and the environment policy (SPEC §5): each secret is read from the variable
 //! its `*_env` key names; production asks for real secrets, an admin and identities.
 
-use super::{bot_file, Check};
+use super::{bot_file, scale, Check};
 use crate::config::secrets::{self, Vars};
-use crate::config::{BotConfig, Config, Env, Problem, Secret, StoreBackend, DATA_KEY_ENV};
+use crate::config::{BotConfig, Config, Env, Problem, Secret, StoreBackend, TelegramMode, DATA_KEY_ENV};
 
 pub(crate) struct Policy<'a> {
     pub config_file: &'a str,
@@ -59,9 +59,27 @@ pub(crate) fn secrets_and_policy(
         let var = config.store.redis_url_env.clone();
         config.store.redis_url = rules.secret(&mut c, "store.redis_url_env", &var, true);
     }
+    webhook_secret(config, &rules, &mut c);
     config.data_key = data_key(&rules, problems);
     for bot in &mut config.bots {
         bot_secrets(bot, &rules, problems);
+    }
+}
+
+/// `[telegram] webhook_secret_env` in webhook mode: required wherever platform tokens
+/// are, and in Telegram's alphabet (the value is never echoed).
+fn webhook_secret(config: &mut Config, rules: &Rules<'_>, c: &mut Check<'_>) {
+    let TelegramMode::Webhook(hook) = &mut config.telegram_mode else {
+        return;
+    };
+    let key = "telegram.webhook_secret_env";
+    hook.secret = rules.secret(c, key, &hook.secret_env, rules.required);
+    if let Some(why) = hook
+        .secret
+        .as_ref()
+        .and_then(|s| scale::webhook_secret_problem(s.expose()))
+    {
+        c.push(key, format!("the secret in {} {why}", hook.secret_env));
     }
 }
 
