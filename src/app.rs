@@ -14,6 +14,7 @@ use crate::adapters::supervise;
 use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
+use crate::coord::{Coordination, RedisCoordination};
 use crate::engine::Engine;
 use crate::shutdown::{self, Shutdown, Signal};
 use crate::store::{Durable, SledStore, Store};
@@ -83,12 +84,35 @@ pub fn build(config: Config) -> anyhow::Result<App> {
     let store = Arc::new(open_store(&config)?);
     let llm = Arc::new(config.llm.build().context("building the LLM client")?);
     let dyn_store: Arc<dyn Store> = store.clone();
-    let engine = Arc::new(Engine::new(config, dyn_store, llm).context("building the engine")?);
+    let coord = coordination(&config)?;
+    let engine = Engine::with_coordination(config, dyn_store, llm, coord);
+    let engine = Arc::new(engine.context("building the engine")?);
     Ok(App {
         engine,
         store,
         delivery: Arc::default(),
     })
+}
+
+/// Local coordination (one process), or shared through Redis when the configuration
+/// names one (today `CONFAB_COORD_REDIS_URL`; `[store] backend = "redis"` replaces it).
+fn coordination(config: &Config) -> anyhow::Result<Coordination> {
+    let Some(url) = redis_coordination_url(config) else {
+        return Ok(Coordination::local());
+    };
+    let prefix = format!("confab:{}", config.env);
+    let mut settings = RedisCoordination::new(prefix, Duration::from_secs(2));
+    settings.ordering.max_wait = Duration::from_secs(config.llm.queue_timeout_secs);
+    let coord = Coordination::redis_with(url.expose(), settings)
+        .context("connecting to Redis for coordination")?;
+    tracing::info!(backend = coord.backend(), "instances coordinate through Redis");
+    Ok(coord)
+}
+
+/// The Redis URL that turns shared coordination on (renamed when the store backend
+/// setting is merged).
+fn redis_coordination_url(config: &Config) -> Option<&config::Secret> {
+    config.coordination_url.as_ref()
 }
 
 fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {

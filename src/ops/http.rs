@@ -328,6 +328,14 @@ series! {
         "Poller and gateway tasks restarted after they died.";
     Users: "users", Gauge, [], "Users known to the store.";
     Uptime: "uptime_seconds", Gauge, [], "Seconds since the daemon started.";
+    RedisLimiterErrors: "redis_limiter_errors_total", Counter, [],
+        "Rate-limit checks the shared (Redis) limiter could not answer; the user got the busy apology.";
+    RedisOrderingTimeouts: "redis_ordering_timeouts_total", Counter, [],
+        "Messages refused with the busy apology because their conversation's Redis lease was not obtained in time.";
+    RedisLeaseTakeovers: "redis_lease_takeovers_total", Counter, [],
+        "Polling leases this instance took over from another holder (dead or lost).";
+    RedisLeasesLost: "redis_leases_lost_total", Counter, [],
+        "Polling leases this instance lost (taken, or not renewable in time); it stopped polling.";
 }
 
 struct EngineCollector {
@@ -361,6 +369,7 @@ impl EngineCollector {
     fn samples(&self, series: Series) -> Vec<proto::Metric> {
         let e = &self.engine.stats;
         let l = &self.engine.llm().stats;
+        let c = &self.engine.coordination().stats;
         let get = Counter::get;
         let one = |value: u64| vec![counter(value, vec![])];
         match series {
@@ -410,6 +419,10 @@ impl EngineCollector {
                 }
             },
             Series::Uptime => vec![gauge(self.engine.uptime().as_secs_f64())],
+            Series::RedisLimiterErrors => one(c.limiter_errors.get()),
+            Series::RedisOrderingTimeouts => one(c.ordering_timeouts.get()),
+            Series::RedisLeaseTakeovers => one(c.lease_takeovers.get()),
+            Series::RedisLeasesLost => one(c.leases_lost.get()),
         }
     }
 }
