@@ -105,7 +105,10 @@ fn coordination(config: &Config) -> anyhow::Result<Coordination> {
     settings.ordering.max_wait = Duration::from_secs(config.llm.queue_timeout_secs);
     let coord = Coordination::redis_with(url.expose(), settings)
         .context("connecting to Redis for coordination")?;
-    tracing::info!(backend = coord.backend(), "instances coordinate through Redis");
+    tracing::info!(
+        backend = coord.backend(),
+        "instances coordinate through Redis"
+    );
     Ok(coord)
 }
 

@@ -228,14 +228,23 @@ impl LeasedPoll {
     async fn acquire(&self, stop: &CancellationToken) -> Option<()> {
         let mut refused = false;
         loop {
+            if stop.is_cancelled() {
+                return None;
+            }
             match self.lease.try_acquire().await {
                 Ok(true) => {
                     let name = self.lease.key();
-                    LeaseAcquired { name, takeover: refused }.emit(&self.stats);
+                    LeaseAcquired {
+                        name,
+                        takeover: refused,
+                    }
+                    .emit(&self.stats);
                     return Some(());
                 }
                 Ok(false) => refused = true,
-                Err(e) => tracing::warn!(lease = %self.lease.key(), error = %e, "polling lease unavailable"),
+                Err(e) => {
+                    tracing::warn!(lease = %self.lease.key(), error = %e, "polling lease unavailable")
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => return None,

@@ -212,11 +212,17 @@ mod tests {
         // 6/min, burst 2: two pass, then one notice, then silence
         assert_eq!(limits.check_now(k, 6, 2), RateDecision::Allowed);
         assert_eq!(limits.check_now(k, 6, 2), RateDecision::Allowed);
-        assert!(matches!(limits.check_now(k, 6, 2), RateDecision::Notify { .. }));
+        assert!(matches!(
+            limits.check_now(k, 6, 2),
+            RateDecision::Notify { .. }
+        ));
         assert_eq!(limits.check_now(k, 6, 2), RateDecision::Silent);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(limits.check_now(k, 6, 2), RateDecision::Allowed);
-        assert!(matches!(limits.check_now(k, 6, 2), RateDecision::Notify { .. }));
+        assert!(matches!(
+            limits.check_now(k, 6, 2),
+            RateDecision::Notify { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,7 +23,9 @@ use crate::engine::ordering::ConversationLocks;
 pub use events::CoordStats;
 pub use lease::{AlwaysPoll, Lease, LeaseTimes, LeasedPoll, PollGate, Turn};
 pub use limiter::{GovernorLimiter, RateDecision, RateLimiter};
-pub use ordering::{ConversationOrdering, OrderingBusy, OrderingGuard, OrderingTimes, RedisOrdering};
+pub use ordering::{
+    ConversationOrdering, OrderingBusy, OrderingGuard, OrderingTimes, RedisOrdering,
+};
 pub use redis_limiter::RedisLimiter;
 
 /// A Redis failure, its text scrubbed of the URL's password.
@@ -39,6 +41,26 @@ impl CoordError {
             _ => text,
         })
     }
+}
+
+/// A lazily connecting manager for `url` (each call bounded by `timeout`; the manager
+/// reconnects by itself after errors), and the URL's password to scrub from errors.
+pub(crate) fn connect(
+    url: &str,
+    timeout: Duration,
+) -> Result<(ConnectionManager, Option<Arc<str>>), CoordError> {
+    let secret: Option<Arc<str>> = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.password().map(Arc::from));
+    let err = |e: redis::RedisError| CoordError::redis(&e, secret.as_deref());
+    let client = redis::Client::open(url).map_err(err)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(err)?;
+    Ok((conn, secret))
 }
 
 /// The three coordinated pieces, local or on one Redis.
@@ -103,17 +125,7 @@ impl Coordination {
     /// its own connection manager (connects lazily: an unreachable Redis shows as errors
     /// on use, never as a panic). Must be called inside a tokio runtime.
     pub fn redis_with(url: &str, settings: RedisCoordination) -> Result<Self, CoordError> {
-        let secret: Option<Arc<str>> = url::Url::parse(url)
-            .ok()
-            .and_then(|u| u.password().map(Arc::from));
-        let err = |e: redis::RedisError| CoordError::redis(&e, secret.as_deref());
-        let client = redis::Client::open(url).map_err(err)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(err)?;
+        let (conn, secret) = connect(url, settings.timeout)?;
         let stats: Arc<CoordStats> = Arc::default();
         let prefix = settings.prefix;
         Ok(Self {
@@ -157,6 +169,22 @@ impl Coordination {
                     times: *times,
                     stats: self.stats.clone(),
                 })
+            }
+        }
+    }
+
+    /// The lease of one conversation (Redis only): for tests and operators' tools.
+    pub fn conversation_lease(&self, conversation: &str, ttl: Duration) -> Option<Lease> {
+        match &self.polling {
+            Polling::Always => None,
+            Polling::Leased {
+                conn,
+                prefix,
+                secret,
+                ..
+            } => {
+                let key = ordering::conversation_key(prefix, conversation);
+                Some(Lease::new(conn.clone(), key, ttl, secret.clone()))
             }
         }
     }

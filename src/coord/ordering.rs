@@ -95,7 +95,7 @@ impl RedisOrdering {
 
     /// The lease of one conversation, unheld.
     pub fn lease(&self, conversation: &str) -> Lease {
-        let key = format!("{}:conv:{{{conversation}}}", self.prefix);
+        let key = conversation_key(&self.prefix, conversation);
         Lease::new(self.conn.clone(), key, self.times.ttl, self.secret.clone())
     }
 
@@ -123,6 +123,11 @@ impl RedisOrdering {
         let lost = CancellationToken::new();
         Ok(lease.keep(self.times.renew_every, lost, None))
     }
+}
+
+/// `<prefix>:conv:{<conversation>}` (hash-tagged: one Cluster slot per conversation).
+pub(super) fn conversation_key(prefix: &str, conversation: &str) -> String {
+    format!("{prefix}:conv:{{{conversation}}}")
 }
 
 impl ConversationOrdering for RedisOrdering {

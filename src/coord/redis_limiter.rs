@@ -97,6 +97,18 @@ impl RedisLimiter {
         }
     }
 
+    /// A limiter with its own connection to `url` (keys under `prefix`), counting its
+    /// failures in `stats`.
+    pub fn open(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        stats: Arc<CoordStats>,
+    ) -> Result<Self, CoordError> {
+        let (conn, secret) = super::connect(url, timeout)?;
+        Ok(Self::new(conn, prefix.to_string(), stats, secret))
+    }
+
     fn state_key(&self, key: u64, per_minute: u32, burst: u32) -> String {
         format!("{}:rl:{{{key:016x}}}:{per_minute}:{burst}", self.prefix)
     }

@@ -22,12 +22,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{BotConfig, Config};
+use crate::coord::{Coordination, RateLimiter};
 use crate::domain::{Inbound, Platform, Rejection, Reply, UserRef};
 use crate::events::Event;
 use crate::llm::ResilientLlm;
 use crate::store::{Handled, HandledEntry, Store, StoreError, UserRecord};
 use events::{InternalCause, InternalError, MessageReceived, ReplyDecided};
-use crate::coord::{Coordination, RateLimiter};
 use ordering::ConversationLocks;
 use prompt::{Prompts, Tokenizer};
 use stages::{Internal, Stop};

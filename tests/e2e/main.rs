@@ -7,12 +7,13 @@ mod fake_discord;
 mod fake_openai;
 #[path = "../support/fake_telegram.rs"]
 mod fake_telegram;
+mod harness;
 #[path = "../support/redis_server.rs"]
 mod redis_server;
-mod harness;
 
 mod cli;
 mod commands;
+mod coord;
 mod delivery;
 mod discord;
 mod engine;

@@ -80,7 +80,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("redis-server on port {} did not answer PING in 30 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING in 30 s",
+            self.port
+        );
     }
 }
 
@@ -95,7 +98,14 @@ fn spawn(dir: &Path, port: u16, extra: &[&str]) -> Child {
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .arg("--dir")
         .arg(dir)
-        .args(["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+        ])
         .args(["--daemonize", "no", "--protected-mode", "no"])
         .args(extra)
         .stdout(Stdio::null())
