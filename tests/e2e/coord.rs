@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use confab::app::App;
 use confab::coord::redis_limiter::At;
-use confab::coord::{Coordination, GovernorLimiter, RedisLimiter};
+use confab::coord::{Coordination, GovernorLimiter, LeaseTimes, RedisCoordination, RedisLimiter};
 use confab::engine::{Engine, MSG_BUSY};
 
 use crate::fake_openai::FakeOpenAi;
@@ -304,10 +304,55 @@ async fn one_daemon_polls_and_the_standby_takes_over_when_it_dies() {
     // A dies: no release, no shutdown; its lease expires and B takes over
     rt_a.shutdown_background();
     drop(daemon_a);
+    let pttl: i64 = redis
+        .cli(&["PTTL", "confab:staging:poll:{telegram/assistant}"])
+        .parse()
+        .unwrap_or(-2);
+    assert!(
+        pttl > 0,
+        "the dead holder did not release its lease ({pttl})"
+    );
     wait_until("B polls", || calls_via(&tg, "getupdates", "b") > 0).await;
     tg.send_private(200, "V", "after");
     let sent = tg.wait_for_sent(4, WAIT).await;
     assert_eq!(sent.len(), 4);
     assert!(sent.iter().any(|m| m.text == "echo: after"));
     daemon_b.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stops_polling_when_its_lease_is_taken_or_unrenewable() {
+    let mut redis = RedisServer::start();
+    let mut settings = RedisCoordination::new("t", Duration::from_millis(500));
+    settings.polling = LeaseTimes {
+        ttl: Duration::from_secs(2),
+        renew_every: Duration::from_millis(300),
+        retry_every: Duration::from_millis(100),
+    };
+    let a = Coordination::redis_with(&redis.url(), settings.clone()).expect("a");
+    let b = Coordination::redis_with(&redis.url(), settings).expect("b");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (gate_a, gate_b) = (a.poll_gate("telegram/x"), b.poll_gate("telegram/x"));
+    let turn_a = gate_a.turn(&stop).await.expect("a holds the lease");
+    // another holder takes it (an operator, or a split brain): A stops
+    let key = "t:poll:{telegram/x}";
+    redis.cli(&["SET", key, "someone-else", "PX", "60000"]);
+    tokio::time::timeout(WAIT, turn_a.token.cancelled())
+        .await
+        .expect("A noticed the loss");
+    assert_eq!(a.stats.leases_lost.get(), 1);
+    drop(turn_a);
+    // B waits while it is taken, takes over once it is free
+    redis.cli(&["DEL", key]);
+    let turn_b = tokio::time::timeout(WAIT, gate_b.turn(&stop))
+        .await
+        .expect("B took over")
+        .expect("turn");
+    assert!(!turn_b.token.is_cancelled());
+    // Redis gone: B cannot renew and stops before its lease could expire
+    redis.kill();
+    tokio::time::timeout(WAIT, turn_b.token.cancelled())
+        .await
+        .expect("B stopped polling");
+    assert_eq!(b.stats.leases_lost.get(), 1);
 }
