@@ -269,3 +269,18 @@ impl PollGate for LeasedPoll {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_process_always_polls_until_stopped() {
+        let stop = CancellationToken::new();
+        let turn = AlwaysPoll.turn(&stop).await.expect("a turn");
+        assert!(!turn.token.is_cancelled());
+        stop.cancel();
+        assert!(turn.token.is_cancelled(), "the turn ends with the stop");
+        assert!(AlwaysPoll.turn(&stop).await.is_none());
+    }
+}

@@ -237,6 +237,16 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_notifies_once_with_at_least_a_second() {
+        let short = Duration::from_millis(200);
+        let expect = RateDecision::Notify {
+            retry_in: Duration::from_secs(1),
+        };
+        assert_eq!(RateDecision::refused(false, short), expect);
+        assert_eq!(RateDecision::refused(true, short), RateDecision::Silent);
+    }
+
+    #[test]
     fn cells_match_governor_quota() {
         assert_eq!(cell_nanos(6), 10_000_000_000);
         assert_eq!(cell_nanos(7), 8_571_428_571);
