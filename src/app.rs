@@ -14,6 +14,7 @@ use crate::adapters::supervise;
 use crate::adapters::telegram::{self, TelegramAdapter};
 use crate::adapters::terminal::TerminalChat;
 use crate::config::{self, Config, LoadOptions};
+use crate::coord::{Coordination, RedisCoordination};
 use crate::engine::Engine;
 use crate::events::ErrorKind;
 use crate::shutdown::{self, Shutdown, Signal};
@@ -162,13 +163,39 @@ pub fn build(config: Config) -> anyhow::Result<App> {
     let backend = open_store(&config)?;
     let store = backend.store();
     let llm = Arc::new(config.llm.build().context("building the LLM client")?);
-    let engine = Arc::new(Engine::new(config, store.clone(), llm).context("building the engine")?);
+    let coord = coordination(&config)?;
+    let engine = Engine::with_coordination(config, store.clone(), llm, coord);
+    let engine = Arc::new(engine.context("building the engine")?);
     Ok(App {
         engine,
         store,
         backend,
         delivery: Arc::default(),
     })
+}
+
+/// Local coordination (one process), or shared through Redis when the configuration
+/// names one (today `CONFAB_COORD_REDIS_URL`; `[store] backend = "redis"` replaces it).
+fn coordination(config: &Config) -> anyhow::Result<Coordination> {
+    let Some(url) = redis_coordination_url(config) else {
+        return Ok(Coordination::local());
+    };
+    let prefix = format!("confab:{}", config.env);
+    let mut settings = RedisCoordination::new(prefix, Duration::from_secs(2));
+    settings.ordering.max_wait = Duration::from_secs(config.llm.queue_timeout_secs);
+    let coord = Coordination::redis_with(url.expose(), settings)
+        .context("connecting to Redis for coordination")?;
+    tracing::info!(
+        backend = coord.backend(),
+        "instances coordinate through Redis"
+    );
+    Ok(coord)
+}
+
+/// The Redis URL that turns shared coordination on (renamed when the store backend
+/// setting is merged).
+fn redis_coordination_url(config: &Config) -> Option<&config::Secret> {
+    config.coordination_url.as_ref()
 }
 
 fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {

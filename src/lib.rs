@@ -3,6 +3,8 @@
 //!
 //! Module map (see ARCHITECTURE.md for invariants and the flow of one message):
 //! - [`config`]   — raw serde structs → validated [`config::Config`]; every problem collected.
+//! - [`coord`]    — coordination between instances: rate limiter, per-conversation
+//!   ordering, polling lease; local (governor, locks) or shared on Redis.
 //! - [`domain`]   — platform-neutral types: [`domain::Inbound`], [`domain::Reply`], user refs.
 //! - [`engine`]   — the pipeline: dedupe, ban, commands, validation, limits, budget, memory,
 //!   prompt, cache, LLM, memory append. Imports no SDK, no sled, no async-openai.
@@ -24,6 +26,7 @@
 pub mod adapters;
 pub mod app;
 pub mod config;
+pub mod coord;
 pub mod domain;
 pub mod engine;
 pub mod events;

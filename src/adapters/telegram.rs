@@ -128,6 +128,8 @@ pub struct TelegramAdapter {
     me: Me,
     token: Secret,
     delivery: Arc<Delivery<TgOut>>,
+    /// Whether this instance may poll now (always, or while it holds the bot's lease).
+    poll_gate: Arc<dyn crate::coord::PollGate>,
     /// Set once polling works; read by readiness checks.
     pub connected: Arc<AtomicBool>,
 }
@@ -147,6 +149,9 @@ impl TelegramAdapter {
             ),
         });
         let prefix = format!("tg/{}/", v.name);
+        let poll_gate = engine
+            .coordination()
+            .poll_gate(&format!("telegram/{}", v.name));
         let delivery = Delivery::new(out, engine, stats, &v.name, prefix, Duration::ZERO);
         Arc::new(Self {
             name: v.name,
@@ -154,6 +159,7 @@ impl TelegramAdapter {
             me: v.me,
             token: v.token,
             delivery,
+            poll_gate,
             connected: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -187,14 +193,27 @@ impl TelegramAdapter {
         if let Err(e) = self.bot.set_my_commands(commands).await {
             tracing::warn!(bot = %self.name, error = %self.scrub(&e), "setMyCommands failed");
         }
-        self.delivery.replay(&tracker).await;
         if let TelegramMode::Webhook(hook) = &self.delivery.engine().config().telegram_mode {
+            self.delivery.replay(&tracker).await;
             return self.run_webhook(hook, stop).await;
         }
         // A webhook left by webhook mode would make getUpdates fail (409).
         if let Err(e) = self.bot.delete_webhook().await {
             tracing::warn!(bot = %self.name, error = %self.scrub(&e), "deleteWebhook failed");
         }
+        // With Redis coordination one instance polls a bot (a lease) and the others
+        // stand by; each turn starts from the stored offset and replays the inbox (a
+        // takeover answers what the previous holder received but never answered).
+        while let Some(turn) = self.poll_gate.turn(&stop).await {
+            self.delivery.replay(&tracker).await;
+            self.poll(&turn.token, &tracker).await;
+        }
+        self.connected.store(false, Ordering::Relaxed);
+        tracing::info!(bot = %self.name, "telegram polling stopped");
+    }
+
+    /// Long-polls until `held` is cancelled (shutdown, or the polling lease lost).
+    async fn poll(&self, held: &CancellationToken, tracker: &TaskTracker) {
         let store = self.delivery_store();
         let mut offset: i32 = store
             .intake_position(&self.offset_key())
@@ -205,11 +224,11 @@ impl TelegramAdapter {
             .unwrap_or(0);
         let mut backoff = Duration::from_millis(500);
         let mut prune = tokio::time::interval(Duration::from_secs(300));
-        while !stop.is_cancelled() {
+        while !held.is_cancelled() {
             // Bounded intake: no new updates while the queues are full.
             if self.delivery.saturated() {
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = held.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }
@@ -220,7 +239,7 @@ impl TelegramAdapter {
                 .timeout(POLL_SECS)
                 .allowed_updates(webhook::ALLOWED);
             let result = tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = held.cancelled() => break,
                 _ = prune.tick() => { self.delivery.out().throttle.prune(); continue; }
                 r = poll => r,
             };
@@ -241,15 +260,13 @@ impl TelegramAdapter {
                         }
                     };
                     tokio::select! {
-                        _ = stop.cancelled() => break,
+                        _ = held.cancelled() => break,
                         _ = tokio::time::sleep(wait) => continue,
                     }
                 }
             };
-            offset = self.intake(updates, offset, &tracker).await;
+            offset = self.intake(updates, offset, tracker).await;
         }
-        self.connected.store(false, Ordering::Relaxed);
-        tracing::info!(bot = %self.name, "telegram polling stopped");
     }
 
     fn delivery_store(&self) -> Arc<dyn InboxStore> {

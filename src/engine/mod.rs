@@ -22,12 +22,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{BotConfig, Config};
+use crate::coord::{Coordination, RateLimiter};
 use crate::domain::{Inbound, Platform, Rejection, Reply, UserRef};
 use crate::events::{ErrorKind, Event};
 use crate::llm::ResilientLlm;
 use crate::store::{Handled, HandledEntry, Store, StoreError, UserRecord};
 use events::{InternalCause, InternalError, MessageReceived, ReplyDecided};
-use limits::Limits;
 use ordering::ConversationLocks;
 use prompt::{Prompts, Tokenizer};
 use stages::{Internal, Stop};
@@ -67,8 +67,8 @@ pub struct Engine {
     store: Arc<dyn Store>,
     llm: Arc<ResilientLlm>,
     tokenizer: Tokenizer,
-    limits: Limits,
-    locks: ConversationLocks,
+    /// Rate limits and per-conversation ordering: local, or shared through Redis.
+    coord: Coordination,
     /// One LLM call in flight per user, across all their conversations and bots.
     user_calls: ConversationLocks,
     maintenance: RwLock<Option<String>>,
@@ -95,10 +95,21 @@ pub struct EffectiveLimits {
 }
 
 impl Engine {
+    /// An engine alone in its process ([`Coordination::local`]).
     pub fn new(
         config: Config,
         store: Arc<dyn Store>,
         llm: Arc<ResilientLlm>,
+    ) -> Result<Self, EngineError> {
+        Self::with_coordination(config, store, llm, Coordination::local())
+    }
+
+    /// An engine whose rate limits and conversation ordering come from `coord`.
+    pub fn with_coordination(
+        config: Config,
+        store: Arc<dyn Store>,
+        llm: Arc<ResilientLlm>,
+        coord: Coordination,
     ) -> Result<Self, EngineError> {
         let prompts = Prompts::new(&config.prompts)?;
         let tokenizer = Tokenizer::load().map_err(EngineError::Tokenizer)?;
@@ -120,8 +131,7 @@ impl Engine {
             store,
             llm,
             tokenizer,
-            limits: Limits::new(),
-            locks: ConversationLocks::default(),
+            coord,
             user_calls: ConversationLocks::default(),
             maintenance: RwLock::new(maintenance),
             started: Instant::now(),
@@ -155,8 +165,12 @@ impl Engine {
         &self.tokenizer
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    pub fn limits(&self) -> &dyn RateLimiter {
+        self.coord.limiter.as_ref()
+    }
+
+    pub fn coordination(&self) -> &Coordination {
+        &self.coord
     }
 
     pub fn uptime(&self) -> Duration {
@@ -295,8 +309,26 @@ impl Engine {
             platform: inbound.platform,
         }
         .emit(&self.stats);
-        let _guard = self.locks.acquire(inbound.conversation().to_string()).await;
-        let reply = match self.decide(inbound, partial).await {
+        let conversation = inbound.conversation().to_string();
+        let reply = match self.coord.ordering.acquire(conversation).await {
+            Ok(_guard) => self.decide_or_apologise(inbound, partial).await,
+            Err(_) => Reply::notice(Rejection::Busy, MSG_BUSY),
+        };
+        ReplyDecided {
+            reply: &reply,
+            elapsed: started.elapsed(),
+        }
+        .emit(&self.stats);
+        reply
+    }
+
+    /// [`Engine::decide`], with an internal failure turned into its notice.
+    async fn decide_or_apologise(
+        &self,
+        inbound: &Inbound,
+        partial: Option<&watch::Sender<String>>,
+    ) -> Reply {
+        match self.decide(inbound, partial).await {
             Ok(reply) | Err(Stop::Reply(reply)) => reply,
             Err(Stop::Internal(failure)) => {
                 let (cause, error): (_, &dyn std::fmt::Display) = match &failure {
@@ -306,13 +338,7 @@ impl Engine {
                 InternalError { cause, error }.emit(&self.stats);
                 Reply::notice(Rejection::Internal, MSG_INTERNAL)
             }
-        };
-        ReplyDecided {
-            reply: &reply,
-            elapsed: started.elapsed(),
         }
-        .emit(&self.stats);
-        reply
     }
 
     /// Tokens of a rendered system prompt, counted once per distinct text (bounded memo).
@@ -363,7 +389,7 @@ impl Engine {
             audit_purged: self
                 .store
                 .audit_purge_before(now - cfg.audit.retention_days as i64 * 86_400)?,
-            limiter_keys: self.limits.prune(),
+            limiter_keys: self.coord.limiter.prune(),
         })
     }
 }

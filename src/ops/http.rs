@@ -341,6 +341,12 @@ series! {
     RedisCommands: "redis_commands_total", Counter, ["result"], "Redis round trips (commands, pipelines, scripts) by result: ok, error (refused by Redis), unreachable (timeout, refused or dropped connection). Redis backend only.";
     RedisCommandSeconds: "redis_command_seconds", Histogram, [], "Latency of Redis round trips. Redis backend only.";
     RedisUp: "redis_up", Gauge, [], "1 when the last Redis round trip got an answer, else 0. Redis backend only.";
+
+    // Coordination across instances (Redis; absent or zero on one instance).
+    RedisLimiterErrors: "redis_limiter_errors_total", Counter, [], "Rate-limit checks the shared (Redis) limiter could not answer; the user got the busy apology.";
+    RedisOrderingTimeouts: "redis_ordering_timeouts_total", Counter, [], "Messages refused with the busy apology because their conversation's Redis lease was not obtained in time.";
+    RedisLeaseTakeovers: "redis_lease_takeovers_total", Counter, [], "Polling leases this instance took over from another holder (dead or lost).";
+    RedisLeasesLost: "redis_leases_lost_total", Counter, [], "Polling leases this instance lost (taken, or not renewable in time); it stopped polling.";
 }
 
 struct EngineCollector {
@@ -380,6 +386,7 @@ impl EngineCollector {
     fn samples(&self, series: Series) -> Vec<proto::Metric> {
         let e = &self.engine.stats;
         let l = &self.engine.llm().stats;
+        let c = &self.engine.coordination().stats;
         let get = Counter::get;
         let one = |value: u64| vec![counter(value, vec![])];
         match series {
@@ -455,6 +462,10 @@ impl EngineCollector {
                 Some(r) => vec![gauge(if r.up() { 1.0 } else { 0.0 })],
                 None => vec![],
             },
+            Series::RedisLimiterErrors => one(c.limiter_errors.get()),
+            Series::RedisOrderingTimeouts => one(c.ordering_timeouts.get()),
+            Series::RedisLeaseTakeovers => one(c.lease_takeovers.get()),
+            Series::RedisLeasesLost => one(c.leases_lost.get()),
         }
     }
 }

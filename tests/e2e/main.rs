@@ -15,6 +15,7 @@ mod redis_server;
 
 mod cli;
 mod commands;
+mod coord;
 mod delivery;
 mod deploy;
 mod discord;

@@ -137,6 +137,9 @@ struct FakeState {
     default: Behavior,
     latency: Duration,
     requests: Vec<RecordedRequest>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: usize,
+    max_in_flight: usize,
     next_id: u64,
     /// Set by `shutdown()`: any request that still slips in is refused with 503.
     down: bool,
@@ -178,6 +181,8 @@ impl FakeOpenAi {
             script: VecDeque::new(),
             default: Behavior::Echo,
             latency: Duration::ZERO,
+            in_flight: 0,
+            max_in_flight: 0,
             requests: Vec::new(),
             next_id: 1,
             down: false,
@@ -228,6 +233,11 @@ impl FakeOpenAi {
     /// Every chat completion request received, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.state).requests.clone()
+    }
+
+    /// The most chat requests that were being answered at the same moment.
+    pub fn max_in_flight(&self) -> usize {
+        lock(&self.state).max_in_flight
     }
 
     pub fn request_count(&self) -> usize {
@@ -335,6 +345,16 @@ struct Ctx {
     last_user: String,
 }
 
+/// Counts a request as in flight until its answer is built.
+struct InFlight(Shared);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0);
+        st.in_flight = st.in_flight.saturating_sub(1);
+    }
+}
+
 async fn chat_completions(
     State(state): State<Shared>,
     headers: HeaderMap,
@@ -387,8 +407,11 @@ async fn chat_completions(
                 behavior
             );
         }
+        st.in_flight += 1;
+        st.max_in_flight = st.max_in_flight.max(st.in_flight);
         (behavior, st.latency, id)
     };
+    let _answering = InFlight(state.clone());
 
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;

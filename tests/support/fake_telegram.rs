@@ -93,6 +93,8 @@ pub struct ApiCall {
     /// multipart bodies also get `"_multipart": {"content_type","body_len"}`).
     pub body: Value,
     pub status: u16,
+    /// The label of an API URL ending in `/via/<label>` (tell clients apart).
+    pub via: Option<String>,
     /// When the request arrived.
     pub at: std::time::Instant,
 }
@@ -1208,13 +1210,24 @@ fn into_response((code, body): (u16, Value), close: bool) -> Response {
 // ---------------------------------------------------------------------------
 // Handler
 
+/// `/via/<label>/bot…/m` → (`Some(label)`, `/bot…/m`); other paths are kept.
+fn split_via(path: &str) -> (Option<String>, String) {
+    match path
+        .strip_prefix("/via/")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((label, rest)) => (Some(label.to_string()), format!("/{rest}")),
+        None => (None, path.to_string()),
+    }
+}
+
 async fn handle(
     State(inner): State<Shared>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let path = uri.path().to_string();
+    let (via, path) = split_via(uri.path());
     let (token, method) = match path
         .strip_prefix("/bot")
         .and_then(|rest| rest.rsplit_once('/'))
@@ -1233,6 +1246,7 @@ async fn handle(
                 method: method.clone(),
                 body: json_body.clone(),
                 status: 0,
+                via: via.clone(),
                 at: std::time::Instant::now(),
             });
             st.calls.len() - 1

@@ -7,7 +7,7 @@ use crate::engine::events::Redelivered;
 use crate::engine::events::{Quota, RateLimited};
 use crate::engine::limits::{human_duration, limit_key, secs_until_reset, utc_day, RateDecision};
 use crate::engine::{commands, commands_limit_user, now_unix, roll_day, Engine};
-use crate::engine::{MSG_BANNED, MSG_NON_TEXT};
+use crate::engine::{MSG_BANNED, MSG_BUSY, MSG_NON_TEXT};
 use crate::events::Event;
 use crate::store::{Handled, HandledEntry};
 
@@ -75,7 +75,7 @@ impl Engine {
     /// is someone else's words: never run as a command. Commands have their own, more
     /// generous quota: cheap, but not free.
     #[tracing::instrument(level = "debug", name = "route", skip_all)]
-    pub(super) fn route(&self, m: &MessageCtx<'_>) -> Step {
+    pub(super) async fn route(&self, m: &MessageCtx<'_>) -> Step {
         let Some(cmd) = commands::parse(m.text).filter(|_| !m.inbound.forwarded) else {
             return Ok(());
         };
@@ -83,7 +83,8 @@ impl Engine {
             let key = limit_key(&m.inbound.bot, &commands_limit_user(&m.user));
             let limits = &m.cfg.limits;
             let (per_minute, burst) = (limits.commands_per_minute, limits.commands_burst);
-            self.rate_gate(Quota::Commands, key, per_minute, burst)?;
+            self.rate_gate(Quota::Commands, key, per_minute, burst)
+                .await?;
         }
         let reply = self.command(cmd, m.inbound, m.text, m.cfg, m.bot, m.record.as_ref())?;
         stop(reply)
@@ -92,7 +93,7 @@ impl Engine {
     /// Admit: the length check, then (for non-admins) the per-user rate limit and the
     /// daily token budget, each with one notice per window.
     #[tracing::instrument(level = "debug", name = "admit", skip_all)]
-    pub(super) fn admit(&self, m: &MessageCtx<'_>) -> Step {
+    pub(super) async fn admit(&self, m: &MessageCtx<'_>) -> Step {
         let chars = m.text.chars().count();
         let max = m.cfg.limits.max_input_chars;
         if chars > max {
@@ -108,7 +109,8 @@ impl Engine {
         }
         let limits = self.effective_limits(m.cfg, m.bot, m.record.as_ref());
         let key = limit_key(&m.inbound.bot, &m.user.to_string());
-        self.rate_gate(Quota::Messages, key, limits.per_minute, limits.burst)?;
+        self.rate_gate(Quota::Messages, key, limits.per_minute, limits.burst)
+            .await?;
         self.budget_gate(m, limits.daily_tokens)
     }
 
@@ -151,9 +153,14 @@ impl Engine {
     }
 
     /// Goes on while the key is within its quota; else the one notice per window, then
-    /// silence.
-    fn rate_gate(&self, quota: Quota, key: u64, per_minute: u32, burst: u32) -> Step {
-        match self.limits.check(key, per_minute, burst) {
+    /// silence. A shared limiter that cannot decide refuses with the busy apology.
+    async fn rate_gate(&self, quota: Quota, key: u64, per_minute: u32, burst: u32) -> Step {
+        let checked = self.coord.limiter.check(key, per_minute, burst).await;
+        let Ok(decision) = checked else {
+            // counted by the limiter (LimiterFailed): fail closed
+            return stop(Reply::notice(Rejection::Busy, MSG_BUSY));
+        };
+        match decision {
             RateDecision::Allowed => Ok(()),
             RateDecision::Notify { retry_in } => {
                 let notice = true;

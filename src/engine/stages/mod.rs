@@ -137,8 +137,8 @@ impl Engine {
         };
         let mut m = self.begin(inbound, partial, &settings, bot, update_key);
         self.gate(&mut m)?;
-        self.route(&m)?; // the command stage: a command runs and stops here
-        self.admit(&m)?;
+        self.route(&m).await?; // the command stage: a command runs and stops here
+        self.admit(&m).await?;
         self.context(&mut m)?;
         // A context-length error comes back once for a shorter history.
         let answer = loop {

@@ -1,0 +1,144 @@
+//! Per-conversation ordering: one message of a conversation at a time, conversations in
+//! parallel. In one process that is [`ConversationLocks`] (a fair local lock per
+//! conversation); across instances [`RedisOrdering`] adds an expiring Redis lease per
+//! conversation on top of the same local lock, so a dead instance's lease frees itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{CoordStats, OrderingTimedOut};
+use super::lease::{Held, Lease};
+use crate::engine::ordering::{ConversationGuard, ConversationLocks};
+use crate::events::Event;
+
+/// The conversation stayed taken past the waiting bound (or Redis did not answer):
+/// the engine refuses the message with the busy apology.
+#[derive(Debug, thiserror::Error)]
+#[error("the conversation is busy elsewhere")]
+pub struct OrderingBusy;
+
+/// Held while one message of a conversation is handled; dropping it lets the next in.
+pub struct OrderingGuard<'a> {
+    // Dropped first: the lease is released before the next local waiter asks for it.
+    _lease: Option<Held>,
+    _local: ConversationGuard<'a>,
+}
+
+pub trait ConversationOrdering: Send + Sync {
+    /// Waits for the conversation (FIFO among this instance's waiters).
+    fn acquire(&self, key: String) -> BoxFuture<'_, Result<OrderingGuard<'_>, OrderingBusy>>;
+}
+
+impl ConversationOrdering for ConversationLocks {
+    fn acquire(&self, key: String) -> BoxFuture<'_, Result<OrderingGuard<'_>, OrderingBusy>> {
+        Box::pin(async move {
+            Ok(OrderingGuard {
+                _lease: None,
+                _local: ConversationLocks::acquire(self, key).await,
+            })
+        })
+    }
+}
+
+/// Timings of conversation leases: expiry (a dead holder's lease frees itself after
+/// it), renewal while held, and the longest wait before the busy apology.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderingTimes {
+    pub ttl: Duration,
+    pub renew_every: Duration,
+    pub max_wait: Duration,
+}
+
+impl Default for OrderingTimes {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(30),
+            renew_every: Duration::from_secs(10),
+            max_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The local lock, then a Redis lease `<prefix>:conv:{<conversation>}`; waiters retry
+/// with a short backoff (10 ms doubling to 200 ms) until `max_wait`.
+pub struct RedisOrdering {
+    local: ConversationLocks,
+    conn: ConnectionManager,
+    prefix: String,
+    times: OrderingTimes,
+    stats: Arc<CoordStats>,
+    secret: Option<Arc<str>>,
+}
+
+impl RedisOrdering {
+    pub(super) fn new(
+        conn: ConnectionManager,
+        prefix: String,
+        times: OrderingTimes,
+        stats: Arc<CoordStats>,
+        secret: Option<Arc<str>>,
+    ) -> Self {
+        Self {
+            local: ConversationLocks::default(),
+            conn,
+            prefix,
+            times,
+            stats,
+            secret,
+        }
+    }
+
+    /// The lease of one conversation, unheld.
+    pub fn lease(&self, conversation: &str) -> Lease {
+        let key = conversation_key(&self.prefix, conversation);
+        Lease::new(self.conn.clone(), key, self.times.ttl, self.secret.clone())
+    }
+
+    async fn take(&self, conversation: &str) -> Result<Held, OrderingBusy> {
+        let lease = Arc::new(self.lease(conversation));
+        let deadline = Instant::now() + self.times.max_wait;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match lease.try_acquire().await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "conversation lease unavailable"),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                OrderingTimedOut.emit(&self.stats);
+                return Err(OrderingBusy);
+            }
+            let jitter = Duration::from_millis(rand::random::<u64>() % 10);
+            tokio::time::sleep((backoff + jitter).min(deadline - now)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+        // Losing it mid-message (Redis gone for a whole ttl) is logged by the renewer;
+        // the message in hand is finished.
+        let lost = CancellationToken::new();
+        Ok(lease.keep(self.times.renew_every, lost, None))
+    }
+}
+
+/// `<prefix>:conv:{<conversation>}` (hash-tagged: one Cluster slot per conversation).
+pub(super) fn conversation_key(prefix: &str, conversation: &str) -> String {
+    format!("{prefix}:conv:{{{conversation}}}")
+}
+
+impl ConversationOrdering for RedisOrdering {
+    fn acquire(&self, key: String) -> BoxFuture<'_, Result<OrderingGuard<'_>, OrderingBusy>> {
+        Box::pin(async move {
+            let local = self.local.acquire(key.clone()).await;
+            let held = self.take(&key).await?;
+            Ok(OrderingGuard {
+                _lease: Some(held),
+                _local: local,
+            })
+        })
+    }
+}
