@@ -174,14 +174,20 @@ pub fn build(config: Config) -> anyhow::Result<App> {
     })
 }
 
-/// Local coordination (one process), or shared through Redis when the configuration
-/// names one (today `CONFAB_COORD_REDIS_URL`; `[store] backend = "redis"` replaces it).
+/// Local coordination (one process), or shared through the store's Redis when
+/// `[store] backend = "redis"`: rate limits, conversation ordering and the Telegram
+/// polling lease, under the store's key prefix.
 fn coordination(config: &Config) -> anyhow::Result<Coordination> {
-    let Some(url) = redis_coordination_url(config) else {
+    let store = &config.store;
+    if store.backend != config::StoreBackend::Redis {
         return Ok(Coordination::local());
-    };
-    let prefix = format!("confab:{}", config.env);
-    let mut settings = RedisCoordination::new(prefix, Duration::from_secs(2));
+    }
+    let url = store
+        .redis_url
+        .as_ref()
+        .context("[store] backend = \"redis\" needs the URL in store.redis_url_env")?;
+    let timeout = Duration::from_millis(store.redis_timeout_ms);
+    let mut settings = RedisCoordination::new(store.prefix(config.env), timeout);
     settings.ordering.max_wait = Duration::from_secs(config.llm.queue_timeout_secs);
     let coord = Coordination::redis_with(url.expose(), settings)
         .context("connecting to Redis for coordination")?;
@@ -190,12 +196,6 @@ fn coordination(config: &Config) -> anyhow::Result<Coordination> {
         "instances coordinate through Redis"
     );
     Ok(coord)
-}
-
-/// The Redis URL that turns shared coordination on (renamed when the store backend
-/// setting is merged).
-fn redis_coordination_url(config: &Config) -> Option<&config::Secret> {
-    config.coordination_url.as_ref()
 }
 
 fn spawn_sweeper(engine: Arc<Engine>, shutdown: &Shutdown) {

@@ -662,15 +662,20 @@ impl<P: Outbound> Delivery<P> {
         let out = self.out.clone();
         let editor = async move {
             let (out, job) = (&*out, &job);
-            stream_draft(rx, P::PROFILE.draft_limit, EDIT_EVERY, move |id, text| async move {
-                let method = if id.is_some() {
-                    "edit_draft"
-                } else {
-                    "send_draft"
-                };
-                let span = send_span(P::PROFILE.platform, method);
-                out.draft(job, id, text).instrument(span).await
-            })
+            stream_draft(
+                rx,
+                P::PROFILE.draft_limit,
+                EDIT_EVERY,
+                move |id, text| async move {
+                    let method = if id.is_some() {
+                        "edit_draft"
+                    } else {
+                        "send_draft"
+                    };
+                    let span = send_span(P::PROFILE.platform, method);
+                    out.draft(job, id, text).instrument(span).await
+                },
+            )
             .await
         };
         Helper(Some(tokio::spawn(editor.in_current_span())))

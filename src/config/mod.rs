@@ -30,8 +30,6 @@ pub use scale::{Shards, TelegramMode, WebhookConfig};
 
 /// Environment variable holding the optional key for encryption at rest.
 pub const DATA_KEY_ENV: &str = "CONFAB_DATA_KEY";
-/// The interim coordination switch (see [`Config::coordination_url`]).
-pub const COORD_URL_ENV: &str = "CONFAB_COORD_REDIS_URL";
 
 // ---------------------------------------------------------------------------
 // Env
@@ -227,10 +225,6 @@ pub struct Config {
     pub prompts: BTreeMap<String, String>,
     /// `CONFAB_DATA_KEY`, the optional key for encryption at rest of message contents.
     pub data_key: Option<Secret>,
-    /// Interim switch until `[store] backend = "redis"` lands: the Redis URL in
-    /// `CONFAB_COORD_REDIS_URL` makes instances share rate limits, conversation ordering
-    /// and the Telegram polling lease (`crate::coord`). `None`: one process (default).
-    pub coordination_url: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]

@@ -22,11 +22,10 @@ const WAIT: Duration = Duration::from_secs(30);
 /// divide a minute into whole milliseconds.
 const QUOTAS: &[(u32, u32)] = &[(1, 1), (6, 2), (7, 3), (13, 1), (60, 5), (600, 2)];
 
-/// A root whose instances coordinate through `redis` (the interim env switch).
+/// A root whose instances share `redis` (store and coordination).
 fn redis_root(llm: &FakeOpenAi, redis: &RedisServer, settings: &str) -> Root {
     let root = Root::new(&llm.base_url, settings);
-    let env = format!("CONFAB_COORD_REDIS_URL={}\n", redis.url());
-    std::fs::write(root.env_file(), env).expect("write env file");
+    root.use_redis(redis);
     root
 }
 
@@ -244,11 +243,12 @@ async fn redis_down_gives_the_busy_apology_and_service_resumes() {
 fn tg_instance(llm: &FakeOpenAi, tg: &FakeTelegram, redis: &RedisServer, name: &str) -> Root {
     let api = format!("{}/via/{name}", tg.api_url);
     let root = Root::telegram(&llm.base_url, &api, "", TG_BOT_TOML);
-    let env = format!(
-        "ASSISTANT_TELEGRAM_TOKEN={TG_TOKEN}\nCONFAB_COORD_REDIS_URL={}\n",
-        redis.url()
-    );
-    std::fs::write(root.env_file(), env).expect("write env file");
+    std::fs::write(
+        root.env_file(),
+        format!("ASSISTANT_TELEGRAM_TOKEN={TG_TOKEN}\n"),
+    )
+    .expect("write env file");
+    root.use_redis(redis);
     root
 }
 

@@ -142,7 +142,7 @@ impl TelegramAdapter {
             Some(Admission::Refused) | None => return StatusCode::OK,
         }
         if let Err(e) = self.delivery.inbox().flush().await {
-            tracing::error!(error = %e, "store flush failed; not acknowledging the update");
+            tracing::error!(error.kind = crate::events::ErrorKind::StoreIo.as_str(), error = %e, "store flush failed; not acknowledging the update");
             return StatusCode::INTERNAL_SERVER_ERROR;
         }
         StatusCode::OK

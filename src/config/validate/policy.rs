@@ -3,7 +3,9 @@
 
 use super::{bot_file, scale, Check};
 use crate::config::secrets::{self, Vars};
-use crate::config::{BotConfig, Config, Env, Problem, Secret, StoreBackend, TelegramMode, COORD_URL_ENV, DATA_KEY_ENV};
+use crate::config::{
+    BotConfig, Config, Env, Problem, Secret, StoreBackend, TelegramMode, DATA_KEY_ENV,
+};
 
 pub(crate) struct Policy<'a> {
     pub config_file: &'a str,
@@ -61,10 +63,6 @@ pub(crate) fn secrets_and_policy(
     }
     webhook_secret(config, &rules, &mut c);
     config.data_key = data_key(&rules, problems);
-    config.coordination_url = vars
-        .get(COORD_URL_ENV)
-        .filter(|v| !v.is_empty())
-        .map(|v| Secret::new(v.to_string()));
     for bot in &mut config.bots {
         bot_secrets(bot, &rules, problems);
     }

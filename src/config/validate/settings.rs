@@ -91,7 +91,6 @@ pub(crate) fn settings(
         bots: Vec::new(),
         prompts: BTreeMap::new(),
         data_key: None,
-        coordination_url: None,
     }
 }
 

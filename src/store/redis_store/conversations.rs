@@ -186,7 +186,11 @@ impl ConversationStore for RedisStore {
                     let turns = self.all_turns(&key)?;
                     out.push((key, turns));
                 }
-                None => tracing::error!(tree = "conv_index", "corrupt index entry skipped"),
+                None => tracing::error!(
+                    error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
+                    tree = "conv_index",
+                    "corrupt index entry skipped"
+                ),
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));

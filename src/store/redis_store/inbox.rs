@@ -75,7 +75,11 @@ impl InboxStore for RedisStore {
         for (k, v) in rows.into_iter().filter(|(k, _)| k.starts_with(prefix)) {
             match self.unseal("inbox", &format!("{hash}/{k}"), &v) {
                 Ok(value) => out.push((k, value)),
-                Err(_) => tracing::error!(tree = "inbox", "unreadable inbox entry skipped"),
+                Err(_) => tracing::error!(
+                    error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
+                    tree = "inbox",
+                    "unreadable inbox entry skipped"
+                ),
             }
         }
         Ok(out)

@@ -217,7 +217,7 @@ impl RedisStore {
         match self.decode_strict(tree, key, bytes) {
             Ok(v) => Some(v),
             Err(e) => {
-                tracing::error!(tree, error = %e, "corrupt store entry skipped");
+                tracing::error!(error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(), tree, error = %e, "corrupt store entry skipped");
                 None
             }
         }

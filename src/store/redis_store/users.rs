@@ -163,7 +163,11 @@ impl UserStore for RedisStore {
         };
         let found = who.filter(|u| u.platform == platform);
         if found.is_none() {
-            tracing::error!(tree = "usernames", "corrupt store entry skipped");
+            tracing::error!(
+                error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
+                tree = "usernames",
+                "corrupt store entry skipped"
+            );
         }
         Ok(found)
     }
