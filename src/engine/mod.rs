@@ -336,7 +336,14 @@ impl Engine {
                     Internal::Prompt(e) => (InternalCause::Prompt, e),
                 };
                 InternalError { cause, error }.emit(&self.stats);
-                Reply::notice(Rejection::Internal, MSG_INTERNAL)
+                match failure {
+                    // A networked store that is down or slow: like a full LLM queue, it
+                    // is worth sending again in a minute.
+                    Internal::Store(StoreError::Unavailable(_)) => {
+                        Reply::notice(Rejection::Busy, MSG_BUSY)
+                    }
+                    _ => Reply::notice(Rejection::Internal, MSG_INTERNAL),
+                }
             }
         }
     }

@@ -66,6 +66,10 @@ pub const SCHEMA_VERSION: u32 = 2;
 pub enum StoreError {
     #[error("store I/O error: {0}")]
     Io(String),
+    /// The store did not answer in time or could not be reached (a networked backend:
+    /// Redis down or slow). Users get the busy apology; the update stays in the inbox.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("store at {path} is schema version {found}, this confab understands up to {supported}; upgrade confab")]
     SchemaTooNew {
         path: String,

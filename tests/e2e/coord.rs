@@ -215,8 +215,11 @@ async fn redis_down_gives_the_busy_apology_and_service_resumes() {
     let timeout = Duration::from_millis(500);
     coord.limiter = Arc::new(RedisLimiter::open(&redis.url(), "x", timeout, stats).expect("url"));
     let llm2 = Arc::new(cfg.llm.build().expect("llm"));
-    let lone =
-        Engine::with_coordination(cfg, app.engine.store().clone(), llm2, coord).expect("engine");
+    // (its own sled store: the shared Redis store would refuse first)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sled: Arc<dyn confab::store::Store> =
+        Arc::new(confab::store::SledStore::open(dir.path(), 16, 500).expect("sled"));
+    let lone = Engine::with_coordination(cfg, sled, llm2, coord).expect("engine");
     assert_eq!(text(&lone.handle(&msg("4", "c")).await), MSG_BUSY);
     assert_eq!(lone.coordination().stats.limiter_errors.get(), 1);
     assert_eq!(
@@ -301,6 +304,12 @@ async fn one_daemon_polls_and_the_standby_takes_over_when_it_dies() {
     let conflicts = tg.calls().iter().filter(|c| c.status == 409).count();
     assert_eq!(conflicts, 0, "never two pollers at once");
 
+    // A has finished with what it received (sent, marked, out of the shared inbox): a
+    // kill between a send and its mark would rightly make B send that reply again.
+    wait_until("A's inbox empty", || {
+        redis.cli(&["HLEN", "confab:staging:inbox"]) == "0"
+    })
+    .await;
     // A dies: no release, no shutdown; its lease expires and B takes over
     rt_a.shutdown_background();
     drop(daemon_a);
@@ -316,7 +325,7 @@ async fn one_daemon_polls_and_the_standby_takes_over_when_it_dies() {
     tg.send_private(200, "V", "after");
     let sent = tg.wait_for_sent(4, WAIT).await;
     assert_eq!(sent.len(), 4);
-    assert!(sent.iter().any(|m| m.text == "echo: after"));
+    assert!(sent.iter().any(|m| m.text == "echo: after"), "{sent:#?}");
     daemon_b.stop().await.expect("clean stop");
 }
 

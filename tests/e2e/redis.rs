@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use confab::engine::MSG_INTERNAL;
+use confab::engine::MSG_BUSY;
 
 use crate::fake_openai::FakeOpenAi;
 use crate::fake_telegram::FakeTelegram;
@@ -18,9 +18,13 @@ use crate::redis_server::RedisServer;
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn setup(server: &RedisServer) -> (FakeOpenAi, FakeTelegram, Root) {
+    setup_with(server, "").await
+}
+
+async fn setup_with(server: &RedisServer, extra: &str) -> (FakeOpenAi, FakeTelegram, Root) {
     let llm = FakeOpenAi::start().await;
     let tg = FakeTelegram::start(TG_TOKEN, "acme_staging_bot").await;
-    let root = Root::telegram(&llm.base_url, &tg.api_url, "", TG_BOT_TOML);
+    let root = Root::telegram(&llm.base_url, &tg.api_url, extra, TG_BOT_TOML);
     root.use_redis(server);
     (llm, tg, root)
 }
@@ -78,13 +82,14 @@ async fn a_stored_turn_is_in_redis_under_the_environment_prefix() {
     daemon.stop().await.unwrap();
 }
 
-/// Redis killed while messages arrive: each gets the try-again apology within the
-/// timeout (never silence, never a panic), `/readyz` says why it is not ready, and once
-/// Redis is back the daemon answers again without a restart; nothing is answered twice.
+/// Redis killed while messages arrive: each gets the busy apology once its wait
+/// (`llm.queue_timeout_secs`) is over (never silence, never a panic), `/readyz` says why
+/// it is not ready, and once Redis is back the daemon answers again without a restart;
+/// nothing is answered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_then_back_apologises_then_answers_again() {
     let mut server = RedisServer::start();
-    let (llm, tg, root) = setup(&server).await;
+    let (llm, tg, root) = setup_with(&server, "[llm]\nqueue_timeout_secs = 2\n").await;
     let (daemon, addr) = Daemon::start_with_ops(&root).await;
     tg.send_private(41, "Ann", "before");
     assert_eq!(tg.wait_for_sent(1, WAIT).await[0].text, "echo: before");
@@ -97,8 +102,8 @@ async fn redis_down_then_back_apologises_then_answers_again() {
     tg.send_private(41, "Ann", "during one");
     tg.send_private(42, "Bo", "during two");
     let sent = tg.wait_for_sent(3, WAIT).await;
-    assert_eq!(sent[1].text, MSG_INTERNAL, "{sent:#?}");
-    assert_eq!(sent[2].text, MSG_INTERNAL, "{sent:#?}");
+    assert_eq!(sent[1].text, MSG_BUSY, "{sent:#?}");
+    assert_eq!(sent[2].text, MSG_BUSY, "{sent:#?}");
     assert_eq!(llm.request_count(), 1, "no LLM call without the store");
     assert_eq!(metric(addr, "confab_redis_up").await, Some(0.0));
     let unreachable = "confab_redis_commands_total{result=\"unreachable\",env=\"staging\"}";
@@ -114,7 +119,7 @@ async fn redis_down_then_back_apologises_then_answers_again() {
     let texts: Vec<String> = tg.sent().into_iter().map(|m| m.text).collect();
     assert_eq!(
         texts,
-        vec!["echo: before", MSG_INTERNAL, MSG_INTERNAL, "echo: after"]
+        vec!["echo: before", MSG_BUSY, MSG_BUSY, "echo: after"]
     );
     assert_eq!(llm.request_count(), 2);
     assert_eq!(metric(addr, "confab_update_panics_total").await, Some(0.0));
@@ -260,14 +265,15 @@ async fn concurrent_user_updates_are_all_kept() {
     assert_eq!(app.store.user_count().unwrap(), 1);
 }
 
-/// A Redis that answers too slowly: the message gets the try-again apology within
-/// about the configured timeout (never a hang), and the next one is answered.
+/// A Redis that answers too slowly: the message gets the busy apology once its wait
+/// (`llm.queue_timeout_secs`, 1 s here) is over (never a hang), and the next one is
+/// answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_fails_within_the_timeout() {
     use crate::harness::{msg, text};
     let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
     let llm = FakeOpenAi::start().await;
-    let root = Root::new(&llm.base_url, "");
+    let root = Root::new(&llm.base_url, "[llm]\nqueue_timeout_secs = 1\n");
     root.use_redis(&server);
     let app = root.build();
     assert_eq!(
@@ -289,7 +295,7 @@ async fn a_slow_redis_fails_within_the_timeout() {
     let slow = tokio::time::timeout(WAIT, app.engine.handle(&msg("5", "are you there?")))
         .await
         .expect("an answer, not a hang");
-    assert_eq!(text(&slow), MSG_INTERNAL);
+    assert_eq!(text(&slow), MSG_BUSY);
     let _ = sleeper.join();
     let deadline = Instant::now() + WAIT;
     loop {

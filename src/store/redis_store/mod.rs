@@ -201,9 +201,7 @@ impl RedisStore {
         let result = tokio::task::block_in_place(|| handle.block_on(bounded));
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
-            Err(e) if e.is_timeout() || e.is_io_error() || e.is_connection_refusal() => {
-                Outcome::Unreachable
-            }
+            Err(e) if unreachable(e) => Outcome::Unreachable,
             Err(_) => Outcome::Error,
         };
         events::emit(
@@ -218,8 +216,18 @@ impl RedisStore {
 
     /// A Redis error as a store error, the URL and password scrubbed.
     fn error(&self, e: &RedisError) -> StoreError {
-        StoreError::Io(format!("redis: {}", scrub(&e.to_string(), &self.secrets)))
+        let text = format!("redis: {}", scrub(&e.to_string(), &self.secrets));
+        if unreachable(e) {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Io(text)
+        }
     }
+}
+
+/// No answer: timed out, refused or dropped connection (not a command Redis refused).
+fn unreachable(e: &RedisError) -> bool {
+    e.is_timeout() || e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped()
 }
 
 fn no_runtime(why: &'static str) -> RedisError {
