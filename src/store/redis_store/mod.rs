@@ -14,6 +14,7 @@
 mod audit;
 mod cache;
 mod conversations;
+mod dump;
 pub mod events;
 mod forget;
 mod inbox;
