@@ -63,6 +63,11 @@ pub fn restore_redis(
 }
 
 fn make_room(store: &RedisStore, force: bool) -> Result<(), BackupError> {
+    if store.is_encrypted() {
+        return Err(BackupError::Io(
+            crate::store::redis_store::ENCRYPTED_UNSUPPORTED.into(),
+        ));
+    }
     if store.prefix_is_empty().map_err(io)? {
         return Ok(());
     }
