@@ -615,7 +615,12 @@ pub async fn migrate(
             let mut target = config.store.clone();
             target.backend = config::StoreBackend::Redis;
             let store = target
-                .open(config.env, &config.data_dir, config.data_key.as_ref(), config.cache.ttl_secs)
+                .open(
+                    config.env,
+                    &config.data_dir,
+                    config.data_key.as_ref(),
+                    config.cache.ttl_secs,
+                )
                 .with_context(|| format!("opening the Redis store ({})", target.redis_url_env))?;
             let Some(redis) = store.redis().cloned() else {
                 anyhow::bail!("the target is not on Redis");
@@ -625,7 +630,11 @@ pub async fn migrate(
                 .context("migrating")??
         }
         config::StoreBackend::Sled => {
-            let (store_cfg, dir, key) = (config.store.clone(), config.data_dir.clone(), config.data_key.clone());
+            let (store_cfg, dir, key) = (
+                config.store.clone(),
+                config.data_dir.clone(),
+                config.data_key.clone(),
+            );
             tokio::task::spawn_blocking(move || {
                 let open = |p: &std::path::Path| {
                     store_cfg

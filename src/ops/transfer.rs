@@ -89,7 +89,9 @@ fn each_batch(
         Backend::Sled(s) => {
             let mut cursor = Some(DumpCursor::default());
             while let Some(at) = cursor.take() {
-                let (rows, next) = s.dump_batch(ORDER, &at, super::backup::BATCH_ROWS).map_err(io)?;
+                let (rows, next) = s
+                    .dump_batch(ORDER, &at, super::backup::BATCH_ROWS)
+                    .map_err(io)?;
                 sink(rows)?;
                 cursor = next;
             }

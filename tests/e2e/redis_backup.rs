@@ -38,7 +38,10 @@ fn run(root: &Root, args: &[&str]) -> (Option<i32>, String, String) {
 fn redis_root(llm: &FakeOpenAi, server: &RedisServer, prefix: &str) -> Root {
     let root = Root::new(&llm.base_url, "");
     root.use_redis(server);
-    append(&root.path().join("config/staging.toml"), &format!("redis_prefix = {prefix:?}\n"));
+    append(
+        &root.path().join("config/staging.toml"),
+        &format!("redis_prefix = {prefix:?}\n"),
+    );
     root
 }
 
@@ -89,7 +92,9 @@ async fn populate(app: &App) {
             result: "ok".into(),
         };
         store.audit_append(&audit).expect("audit");
-        store.inbox_put("tg/assistant/000042", b"an update").expect("inbox");
+        store
+            .inbox_put("tg/assistant/000042", b"an update")
+            .expect("inbox");
         store.meta_put("maintenance", b"off").expect("meta");
     })
     .await
@@ -104,12 +109,18 @@ async fn assert_same_memory(root: &Root, llm: &FakeOpenAi) {
     app.engine.handle(&msg("1", "what is my name?")).await;
     let req = llm.requests().pop().expect("an LLM request");
     assert!(
-        req.messages.iter().any(|(_, t)| t.contains("my name is Ann")),
+        req.messages
+            .iter()
+            .any(|(_, t)| t.contains("my name is Ann")),
         "earlier turns in the request: {:?}",
         req.messages
     );
     app.engine.handle(&msg("2", "let me back in")).await;
-    assert_eq!(llm.requests().len(), 1, "the ban holds: no LLM call for tg:2");
+    assert_eq!(
+        llm.requests().len(),
+        1,
+        "the ban holds: no LLM call for tg:2"
+    );
     let store = app.store.clone();
     tokio::task::spawn_blocking(move || {
         assert_eq!(store.user_count().unwrap(), 2);
@@ -123,8 +134,14 @@ async fn assert_same_memory(root: &Root, llm: &FakeOpenAi) {
             .iter()
             .any(|e| e.command == "ban" && e.target.as_deref() == Some("tg:2")));
         let inbox = store.inbox_scan("tg/").unwrap();
-        assert_eq!(inbox, vec![("tg/assistant/000042".to_string(), b"an update".to_vec())]);
-        assert_eq!(store.meta_get("maintenance").unwrap(), Some(b"off".to_vec()));
+        assert_eq!(
+            inbox,
+            vec![("tg/assistant/000042".to_string(), b"an update".to_vec())]
+        );
+        assert_eq!(
+            store.meta_get("maintenance").unwrap(),
+            Some(b"off".to_vec())
+        );
     })
     .await
     .expect("checks");
@@ -160,17 +177,22 @@ async fn a_redis_backup_restores_into_a_fresh_prefix_and_into_sled() {
     let (code, _, err) = run(&copy, &["restore", "--from", file.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--force"), "{err}");
-    let (code, _, err) = run(&copy, &["restore", "--force", "--from", file.to_str().unwrap()]);
+    let (code, _, err) = run(
+        &copy,
+        &["restore", "--force", "--from", file.to_str().unwrap()],
+    );
     assert_eq!(code, Some(0), "{err}");
     let app = copy.build();
     let store = app.store.clone();
-    let turns = tokio::task::spawn_blocking(move || {
-        store.user_conversations(&tg("1")).unwrap()[0].1.len()
-    })
-    .await
-    .unwrap();
+    let turns =
+        tokio::task::spawn_blocking(move || store.user_conversations(&tg("1")).unwrap()[0].1.len())
+            .await
+            .unwrap();
     assert_eq!(turns, 2, "user 1's conversation as backed up, not doubled");
-    assert!(keys_under(&server, "confab:src") > 0, "--force touched only its own prefix");
+    assert!(
+        keys_under(&server, "confab:src") > 0,
+        "--force touched only its own prefix"
+    );
 
     // into a fresh sled data dir
     let sled = Root::new(&llm.base_url, "");
@@ -196,7 +218,10 @@ async fn migrate_copies_sled_to_redis_and_back_with_equal_counts() {
     let server = RedisServer::start();
     let llm = FakeOpenAi::start().await;
     let sled = Root::new(&llm.base_url, "");
-    append(&sled.env_file(), &format!("\nCONFAB_REDIS_URL={}\n", server.url()));
+    append(
+        &sled.env_file(),
+        &format!("\nCONFAB_REDIS_URL={}\n", server.url()),
+    );
     populate(&sled.build()).await;
 
     let (code, _, err) = run(&sled, &["migrate", "--to", "sled"]);
@@ -205,7 +230,17 @@ async fn migrate_copies_sled_to_redis_and_back_with_equal_counts() {
     let (code, out, err) = run(&sled, &["migrate", "--to", "redis"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("every count matches"), "{out}");
-    for role in ["turns", "conversations", "users", "usernames", "cache entries", "audit entries", "inbox", "handled markers", "meta"] {
+    for role in [
+        "turns",
+        "conversations",
+        "users",
+        "usernames",
+        "cache entries",
+        "audit entries",
+        "inbox",
+        "handled markers",
+        "meta",
+    ] {
         assert!(out.contains(role), "{role} in the table: {out}");
     }
     assert!(!out.contains("MISMATCH"), "{out}");
@@ -234,7 +269,11 @@ async fn an_encrypted_redis_store_is_refused_with_a_clear_reason() {
     let server = RedisServer::start();
     let llm = FakeOpenAi::start().await;
     let root = Root::new(&llm.base_url, "");
-    std::fs::write(root.env_file(), "CONFAB_DATA_KEY=correct-horse-battery-staple-42\n").unwrap();
+    std::fs::write(
+        root.env_file(),
+        "CONFAB_DATA_KEY=correct-horse-battery-staple-42\n",
+    )
+    .unwrap();
     root.use_redis(&server);
     root.build().engine.handle(&msg("1", "secret")).await;
     let file = root.path().join("b.backup");

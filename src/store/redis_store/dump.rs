@@ -18,8 +18,8 @@ use super::RedisStore;
 use crate::domain::UserRef;
 use crate::store::sled_store::{conv_prefix_plain, parse_conv_prefix, time_key, DumpRow};
 use crate::store::{
-    AuditEntry, AuditStore, CacheEntry, CacheStore, ConversationStore, HandledEntry,
-    InboxStore, MetaStore, StoreError, StoreResult, Turn, UserRecord, UserStore,
+    AuditEntry, AuditStore, CacheEntry, CacheStore, ConversationStore, HandledEntry, InboxStore,
+    MetaStore, StoreError, StoreResult, Turn, UserRecord, UserStore,
 };
 
 /// Rows a sink gets at most at once (a user's conversations may exceed it).
@@ -122,16 +122,18 @@ impl RedisStore {
             let k = self.meta_key();
             self.run(|mut c| async move { redis::cmd("HGETALL").arg(k).query_async(&mut c).await })?
         };
-        sink(meta
-            .into_iter()
-            .map(|(k, v)| ("meta".to_string(), k.into_bytes(), v))
-            .collect())?;
+        sink(
+            meta.into_iter()
+                .map(|(k, v)| ("meta".to_string(), k.into_bytes(), v))
+                .collect(),
+        )?;
         let inbox = self.inbox_scan("")?;
         for page in inbox.chunks(PAGE) {
-            sink(page
-                .iter()
-                .map(|(k, v)| ("inbox".to_string(), k.clone().into_bytes(), v.clone()))
-                .collect())?;
+            sink(
+                page.iter()
+                    .map(|(k, v)| ("inbox".to_string(), k.clone().into_bytes(), v.clone()))
+                    .collect(),
+            )?;
         }
         self.dump_handled(sink)
     }
@@ -192,7 +194,11 @@ impl RedisStore {
             let rec: UserRecord = self.decode_strict("users", &self.user_key(&user), &raw)?;
             if let Some(name) = rec.username.as_deref().map(normalise_username) {
                 let k = format!("{}:{name}", user.platform.prefix());
-                rows.push(("usernames".into(), k.into_bytes(), user.to_string().into_bytes()));
+                rows.push((
+                    "usernames".into(),
+                    k.into_bytes(),
+                    user.to_string().into_bytes(),
+                ));
             }
             rows.push(("users".into(), user.to_string().into_bytes(), raw));
         }
@@ -214,7 +220,11 @@ impl RedisStore {
                     continue;
                 };
                 rows.push(("cache".into(), hash.to_vec(), v));
-                rows.push(("cache_time".into(), time_key(entry.created_at, &hash), Vec::new()));
+                rows.push((
+                    "cache_time".into(),
+                    time_key(entry.created_at, &hash),
+                    Vec::new(),
+                ));
             }
             sink(rows)?;
         }
@@ -275,12 +285,16 @@ impl RedisStore {
                     self.put_user(&user, &from_json::<UserRecord>("users", v)?)?;
                 }
                 "cache" => {
-                    let hash: [u8; 32] = k.as_slice().try_into().map_err(|_| bad("cache", "key"))?;
+                    let hash: [u8; 32] =
+                        k.as_slice().try_into().map_err(|_| bad("cache", "key"))?;
                     let entry: CacheEntry = from_json("cache", v)?;
                     self.cache_put(&hash, &entry, usize::MAX)?;
                 }
                 "audit" => self.audit_append(&from_json::<AuditEntry>("audit", v)?)?,
-                "handled" => self.set_handled(&utf8("handled", k)?, &from_json::<HandledEntry>("handled", v)?)?,
+                "handled" => self.set_handled(
+                    &utf8("handled", k)?,
+                    &from_json::<HandledEntry>("handled", v)?,
+                )?,
                 "inbox" => self.inbox_put(&utf8("inbox", k)?, v)?,
                 "meta" => self.meta_put(&utf8("meta", k)?, v)?,
                 "conv_index" | "usernames" | "cache_time" => {}
@@ -323,4 +337,3 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
-
