@@ -248,6 +248,15 @@ async fn migrate_copies_sled_to_redis_and_back_with_equal_counts() {
     assert_eq!(code, Some(1), "a non-empty target is refused");
     assert!(err.contains("--force"), "{err}");
 
+    // a sled backup file restores into a Redis prefix too
+    let file = sled.path().join("sled.backup");
+    let (code, _, err) = run(&sled, &["backup", "--out", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let from_file = redis_root(&llm, &server, "confab:fromfile");
+    let (code, _, err) = run(&from_file, &["restore", "--from", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_memory(&from_file, &llm).await;
+
     // the Redis copy (the default prefix of staging) answers with the same memory
     let redis = Root::new(&llm.base_url, "");
     redis.use_redis(&server);
