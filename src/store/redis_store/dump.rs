@@ -13,6 +13,7 @@
 //! Encrypted stores (a data key) hash ids in keys differently on the two backends and
 //! cannot be translated without the originals: both calls refuse them.
 
+use super::audit::StreamRows;
 use super::layout::{normalise_username, parse_conversation};
 use super::RedisStore;
 use crate::domain::UserRef;
@@ -127,14 +128,7 @@ impl RedisStore {
                 .map(|(k, v)| ("meta".to_string(), k.into_bytes(), v))
                 .collect(),
         )?;
-        let inbox = self.inbox_scan("")?;
-        for page in inbox.chunks(PAGE) {
-            sink(
-                page.iter()
-                    .map(|(k, v)| ("inbox".to_string(), k.clone().into_bytes(), v.clone()))
-                    .collect(),
-            )?;
-        }
+        self.dump_inbox(sink)?;
         self.dump_handled(sink)
     }
 
@@ -206,42 +200,107 @@ impl RedisStore {
     }
 
     fn dump_cache(&self, sink: Sink<'_>) -> StoreResult<()> {
-        for page in self.cache_ids()?.chunks(PAGE) {
-            let keys: Vec<String> = page.iter().map(|id| self.cache_key(id)).collect();
-            let ks = keys.clone();
-            let values: Vec<Option<Vec<u8>>> = self
-                .run(|mut c| async move { redis::cmd("MGET").arg(ks).query_async(&mut c).await })?;
-            let mut rows = Vec::new();
-            for ((id, key), v) in page.iter().zip(&keys).zip(values) {
-                let (Some(v), Some(hash)) = (v, unhex(id)) else {
-                    continue;
-                };
-                let Some(entry) = self.decode::<CacheEntry>("cache", key, &v) else {
-                    continue;
-                };
-                rows.push(("cache".into(), hash.to_vec(), v));
-                rows.push((
-                    "cache_time".into(),
-                    time_key(entry.created_at, &hash),
-                    Vec::new(),
-                ));
+        let mut start = 0usize;
+        loop {
+            let index = self.cache_index_key();
+            let stop = start + PAGE - 1;
+            let page: Vec<String> = self.run(|mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(index)
+                    .arg(start)
+                    .arg(stop)
+                    .query_async(&mut c)
+                    .await
+            })?;
+            if page.is_empty() {
+                return Ok(());
             }
-            sink(rows)?;
+            start += page.len();
+            sink(self.cache_rows(&page)?)?;
         }
-        Ok(())
     }
 
+    fn cache_rows(&self, page: &[String]) -> StoreResult<Vec<DumpRow>> {
+        let keys: Vec<String> = page.iter().map(|id| self.cache_key(id)).collect();
+        let ks = keys.clone();
+        let values: Vec<Option<Vec<u8>>> =
+            self.run(|mut c| async move { redis::cmd("MGET").arg(ks).query_async(&mut c).await })?;
+        let mut rows = Vec::new();
+        for ((id, key), v) in page.iter().zip(&keys).zip(values) {
+            let (Some(v), Some(hash)) = (v, unhex(id)) else {
+                continue;
+            };
+            let Some(entry) = self.decode::<CacheEntry>("cache", key, &v) else {
+                continue;
+            };
+            rows.push(("cache".into(), hash.to_vec(), v));
+            rows.push((
+                "cache_time".into(),
+                time_key(entry.created_at, &hash),
+                Vec::new(),
+            ));
+        }
+        Ok(rows)
+    }
+
+    /// The audit stream in pages (`XRANGE (last + COUNT n`), keyed by a sequence.
     fn dump_audit(&self, sink: Sink<'_>) -> StoreResult<()> {
-        let entries = self.audit_all()?;
-        for (i, page) in entries.chunks(PAGE).enumerate() {
+        let key = self.audit_key();
+        let (mut from, mut seq) = ("-".to_string(), 0u64);
+        loop {
+            let (k, f) = (key.clone(), from.clone());
+            let page: StreamRows = self.run(|mut c| async move {
+                redis::cmd("XRANGE")
+                    .arg(k)
+                    .arg(f)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(&mut c)
+                    .await
+            })?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            from = format!("({last}");
             let mut rows = Vec::new();
-            for (j, (_, e)) in page.iter().enumerate() {
-                let seq = (i * PAGE + j) as u64;
-                rows.push(("audit".into(), seq.to_be_bytes().to_vec(), json(e)?));
+            for (_, fields) in page {
+                let Some((_, v)) = fields.into_iter().find(|(f, _)| f == "e") else {
+                    continue;
+                };
+                if self.decode::<AuditEntry>("audit", &key, &v).is_some() {
+                    rows.push(("audit".into(), seq.to_be_bytes().to_vec(), v));
+                    seq += 1;
+                }
             }
             sink(rows)?;
         }
-        Ok(())
+    }
+
+    /// The inbox hash in HSCAN pages.
+    fn dump_inbox(&self, sink: Sink<'_>) -> StoreResult<()> {
+        let mut cursor = 0u64;
+        loop {
+            let hash = self.inbox_key();
+            let (next, page): (u64, Vec<(String, Vec<u8>)>) = self.run(|mut c| async move {
+                redis::cmd("HSCAN")
+                    .arg(hash)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(&mut c)
+                    .await
+            })?;
+            sink(
+                page.into_iter()
+                    .map(|(k, v)| ("inbox".to_string(), k.into_bytes(), v))
+                    .collect(),
+            )?;
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
     }
 
     fn dump_handled(&self, sink: Sink<'_>) -> StoreResult<()> {
