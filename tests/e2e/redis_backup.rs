@@ -294,3 +294,54 @@ async fn an_encrypted_redis_store_is_refused_with_a_clear_reason() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unencrypted store for now"), "{err}");
 }
+
+/// More rows than one page of every paged role: all of them come across.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_larger_than_one_page_migrates_completely() {
+    let server = RedisServer::start();
+    let llm = FakeOpenAi::start().await;
+    let root = Root::new(&llm.base_url, "");
+    root.use_redis(&server);
+    let store = root.build().store.clone();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..1_200u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            let entry = CacheEntry {
+                reply: format!("r{i}"),
+                tokens: 1,
+                reply_tokens: 1,
+                created_at: 1_700_000_000 + i64::from(i),
+                origin: tg("1"),
+                model: "m".into(),
+            };
+            store.cache_put(&key, &entry, 100_000).expect("cache");
+            let audit = AuditEntry {
+                at: 1_700_000_000,
+                actor: "tg:99".into(),
+                command: format!("c{i}"),
+                target: None,
+                result: "ok".into(),
+            };
+            store.audit_append(&audit).expect("audit");
+            store
+                .inbox_put(&format!("tg/a/{i:06}"), b"u")
+                .expect("inbox");
+            store
+                .update_user(&tg(&i.to_string()), &mut |r| r.usage.total_messages = 1)
+                .expect("user");
+        }
+    })
+    .await
+    .unwrap();
+    let (code, out, err) = run(&root, &["migrate", "--to", "sled"]);
+    assert_eq!(code, Some(0), "{err}{out}");
+    for role in ["users", "cache entries", "audit entries", "inbox"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(role))
+            .unwrap_or_else(|| panic!("{role} in {out}"));
+        let n: Vec<&str> = line.split_whitespace().rev().take(2).collect();
+        assert_eq!(n, vec!["1200", "1200"], "{line}");
+    }
+}
