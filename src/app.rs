@@ -18,7 +18,7 @@ use crate::coord::{Coordination, RedisCoordination};
 use crate::engine::Engine;
 use crate::events::ErrorKind;
 use crate::shutdown::{self, Shutdown, Signal};
-use crate::store::{Backend, SledStore, Store, REDIS_BACKUP_UNSUPPORTED};
+use crate::store::{Backend, SledStore, Store};
 
 /// A poller's or gateway's run future.
 type Intake = futures::future::BoxFuture<'static, ()>;
@@ -489,6 +489,21 @@ pub async fn backup(
 ) -> anyhow::Result<String> {
     use crate::ops::backup::{self, BackupFile};
     let mut file = BackupFile::create(out, keep)?;
+    if config.store.backend == config::StoreBackend::Redis {
+        // Every instance shares Redis: read it directly, daemons running or not.
+        let Some(store) = open_store(&config)?.redis().cloned() else {
+            anyhow::bail!("the store is not on Redis");
+        };
+        let mut w = std::io::BufWriter::new(file.file()?.try_clone()?);
+        tokio::task::spawn_blocking(move || {
+            crate::ops::transfer::write_redis(&store, &mut w)?;
+            std::io::Write::flush(&mut w)
+                .map_err(|e| backup::BackupError::Io(format!("writing the backup: {e}")))
+        })
+        .await
+        .context("writing the backup")??;
+        return finish_backup(file).await;
+    }
     let path = crate::ops::control::socket_path(&config.data_dir);
     let mut sink = tokio::fs::File::from_std(file.file()?.try_clone()?);
     let streamed = crate::ops::control::backup_into(&path, &mut sink)
@@ -500,7 +515,7 @@ pub async fn backup(
         Some(Err(reason)) => anyhow::bail!("backup failed: {reason}"),
         None => {
             let Some(store) = open_store(&config)?.sled().cloned() else {
-                anyhow::bail!("{REDIS_BACKUP_UNSUPPORTED}");
+                anyhow::bail!("the store is not on sled");
             };
             let mut w = std::io::BufWriter::new(file.file()?.try_clone()?);
             tokio::task::spawn_blocking(move || {
@@ -512,6 +527,10 @@ pub async fn backup(
             .context("writing the backup")??;
         }
     }
+    finish_backup(file).await
+}
+
+async fn finish_backup(file: crate::ops::backup::BackupFile) -> anyhow::Result<String> {
     let done = tokio::task::spawn_blocking(move || file.finish())
         .await
         .context("verifying the backup")??;
@@ -531,7 +550,7 @@ pub async fn restore(
     force: bool,
 ) -> anyhow::Result<String> {
     if config.store.backend == config::StoreBackend::Redis {
-        anyhow::bail!("{REDIS_BACKUP_UNSUPPORTED}");
+        return restore_redis(config, from, force).await;
     }
     let path = crate::ops::control::socket_path(&config.data_dir);
     if tokio::net::UnixStream::connect(&path).await.is_ok() {
@@ -552,6 +571,86 @@ pub async fn restore(
         "restored {rows} rows into {}",
         config.data_dir.display()
     ))
+}
+
+/// `confab restore` on Redis: into this environment's prefix (stop the instances first).
+async fn restore_redis(
+    config: Config,
+    from: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<String> {
+    let Some(store) = open_store(&config)?.redis().cloned() else {
+        anyhow::bail!("the store is not on Redis");
+    };
+    let from = from.to_path_buf();
+    let data_key = config.data_key.as_ref().map(|k| k.expose().to_string());
+    let rows = tokio::task::spawn_blocking(move || {
+        crate::ops::transfer::restore_redis(&from, &store, force, data_key.as_deref())
+    })
+    .await
+    .context("restoring")??;
+    Ok(format!(
+        "restored {rows} rows into Redis (keys under {})",
+        config.store.prefix(config.env)
+    ))
+}
+
+/// `confab migrate --to BACKEND`: copies the configured store into the other backend
+/// and compares the rows of every role; an error unless they all match.
+pub async fn migrate(
+    config: Config,
+    to: config::StoreBackend,
+    force: bool,
+) -> anyhow::Result<String> {
+    use crate::ops::transfer;
+    if to == config.store.backend {
+        anyhow::bail!(
+            "the store of this environment is already on {}; --to names the other backend",
+            format!("{to:?}").to_lowercase()
+        );
+    }
+    let from = open_store(&config)?;
+    let (rows, text, same) = match to {
+        config::StoreBackend::Redis => {
+            let mut target = config.store.clone();
+            target.backend = config::StoreBackend::Redis;
+            let store = target
+                .open(
+                    config.env,
+                    &config.data_dir,
+                    config.data_key.as_ref(),
+                    config.cache.ttl_secs,
+                )
+                .with_context(|| format!("opening the Redis store ({})", target.redis_url_env))?;
+            let Some(redis) = store.redis().cloned() else {
+                anyhow::bail!("the target is not on Redis");
+            };
+            tokio::task::spawn_blocking(move || transfer::migrate_to_redis(&from, redis, force))
+                .await
+                .context("migrating")??
+        }
+        config::StoreBackend::Sled => {
+            let (store_cfg, dir, key) = (
+                config.store.clone(),
+                config.data_dir.clone(),
+                config.data_key.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let open = |p: &std::path::Path| {
+                    store_cfg
+                        .open_sled(p, key.as_ref())
+                        .map_err(|e| crate::ops::backup::BackupError::Io(e.to_string()))
+                };
+                transfer::migrate_to_sled(&from, &dir, force, &open)
+            })
+            .await
+            .context("migrating")??
+        }
+    };
+    if !same {
+        anyhow::bail!("{text}counts differ after copying {rows} rows: the target is not complete");
+    }
+    Ok(format!("{text}migrated {rows} rows; every count matches"))
 }
 
 /// `confab chat`: talk to a bot in the terminal until end of input.

@@ -64,6 +64,18 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Copy the store into the other backend (sled in the data dir or Redis at the
+    /// configured URL) and compare the rows of every role; stop the daemons first.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+        /// The backend to copy into: the one the config does not use.
+        #[arg(long, value_enum)]
+        to: Target,
+        /// Replace a non-empty target (sled: the data dir; Redis: this prefix's keys).
+        #[arg(long)]
+        force: bool,
+    },
     /// A user's data: `export` prints it as JSON; `forget` deletes it. Works with or
     /// without a running daemon.
     User {
@@ -78,6 +90,12 @@ enum Cmd {
         #[arg(long)]
         bot: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Target {
+    Redis,
+    Sled,
 }
 
 #[derive(Subcommand)]
@@ -103,6 +121,7 @@ impl Cmd {
             | Cmd::Check { common, .. }
             | Cmd::Backup { common, .. }
             | Cmd::Restore { common, .. }
+            | Cmd::Migrate { common, .. }
             | Cmd::Chat { common, .. }
             | Cmd::User {
                 action: UserAction::Export { common, .. } | UserAction::Forget { common, .. },
@@ -282,6 +301,17 @@ fn dispatch(cmd: Cmd, cfg: Config, opts: LoadOptions, runtime: &Runtime) -> Exit
                 .block_on(confab::app::restore(cfg, &from, force))
                 .map(say),
         ),
+        Cmd::Migrate { to, force, .. } => {
+            let to = match to {
+                Target::Redis => config::StoreBackend::Redis,
+                Target::Sled => config::StoreBackend::Sled,
+            };
+            finish(
+                runtime
+                    .block_on(confab::app::migrate(cfg, to, force))
+                    .map(say),
+            )
+        }
         Cmd::Chat { bot, .. } => finish(runtime.block_on(confab::app::chat(cfg, bot))),
     }
 }

@@ -443,6 +443,34 @@ fn authenticate(
     }
 }
 
+/// A backup file whose checksum (and HMAC, see [`authenticate`]) has been checked.
+pub struct Checked {
+    file: std::fs::File,
+    body: u64,
+    version: Version,
+}
+
+impl Checked {
+    /// Checks `from` completely before anything is touched.
+    pub fn open(from: &Path, data_key: Option<&str>) -> Result<Checked, BackupError> {
+        let (file, body, version) = open_verified(from)?;
+        authenticate(&file, body, version, data_key)?;
+        Ok(Checked {
+            file,
+            body,
+            version,
+        })
+    }
+
+    /// Hands every row to `sink` in batches; returns the row count.
+    pub fn rows(
+        self,
+        sink: &mut dyn FnMut(Vec<DumpRow>) -> Result<(), BackupError>,
+    ) -> Result<u64, BackupError> {
+        read_rows(self.file, self.body, self.version, sink).map(|(n, _)| n)
+    }
+}
+
 /// Checks a backup file completely (checksum, then every row) without keeping rows.
 pub fn verify(path: &Path) -> Result<u64, BackupError> {
     let (file, body, version) = open_verified(path)?;

@@ -5,6 +5,7 @@ mod backup_file;
 pub mod control;
 pub mod http;
 pub mod notify;
+pub mod transfer;
 
 /// Sets the process umask to 0077 so every file and socket confab creates (store,
 /// control socket, backups) is the owner's alone, with or without systemd's `UMask=`.

@@ -54,9 +54,9 @@ impl Backend {
     }
 }
 
-/// What backup and restore say on Redis (not built yet).
+/// What the control socket says to a backup request on Redis: the CLI reads Redis itself.
 pub const REDIS_BACKUP_UNSUPPORTED: &str =
-    "backup and restore are not yet supported on redis: use redis persistence (AOF/RDB) and its own backups";
+    "on redis the daemon does not stream backups: run `confab backup`, which reads Redis directly";
 
 /// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
 /// older one. 2: usernames indexed per platform.

@@ -29,6 +29,7 @@ mod otel;
 mod personal;
 mod privacy;
 mod redis;
+mod redis_backup;
 mod shards;
 mod systemd;
 mod telegram;

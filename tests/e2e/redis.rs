@@ -216,26 +216,6 @@ async fn redis_without_a_url_is_a_config_error() {
     );
 }
 
-/// Backups are sled's for now: on Redis `confab backup` says what to use instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_on_redis_is_refused_with_a_clear_reason() {
-    let server = RedisServer::start();
-    let root = Root::new("http://127.0.0.1:9/v1", "");
-    root.use_redis(&server);
-    let out = Command::new(env!("CARGO_BIN_EXE_confab"))
-        .args(["backup", "--env", "staging", "--out"])
-        .arg(root.path().join("b.cfb"))
-        .arg("--root")
-        .arg(root.path())
-        .arg("--env-file")
-        .arg(root.env_file())
-        .output()
-        .expect("run confab backup");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("not yet supported on redis"), "{err}");
-}
-
 /// `update_user` is a compare-and-set on Redis: concurrent writers (two instances, or
 /// two tasks here) never lose an update.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,10 +57,10 @@ pub(crate) fn secrets_and_policy(
     {
         c.push("admins", "production needs at least one admin");
     }
-    if config.store.backend == StoreBackend::Redis {
-        let var = config.store.redis_url_env.clone();
-        config.store.redis_url = rules.secret(&mut c, "store.redis_url_env", &var, true);
-    }
+    // On sled the URL is optional: `confab migrate --to redis` uses it when set.
+    let var = config.store.redis_url_env.clone();
+    let redis = config.store.backend == StoreBackend::Redis;
+    config.store.redis_url = rules.secret(&mut c, "store.redis_url_env", &var, redis);
     webhook_secret(config, &rules, &mut c);
     config.data_key = data_key(&rules, problems);
     for bot in &mut config.bots {

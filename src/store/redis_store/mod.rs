@@ -14,6 +14,7 @@
 mod audit;
 mod cache;
 mod conversations;
+mod dump;
 pub mod events;
 mod forget;
 mod inbox;
@@ -31,6 +32,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
+pub use dump::ENCRYPTED_UNSUPPORTED;
 pub use events::RedisStats;
 use events::{CommandDone, Outcome};
 

@@ -60,8 +60,22 @@ impl SledStore {
         Ok((rows, None))
     }
 
-    /// Inserts rows (from a backup) into an empty store.
+    /// Inserts rows (from a backup) into an empty store. Turns and audit entries are
+    /// keyed by sequence numbers from `generate_id`; the generator is moved past every
+    /// loaded one, so later writes sort after them and never reuse a key.
     pub fn load_rows(&self, rows: &[DumpRow]) -> StoreResult<()> {
+        let mut max_seq = None;
+        for (tree, k, _) in rows {
+            if tree == "turns" || tree == "audit" {
+                let tail = k.get(k.len().saturating_sub(8)..).unwrap_or_default();
+                if let Ok(b) = <[u8; 8]>::try_from(tail) {
+                    max_seq = max_seq.max(Some(u64::from_be_bytes(b)));
+                }
+            }
+        }
+        if let Some(max) = max_seq {
+            while self.db.generate_id().map_err(io)? <= max {}
+        }
         for (tree, k, v) in rows {
             if !TREES.contains(&tree.as_str()) {
                 return Err(StoreError::Corrupt {

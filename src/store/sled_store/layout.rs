@@ -32,7 +32,7 @@ pub(super) const SEALED_TREES: &[&str] = &[
 ];
 
 /// `bot \0 platform \0 chat \0 user \0`: the plain conversation prefix.
-pub(super) fn conv_prefix_plain(key: &ConversationKey) -> Vec<u8> {
+pub(crate) fn conv_prefix_plain(key: &ConversationKey) -> Vec<u8> {
     let mut p = Vec::with_capacity(key.bot.len() + key.chat.len() + key.user.len() + 8);
     for part in [
         key.bot.as_bytes(),
@@ -46,7 +46,7 @@ pub(super) fn conv_prefix_plain(key: &ConversationKey) -> Vec<u8> {
     p
 }
 
-pub(super) fn parse_conv_prefix(p: &[u8]) -> Option<ConversationKey> {
+pub(crate) fn parse_conv_prefix(p: &[u8]) -> Option<ConversationKey> {
     let parts: Vec<&[u8]> = p.split(|b| *b == SEP).collect();
     // four parts plus the empty tail after the last separator
     let [bot, platform, chat, user, tail] = parts.as_slice() else {
@@ -75,7 +75,7 @@ pub(super) fn normalise_username(name: &str) -> String {
     name.trim().trim_start_matches('@').to_lowercase()
 }
 
-pub(super) fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
+pub(crate) fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(40);
     k.extend_from_slice(&(at.max(0) as u64).to_be_bytes());
     k.extend_from_slice(key);

@@ -40,6 +40,7 @@ pub use flush::FlushCounts;
 use flush::Flusher;
 pub(in crate::store) use forget::scrub_audit_entry;
 pub use forget::FORGOTTEN;
+pub(crate) use layout::{conv_prefix_plain, parse_conv_prefix, time_key};
 pub use migrate::backup_auth_for_rows;
 
 use super::crypto;
