@@ -1,6 +1,8 @@
 //! End-to-end tests: the real engine, real sled in a temp dir, the real async-openai client
 //! against an in-process fake OpenAI server on loopback. One binary, many modules.
 
+#[path = "../support/fake_lb.rs"]
+mod fake_lb;
 #[path = "../support/fake_discord.rs"]
 mod fake_discord;
 #[path = "../support/fake_openai.rs"]
@@ -29,6 +31,7 @@ mod otel;
 mod personal;
 mod privacy;
 mod redis;
+mod scaleout;
 mod shards;
 mod systemd;
 mod telegram;
