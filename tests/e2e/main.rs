@@ -1,10 +1,10 @@
 //! End-to-end tests: the real engine, real sled in a temp dir, the real async-openai client
 //! against an in-process fake OpenAI server on loopback. One binary, many modules.
 
-#[path = "../support/fake_lb.rs"]
-mod fake_lb;
 #[path = "../support/fake_discord.rs"]
 mod fake_discord;
+#[path = "../support/fake_lb.rs"]
+mod fake_lb;
 #[path = "../support/fake_openai.rs"]
 mod fake_openai;
 #[path = "../support/fake_otlp.rs"]

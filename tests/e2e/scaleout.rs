@@ -14,7 +14,7 @@ use confab::engine::MSG_BANNED;
 
 use crate::fake_lb::FakeLb;
 use crate::fake_openai::FakeOpenAi;
-use crate::fake_telegram::{Fault, FakeTelegram};
+use crate::fake_telegram::{FakeTelegram, Fault};
 use crate::harness::{wait_exit, Daemon, Root, TG_BOT_TOML, TG_TOKEN};
 use crate::redis_server::RedisServer;
 use crate::telegram::spawn_daemon;
@@ -172,7 +172,13 @@ async fn pair(llm_a: &FakeOpenAi, llm_b: &FakeOpenAi, extra: &str) -> Pair {
     let mut b = Instance::new(llm_b, &tg, &redis, "b", (&public, bind_b), extra);
     a.start(&tg).await;
     b.start(&tg).await;
-    Pair { tg, redis, lb, a, b }
+    Pair {
+        tg,
+        redis,
+        lb,
+        a,
+        b,
+    }
 }
 
 impl Pair {
@@ -207,7 +213,10 @@ async fn two_instances_behind_one_webhook_share_memory_limits_budget_cache_and_b
     wait_reply(tg, 101, |t| t == "echo: my name is Ann").await;
     let (_, second) = p.say(101, "Ann", "what is my name?").await;
     wait_reply(tg, 101, |t| t == "echo: what is my name?").await;
-    assert_ne!(first, second, "the messages alternated between the instances");
+    assert_ne!(
+        first, second,
+        "the messages alternated between the instances"
+    );
     let asked = llm
         .requests()
         .into_iter()
@@ -215,7 +224,11 @@ async fn two_instances_behind_one_webhook_share_memory_limits_budget_cache_and_b
         .expect("the 2nd message reached the LLM");
     let has = |role: &str, text: &str| asked.messages.iter().any(|(r, c)| r == role && c == text);
     assert!(has("user", "my name is Ann"), "{:?}", asked.messages);
-    assert!(has("assistant", "echo: my name is Ann"), "{:?}", asked.messages);
+    assert!(
+        has("assistant", "echo: my name is Ann"),
+        "{:?}",
+        asked.messages
+    );
 
     // One rate limit: a burst of 3 across both instances, one notice, then silence.
     let mut took = Vec::new();
@@ -266,10 +279,10 @@ async fn two_instances_behind_one_webhook_share_memory_limits_budget_cache_and_b
     assert_eq!(rate.len(), 4, "{rate:?}");
     assert_eq!(rate[..3], ["echo: r1", "echo: r2", "echo: r3"]);
     assert!(rate[3].contains("too fast"), "{rate:?}");
-    assert!(llm
-        .requests()
-        .iter()
-        .all(|r| !matches!(r.last_user(), Some("r4" | "r5" | "more please" | "hello again"))));
+    assert!(llm.requests().iter().all(|r| !matches!(
+        r.last_user(),
+        Some("r4" | "r5" | "more please" | "hello again")
+    )));
     assert_eq!(texts(tg, 103).len(), 2, "{:?}", texts(tg, 103));
     p.a.stop();
     p.b.stop();
@@ -297,7 +310,8 @@ async fn kill_9_of_one_instance_mid_load_loses_nothing_and_answers_nothing_twice
     llm_a.set_latency(Duration::from_secs(600));
     // B waits for the conversation leases the dead A held (they expire) rather than
     // apologising.
-    let extra = "[limits]\nmessages_per_minute = 6000\nburst = 1000\n[llm]\nqueue_timeout_secs = 300\n";
+    let extra =
+        "[limits]\nmessages_per_minute = 6000\nburst = 1000\n[llm]\nqueue_timeout_secs = 300\n";
     let mut p = pair(&llm_a, &llm_b, extra).await;
     let users: Vec<i64> = (3000..3030).collect();
     let mut sent: HashMap<i64, (i64, String)> = HashMap::new();
@@ -412,7 +426,10 @@ async fn a_healthy_polling_standby_is_ready_and_a_failing_holder_is_not() {
             if status == 200 {
                 break;
             }
-            assert!(Instant::now() < deadline, "{who} not ready: {status} {body}");
+            assert!(
+                Instant::now() < deadline,
+                "{who} not ready: {status} {body}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -430,11 +447,61 @@ async fn a_healthy_polling_standby_is_ready_and_a_failing_holder_is_not() {
             assert!(body.contains("telegram/assistant: not connected"), "{body}");
             break;
         }
-        assert!(Instant::now() < deadline, "the failing holder still reads ready");
+        assert!(
+            Instant::now() < deadline,
+            "the failing holder still reads ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(readyz(ops_b).await.0, 200, "the standby is ready to take over");
+    assert_eq!(
+        readyz(ops_b).await.0,
+        200,
+        "the standby is ready to take over"
+    );
     assert_eq!(calls_via(&tg, "getupdates", "b"), 0, "B still stands by");
     daemon_b.stop().await.expect("clean stop");
     daemon_a.stop().await.expect("clean stop");
+}
+
+/// A user's message in group chat `chat`.
+fn in_group(user: &str, chat: &str, text: &str) -> confab::domain::Inbound {
+    let mut m = crate::harness::msg(user, text);
+    m.chat_id = chat.into();
+    m.is_private = false;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_llm_call_per_user_in_flight_across_instances() {
+    let llm = FakeOpenAi::start().await;
+    llm.set_latency(Duration::from_millis(150));
+    let redis = RedisServer::start();
+    let roomy = "[limits]\nmessages_per_minute = 600\nburst = 100\n";
+    let (ra, rb) = (
+        Root::new(&llm.base_url, roomy),
+        Root::new(&llm.base_url, roomy),
+    );
+    ra.use_redis(&redis);
+    rb.use_redis(&redis);
+    let (a, b) = (ra.build(), rb.build());
+    // One user in two groups, one group on each instance: two conversations (which may
+    // run in parallel), one user (whose LLM calls may not).
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let (engine, chat) = if i % 2 == 0 {
+            (a.engine.clone(), "-100")
+        } else {
+            (b.engine.clone(), "-200")
+        };
+        tasks.push(tokio::spawn(async move {
+            let reply = engine.handle(&in_group("42", chat, &format!("g{i}"))).await;
+            crate::harness::text(&reply)
+        }));
+    }
+    for t in tasks {
+        let reply = t.await.expect("handler");
+        assert!(reply.starts_with("echo: g"), "{reply}");
+    }
+    assert_eq!(llm.request_count(), 6);
+    assert_eq!(llm.max_in_flight(), 1, "one LLM call of the user at a time");
 }

@@ -53,9 +53,7 @@ impl FakeLb {
                 .build()
                 .expect("http client"),
         });
-        let app = Router::new()
-            .fallback(forward)
-            .with_state(inner.clone());
+        let app = Router::new().fallback(forward).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the load balancer");
