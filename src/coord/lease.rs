@@ -116,7 +116,8 @@ impl Lease {
         let lease = self.clone();
         let task = tokio::spawn(async move {
             let reason = lease.renew_until_lost(every).await;
-            lost.cancel();
+            // Counted before the holder is told, so whoever sees the cancellation
+            // also sees the count.
             if let Some(stats) = stats {
                 LeaseLost {
                     name: &lease.key,
@@ -124,6 +125,7 @@ impl Lease {
                 }
                 .emit(&stats);
             }
+            lost.cancel();
         });
         Held {
             lease: self,
