@@ -130,7 +130,8 @@ pub struct TelegramAdapter {
     delivery: Arc<Delivery<TgOut>>,
     /// Whether this instance may poll now (always, or while it holds the bot's lease).
     poll_gate: Arc<dyn crate::coord::PollGate>,
-    /// Set once polling works; read by readiness checks.
+    /// Set once polling works (or while standing by healthy for the polling lease);
+    /// read by readiness checks.
     pub connected: Arc<AtomicBool>,
 }
 
@@ -203,8 +204,10 @@ impl TelegramAdapter {
         }
         // With Redis coordination one instance polls a bot (a lease) and the others
         // stand by; each turn starts from the stored offset and replays the inbox (a
-        // takeover answers what the previous holder received but never answered).
-        while let Some(turn) = self.poll_gate.turn(&stop).await {
+        // takeover answers what the previous holder received but never answered). A
+        // healthy standby reads as connected (ready to take over); a holder as long as
+        // its getUpdates works.
+        while let Some(turn) = self.poll_gate.wait_turn(&stop, &self.connected).await {
             self.delivery.replay(&tracker).await;
             self.poll(&turn.token, &tracker).await;
         }

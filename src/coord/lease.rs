@@ -6,6 +6,7 @@
 //! every `renew_every`; standbys ask again every `retry_every`; a holder that cannot
 //! renew stops polling before its lease could have expired.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,7 +116,8 @@ impl Lease {
         let lease = self.clone();
         let task = tokio::spawn(async move {
             let reason = lease.renew_until_lost(every).await;
-            lost.cancel();
+            // Counted before the holder is told, so whoever sees the cancellation
+            // also sees the count.
             if let Some(stats) = stats {
                 LeaseLost {
                     name: &lease.key,
@@ -123,6 +125,7 @@ impl Lease {
                 }
                 .emit(&stats);
             }
+            lost.cancel();
         });
         Held {
             lease: self,
@@ -177,7 +180,19 @@ impl Drop for Held {
 pub trait PollGate: Send + Sync {
     /// Waits until this instance may poll. The [`Turn`]'s token is cancelled when it
     /// must stop (its lease lost, or `stop`). `None` when `stop` came first.
-    fn turn<'a>(&'a self, stop: &'a CancellationToken) -> BoxFuture<'a, Option<Turn>>;
+    fn turn<'a>(&'a self, stop: &'a CancellationToken) -> BoxFuture<'a, Option<Turn>> {
+        static UNWATCHED: AtomicBool = AtomicBool::new(false);
+        self.wait_turn(stop, &UNWATCHED)
+    }
+
+    /// [`PollGate::turn`], telling the wait's health in `standby`: set while this
+    /// instance stands by ready to take over (another instance holds the lease and
+    /// Redis answers), cleared while the lease cannot be asked for. Readiness reads it.
+    fn wait_turn<'a>(
+        &'a self,
+        stop: &'a CancellationToken,
+        standby: &'a AtomicBool,
+    ) -> BoxFuture<'a, Option<Turn>>;
 }
 
 /// A permission to poll; dropping it gives the lease back.
@@ -190,7 +205,11 @@ pub struct Turn {
 pub struct AlwaysPoll;
 
 impl PollGate for AlwaysPoll {
-    fn turn<'a>(&'a self, stop: &'a CancellationToken) -> BoxFuture<'a, Option<Turn>> {
+    fn wait_turn<'a>(
+        &'a self,
+        stop: &'a CancellationToken,
+        _standby: &'a AtomicBool,
+    ) -> BoxFuture<'a, Option<Turn>> {
         let turn = (!stop.is_cancelled()).then(|| Turn {
             token: stop.child_token(),
             _held: None,
@@ -225,7 +244,7 @@ pub struct LeasedPoll {
 }
 
 impl LeasedPoll {
-    async fn acquire(&self, stop: &CancellationToken) -> Option<()> {
+    async fn acquire(&self, stop: &CancellationToken, standby: &AtomicBool) -> Option<()> {
         let mut refused = false;
         loop {
             if stop.is_cancelled() {
@@ -241,8 +260,12 @@ impl LeasedPoll {
                     .emit(&self.stats);
                     return Some(());
                 }
-                Ok(false) => refused = true,
+                Ok(false) => {
+                    refused = true;
+                    standby.store(true, Ordering::Relaxed);
+                }
                 Err(e) => {
+                    standby.store(false, Ordering::Relaxed);
                     tracing::warn!(lease = %self.lease.key(), error = %e, "polling lease unavailable")
                 }
             }
@@ -255,9 +278,13 @@ impl LeasedPoll {
 }
 
 impl PollGate for LeasedPoll {
-    fn turn<'a>(&'a self, stop: &'a CancellationToken) -> BoxFuture<'a, Option<Turn>> {
+    fn wait_turn<'a>(
+        &'a self,
+        stop: &'a CancellationToken,
+        standby: &'a AtomicBool,
+    ) -> BoxFuture<'a, Option<Turn>> {
         Box::pin(async move {
-            self.acquire(stop).await?;
+            self.acquire(stop, standby).await?;
             let token = stop.child_token();
             let every = self.times.renew_every;
             let stats = Some(self.stats.clone());

@@ -68,6 +68,8 @@ pub(crate) fn connect(
 pub struct Coordination {
     pub limiter: Arc<dyn RateLimiter>,
     pub ordering: Arc<dyn ConversationOrdering>,
+    /// One LLM call in flight per user (the same machinery, keyed by user).
+    pub user_calls: Arc<dyn ConversationOrdering>,
     polling: Polling,
     pub stats: Arc<CoordStats>,
 }
@@ -111,6 +113,7 @@ impl Coordination {
         Self {
             limiter: Arc::new(GovernorLimiter::new()),
             ordering: Arc::new(ConversationLocks::default()),
+            user_calls: Arc::new(ConversationLocks::default()),
             polling: Polling::Always,
             stats: Arc::default(),
         }
@@ -128,6 +131,21 @@ impl Coordination {
         let (conn, secret) = connect(url, settings.timeout)?;
         let stats: Arc<CoordStats> = Arc::default();
         let prefix = settings.prefix;
+        let ordering = RedisOrdering::new(
+            conn.clone(),
+            prefix.clone(),
+            settings.ordering,
+            stats.clone(),
+            secret.clone(),
+        );
+        let user_calls = RedisOrdering::new(
+            conn.clone(),
+            prefix.clone(),
+            settings.ordering,
+            stats.clone(),
+            secret.clone(),
+        )
+        .for_users();
         Ok(Self {
             limiter: Arc::new(RedisLimiter::new(
                 conn.clone(),
@@ -135,13 +153,8 @@ impl Coordination {
                 stats.clone(),
                 secret.clone(),
             )),
-            ordering: Arc::new(RedisOrdering::new(
-                conn.clone(),
-                prefix.clone(),
-                settings.ordering,
-                stats.clone(),
-                secret.clone(),
-            )),
+            ordering: Arc::new(ordering),
+            user_calls: Arc::new(user_calls),
             polling: Polling::Leased {
                 conn,
                 prefix,

@@ -69,6 +69,7 @@ impl Default for OrderingTimes {
 pub struct RedisOrdering {
     local: ConversationLocks,
     conn: ConnectionManager,
+    /// `<prefix>:conv` for conversations, `<prefix>:calls` for a user's LLM calls.
     prefix: String,
     times: OrderingTimes,
     stats: Arc<CoordStats>,
@@ -86,16 +87,26 @@ impl RedisOrdering {
         Self {
             local: ConversationLocks::default(),
             conn,
-            prefix,
+            prefix: format!("{prefix}:conv"),
             times,
             stats,
             secret,
         }
     }
 
+    /// The same machinery keyed `<prefix>:calls:{<user>}` (not `user:`: that is the
+    /// store's user record): one LLM call in flight per
+    /// user across instances.
+    pub(super) fn for_users(mut self) -> Self {
+        if let Some(base) = self.prefix.strip_suffix(":conv") {
+            self.prefix = format!("{base}:calls");
+        }
+        self
+    }
+
     /// The lease of one conversation, unheld.
     pub fn lease(&self, conversation: &str) -> Lease {
-        let key = conversation_key(&self.prefix, conversation);
+        let key = format!("{}:{{{conversation}}}", self.prefix);
         Lease::new(self.conn.clone(), key, self.times.ttl, self.secret.clone())
     }
 

@@ -28,7 +28,6 @@ use crate::events::{ErrorKind, Event};
 use crate::llm::ResilientLlm;
 use crate::store::{Handled, HandledEntry, Store, StoreError, UserRecord};
 use events::{InternalCause, InternalError, MessageReceived, ReplyDecided};
-use ordering::ConversationLocks;
 use prompt::{Prompts, Tokenizer};
 use stages::{Internal, Stop};
 use stats::EngineStats;
@@ -67,10 +66,9 @@ pub struct Engine {
     store: Arc<dyn Store>,
     llm: Arc<ResilientLlm>,
     tokenizer: Tokenizer,
-    /// Rate limits and per-conversation ordering: local, or shared through Redis.
+    /// Rate limits, per-conversation ordering and one LLM call in flight per user
+    /// (across all their conversations and bots): local, or shared through Redis.
     coord: Coordination,
-    /// One LLM call in flight per user, across all their conversations and bots.
-    user_calls: ConversationLocks,
     maintenance: RwLock<Option<String>>,
     started: Instant,
     reloader: RwLock<Option<Reloader>>,
@@ -132,7 +130,6 @@ impl Engine {
             llm,
             tokenizer,
             coord,
-            user_calls: ConversationLocks::default(),
             maintenance: RwLock::new(maintenance),
             started: Instant::now(),
             reloader: RwLock::new(None),

@@ -3,6 +3,8 @@
 
 #[path = "../support/fake_discord.rs"]
 mod fake_discord;
+#[path = "../support/fake_lb.rs"]
+mod fake_lb;
 #[path = "../support/fake_openai.rs"]
 mod fake_openai;
 #[path = "../support/fake_otlp.rs"]
@@ -30,6 +32,7 @@ mod personal;
 mod privacy;
 mod redis;
 mod redis_backup;
+mod scaleout;
 mod shards;
 mod systemd;
 mod telegram;

@@ -82,8 +82,8 @@ impl Engine {
         prompt_estimate: u64,
     ) -> (Result<ChatResponse, LlmError>, u64) {
         let wait = Duration::from_secs(self.config().llm.queue_timeout_secs);
-        let Ok(_mine) = tokio::time::timeout(wait, self.user_calls.acquire(user.to_string())).await
-        else {
+        let mine = tokio::time::timeout(wait, self.coord.user_calls.acquire(user.to_string()));
+        let Ok(Ok(_mine)) = mine.await else {
             let cause = BusyCause::UserCall;
             LlmBusy { cause }.emit(&self.llm.stats);
             return (Err(LlmError::Busy), 0);
