@@ -505,3 +505,38 @@ async fn one_llm_call_per_user_in_flight_across_instances() {
     assert_eq!(llm.request_count(), 6);
     assert_eq!(llm.max_in_flight(), 1, "one LLM call of the user at a time");
 }
+
+/// An instance that starts (and replays the shared inbox) while another one is still
+/// answering an update — its send refused with a 429 and waiting to be retried — must
+/// not send that reply a second time: it waits for the update's claim, then finds it
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_instance_does_not_answer_again_what_another_is_still_sending() {
+    let (llm_a, llm_b) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
+    let extra = "[llm]\nqueue_timeout_secs = 120\n";
+    let mut p = pair(&llm_a, &llm_b, extra).await;
+    p.a.stop();
+    // B answers, but Telegram asks it to wait 20 s before its send: the reply is decided
+    // and stored (pending) meanwhile.
+    p.tg.fail_next("sendMessage", Fault::RetryAfter(20));
+    let id = p.tg.send_private(4100, "Ri", "only once please");
+    assert!(p.tg.wait_acked(id, WAIT).await, "acknowledged");
+    let tg = &p.tg;
+    wait_until("B's first send refused", || {
+        calls_via(tg, "sendmessage", "b") == 1
+    })
+    .await;
+    // A starts meanwhile and replays the shared inbox, which still holds the update.
+    assert_eq!(inbox_len(&p.redis), 1);
+    p.a.start(&p.tg).await;
+    let (log, redis) = (&p.b.log, &p.redis);
+    wait_until("B answered and the inbox is empty", || {
+        let b = std::fs::read_to_string(log).unwrap_or_default();
+        b.contains("update answered") && inbox_len(redis) == 0
+    })
+    .await;
+    p.a.stop();
+    p.b.stop();
+    assert_eq!(texts(&p.tg, 4100), vec!["echo: only once please"]);
+    assert_eq!(llm_a.request_count() + llm_b.request_count(), 1);
+}
