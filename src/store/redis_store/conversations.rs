@@ -34,9 +34,7 @@ impl RedisStore {
         &self,
         key: &str,
     ) -> StoreResult<(Option<Vec<u8>>, Option<UserRecord>)> {
-        let k = key.to_string();
-        let raw: Option<Vec<u8>> =
-            self.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key))?;
         let rec = match &raw {
             Some(v) => Some(self.decode_strict("users", key, v)?),
             None => None,
@@ -45,15 +43,7 @@ impl RedisStore {
     }
 
     fn lrange(&self, key: &str, from: isize, to: isize) -> StoreResult<Vec<Vec<u8>>> {
-        let k = key.to_string();
-        self.run(|mut c| async move {
-            redis::cmd("LRANGE")
-                .arg(k)
-                .arg(from)
-                .arg(to)
-                .query_async(&mut c)
-                .await
-        })
+        self.query(redis::cmd("LRANGE").arg(key).arg(from).arg(to))
     }
 
     fn decode_turns(&self, key: &str, raw: Vec<Vec<u8>>) -> Vec<Turn> {
@@ -171,9 +161,7 @@ impl ConversationStore for RedisStore {
 
     fn user_conversations(&self, user: &UserRef) -> StoreResult<Vec<(ConversationKey, Vec<Turn>)>> {
         let convs = self.convs_key(user);
-        let k = convs.clone();
-        let rows: Vec<(String, Vec<u8>)> = self
-            .run(|mut c| async move { redis::cmd("HGETALL").arg(k).query_async(&mut c).await })?;
+        let rows: Vec<(String, Vec<u8>)> = self.query(redis::cmd("HGETALL").arg(&convs))?;
         let mut out = Vec::new();
         for (id, sealed) in rows {
             let conv = self
@@ -237,15 +225,7 @@ impl ConversationStore for RedisStore {
                 }
             }
             if old > 0 {
-                let k = list.clone();
-                self.run(|mut c| async move {
-                    redis::cmd("LTRIM")
-                        .arg(k)
-                        .arg(old)
-                        .arg(-1)
-                        .query_async::<()>(&mut c)
-                        .await
-                })?;
+                self.query::<()>(redis::cmd("LTRIM").arg(&list).arg(old).arg(-1))?;
                 n += old as usize;
             }
         }

@@ -72,9 +72,7 @@ impl RedisStore {
         let mut theirs = Vec::new();
         for id in self.cache_ids()? {
             let k = self.cache_key(&id);
-            let kk = k.clone();
-            let raw: Option<Vec<u8>> = self
-                .run(|mut c| async move { redis::cmd("GET").arg(kk).query_async(&mut c).await })?;
+            let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&k))?;
             if raw
                 .and_then(|v| self.decode::<CacheEntry>("cache", &k, &v))
                 .is_some_and(|e| &e.origin == user)
@@ -88,9 +86,7 @@ impl RedisStore {
     /// Handled markers of their updates, and pending replies to them.
     fn forget_handled(&self, user: &UserRef, replies: &HashSet<String>) -> StoreResult<()> {
         for key in self.scan_keys(&self.pattern("handled:*"))? {
-            let kk = key.clone();
-            let raw: Option<Vec<u8>> = self
-                .run(|mut c| async move { redis::cmd("GET").arg(kk).query_async(&mut c).await })?;
+            let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&key))?;
             let Some(entry) = raw.and_then(|v| self.decode::<HandledEntry>("handled", &key, &v))
             else {
                 continue;
@@ -98,9 +94,7 @@ impl RedisStore {
             let theirs = entry.user.as_ref() == Some(user)
                 || matches!(&entry.state, Handled::Pending { reply } if replies.contains(reply));
             if theirs {
-                self.run(|mut c| async move {
-                    redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
-                })?;
+                self.query::<()>(redis::cmd("DEL").arg(key))?;
             }
         }
         Ok(())

@@ -257,26 +257,11 @@ impl RedisStore {
     }
 
     pub(super) fn hget(&self, key: &str, field: &str) -> StoreResult<Option<Vec<u8>>> {
-        let (key, field) = (key.to_string(), field.to_string());
-        self.run(|mut c| async move {
-            redis::cmd("HGET")
-                .arg(key)
-                .arg(field)
-                .query_async(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HGET").arg(key).arg(field))
     }
 
     fn hsetnx(&self, key: &str, field: &str, value: &[u8]) -> StoreResult<()> {
-        let (key, field, value) = (key.to_string(), field.to_string(), value.to_vec());
-        self.run(|mut c| async move {
-            redis::cmd("HSETNX")
-                .arg(key)
-                .arg(field)
-                .arg(value)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HSETNX").arg(key).arg(field).arg(value))
     }
 
     /// Every key matching `pattern` (SCAN; for rare whole-store walks: forget, purge).
@@ -284,17 +269,14 @@ impl RedisStore {
         let mut out = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let pattern = pattern.to_string();
-            let (next, batch): (u64, Vec<String>) = self.run(|mut c| async move {
+            let (next, batch): (u64, Vec<String>) = self.query(
                 redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(pattern)
                     .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await
-            })?;
+                    .arg(1000),
+            )?;
             out.extend(batch);
             if next == 0 {
                 return Ok(out);

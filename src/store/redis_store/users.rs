@@ -32,9 +32,7 @@ impl RedisStore {
 
     /// The raw value of a username key and whether it names `user`.
     pub(super) fn username_of(&self, key: &str) -> StoreResult<Option<(Vec<u8>, Option<UserRef>)>> {
-        let k = key.to_string();
-        let raw: Option<Vec<u8>> =
-            self.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key))?;
         Ok(raw.map(|v| {
             let who = self
                 .unseal("usernames", key, &v)
@@ -75,13 +73,7 @@ impl RedisStore {
         if let Some(new) = &after {
             let k = self.username_key(user.platform, new);
             let v = self.seal("usernames", &k, user.to_string().as_bytes());
-            self.run(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(k)
-                    .arg(v)
-                    .query_async::<()>(&mut c)
-                    .await
-            })?;
+            self.query::<()>(redis::cmd("SET").arg(k).arg(v))?;
         }
         Ok(())
     }
@@ -96,9 +88,7 @@ impl UserStore for RedisStore {
         let key = self.user_key(user);
         for attempt in 0..CAS_ATTEMPTS {
             cas_backoff(attempt);
-            let k = key.clone();
-            let raw: Option<Vec<u8>> = self
-                .run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
+            let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&key))?;
             let before = raw
                 .as_ref()
                 .and_then(|v| self.decode::<UserRecord>("users", &key, v))
@@ -132,21 +122,18 @@ impl UserStore for RedisStore {
 
     fn user_count(&self) -> StoreResult<usize> {
         let k = self.users_key();
-        self.run(|mut c| async move { redis::cmd("SCARD").arg(k).query_async(&mut c).await })
+        self.query(redis::cmd("SCARD").arg(k))
     }
 
     fn for_each_user(&self, f: &mut dyn FnMut(&UserRecord)) -> StoreResult<()> {
         let k = self.users_key();
-        let ids: Vec<String> = self
-            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(k).query_async(&mut c).await })?;
+        let ids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(k))?;
         for chunk in ids.chunks(200) {
             let keys: Vec<String> = chunk
                 .iter()
                 .map(|id| self.key(&format!("user:{{{id}}}")))
                 .collect();
-            let ks = keys.clone();
-            let values: Vec<Option<Vec<u8>>> = self
-                .run(|mut c| async move { redis::cmd("MGET").arg(ks).query_async(&mut c).await })?;
+            let values: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(&keys))?;
             for (key, v) in keys.iter().zip(values) {
                 if let Some(rec) = v.and_then(|v| self.decode::<UserRecord>("users", key, &v)) {
                     f(&rec);
