@@ -7,6 +7,7 @@
 //! methods) and [`redis_store::RedisStore`] (several instances on one Redis) implement
 //! the same roles, one file per role each.
 
+pub(crate) mod codec;
 pub mod crypto;
 pub mod redis_store;
 pub mod sled_store;

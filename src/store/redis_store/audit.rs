@@ -3,6 +3,7 @@
 //! with `XTRIM MINID` (stream ids are Redis's clock in ms).
 
 use super::RedisStore;
+use crate::store::codec::Codec as _;
 use crate::store::{AuditEntry, AuditStore, StoreResult};
 
 /// The stream is capped near this many entries even if the sweeper never runs.

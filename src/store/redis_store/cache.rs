@@ -3,6 +3,7 @@
 //! `cache_len`, size-bound eviction (oldest first) and `cache_expire`.
 
 use super::RedisStore;
+use crate::store::codec::Codec as _;
 use crate::store::{CacheEntry, CacheStore, StoreResult};
 
 impl RedisStore {

@@ -6,6 +6,7 @@ use super::layout::parse_conversation;
 use super::scripts::RECORD_EXCHANGE;
 use super::{RedisStore, HANDLED_TTL_SECS};
 use crate::domain::{ConversationKey, UserRef};
+use crate::store::codec::Codec as _;
 use crate::store::{ConversationStore, Exchange, StoreError, StoreResult, Turn, UserRecord};
 
 /// How many times a user record write is retried when another writer changed it.
@@ -167,7 +168,7 @@ impl ConversationStore for RedisStore {
             let conv = self
                 .unseal("conv_index", &format!("{convs}/{id}"), &sealed)
                 .ok()
-                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|v| String::from_utf8(v.into_owned()).ok())
                 .and_then(|t| parse_conversation(&t));
             match conv {
                 Some(key) => {

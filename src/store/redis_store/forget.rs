@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use super::layout::normalise_username;
 use super::RedisStore;
 use crate::domain::UserRef;
+use crate::store::codec::Codec as _;
 use crate::store::sled_store::scrub_audit_entry;
 use crate::store::{
     CacheEntry, ConversationStore, ForgetReport, Handled, HandledEntry, Role, StoreResult,

@@ -4,6 +4,7 @@
 //! nothing to do: Redis expires them).
 
 use super::{RedisStore, HANDLED_TTL_SECS};
+use crate::store::codec::Codec as _;
 use crate::store::{HandledEntry, InboxStore, MetaStore, StoreResult};
 
 /// `s` with glob characters escaped, for MATCH patterns.
@@ -56,7 +57,7 @@ impl InboxStore for RedisStore {
         let mut out = Vec::with_capacity(rows.len());
         for (k, v) in rows.into_iter().filter(|(k, _)| k.starts_with(prefix)) {
             match self.unseal("inbox", &format!("{hash}/{k}"), &v) {
-                Ok(value) => out.push((k, value)),
+                Ok(value) => out.push((k, value.into_owned())),
                 Err(_) => tracing::error!(
                     error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
                     tree = "inbox",

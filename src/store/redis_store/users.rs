@@ -8,6 +8,7 @@ use super::layout::normalise_username;
 use super::scripts::{DEL_IF, PUT_USER_IF};
 use super::RedisStore;
 use crate::domain::{Platform, UserRef};
+use crate::store::codec::Codec as _;
 use crate::store::{ForgetReport, StoreError, StoreResult, UserRecord, UserStore};
 
 impl RedisStore {
@@ -37,7 +38,7 @@ impl RedisStore {
             let who = self
                 .unseal("usernames", key, &v)
                 .ok()
-                .and_then(|p| String::from_utf8(p).ok())
+                .and_then(|p| String::from_utf8(p.into_owned()).ok())
                 .and_then(|s| s.parse::<UserRef>().ok());
             (v, who)
         }))

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use super::layout::normalise_username;
 use super::{io, SledStore};
 use crate::domain::UserRef;
+use crate::store::codec::Codec as _;
 use crate::store::{
     AuditEntry, CacheEntry, ConversationStore, ForgetReport, Handled, HandledEntry, Role,
     StoreResult, UserRecord,

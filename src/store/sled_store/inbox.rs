@@ -4,6 +4,7 @@
 
 use super::{io, SledStore};
 use crate::events::ErrorKind;
+use crate::store::codec::Codec as _;
 use crate::store::{HandledEntry, InboxStore, MetaStore, StoreResult};
 
 impl InboxStore for SledStore {

@@ -5,6 +5,7 @@
 use super::{io, SledStore};
 use crate::domain::{Platform, UserRef};
 use crate::events::ErrorKind;
+use crate::store::codec::Codec as _;
 use crate::store::{ForgetReport, StoreResult, UserRecord, UserStore};
 
 impl UserStore for SledStore {
