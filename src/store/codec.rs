@@ -69,11 +69,27 @@ pub(crate) trait Codec {
         match self.decode_strict(tree, key, bytes) {
             Ok(v) => Some(v),
             Err(e) => {
-                tracing::error!(error.kind = ErrorKind::StoreCorrupt.as_str(), tree, error = %e, "corrupt store entry skipped");
+                tracing::error!(error.kind = ErrorKind::StoreCorrupt.as_str(), tree, error = %e, "{CORRUPT_SKIPPED}");
                 None
             }
         }
     }
+}
+
+const CORRUPT_SKIPPED: &str = "corrupt store entry skipped";
+
+/// Logs that a value of `tree` that cannot be read was skipped: the tree only, never
+/// the key or the value. `inbox` entries say so in their own words.
+pub(crate) fn corrupt_skipped(tree: &'static str) {
+    let message = match tree {
+        "inbox" => "unreadable inbox entry skipped",
+        _ => CORRUPT_SKIPPED,
+    };
+    tracing::error!(
+        error.kind = ErrorKind::StoreCorrupt.as_str(),
+        tree,
+        "{message}"
+    );
 }
 
 /// `@Name` → `name`: the form usernames are indexed by.

@@ -298,16 +298,21 @@ pub trait AuditStore: Durable {
 /// Intake: the durable inbox of received-but-unanswered platform updates
 /// (adapter-owned bytes, so that a crash between receiving and answering loses
 /// nothing), where each adapter's intake resumes, and the handled markers that make
-/// answering at most once. The one role adapters depend on.
-pub trait InboxStore: Durable {
+/// answering at most once. The one role adapters depend on; intake positions are
+/// [`MetaStore`] rows on every backend.
+pub trait InboxStore: MetaStore {
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
     fn inbox_remove(&self, key: &str) -> StoreResult<()>;
     /// Every inbox entry whose key starts with `prefix`, in key order.
     fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
 
     /// Where an adapter's intake resumes (e.g. a Telegram getUpdates offset).
-    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
-    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()>;
+    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.meta_get(key)
+    }
+    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.meta_put(key, value)
+    }
 
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>>;
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()>;

@@ -5,7 +5,7 @@
 
 use super::{RedisStore, HANDLED_TTL_SECS};
 use crate::store::codec::Codec as _;
-use crate::store::{HandledEntry, InboxStore, MetaStore, StoreResult};
+use crate::store::{HandledEntry, InboxStore, StoreResult};
 
 /// `s` with glob characters escaped, for MATCH patterns.
 fn glob_escape(s: &str) -> String {
@@ -58,22 +58,10 @@ impl InboxStore for RedisStore {
         for (k, v) in rows.into_iter().filter(|(k, _)| k.starts_with(prefix)) {
             match self.unseal("inbox", &format!("{hash}/{k}"), &v) {
                 Ok(value) => out.push((k, value.into_owned())),
-                Err(_) => tracing::error!(
-                    error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
-                    tree = "inbox",
-                    "unreadable inbox entry skipped"
-                ),
+                Err(_) => crate::store::codec::corrupt_skipped("inbox"),
             }
         }
         Ok(out)
-    }
-
-    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.meta_get(key)
-    }
-
-    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()> {
-        self.meta_put(key, value)
     }
 
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>> {

@@ -151,11 +151,7 @@ impl UserStore for RedisStore {
         };
         let found = who.filter(|u| u.platform == platform);
         if found.is_none() {
-            tracing::error!(
-                error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
-                tree = "usernames",
-                "corrupt store entry skipped"
-            );
+            crate::store::codec::corrupt_skipped("usernames");
         }
         Ok(found)
     }
