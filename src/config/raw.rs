@@ -66,7 +66,7 @@ pub(crate) struct RawCache {
     pub scope: String,
 }
 
-/// `[telegram]` / `[discord]` in the config file; the default URL depends on the platform.
+/// The keys `[telegram]` and `[discord]` share; the default URL depends on the platform.
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -77,54 +77,92 @@ pub(crate) struct RawPlatform {
     pub global_per_second: Option<u32>,
 }
 
+impl OwnKeys for RawPlatform {
+    const KEYS: &'static [&'static str] = &[
+        "api_url",
+        "per_chat_per_minute",
+        "group_per_minute",
+        "global_per_second",
+    ];
+}
+
+/// A raw section's key names (what serde's derive knows but does not expose), so a
+/// section made of two shapes can hand each key to its shape.
+pub(crate) trait OwnKeys {
+    const KEYS: &'static [&'static str];
+}
+
+/// `[telegram]` or `[discord]`: the shared keys plus the platform's own (`X`). One
+/// table, read in two shapes, each still `deny_unknown_fields` (which serde's
+/// `flatten` would switch off): a key goes to the shape that names it, and a key
+/// neither names is an unknown field of the whole section.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawPlatformSection<X> {
+    #[cfg_attr(test, serde(flatten))]
+    pub platform: RawPlatform,
+    #[cfg_attr(test, serde(flatten))]
+    pub own: X,
+}
+
+impl<'de, X: DeserializeOwned + OwnKeys> Deserialize<'de> for RawPlatformSection<X> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let (mut shared, mut own) = (Table::new(), Table::new());
+        for (key, value) in Table::deserialize(d)? {
+            if X::KEYS.contains(&key.as_str()) {
+                own.insert(key, value);
+            } else if RawPlatform::KEYS.contains(&key.as_str()) {
+                shared.insert(key, value);
+            } else {
+                let expected: Vec<String> = (RawPlatform::KEYS.iter().chain(X::KEYS))
+                    .map(|k| format!("`{k}`"))
+                    .collect();
+                return Err(D::Error::custom(format!(
+                    "unknown field `{key}`, expected one of {}",
+                    expected.join(", ")
+                )));
+            }
+        }
+        let part = |e: toml::de::Error| D::Error::custom(e.message());
+        Ok(RawPlatformSection {
+            platform: RawPlatform::deserialize(Value::Table(shared)).map_err(part)?,
+            own: X::deserialize(Value::Table(own)).map_err(part)?,
+        })
+    }
+}
+
 /// `[telegram]` in the config file: the platform keys plus how updates come in.
+pub(crate) type RawTelegram = RawPlatformSection<RawTelegramOwn>;
+
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct RawTelegram {
-    pub api_url: Option<String>,
-    pub per_chat_per_minute: Option<u32>,
-    pub group_per_minute: Option<u32>,
-    pub global_per_second: Option<u32>,
+pub(crate) struct RawTelegramOwn {
     pub mode: Option<String>,
     pub webhook_url: Option<String>,
     pub webhook_bind: Option<String>,
     pub webhook_secret_env: Option<String>,
 }
 
+impl OwnKeys for RawTelegramOwn {
+    const KEYS: &'static [&'static str] =
+        &["mode", "webhook_url", "webhook_bind", "webhook_secret_env"];
+}
+
 /// `[discord]` in the config file: the platform keys plus the shard layout, kept raw
 /// (`"auto"` or a table) so each wrong shape gets its own explanation.
+pub(crate) type RawDiscord = RawPlatformSection<RawDiscordOwn>;
+
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct RawDiscord {
-    pub api_url: Option<String>,
-    pub per_chat_per_minute: Option<u32>,
-    pub group_per_minute: Option<u32>,
-    pub global_per_second: Option<u32>,
+pub(crate) struct RawDiscordOwn {
     pub shards: Option<Value>,
 }
 
-impl RawTelegram {
-    pub fn platform(&self) -> RawPlatform {
-        RawPlatform {
-            api_url: self.api_url.clone(),
-            per_chat_per_minute: self.per_chat_per_minute,
-            group_per_minute: self.group_per_minute,
-            global_per_second: self.global_per_second,
-        }
-    }
-}
-
-impl RawDiscord {
-    pub fn platform(&self) -> RawPlatform {
-        RawPlatform {
-            api_url: self.api_url.clone(),
-            per_chat_per_minute: self.per_chat_per_minute,
-            group_per_minute: self.group_per_minute,
-            global_per_second: self.global_per_second,
-        }
-    }
+impl OwnKeys for RawDiscordOwn {
+    const KEYS: &'static [&'static str] = &["shards"];
 }
 
 // ---------------------------------------------------------------------------
