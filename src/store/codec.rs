@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::domain::UserRef;
 use crate::events::ErrorKind;
 use crate::store::{StoreError, StoreResult};
 
@@ -95,4 +96,36 @@ pub(crate) fn corrupt_skipped(tree: &'static str) {
 /// `@Name` → `name`: the form usernames are indexed by.
 pub(crate) fn normalise_username(name: &str) -> String {
     name.trim().trim_start_matches('@').to_lowercase()
+}
+
+/// A backend's username index (normalised `@name` on a platform → user): the backend
+/// says how one name is dropped or set; how a rename moves the index is written once.
+pub(crate) trait UsernameIndex {
+    /// Drops `name` on `user`'s platform if it still points at `user`.
+    fn drop_username(&self, user: &UserRef, name: &str) -> StoreResult<()>;
+    /// Points `name` on `user`'s platform at `user`.
+    fn set_username(&self, user: &UserRef, name: &str) -> StoreResult<()>;
+
+    /// Moves the index from `before` to `after` for `user`: the old name is dropped if
+    /// it still points at this user (renames leave nothing stale), the new one points
+    /// at them (the newest holder of a name on a platform wins).
+    fn reindex_username(
+        &self,
+        user: &UserRef,
+        before: Option<&str>,
+        after: Option<&str>,
+    ) -> StoreResult<()> {
+        let norm = |n: Option<&str>| n.map(normalise_username).filter(|n| !n.is_empty());
+        let (before, after) = (norm(before), norm(after));
+        if before == after {
+            return Ok(());
+        }
+        if let Some(old) = &before {
+            self.drop_username(user, old)?;
+        }
+        if let Some(new) = &after {
+            self.set_username(user, new)?;
+        }
+        Ok(())
+    }
 }

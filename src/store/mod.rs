@@ -186,6 +186,24 @@ pub struct ForgetReport {
     pub cache_entries: usize,
 }
 
+/// The first step of `forget` on every backend: clears each conversation of `user`,
+/// counting its turns and itself into `report`, and returns the replies they got (to
+/// find pending reply markers written before markers named users).
+pub(crate) fn clear_conversations_of(
+    store: &(impl ConversationStore + ?Sized),
+    user: &UserRef,
+    report: &mut ForgetReport,
+) -> StoreResult<std::collections::HashSet<String>> {
+    let mut replies = std::collections::HashSet::new();
+    for (key, turns) in store.user_conversations(user)? {
+        let theirs = turns.into_iter().filter(|t| t.role == Role::Assistant);
+        replies.extend(theirs.map(|t| t.text));
+        report.turns += store.clear_conversation(&key)?;
+        report.conversations += 1;
+    }
+    Ok(replies)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CacheStats {
     pub entries: usize,

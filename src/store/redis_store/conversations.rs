@@ -6,7 +6,7 @@ use super::layout::parse_conversation;
 use super::scripts::RECORD_EXCHANGE;
 use super::{RedisStore, HANDLED_TTL_SECS};
 use crate::domain::{ConversationKey, UserRef};
-use crate::store::codec::Codec as _;
+use crate::store::codec::{Codec as _, UsernameIndex as _};
 use crate::store::{ConversationStore, Exchange, StoreError, StoreResult, Turn, UserRecord};
 
 /// How many times a user record write is retried when another writer changed it.

@@ -11,24 +11,14 @@ use crate::domain::UserRef;
 use crate::store::codec::Codec as _;
 use crate::store::sled_store::scrub_audit_entry;
 use crate::store::{
-    CacheEntry, ConversationStore, ForgetReport, Handled, HandledEntry, Role, StoreResult,
+    clear_conversations_of, CacheEntry, ForgetReport, Handled, HandledEntry, StoreResult,
     UserRecord,
 };
 
 impl RedisStore {
     pub(super) fn forget(&self, user: &UserRef) -> StoreResult<ForgetReport> {
         let mut report = ForgetReport::default();
-        let mut replies = HashSet::new();
-        for (key, turns) in self.user_conversations(user)? {
-            replies.extend(
-                turns
-                    .into_iter()
-                    .filter(|t| t.role == Role::Assistant)
-                    .map(|t| t.text),
-            );
-            report.turns += self.clear_conversation(&key)?;
-            report.conversations += 1;
-        }
+        let replies = clear_conversations_of(self, user, &mut report)?;
         let mut aliases = Vec::new();
         let (ukey, users, uid) = (self.user_key(user), self.users_key(), self.user_id(user));
         let convs = self.convs_key(user);

@@ -4,11 +4,10 @@
 //! read is an error, never a fresh record (it may hold a ban).
 
 use super::conversations::{cas_backoff, CAS_ATTEMPTS};
-use super::layout::normalise_username;
 use super::scripts::{DEL_IF, PUT_USER_IF};
 use super::RedisStore;
 use crate::domain::{Platform, UserRef};
-use crate::store::codec::Codec as _;
+use crate::store::codec::{Codec as _, UsernameIndex};
 use crate::store::{ForgetReport, StoreError, StoreResult, UserRecord, UserStore};
 
 impl RedisStore {
@@ -50,33 +49,23 @@ impl RedisStore {
         self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })?;
         Ok(())
     }
+}
 
-    /// Moves the username index from `before` to `after` for `user` (as sled does).
-    pub(super) fn reindex_username(
-        &self,
-        user: &UserRef,
-        before: Option<&str>,
-        after: Option<&str>,
-    ) -> StoreResult<()> {
-        let norm = |n: Option<&str>| n.map(normalise_username).filter(|n| !n.is_empty());
-        let (before, after) = (norm(before), norm(after));
-        if before == after {
-            return Ok(());
-        }
-        if let Some(old) = &before {
-            let k = self.username_key(user.platform, old);
-            if let Some((raw, Some(who))) = self.username_of(&k)? {
-                if &who == user {
-                    self.del_if(&k, raw)?;
-                }
+impl UsernameIndex for RedisStore {
+    fn drop_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        if let Some((raw, Some(who))) = self.username_of(&k)? {
+            if &who == user {
+                self.del_if(&k, raw)?;
             }
         }
-        if let Some(new) = &after {
-            let k = self.username_key(user.platform, new);
-            let v = self.seal("usernames", &k, user.to_string().as_bytes());
-            self.query::<()>(redis::cmd("SET").arg(k).arg(v))?;
-        }
         Ok(())
+    }
+
+    fn set_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        let v = self.seal("usernames", &k, user.to_string().as_bytes());
+        self.query(redis::cmd("SET").arg(k).arg(v))
     }
 }
 

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use super::{io, SledStore};
 use crate::domain::{ConversationKey, Platform, UserRef};
 pub(super) use crate::store::codec::normalise_username;
-use crate::store::codec::Codec;
+use crate::store::codec::{Codec, UsernameIndex};
 use crate::store::{crypto, StoreResult};
 
 pub(super) const SEP: u8 = 0;
@@ -156,34 +156,23 @@ impl SledStore {
         self.unseal("usernames", key, value)
             .is_ok_and(|v| v.as_ref() == user.to_string().as_bytes())
     }
+}
 
-    /// Moves the `usernames` index from `before` to `after` for `user`: the old name is
-    /// dropped if it still points at this user (renames leave nothing stale), the new one
-    /// points at them (the newest holder of a name on a platform wins).
-    pub(super) fn reindex_username(
-        &self,
-        user: &UserRef,
-        before: Option<&str>,
-        after: Option<&str>,
-    ) -> StoreResult<()> {
-        let norm = |n: Option<&str>| n.map(normalise_username).filter(|n| !n.is_empty());
-        let (before, after) = (norm(before), norm(after));
-        if before == after {
-            return Ok(());
-        }
-        if let Some(old) = &before {
-            let k = self.username_key(user.platform, old);
-            if let Some(v) = self.usernames.get(&k).map_err(io)? {
-                if self.username_points_at(&k, &v, user) {
-                    self.usernames.remove(&k).map_err(io)?;
-                }
+impl UsernameIndex for SledStore {
+    fn drop_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        if let Some(v) = self.usernames.get(&k).map_err(io)? {
+            if self.username_points_at(&k, &v, user) {
+                self.usernames.remove(&k).map_err(io)?;
             }
         }
-        if let Some(new) = &after {
-            let k = self.username_key(user.platform, new);
-            let v = self.seal("usernames", &k, user.to_string().as_bytes());
-            self.usernames.insert(k, v).map_err(io)?;
-        }
+        Ok(())
+    }
+
+    fn set_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        let v = self.seal("usernames", &k, user.to_string().as_bytes());
+        self.usernames.insert(k, v).map_err(io)?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 
 use super::{io, SledStore};
 use crate::domain::{Platform, UserRef};
-use crate::store::codec::Codec as _;
+use crate::store::codec::{Codec as _, UsernameIndex as _};
 use crate::store::{ForgetReport, StoreResult, UserRecord, UserStore};
 
 impl UserStore for SledStore {
