@@ -24,6 +24,13 @@ impl Platform {
         }
     }
 
+    /// The platform whose [`Platform::prefix`] is `prefix`.
+    pub fn from_prefix(prefix: &str) -> Option<Platform> {
+        [Platform::Telegram, Platform::Discord, Platform::Terminal]
+            .into_iter()
+            .find(|p| p.prefix() == prefix)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Platform::Telegram => "telegram",
@@ -80,12 +87,7 @@ impl FromStr for UserRef {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadUserRef(s.to_string());
         let (prefix, id) = s.split_once(':').ok_or_else(bad)?;
-        let platform = match prefix {
-            "tg" => Platform::Telegram,
-            "dc" => Platform::Discord,
-            "cli" => Platform::Terminal,
-            _ => return Err(bad()),
-        };
+        let platform = Platform::from_prefix(prefix).ok_or_else(bad)?;
         let numeric_ok = platform == Platform::Terminal || id.chars().all(|c| c.is_ascii_digit());
         if id.is_empty() || !numeric_ok || id.len() > 64 {
             return Err(bad());

@@ -927,6 +927,26 @@ mod tests {
     }
 
     #[test]
+    fn platform_sections_check_shared_and_own_keys_alike() {
+        let t = Tree::new();
+        t.write(
+            "config/staging.toml",
+            "[telegram]\nwebhok_url = \"x\"\napi_ur = \"y\"\nper_chat_per_minute = \"many\"\n[discord]\nshard = \"auto\"\ntoken = \"t\"\n",
+        );
+        let err = t.load(Env::Staging, &[]).expect_err("bad keys");
+        let text = err.to_string();
+        for want in [
+            "telegram.webhok_url: unknown key (did you mean `webhook_url`?)",
+            "telegram.api_ur: unknown key (did you mean `api_url`?)",
+            "telegram.per_chat_per_minute: invalid type: string \"many\", expected u32",
+            "discord.shard: unknown key (did you mean `shards`?)",
+            "discord.token: unknown key (secrets never go in TOML",
+        ] {
+            assert!(text.contains(want), "{want} not in: {text}");
+        }
+    }
+
+    #[test]
     fn group_commit_window_is_bounded() {
         let t = Tree::new();
         t.write("config/staging.toml", "[store]\ngroup_commit_us = 500000\n");
@@ -1437,22 +1457,26 @@ api_url = "api.telegram.org"
             let obj = json.as_object().cloned().unwrap_or_default();
             obj.into_iter().map(|(k, v)| (k, v.is_null())).collect()
         }
-        let telegram = raw::RawTelegram {
+        let platform = raw::RawPlatform {
             api_url: Some(String::new()),
             per_chat_per_minute: Some(0),
             group_per_minute: Some(0),
             global_per_second: Some(0),
-            mode: Some(String::new()),
-            webhook_url: None,
-            webhook_bind: Some(String::new()),
-            webhook_secret_env: Some(String::new()),
+        };
+        let telegram = raw::RawTelegram {
+            platform: platform.clone(),
+            own: raw::RawTelegramOwn {
+                mode: Some(String::new()),
+                webhook_url: None,
+                webhook_bind: Some(String::new()),
+                webhook_secret_env: Some(String::new()),
+            },
         };
         let discord = raw::RawDiscord {
-            api_url: Some(String::new()),
-            per_chat_per_minute: Some(0),
-            group_per_minute: Some(0),
-            global_per_second: Some(0),
-            shards: Some(toml::Value::String(String::new())),
+            platform,
+            own: raw::RawDiscordOwn {
+                shards: Some(toml::Value::String(String::new())),
+            },
         };
         let sections = [
             ("http", keys(raw::RawHttp::default())),

@@ -66,64 +66,99 @@ pub(crate) struct RawCache {
     pub scope: String,
 }
 
-/// `[telegram]` / `[discord]` in the config file; the default URL depends on the platform.
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawPlatform {
-    pub api_url: Option<String>,
-    pub per_chat_per_minute: Option<u32>,
-    pub group_per_minute: Option<u32>,
-    pub global_per_second: Option<u32>,
+/// A raw section's key names (what serde's derive knows but does not expose), so a
+/// section made of two shapes can hand each key to its shape.
+pub(crate) trait OwnKeys {
+    const KEYS: &'static [&'static str];
 }
 
-/// `[telegram]` in the config file: the platform keys plus how updates come in.
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawTelegram {
-    pub api_url: Option<String>,
-    pub per_chat_per_minute: Option<u32>,
-    pub group_per_minute: Option<u32>,
-    pub global_per_second: Option<u32>,
-    pub mode: Option<String>,
-    pub webhook_url: Option<String>,
-    pub webhook_bind: Option<String>,
-    pub webhook_secret_env: Option<String>,
-}
-
-/// `[discord]` in the config file: the platform keys plus the shard layout, kept raw
-/// (`"auto"` or a table) so each wrong shape gets its own explanation.
-#[cfg_attr(test, derive(serde::Serialize))]
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawDiscord {
-    pub api_url: Option<String>,
-    pub per_chat_per_minute: Option<u32>,
-    pub group_per_minute: Option<u32>,
-    pub global_per_second: Option<u32>,
-    pub shards: Option<Value>,
-}
-
-impl RawTelegram {
-    pub fn platform(&self) -> RawPlatform {
-        RawPlatform {
-            api_url: self.api_url.clone(),
-            per_chat_per_minute: self.per_chat_per_minute,
-            group_per_minute: self.group_per_minute,
-            global_per_second: self.global_per_second,
+/// Declares a raw section shape (every key optional, unknown keys refused) and its
+/// [`OwnKeys`] from one list of fields, so the names cannot drift apart.
+macro_rules! raw_shape {
+    ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
+        $(#[$doc])*
+        #[cfg_attr(test, derive(serde::Serialize))]
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub(crate) struct $name {
+            $(pub $field: $ty),*
         }
+
+        impl OwnKeys for $name {
+            const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+        }
+    };
+}
+
+raw_shape!(
+    /// The keys `[telegram]` and `[discord]` share; the default URL depends on the platform.
+    RawPlatform {
+        api_url: Option<String>,
+        per_chat_per_minute: Option<u32>,
+        group_per_minute: Option<u32>,
+        global_per_second: Option<u32>,
     }
+);
+
+raw_shape!(
+    /// `[telegram]`'s own keys: how updates come in.
+    RawTelegramOwn {
+        mode: Option<String>,
+        webhook_url: Option<String>,
+        webhook_bind: Option<String>,
+        webhook_secret_env: Option<String>,
+    }
+);
+
+raw_shape!(
+    /// `[discord]`'s own key: the shard layout, kept raw (`"auto"` or a table) so each
+    /// wrong shape gets its own explanation.
+    RawDiscordOwn { shards: Option<Value> }
+);
+
+/// `[telegram]` in the config file.
+pub(crate) type RawTelegram = RawPlatformSection<RawTelegramOwn>;
+
+/// `[discord]` in the config file.
+pub(crate) type RawDiscord = RawPlatformSection<RawDiscordOwn>;
+
+/// `[telegram]` or `[discord]`: the shared keys plus the platform's own (`X`). One
+/// table, read in two shapes, each still `deny_unknown_fields` (which serde's
+/// `flatten` would switch off): a key goes to the shape that names it, and a key
+/// neither names is an unknown field of the whole section.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawPlatformSection<X> {
+    #[cfg_attr(test, serde(flatten))]
+    pub platform: RawPlatform,
+    #[cfg_attr(test, serde(flatten))]
+    pub own: X,
 }
 
-impl RawDiscord {
-    pub fn platform(&self) -> RawPlatform {
-        RawPlatform {
-            api_url: self.api_url.clone(),
-            per_chat_per_minute: self.per_chat_per_minute,
-            group_per_minute: self.group_per_minute,
-            global_per_second: self.global_per_second,
+impl<'de, X: DeserializeOwned + OwnKeys> Deserialize<'de> for RawPlatformSection<X> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let (mut shared, mut own) = (Table::new(), Table::new());
+        for (key, value) in Table::deserialize(d)? {
+            if X::KEYS.contains(&key.as_str()) {
+                own.insert(key, value);
+            } else if RawPlatform::KEYS.contains(&key.as_str()) {
+                shared.insert(key, value);
+            } else {
+                let expected: Vec<String> = (RawPlatform::KEYS.iter().chain(X::KEYS))
+                    .map(|k| format!("`{k}`"))
+                    .collect();
+                return Err(D::Error::custom(format!(
+                    "unknown field `{key}`, expected one of {}",
+                    expected.join(", ")
+                )));
+            }
         }
+        let part = |e: toml::de::Error| D::Error::custom(e.message());
+        Ok(RawPlatformSection {
+            platform: RawPlatform::deserialize(Value::Table(shared)).map_err(part)?,
+            own: X::deserialize(Value::Table(own)).map_err(part)?,
+        })
     }
 }
 
@@ -144,32 +179,33 @@ pub(crate) struct RawBot {
     pub discord: Option<Table>,
 }
 
-/// `[telegram]` or `[discord]` in a bot file. `identity` is `username` (Telegram)
-/// or `application_id` (Discord); it stays a raw value so that a plain string
-/// (one identity for both environments) gets its own explanation.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawTelegramBot {
-    pub token_env: Option<String>,
-    pub username: Option<Value>,
-}
+raw_shape!(
+    /// `[telegram]` in a bot file. The identity (`username`) stays a raw value so that
+    /// a plain string (one identity for both environments) gets its own explanation.
+    RawTelegramBot {
+        token_env: Option<String>,
+        username: Option<Value>,
+    }
+);
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawDiscordBot {
-    pub token_env: Option<String>,
-    pub application_id: Option<Value>,
-}
+raw_shape!(
+    /// `[discord]` in a bot file; `application_id` is its identity, kept raw likewise.
+    RawDiscordBot {
+        token_env: Option<String>,
+        application_id: Option<Value>,
+    }
+);
 
-/// `{ staging = "...", production = "..." }`: the identity expected in each environment.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct RawPerEnv {
-    pub staging: Option<StrOrInt>,
-    pub production: Option<StrOrInt>,
-}
+raw_shape!(
+    /// `{ staging = "...", production = "..." }`: the identity expected in each environment.
+    RawPerEnv {
+        staging: Option<StrOrInt>,
+        production: Option<StrOrInt>,
+    }
+);
 
 /// A string, or an integer written without quotes (Discord application ids are numbers).
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StrOrInt(pub String);
 

@@ -47,13 +47,11 @@ impl RateDecision {
 /// A shared or local rate limiter. `check` is async (a network round trip on Redis);
 /// an `Err` means the limiter could not decide (Redis unreachable): the engine then
 /// refuses with the busy apology (fail closed: no LLM spend without a limit).
+/// The answer of [`RateLimiter::check`], once the limiter has decided.
+pub type RateCheck<'a> = BoxFuture<'a, Result<RateDecision, CoordError>>;
+
 pub trait RateLimiter: Send + Sync {
-    fn check(
-        &self,
-        key: u64,
-        per_minute: u32,
-        burst: u32,
-    ) -> BoxFuture<'_, Result<RateDecision, CoordError>>;
+    fn check(&self, key: u64, per_minute: u32, burst: u32) -> RateCheck<'_>;
     /// Forgets a key's notice state (`/forget`); its cells stay counted until they lapse.
     fn reset(&self, key: u64);
     /// Drops stale keys so memory stays bounded (run periodically); returns live keys.
@@ -160,12 +158,7 @@ impl GovernorLimiter {
 }
 
 impl RateLimiter for GovernorLimiter {
-    fn check(
-        &self,
-        key: u64,
-        per_minute: u32,
-        burst: u32,
-    ) -> BoxFuture<'_, Result<RateDecision, CoordError>> {
+    fn check(&self, key: u64, per_minute: u32, burst: u32) -> RateCheck<'_> {
         let decision = self.check_now(key, per_minute, burst);
         Box::pin(std::future::ready(Ok(decision)))
     }

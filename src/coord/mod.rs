@@ -22,7 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::engine::ordering::ConversationLocks;
 pub use events::CoordStats;
 pub use lease::{AlwaysPoll, Lease, LeaseTimes, LeasedPoll, PollGate, Turn};
-pub use limiter::{GovernorLimiter, RateDecision, RateLimiter};
+pub use limiter::{GovernorLimiter, RateCheck, RateDecision, RateLimiter};
 pub use ordering::{
     ConversationOrdering, OrderingBusy, OrderingGuard, OrderingTimes, RedisOrdering,
 };

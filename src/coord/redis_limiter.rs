@@ -12,12 +12,11 @@
 //! Times are kept as `"<unix secs> <ns after that second>"` and computed in ns relative
 //! to the current second: every number stays an exact integer in Lua's doubles.
 
-use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::events::{CoordStats, LimiterFailed};
-use super::limiter::{cell_nanos, RateDecision, RateLimiter};
+use super::limiter::{cell_nanos, RateCheck, RateDecision, RateLimiter};
 use super::CoordError;
 use crate::events::Event;
 use std::sync::Arc;
@@ -153,12 +152,7 @@ impl RedisLimiter {
 }
 
 impl RateLimiter for RedisLimiter {
-    fn check(
-        &self,
-        key: u64,
-        per_minute: u32,
-        burst: u32,
-    ) -> BoxFuture<'_, Result<RateDecision, CoordError>> {
+    fn check(&self, key: u64, per_minute: u32, burst: u32) -> RateCheck<'_> {
         Box::pin(async move {
             let result = self.check_at(key, per_minute, burst, None).await;
             if let Err(error) = &result {

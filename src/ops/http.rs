@@ -446,26 +446,32 @@ impl EngineCollector {
                 .map(|b| vec![gauge(b as f64)])
                 .unwrap_or_default(),
             Series::StoreWrite => vec![histogram(&e.store_write)],
-            Series::RedisCommands => match self.engine.store().redis_stats() {
-                Some(r) => vec![
-                    counter(r.ok.get(), vec![label("result", "ok")]),
-                    counter(r.error.get(), vec![label("result", "error")]),
-                    counter(r.unreachable.get(), vec![label("result", "unreachable")]),
-                ],
-                None => vec![],
-            },
-            Series::RedisCommandSeconds => match self.engine.store().redis_stats() {
-                Some(r) => vec![histogram(&r.latency)],
-                None => vec![],
-            },
-            Series::RedisUp => match self.engine.store().redis_stats() {
-                Some(r) => vec![gauge(if r.up() { 1.0 } else { 0.0 })],
-                None => vec![],
-            },
+            Series::RedisCommands | Series::RedisCommandSeconds | Series::RedisUp => {
+                self.redis_samples(series)
+            }
             Series::RedisLimiterErrors => one(c.limiter_errors.get()),
             Series::RedisOrderingTimeouts => one(c.ordering_timeouts.get()),
             Series::RedisLeaseTakeovers => one(c.lease_takeovers.get()),
             Series::RedisLeasesLost => one(c.leases_lost.get()),
+        }
+    }
+}
+
+impl EngineCollector {
+    /// The Redis backend's series: none on sled.
+    fn redis_samples(&self, series: Series) -> Vec<proto::Metric> {
+        let Some(r) = self.engine.store().redis_stats() else {
+            return vec![];
+        };
+        match series {
+            Series::RedisCommands => vec![
+                counter(r.ok.get(), vec![label("result", "ok")]),
+                counter(r.error.get(), vec![label("result", "error")]),
+                counter(r.unreachable.get(), vec![label("result", "unreachable")]),
+            ],
+            Series::RedisCommandSeconds => vec![histogram(&r.latency)],
+            Series::RedisUp => vec![gauge(if r.up() { 1.0 } else { 0.0 })],
+            _ => vec![],
         }
     }
 }

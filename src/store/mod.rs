@@ -7,6 +7,7 @@
 //! methods) and [`redis_store::RedisStore`] (several instances on one Redis) implement
 //! the same roles, one file per role each.
 
+pub(crate) mod codec;
 pub mod crypto;
 pub mod redis_store;
 pub mod sled_store;
@@ -189,6 +190,24 @@ pub struct ForgetReport {
     pub cache_entries: usize,
 }
 
+/// The first step of `forget` on every backend: clears each conversation of `user`,
+/// counting its turns and itself into `report`, and returns the replies they got (to
+/// find pending reply markers written before markers named users).
+pub(crate) fn clear_conversations_of(
+    store: &(impl ConversationStore + ?Sized),
+    user: &UserRef,
+    report: &mut ForgetReport,
+) -> StoreResult<std::collections::HashSet<String>> {
+    let mut replies = std::collections::HashSet::new();
+    for (key, turns) in store.user_conversations(user)? {
+        let theirs = turns.into_iter().filter(|t| t.role == Role::Assistant);
+        replies.extend(theirs.map(|t| t.text));
+        report.turns += store.clear_conversation(&key)?;
+        report.conversations += 1;
+    }
+    Ok(replies)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CacheStats {
     pub entries: usize,
@@ -301,16 +320,21 @@ pub trait AuditStore: Durable {
 /// Intake: the durable inbox of received-but-unanswered platform updates
 /// (adapter-owned bytes, so that a crash between receiving and answering loses
 /// nothing), where each adapter's intake resumes, and the handled markers that make
-/// answering at most once. The one role adapters depend on.
-pub trait InboxStore: Durable {
+/// answering at most once. The one role adapters depend on; intake positions are
+/// [`MetaStore`] rows on every backend.
+pub trait InboxStore: MetaStore {
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()>;
     fn inbox_remove(&self, key: &str) -> StoreResult<()>;
     /// Every inbox entry whose key starts with `prefix`, in key order.
     fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
 
     /// Where an adapter's intake resumes (e.g. a Telegram getUpdates offset).
-    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
-    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()>;
+    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.meta_get(key)
+    }
+    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.meta_put(key, value)
+    }
 
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>>;
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()>;

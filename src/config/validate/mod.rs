@@ -59,8 +59,14 @@ impl Check<'_> {
 
     /// An upper bound (durations become `Instant` arithmetic: no value may overflow it).
     pub fn at_most(&mut self, key: &str, value: u64, max: u64) {
+        self.at_most_saying(key, value, max, &format!(" is too large (at most {max})"));
+    }
+
+    /// An upper bound whose problem reads `{value}{why}` (`why` names the limit and
+    /// what to use instead).
+    pub fn at_most_saying(&mut self, key: &str, value: u64, max: u64, why: &str) {
         if value > max {
-            self.push(key, format!("{value} is too large (at most {max})"));
+            self.push(key, format!("{value}{why}"));
         }
     }
 

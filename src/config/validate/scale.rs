@@ -6,12 +6,12 @@ use toml::Value;
 
 use super::Check;
 use crate::config::defaults;
-use crate::config::raw::{RawDiscord, RawTelegram};
+use crate::config::raw::{RawDiscordOwn, RawTelegramOwn};
 use crate::config::{Env, Shards, TelegramMode, WebhookConfig};
 
 /// `[telegram] mode` and, in webhook mode, `webhook_url`, `webhook_bind` and
 /// `webhook_secret_env` (the secret itself is read with the other secrets).
-pub(crate) fn telegram_mode(t: &RawTelegram, env: Env, c: &mut Check<'_>) -> TelegramMode {
+pub(crate) fn telegram_mode(t: &RawTelegramOwn, env: Env, c: &mut Check<'_>) -> TelegramMode {
     let mode = t.mode.as_deref().unwrap_or(defaults::TELEGRAM_MODE);
     let choices = [("polling", false), ("webhook", true)];
     if !c.one_of("telegram.mode", mode, &choices).unwrap_or(false) {
@@ -86,7 +86,7 @@ pub(crate) fn webhook_secret_problem(value: &str) -> Option<&'static str> {
 }
 
 /// `[discord] shards`: `"auto"` or `{ total = N, ids = "A-B" }`.
-pub(crate) fn discord_shards(d: &RawDiscord, c: &mut Check<'_>) -> Shards {
+pub(crate) fn discord_shards(d: &RawDiscordOwn, c: &mut Check<'_>) -> Shards {
     const KEY: &str = "discord.shards";
     const SHAPE: &str =
         "\"auto\" or { total = N, ids = \"A-B\" } (e.g. { total = 4, ids = \"0-1\" })";

@@ -81,10 +81,10 @@ pub(crate) fn settings(
         cache: cache(s.cache, c),
         store: store(s.store, c),
         admins: admins(s.admins, c),
-        telegram: platform("telegram", s.telegram.platform(), &defaults::TELEGRAM, c),
-        telegram_mode: super::scale::telegram_mode(&s.telegram, env, c),
-        discord: platform("discord", s.discord.platform(), &defaults::DISCORD, c),
-        discord_shards: super::scale::discord_shards(&s.discord, c),
+        telegram: platform("telegram", s.telegram.platform, &defaults::TELEGRAM, c),
+        telegram_mode: super::scale::telegram_mode(&s.telegram.own, env, c),
+        discord: platform("discord", s.discord.platform, &defaults::DISCORD, c),
+        discord_shards: super::scale::discord_shards(&s.discord.own, c),
         delivery: delivery(s.delivery, c),
         audit: audit(s.audit, c),
         otel: super::otel::otel(s.otel, c),
@@ -173,12 +173,12 @@ fn llm(mut l: LlmConfig, c: &mut Check<'_>) -> LlmConfig {
             ("queue_timeout_secs", l.queue_timeout_secs, 3_600),
         ],
     );
-    if l.max_retries > 20 {
-        c.push(
-            "llm.max_retries",
-            format!("{} is too many (at most 20)", l.max_retries),
-        );
-    }
+    c.at_most_saying(
+        "llm.max_retries",
+        l.max_retries.into(),
+        20,
+        " is too many (at most 20)",
+    );
     c.temperature("llm.temperature", l.temperature);
     if let Some(n) = l.max_tokens {
         c.at_least_one("llm.max_tokens", n);
@@ -227,26 +227,20 @@ fn cache(k: raw::RawCache, c: &mut Check<'_>) -> CacheConfig {
 fn store(s: StoreConfig, c: &mut Check<'_>) -> StoreConfig {
     c.at_least_one("store.cache_capacity_mb", s.cache_capacity_mb);
     c.at_least_one("store.flush_every_ms", s.flush_every_ms);
-    if s.group_commit_us > 100_000 {
-        c.push(
-            "store.group_commit_us",
-            format!(
-                "{} is too long a wait before each flush; use at most 100000 (100 ms), 0 to flush at once",
-                s.group_commit_us
-            ),
-        );
-    }
+    c.at_most_saying(
+        "store.group_commit_us",
+        s.group_commit_us,
+        100_000,
+        " is too long a wait before each flush; use at most 100000 (100 ms), 0 to flush at once",
+    );
     c.env_name("store.redis_url_env", &s.redis_url_env);
     c.at_least_one("store.redis_timeout_ms", s.redis_timeout_ms);
-    if s.redis_timeout_ms > 60_000 {
-        c.push(
-            "store.redis_timeout_ms",
-            format!(
-                "{} ms is too long a wait for Redis; use at most 60000",
-                s.redis_timeout_ms
-            ),
-        );
-    }
+    c.at_most_saying(
+        "store.redis_timeout_ms",
+        s.redis_timeout_ms,
+        60_000,
+        " ms is too long a wait for Redis; use at most 60000",
+    );
     if let Some(p) = &s.redis_prefix {
         let bad = |ch: char| ch.is_whitespace() || ch.is_control() || "{}*?[]\\".contains(ch);
         if p.is_empty() || p.len() > 64 || p.chars().any(bad) {

@@ -3,6 +3,7 @@
 //! with `XTRIM MINID` (stream ids are Redis's clock in ms).
 
 use super::RedisStore;
+use crate::store::codec::Codec as _;
 use crate::store::{AuditEntry, AuditStore, StoreResult};
 
 /// The stream is capped near this many entries even if the sweeper never runs.
@@ -15,15 +16,7 @@ impl RedisStore {
     /// Every audit entry with its stream id, oldest first (unreadable ones skipped).
     pub(super) fn audit_all(&self) -> StoreResult<Vec<(String, AuditEntry)>> {
         let key = self.audit_key();
-        let k = key.clone();
-        let rows: StreamRows = self.run(|mut c| async move {
-            redis::cmd("XRANGE")
-                .arg(k)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut c)
-                .await
-        })?;
+        let rows: StreamRows = self.query(redis::cmd("XRANGE").arg(&key).arg("-").arg("+"))?;
         Ok(self.audit_rows(&key, rows))
     }
 
@@ -57,7 +50,7 @@ impl AuditStore for RedisStore {
     fn audit_append(&self, entry: &AuditEntry) -> StoreResult<()> {
         let key = self.audit_key();
         let value = self.encode("audit", &key, entry)?;
-        self.run(|mut c| async move {
+        self.query::<String>(
             redis::cmd("XADD")
                 .arg(key)
                 .arg("MAXLEN")
@@ -65,26 +58,21 @@ impl AuditStore for RedisStore {
                 .arg(MAX_ENTRIES)
                 .arg("*")
                 .arg("e")
-                .arg(value)
-                .query_async::<String>(&mut c)
-                .await
-        })?;
+                .arg(value),
+        )?;
         Ok(())
     }
 
     fn audit_recent(&self, n: usize) -> StoreResult<Vec<AuditEntry>> {
         let key = self.audit_key();
-        let k = key.clone();
-        let rows: StreamRows = self.run(|mut c| async move {
+        let rows: StreamRows = self.query(
             redis::cmd("XREVRANGE")
-                .arg(k)
+                .arg(&key)
                 .arg("+")
                 .arg("-")
                 .arg("COUNT")
-                .arg(n)
-                .query_async(&mut c)
-                .await
-        })?;
+                .arg(n),
+        )?;
         Ok(self
             .audit_rows(&key, rows)
             .into_iter()
@@ -95,13 +83,6 @@ impl AuditStore for RedisStore {
     fn audit_purge_before(&self, before: i64) -> StoreResult<usize> {
         let key = self.audit_key();
         let min_id = format!("{}-0", before.max(0).saturating_mul(1000));
-        self.run(|mut c| async move {
-            redis::cmd("XTRIM")
-                .arg(key)
-                .arg("MINID")
-                .arg(min_id)
-                .query_async(&mut c)
-                .await
-        })
+        self.query(redis::cmd("XTRIM").arg(key).arg("MINID").arg(min_id))
     }
 }

@@ -3,6 +3,7 @@
 //! `cache_len`, size-bound eviction (oldest first) and `cache_expire`.
 
 use super::RedisStore;
+use crate::store::codec::Codec as _;
 use crate::store::{CacheEntry, CacheStore, StoreResult};
 
 impl RedisStore {
@@ -31,23 +32,14 @@ impl RedisStore {
     /// Every cache id in the index, oldest first.
     pub(super) fn cache_ids(&self) -> StoreResult<Vec<String>> {
         let index = self.cache_index_key();
-        self.run(|mut c| async move {
-            redis::cmd("ZRANGE")
-                .arg(index)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut c)
-                .await
-        })
+        self.query(redis::cmd("ZRANGE").arg(index).arg(0).arg(-1))
     }
 }
 
 impl CacheStore for RedisStore {
     fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>> {
         let k = self.cache_key(&self.cache_id(key));
-        let kk = k.clone();
-        let raw: Option<Vec<u8>> =
-            self.run(|mut c| async move { redis::cmd("GET").arg(kk).query_async(&mut c).await })?;
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&k))?;
         Ok(raw.and_then(|v| self.decode("cache", &k, &v)))
     }
 
@@ -80,13 +72,8 @@ impl CacheStore for RedisStore {
         })?;
         if len > max_entries {
             let excess = len - max_entries;
-            let popped: Vec<(String, f64)> = self.run(|mut c| async move {
-                redis::cmd("ZPOPMIN")
-                    .arg(index)
-                    .arg(excess)
-                    .query_async(&mut c)
-                    .await
-            })?;
+            let popped: Vec<(String, f64)> =
+                self.query(redis::cmd("ZPOPMIN").arg(index).arg(excess))?;
             let ids: Vec<String> = popped.into_iter().map(|(id, _)| id).collect();
             self.cache_remove_ids(&ids)?;
         }
@@ -99,15 +86,13 @@ impl CacheStore for RedisStore {
 
     fn cache_expire(&self, before: i64) -> StoreResult<usize> {
         let index = self.cache_index_key();
-        let ids: Vec<String> = self.run(|mut c| async move {
+        let ids: Vec<String> = self.query(
             redis::cmd("ZRANGE")
                 .arg(index)
                 .arg("-inf")
                 .arg(format!("({before}"))
-                .arg("BYSCORE")
-                .query_async(&mut c)
-                .await
-        })?;
+                .arg("BYSCORE"),
+        )?;
         self.cache_remove_ids(&ids)
     }
 
@@ -118,7 +103,6 @@ impl CacheStore for RedisStore {
 
     fn cache_len(&self) -> usize {
         let index = self.cache_index_key();
-        self.run(|mut c| async move { redis::cmd("ZCARD").arg(index).query_async(&mut c).await })
-            .unwrap_or(0)
+        self.query(redis::cmd("ZCARD").arg(index)).unwrap_or(0)
     }
 }

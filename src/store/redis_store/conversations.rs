@@ -6,6 +6,7 @@ use super::layout::parse_conversation;
 use super::scripts::RECORD_EXCHANGE;
 use super::{RedisStore, HANDLED_TTL_SECS};
 use crate::domain::{ConversationKey, UserRef};
+use crate::store::codec::{Codec as _, UsernameIndex as _};
 use crate::store::{ConversationStore, Exchange, StoreError, StoreResult, Turn, UserRecord};
 
 /// How many times a user record write is retried when another writer changed it.
@@ -34,9 +35,7 @@ impl RedisStore {
         &self,
         key: &str,
     ) -> StoreResult<(Option<Vec<u8>>, Option<UserRecord>)> {
-        let k = key.to_string();
-        let raw: Option<Vec<u8>> =
-            self.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key))?;
         let rec = match &raw {
             Some(v) => Some(self.decode_strict("users", key, v)?),
             None => None,
@@ -45,15 +44,7 @@ impl RedisStore {
     }
 
     fn lrange(&self, key: &str, from: isize, to: isize) -> StoreResult<Vec<Vec<u8>>> {
-        let k = key.to_string();
-        self.run(|mut c| async move {
-            redis::cmd("LRANGE")
-                .arg(k)
-                .arg(from)
-                .arg(to)
-                .query_async(&mut c)
-                .await
-        })
+        self.query(redis::cmd("LRANGE").arg(key).arg(from).arg(to))
     }
 
     fn decode_turns(&self, key: &str, raw: Vec<Vec<u8>>) -> Vec<Turn> {
@@ -171,15 +162,13 @@ impl ConversationStore for RedisStore {
 
     fn user_conversations(&self, user: &UserRef) -> StoreResult<Vec<(ConversationKey, Vec<Turn>)>> {
         let convs = self.convs_key(user);
-        let k = convs.clone();
-        let rows: Vec<(String, Vec<u8>)> = self
-            .run(|mut c| async move { redis::cmd("HGETALL").arg(k).query_async(&mut c).await })?;
+        let rows: Vec<(String, Vec<u8>)> = self.query(redis::cmd("HGETALL").arg(&convs))?;
         let mut out = Vec::new();
         for (id, sealed) in rows {
             let conv = self
                 .unseal("conv_index", &format!("{convs}/{id}"), &sealed)
                 .ok()
-                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|v| String::from_utf8(v.into_owned()).ok())
                 .and_then(|t| parse_conversation(&t));
             match conv {
                 Some(key) => {
@@ -237,15 +226,7 @@ impl ConversationStore for RedisStore {
                 }
             }
             if old > 0 {
-                let k = list.clone();
-                self.run(|mut c| async move {
-                    redis::cmd("LTRIM")
-                        .arg(k)
-                        .arg(old)
-                        .arg(-1)
-                        .query_async::<()>(&mut c)
-                        .await
-                })?;
+                self.query::<()>(redis::cmd("LTRIM").arg(&list).arg(old).arg(-1))?;
                 n += old as usize;
             }
         }

@@ -14,9 +14,10 @@
 //! cannot be translated without the originals: both calls refuse them.
 
 use super::audit::StreamRows;
-use super::layout::{normalise_username, parse_conversation};
+use super::layout::parse_conversation;
 use super::RedisStore;
 use crate::domain::UserRef;
+use crate::store::codec::{normalise_username, Codec};
 use crate::store::sled_store::{conv_prefix_plain, parse_conv_prefix, time_key, DumpRow};
 use crate::store::{
     AuditEntry, AuditStore, CacheEntry, CacheStore, ConversationStore, HandledEntry, InboxStore,

@@ -8,26 +8,17 @@ use std::collections::HashSet;
 use super::layout::normalise_username;
 use super::RedisStore;
 use crate::domain::UserRef;
+use crate::store::codec::Codec as _;
 use crate::store::sled_store::scrub_audit_entry;
 use crate::store::{
-    CacheEntry, ConversationStore, ForgetReport, Handled, HandledEntry, Role, StoreResult,
+    clear_conversations_of, CacheEntry, ForgetReport, Handled, HandledEntry, StoreResult,
     UserRecord,
 };
 
 impl RedisStore {
     pub(super) fn forget(&self, user: &UserRef) -> StoreResult<ForgetReport> {
         let mut report = ForgetReport::default();
-        let mut replies = HashSet::new();
-        for (key, turns) in self.user_conversations(user)? {
-            replies.extend(
-                turns
-                    .into_iter()
-                    .filter(|t| t.role == Role::Assistant)
-                    .map(|t| t.text),
-            );
-            report.turns += self.clear_conversation(&key)?;
-            report.conversations += 1;
-        }
+        let replies = clear_conversations_of(self, user, &mut report)?;
         let mut aliases = Vec::new();
         let (ukey, users, uid) = (self.user_key(user), self.users_key(), self.user_id(user));
         let convs = self.convs_key(user);
@@ -72,9 +63,7 @@ impl RedisStore {
         let mut theirs = Vec::new();
         for id in self.cache_ids()? {
             let k = self.cache_key(&id);
-            let kk = k.clone();
-            let raw: Option<Vec<u8>> = self
-                .run(|mut c| async move { redis::cmd("GET").arg(kk).query_async(&mut c).await })?;
+            let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&k))?;
             if raw
                 .and_then(|v| self.decode::<CacheEntry>("cache", &k, &v))
                 .is_some_and(|e| &e.origin == user)
@@ -88,9 +77,7 @@ impl RedisStore {
     /// Handled markers of their updates, and pending replies to them.
     fn forget_handled(&self, user: &UserRef, replies: &HashSet<String>) -> StoreResult<()> {
         for key in self.scan_keys(&self.pattern("handled:*"))? {
-            let kk = key.clone();
-            let raw: Option<Vec<u8>> = self
-                .run(|mut c| async move { redis::cmd("GET").arg(kk).query_async(&mut c).await })?;
+            let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&key))?;
             let Some(entry) = raw.and_then(|v| self.decode::<HandledEntry>("handled", &key, &v))
             else {
                 continue;
@@ -98,9 +85,7 @@ impl RedisStore {
             let theirs = entry.user.as_ref() == Some(user)
                 || matches!(&entry.state, Handled::Pending { reply } if replies.contains(reply));
             if theirs {
-                self.run(|mut c| async move {
-                    redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
-                })?;
+                self.query::<()>(redis::cmd("DEL").arg(key))?;
             }
         }
         Ok(())

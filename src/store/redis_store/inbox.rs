@@ -4,7 +4,8 @@
 //! nothing to do: Redis expires them).
 
 use super::{RedisStore, HANDLED_TTL_SECS};
-use crate::store::{HandledEntry, InboxStore, MetaStore, StoreResult};
+use crate::store::codec::Codec as _;
+use crate::store::{HandledEntry, InboxStore, StoreResult};
 
 /// `s` with glob characters escaped, for MATCH patterns.
 fn glob_escape(s: &str) -> String {
@@ -22,26 +23,11 @@ impl InboxStore for RedisStore {
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         let hash = self.inbox_key();
         let v = self.seal("inbox", &format!("{hash}/{key}"), value);
-        let f = key.to_string();
-        self.run(|mut c| async move {
-            redis::cmd("HSET")
-                .arg(hash)
-                .arg(f)
-                .arg(v)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HSET").arg(hash).arg(key).arg(v))
     }
 
     fn inbox_remove(&self, key: &str) -> StoreResult<()> {
-        let (hash, f) = (self.inbox_key(), key.to_string());
-        self.run(|mut c| async move {
-            redis::cmd("HDEL")
-                .arg(hash)
-                .arg(f)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HDEL").arg(self.inbox_key()).arg(key))
     }
 
     fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
@@ -50,18 +36,15 @@ impl InboxStore for RedisStore {
         let mut rows = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let (h, p) = (hash.clone(), pattern.clone());
-            let (next, batch): (u64, Vec<(String, Vec<u8>)>) = self.run(|mut c| async move {
+            let (next, batch): (u64, Vec<(String, Vec<u8>)>) = self.query(
                 redis::cmd("HSCAN")
-                    .arg(h)
+                    .arg(&hash)
                     .arg(cursor)
                     .arg("MATCH")
-                    .arg(p)
+                    .arg(&pattern)
                     .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await
-            })?;
+                    .arg(1000),
+            )?;
             rows.extend(batch);
             if next == 0 {
                 break;
@@ -74,45 +57,29 @@ impl InboxStore for RedisStore {
         let mut out = Vec::with_capacity(rows.len());
         for (k, v) in rows.into_iter().filter(|(k, _)| k.starts_with(prefix)) {
             match self.unseal("inbox", &format!("{hash}/{k}"), &v) {
-                Ok(value) => out.push((k, value)),
-                Err(_) => tracing::error!(
-                    error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
-                    tree = "inbox",
-                    "unreadable inbox entry skipped"
-                ),
+                Ok(value) => out.push((k, value.into_owned())),
+                Err(_) => crate::store::codec::corrupt_skipped("inbox"),
             }
         }
         Ok(out)
     }
 
-    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.meta_get(key)
-    }
-
-    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()> {
-        self.meta_put(key, value)
-    }
-
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>> {
         let k = self.handled_key(update);
-        let kk = k.clone();
-        let raw: Option<Vec<u8>> =
-            self.run(|mut c| async move { redis::cmd("GET").arg(kk).query_async(&mut c).await })?;
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&k))?;
         Ok(raw.and_then(|v| self.decode("handled", &k, &v)))
     }
 
     fn set_handled(&self, update: &str, entry: &HandledEntry) -> StoreResult<()> {
         let k = self.handled_key(update);
         let v = self.encode("handled", &k, entry)?;
-        self.run(|mut c| async move {
+        self.query::<()>(
             redis::cmd("SET")
                 .arg(k)
                 .arg(v)
                 .arg("EX")
-                .arg(HANDLED_TTL_SECS)
-                .query_async::<()>(&mut c)
-                .await
-        })
+                .arg(HANDLED_TTL_SECS),
+        )
     }
 
     /// Nothing to do: every marker expires by itself after 7 days.

@@ -11,11 +11,12 @@
 //! personal value is sealed with the tree name and the key as associated data, like
 //! sled's. A plaintext value where a sealed one belongs is a corrupt entry.
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use std::borrow::Cow;
 
 use super::RedisStore;
 use crate::domain::{ConversationKey, Platform, UserRef};
+pub(super) use crate::store::codec::normalise_username;
+use crate::store::codec::Codec;
 use crate::store::{crypto, StoreError, StoreResult};
 
 /// Escapes a part of a key: everything but `[A-Za-z0-9._@-]` as `%XX`, so `:`, `{`, `}`
@@ -53,12 +54,7 @@ pub(super) fn parse_conversation(text: &str) -> Option<ConversationKey> {
     let [bot, platform, chat, user] = parts.as_slice() else {
         return None;
     };
-    let platform = match *platform {
-        "tg" => Platform::Telegram,
-        "dc" => Platform::Discord,
-        "cli" => Platform::Terminal,
-        _ => return None,
-    };
+    let platform = Platform::from_prefix(platform)?;
     Some(ConversationKey {
         bot: unescape(bot)?,
         platform,
@@ -67,13 +63,28 @@ pub(super) fn parse_conversation(text: &str) -> Option<ConversationKey> {
     })
 }
 
-/// `@Name` → `name`: the form usernames are indexed by.
-pub(super) fn normalise_username(name: &str) -> String {
-    name.trim().trim_start_matches('@').to_lowercase()
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Codec for RedisStore {
+    type Key = str;
+
+    /// Every value Redis holds for a user is personal: sealed whenever a data key is set.
+    fn seal(&self, tree: &str, key: &str, plain: &[u8]) -> Vec<u8> {
+        match &self.keys {
+            Some(k) => k.seal(tree, key.as_bytes(), plain),
+            None => plain.to_vec(),
+        }
+    }
+
+    fn unseal<'a>(&self, tree: &str, key: &str, bytes: &'a [u8]) -> Result<Cow<'a, [u8]>, String> {
+        match &self.keys {
+            Some(k) => k.open(tree, key.as_bytes(), bytes).map(Cow::Owned),
+            None if crypto::is_sealed(bytes) => Err("encrypted, but no data key is set".into()),
+            None => Ok(Cow::Borrowed(bytes)),
+        }
+    }
 }
 
 impl RedisStore {
@@ -159,70 +170,6 @@ impl RedisStore {
         self.key("meta")
     }
 
-    /// Seals `plain` for `tree` and row `key` when a data key is set.
-    pub(super) fn seal(&self, tree: &str, key: &str, plain: &[u8]) -> Vec<u8> {
-        match &self.keys {
-            Some(k) => k.seal(tree, key.as_bytes(), plain),
-            None => plain.to_vec(),
-        }
-    }
-
-    pub(super) fn unseal(&self, tree: &str, key: &str, bytes: &[u8]) -> Result<Vec<u8>, String> {
-        match &self.keys {
-            Some(k) => k.open(tree, key.as_bytes(), bytes),
-            None if crypto::is_sealed(bytes) => Err("encrypted, but no data key is set".into()),
-            None => Ok(bytes.to_vec()),
-        }
-    }
-
-    pub(super) fn encode<T: Serialize>(
-        &self,
-        tree: &str,
-        key: &str,
-        v: &T,
-    ) -> StoreResult<Vec<u8>> {
-        let plain = serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
-        Ok(self.seal(tree, key, &plain))
-    }
-
-    /// Decodes a value; an unreadable one is an error naming the tree (never its
-    /// contents or key).
-    pub(super) fn decode_strict<T: DeserializeOwned>(
-        &self,
-        tree: &'static str,
-        key: &str,
-        bytes: &[u8],
-    ) -> StoreResult<T> {
-        let plain = self
-            .unseal(tree, key, bytes)
-            .map_err(|reason| StoreError::Corrupt { tree, reason })?;
-        serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
-            tree,
-            reason: format!(
-                "{:?} error at line {} column {}",
-                e.classify(),
-                e.line(),
-                e.column()
-            ),
-        })
-    }
-
-    /// Decodes a value; a corrupt one is logged and skipped.
-    pub(super) fn decode<T: DeserializeOwned>(
-        &self,
-        tree: &'static str,
-        key: &str,
-        bytes: &[u8],
-    ) -> Option<T> {
-        match self.decode_strict(tree, key, bytes) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::error!(error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(), tree, error = %e, "corrupt store entry skipped");
-                None
-            }
-        }
-    }
-
     /// Derives the data key's sub-keys (a passphrase with the salt kept in `P:meta`)
     /// and checks it against the key check the store was first written with: a wrong
     /// key, or none for a sealed store, fails here.
@@ -257,26 +204,11 @@ impl RedisStore {
     }
 
     pub(super) fn hget(&self, key: &str, field: &str) -> StoreResult<Option<Vec<u8>>> {
-        let (key, field) = (key.to_string(), field.to_string());
-        self.run(|mut c| async move {
-            redis::cmd("HGET")
-                .arg(key)
-                .arg(field)
-                .query_async(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HGET").arg(key).arg(field))
     }
 
     fn hsetnx(&self, key: &str, field: &str, value: &[u8]) -> StoreResult<()> {
-        let (key, field, value) = (key.to_string(), field.to_string(), value.to_vec());
-        self.run(|mut c| async move {
-            redis::cmd("HSETNX")
-                .arg(key)
-                .arg(field)
-                .arg(value)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HSETNX").arg(key).arg(field).arg(value))
     }
 
     /// Every key matching `pattern` (SCAN; for rare whole-store walks: forget, purge).
@@ -284,17 +216,14 @@ impl RedisStore {
         let mut out = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let pattern = pattern.to_string();
-            let (next, batch): (u64, Vec<String>) = self.run(|mut c| async move {
+            let (next, batch): (u64, Vec<String>) = self.query(
                 redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(pattern)
                     .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await
-            })?;
+                    .arg(1000),
+            )?;
             out.extend(batch);
             if next == 0 {
                 return Ok(out);

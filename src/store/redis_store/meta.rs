@@ -10,25 +10,10 @@ impl MetaStore for RedisStore {
     }
 
     fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
-        let (k, f, v) = (self.meta_key(), key.to_string(), value.to_vec());
-        self.run(|mut c| async move {
-            redis::cmd("HSET")
-                .arg(k)
-                .arg(f)
-                .arg(v)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HSET").arg(self.meta_key()).arg(key).arg(value))
     }
 
     fn meta_remove(&self, key: &str) -> StoreResult<()> {
-        let (k, f) = (self.meta_key(), key.to_string());
-        self.run(|mut c| async move {
-            redis::cmd("HDEL")
-                .arg(k)
-                .arg(f)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        self.query(redis::cmd("HDEL").arg(self.meta_key()).arg(key))
     }
 }

@@ -134,7 +134,7 @@ impl RedisStore {
 
     /// One round trip (PING).
     pub fn ping(&self) -> StoreResult<()> {
-        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+        self.query::<()>(&redis::cmd("PING"))
     }
 
     /// `CONFIG GET` of the persistence settings (`appendonly`, `appendfsync`); an
@@ -172,6 +172,15 @@ impl RedisStore {
         T: Send,
     {
         self.run_raw(f).map_err(|e| self.error(&e))
+    }
+
+    /// Runs one command (`redis::cmd(..).arg(..)`) and converts its answer.
+    pub(crate) fn query<T: redis::FromRedisValue + Send>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> StoreResult<T> {
+        let cmd = cmd.clone();
+        self.run(|mut c| async move { cmd.query_async(&mut c).await })
     }
 
     fn run_raw<T, F, Fut>(&self, f: F) -> RedisResult<T>

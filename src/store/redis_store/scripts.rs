@@ -6,22 +6,38 @@
 
 use std::sync::LazyLock;
 
+/// Lua shared by the scripts that write a user record: `put_user_if(had, seen, new, id)`
+/// sets `KEYS[1]` to `new` and adds `id` to the set `KEYS[2]` if the record still holds
+/// `seen` (`had` is `1` if a record was read, so an absent one must still be absent);
+/// else it returns 0.
+macro_rules! put_user_if_lua {
+    () => {
+        r#"
+local function put_user_if(had, seen, new, id)
+  local cur = redis.call('GET', KEYS[1])
+  if had == '1' then
+    if cur ~= seen then return 0 end
+  elseif cur then
+    return 0
+  end
+  redis.call('SET', KEYS[1], new)
+  redis.call('SADD', KEYS[2], id)
+  return 1
+end
+"#
+    };
+}
+
 /// KEYS: 1 user record, 2 users set, 3 turns list, 4 conversations hash, 5 handled.
 /// ARGV: 1 `u` to write the user record, 2 `1` if a record was read, 3 the bytes read,
 /// 4 the new record, 5 the user's id (for the set), 6 conversation id, 7 conversation
 /// (index value), 8 handled entry or empty, 9 handled TTL (s), 10.. turns.
 pub(super) static RECORD_EXCHANGE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(concat!(
+        put_user_if_lua!(),
         r#"
-if ARGV[1] == 'u' then
-  local cur = redis.call('GET', KEYS[1])
-  if ARGV[2] == '1' then
-    if cur ~= ARGV[3] then return 0 end
-  elseif cur then
-    return 0
-  end
-  redis.call('SET', KEYS[1], ARGV[4])
-  redis.call('SADD', KEYS[2], ARGV[5])
+if ARGV[1] == 'u' and put_user_if(ARGV[2], ARGV[3], ARGV[4], ARGV[5]) == 0 then
+  return 0
 end
 if #ARGV >= 10 then
   for i = 10, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
@@ -31,26 +47,17 @@ if ARGV[8] ~= '' then
   redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[9])
 end
 return 1
-"#,
-    )
+"#
+    ))
 });
 
 /// KEYS: 1 user record, 2 users set. ARGV: 1 `1` if a record was read, 2 the bytes
 /// read, 3 the new record, 4 the user's id.
 pub(super) static PUT_USER_IF: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local cur = redis.call('GET', KEYS[1])
-if ARGV[1] == '1' then
-  if cur ~= ARGV[2] then return 0 end
-elseif cur then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[4])
-return 1
-"#,
-    )
+    redis::Script::new(concat!(
+        put_user_if_lua!(),
+        "return put_user_if(ARGV[1], ARGV[2], ARGV[3], ARGV[4])\n"
+    ))
 });
 
 /// Deletes `KEYS[1]` only if it still holds `ARGV[1]` (a username still pointing at

@@ -4,10 +4,10 @@
 //! read is an error, never a fresh record (it may hold a ban).
 
 use super::conversations::{cas_backoff, CAS_ATTEMPTS};
-use super::layout::normalise_username;
 use super::scripts::{DEL_IF, PUT_USER_IF};
 use super::RedisStore;
 use crate::domain::{Platform, UserRef};
+use crate::store::codec::{Codec as _, UsernameIndex};
 use crate::store::{ForgetReport, StoreError, StoreResult, UserRecord, UserStore};
 
 impl RedisStore {
@@ -32,14 +32,12 @@ impl RedisStore {
 
     /// The raw value of a username key and whether it names `user`.
     pub(super) fn username_of(&self, key: &str) -> StoreResult<Option<(Vec<u8>, Option<UserRef>)>> {
-        let k = key.to_string();
-        let raw: Option<Vec<u8>> =
-            self.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key))?;
         Ok(raw.map(|v| {
             let who = self
                 .unseal("usernames", key, &v)
                 .ok()
-                .and_then(|p| String::from_utf8(p).ok())
+                .and_then(|p| String::from_utf8(p.into_owned()).ok())
                 .and_then(|s| s.parse::<UserRef>().ok());
             (v, who)
         }))
@@ -51,39 +49,23 @@ impl RedisStore {
         self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })?;
         Ok(())
     }
+}
 
-    /// Moves the username index from `before` to `after` for `user` (as sled does).
-    pub(super) fn reindex_username(
-        &self,
-        user: &UserRef,
-        before: Option<&str>,
-        after: Option<&str>,
-    ) -> StoreResult<()> {
-        let norm = |n: Option<&str>| n.map(normalise_username).filter(|n| !n.is_empty());
-        let (before, after) = (norm(before), norm(after));
-        if before == after {
-            return Ok(());
-        }
-        if let Some(old) = &before {
-            let k = self.username_key(user.platform, old);
-            if let Some((raw, Some(who))) = self.username_of(&k)? {
-                if &who == user {
-                    self.del_if(&k, raw)?;
-                }
+impl UsernameIndex for RedisStore {
+    fn drop_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        if let Some((raw, Some(who))) = self.username_of(&k)? {
+            if &who == user {
+                self.del_if(&k, raw)?;
             }
         }
-        if let Some(new) = &after {
-            let k = self.username_key(user.platform, new);
-            let v = self.seal("usernames", &k, user.to_string().as_bytes());
-            self.run(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(k)
-                    .arg(v)
-                    .query_async::<()>(&mut c)
-                    .await
-            })?;
-        }
         Ok(())
+    }
+
+    fn set_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        let v = self.seal("usernames", &k, user.to_string().as_bytes());
+        self.query(redis::cmd("SET").arg(k).arg(v))
     }
 }
 
@@ -96,9 +78,7 @@ impl UserStore for RedisStore {
         let key = self.user_key(user);
         for attempt in 0..CAS_ATTEMPTS {
             cas_backoff(attempt);
-            let k = key.clone();
-            let raw: Option<Vec<u8>> = self
-                .run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await })?;
+            let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&key))?;
             let before = raw
                 .as_ref()
                 .and_then(|v| self.decode::<UserRecord>("users", &key, v))
@@ -132,21 +112,18 @@ impl UserStore for RedisStore {
 
     fn user_count(&self) -> StoreResult<usize> {
         let k = self.users_key();
-        self.run(|mut c| async move { redis::cmd("SCARD").arg(k).query_async(&mut c).await })
+        self.query(redis::cmd("SCARD").arg(k))
     }
 
     fn for_each_user(&self, f: &mut dyn FnMut(&UserRecord)) -> StoreResult<()> {
         let k = self.users_key();
-        let ids: Vec<String> = self
-            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(k).query_async(&mut c).await })?;
+        let ids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(k))?;
         for chunk in ids.chunks(200) {
             let keys: Vec<String> = chunk
                 .iter()
                 .map(|id| self.key(&format!("user:{{{id}}}")))
                 .collect();
-            let ks = keys.clone();
-            let values: Vec<Option<Vec<u8>>> = self
-                .run(|mut c| async move { redis::cmd("MGET").arg(ks).query_async(&mut c).await })?;
+            let values: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(&keys))?;
             for (key, v) in keys.iter().zip(values) {
                 if let Some(rec) = v.and_then(|v| self.decode::<UserRecord>("users", key, &v)) {
                     f(&rec);
@@ -163,11 +140,7 @@ impl UserStore for RedisStore {
         };
         let found = who.filter(|u| u.platform == platform);
         if found.is_none() {
-            tracing::error!(
-                error.kind = crate::events::ErrorKind::StoreCorrupt.as_str(),
-                tree = "usernames",
-                "corrupt store entry skipped"
-            );
+            crate::store::codec::corrupt_skipped("usernames");
         }
         Ok(found)
     }

@@ -1,6 +1,7 @@
 //! [`AuditStore`] on sled: `audit` (u64 sequence, big-endian → entry), in write order.
 
 use super::{io, SledStore};
+use crate::store::codec::Codec as _;
 use crate::store::{AuditEntry, AuditStore, StoreResult};
 
 impl AuditStore for SledStore {

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::layout::time_key;
 use super::{io, SledStore};
+use crate::store::codec::Codec as _;
 use crate::store::{CacheEntry, CacheStore, StoreResult};
 
 impl SledStore {

@@ -9,6 +9,7 @@ use super::layout::parse_conv_prefix;
 use super::{io, SledStore};
 use crate::domain::{ConversationKey, UserRef};
 use crate::events::ErrorKind;
+use crate::store::codec::{Codec as _, UsernameIndex as _};
 use crate::store::{ConversationStore, Exchange, StoreError, StoreResult, Turn, UserRecord};
 
 /// The `users` row change made inside [`SledStore::record_exchange`]'s transaction.

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{io, SledStore, TREES};
+use crate::store::codec::Codec as _;
 use crate::store::{crypto, StoreError, StoreResult};
 
 /// One stored (tree, key, value).

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use super::layout::normalise_username;
 use super::{io, SledStore};
 use crate::domain::UserRef;
+use crate::store::codec::Codec as _;
 use crate::store::{
-    AuditEntry, CacheEntry, ConversationStore, ForgetReport, Handled, HandledEntry, Role,
+    clear_conversations_of, AuditEntry, CacheEntry, ForgetReport, Handled, HandledEntry,
     StoreResult, UserRecord,
 };
 
@@ -55,18 +56,7 @@ fn redact_command(command: &str) -> String {
 impl SledStore {
     pub(super) fn forget(&self, user: &UserRef) -> StoreResult<ForgetReport> {
         let mut report = ForgetReport::default();
-        // The replies they got, to find pending markers written before markers named users.
-        let mut replies = HashSet::new();
-        for (key, turns) in self.user_conversations(user)? {
-            replies.extend(
-                turns
-                    .into_iter()
-                    .filter(|t| t.role == Role::Assistant)
-                    .map(|t| t.text),
-            );
-            report.turns += self.clear_conversation(&key)?;
-            report.conversations += 1;
-        }
+        let replies = clear_conversations_of(self, user, &mut report)?;
         let mut aliases = Vec::new();
         {
             let _gate = self.write_gate();

@@ -3,8 +3,8 @@
 //! `handled` (update id → [`HandledEntry`]).
 
 use super::{io, SledStore};
-use crate::events::ErrorKind;
-use crate::store::{HandledEntry, InboxStore, MetaStore, StoreResult};
+use crate::store::codec::Codec as _;
+use crate::store::{HandledEntry, InboxStore, StoreResult};
 
 impl InboxStore for SledStore {
     fn inbox_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
@@ -27,22 +27,10 @@ impl InboxStore for SledStore {
             let (k, v) = item.map_err(io)?;
             match (String::from_utf8(k.to_vec()), self.unseal("inbox", &k, &v)) {
                 (Ok(key), Ok(value)) => out.push((key, value.into_owned())),
-                _ => tracing::error!(
-                    error.kind = ErrorKind::StoreCorrupt.as_str(),
-                    tree = "inbox",
-                    "unreadable inbox entry skipped"
-                ),
+                _ => crate::store::codec::corrupt_skipped("inbox"),
             }
         }
         Ok(out)
-    }
-
-    fn intake_position(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.meta_get(key)
-    }
-
-    fn set_intake_position(&self, key: &str, value: &[u8]) -> StoreResult<()> {
-        self.meta_put(key, value)
     }
 
     fn handled(&self, update: &str) -> StoreResult<Option<HandledEntry>> {
@@ -72,6 +60,7 @@ impl InboxStore for SledStore {
 mod tests {
     use super::super::fixtures::temp_store;
     use super::*;
+    use crate::store::MetaStore;
 
     /// An intake position is the `meta` row an older daemon wrote (Telegram's
     /// `tg_offset/<bot>`), so an upgraded daemon resumes where the old one stopped.

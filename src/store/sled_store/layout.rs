@@ -8,13 +8,11 @@
 
 use std::borrow::Cow;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-
 use super::{io, SledStore};
 use crate::domain::{ConversationKey, Platform, UserRef};
-use crate::events::ErrorKind;
-use crate::store::{crypto, StoreError, StoreResult};
+pub(super) use crate::store::codec::normalise_username;
+use crate::store::codec::{Codec, UsernameIndex};
+use crate::store::{crypto, StoreResult};
 
 pub(super) const SEP: u8 = 0;
 
@@ -56,23 +54,13 @@ pub(crate) fn parse_conv_prefix(p: &[u8]) -> Option<ConversationKey> {
         return None;
     }
     let s = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
-    let platform = match *platform {
-        b"tg" => Platform::Telegram,
-        b"dc" => Platform::Discord,
-        b"cli" => Platform::Terminal,
-        _ => return None,
-    };
+    let platform = Platform::from_prefix(std::str::from_utf8(platform).ok()?)?;
     Some(ConversationKey {
         bot: s(bot)?,
         platform,
         chat: s(chat)?,
         user: s(user)?,
     })
-}
-
-/// `@Name` → `name`: the form usernames are indexed by.
-pub(super) fn normalise_username(name: &str) -> String {
-    name.trim().trim_start_matches('@').to_lowercase()
 }
 
 pub(crate) fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
@@ -82,8 +70,27 @@ pub(crate) fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-fn io_encode(e: serde_json::Error) -> StoreError {
-    StoreError::Io(format!("encode: {e}"))
+impl Codec for SledStore {
+    type Key = [u8];
+
+    /// Seals `plain` for row `key` of `tree` when a data key is set and the tree is personal.
+    fn seal(&self, tree: &str, key: &[u8], plain: &[u8]) -> Vec<u8> {
+        match &self.keys {
+            Some(k) if SEALED_TREES.contains(&tree) => k.seal(tree, key, plain),
+            _ => plain.to_vec(),
+        }
+    }
+
+    fn unseal<'a>(&self, tree: &str, key: &[u8], bytes: &'a [u8]) -> Result<Cow<'a, [u8]>, String> {
+        match &self.keys {
+            Some(k) if SEALED_TREES.contains(&tree) => k.open(tree, key, bytes).map(Cow::Owned),
+            Some(_) => Ok(Cow::Borrowed(bytes)),
+            None if crypto::is_sealed(bytes) || crypto::is_sealed_v1(bytes) => {
+                Err("encrypted, but no data key is set".into())
+            }
+            None => Ok(Cow::Borrowed(bytes)),
+        }
+    }
 }
 
 impl SledStore {
@@ -144,113 +151,28 @@ impl SledStore {
         }
     }
 
-    /// Seals `plain` for row `key` of `tree` when a data key is set and the tree is personal.
-    pub(super) fn seal(&self, tree: &str, key: &[u8], plain: &[u8]) -> Vec<u8> {
-        match &self.keys {
-            Some(k) if SEALED_TREES.contains(&tree) => k.seal(tree, key, plain),
-            _ => plain.to_vec(),
-        }
-    }
-
-    pub(super) fn unseal<'a>(
-        &self,
-        tree: &str,
-        key: &[u8],
-        bytes: &'a [u8],
-    ) -> Result<Cow<'a, [u8]>, String> {
-        match &self.keys {
-            Some(k) if SEALED_TREES.contains(&tree) => k.open(tree, key, bytes).map(Cow::Owned),
-            Some(_) => Ok(Cow::Borrowed(bytes)),
-            None if crypto::is_sealed(bytes) || crypto::is_sealed_v1(bytes) => {
-                Err("encrypted, but no data key is set".into())
-            }
-            None => Ok(Cow::Borrowed(bytes)),
-        }
-    }
-
-    pub(super) fn encode<T: Serialize>(
-        &self,
-        tree: &'static str,
-        key: &[u8],
-        v: &T,
-    ) -> StoreResult<Vec<u8>> {
-        let plain = serde_json::to_vec(v).map_err(io_encode)?;
-        Ok(self.seal(tree, key, &plain))
-    }
-
-    /// Decodes a value; an unreadable one is an error naming the tree (never its
-    /// contents or key: the reason reaches logs).
-    pub(super) fn decode_strict<T: DeserializeOwned>(
-        &self,
-        tree: &'static str,
-        key: &[u8],
-        bytes: &[u8],
-    ) -> StoreResult<T> {
-        let plain = self
-            .unseal(tree, key, bytes)
-            .map_err(|reason| StoreError::Corrupt { tree, reason })?;
-        // serde's message can quote the value (a name, a text): give only where and what kind.
-        serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
-            tree,
-            reason: format!(
-                "{:?} error at line {} column {}",
-                e.classify(),
-                e.line(),
-                e.column()
-            ),
-        })
-    }
-
-    /// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps
-    /// serving. The log names the tree, not the key (keys can hold ids and names).
-    pub(super) fn decode<T: DeserializeOwned>(
-        &self,
-        tree: &'static str,
-        key: &[u8],
-        bytes: &[u8],
-    ) -> Option<T> {
-        match self.decode_strict(tree, key, bytes) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::error!(error.kind = ErrorKind::StoreCorrupt.as_str(), tree, error = %e, "corrupt store entry skipped");
-                None
-            }
-        }
-    }
-
     /// Whether a `usernames` value names `user`.
     pub(super) fn username_points_at(&self, key: &[u8], value: &[u8], user: &UserRef) -> bool {
         self.unseal("usernames", key, value)
             .is_ok_and(|v| v.as_ref() == user.to_string().as_bytes())
     }
+}
 
-    /// Moves the `usernames` index from `before` to `after` for `user`: the old name is
-    /// dropped if it still points at this user (renames leave nothing stale), the new one
-    /// points at them (the newest holder of a name on a platform wins).
-    pub(super) fn reindex_username(
-        &self,
-        user: &UserRef,
-        before: Option<&str>,
-        after: Option<&str>,
-    ) -> StoreResult<()> {
-        let norm = |n: Option<&str>| n.map(normalise_username).filter(|n| !n.is_empty());
-        let (before, after) = (norm(before), norm(after));
-        if before == after {
-            return Ok(());
-        }
-        if let Some(old) = &before {
-            let k = self.username_key(user.platform, old);
-            if let Some(v) = self.usernames.get(&k).map_err(io)? {
-                if self.username_points_at(&k, &v, user) {
-                    self.usernames.remove(&k).map_err(io)?;
-                }
+impl UsernameIndex for SledStore {
+    fn drop_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        if let Some(v) = self.usernames.get(&k).map_err(io)? {
+            if self.username_points_at(&k, &v, user) {
+                self.usernames.remove(&k).map_err(io)?;
             }
         }
-        if let Some(new) = &after {
-            let k = self.username_key(user.platform, new);
-            let v = self.seal("usernames", &k, user.to_string().as_bytes());
-            self.usernames.insert(k, v).map_err(io)?;
-        }
+        Ok(())
+    }
+
+    fn set_username(&self, user: &UserRef, name: &str) -> StoreResult<()> {
+        let k = self.username_key(user.platform, name);
+        let v = self.seal("usernames", &k, user.to_string().as_bytes());
+        self.usernames.insert(k, v).map_err(io)?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use sled::{Batch, Tree};
 use super::layout::{conv_prefix_plain, parse_conv_prefix, SEP};
 use super::{io, DumpRow, SledStore};
 use crate::domain::UserRef;
+use crate::store::codec::Codec as _;
 use crate::store::crypto::{self, Keys, LegacyCipher};
 use crate::store::{StoreError, StoreResult, SCHEMA_VERSION};
 

@@ -45,6 +45,7 @@ pub use migrate::backup_auth_for_rows;
 
 use super::crypto;
 use super::{Durable, StoreError, StoreResult, SCHEMA_VERSION};
+use crate::store::codec::Codec as _;
 
 /// Every role of the store on one sled database (each role's methods in its own file).
 pub struct SledStore {

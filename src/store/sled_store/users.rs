@@ -4,7 +4,7 @@
 
 use super::{io, SledStore};
 use crate::domain::{Platform, UserRef};
-use crate::events::ErrorKind;
+use crate::store::codec::{Codec as _, UsernameIndex as _};
 use crate::store::{ForgetReport, StoreResult, UserRecord, UserStore};
 
 impl UserStore for SledStore {
@@ -98,11 +98,7 @@ impl UserStore for SledStore {
             .and_then(|s| s.parse::<UserRef>().ok())
             .filter(|u| u.platform == platform);
         if found.is_none() {
-            tracing::error!(
-                error.kind = ErrorKind::StoreCorrupt.as_str(),
-                tree = "usernames",
-                "corrupt store entry skipped"
-            );
+            crate::store::codec::corrupt_skipped("usernames");
         }
         Ok(found)
     }
