@@ -256,13 +256,9 @@ impl OpenAiProvider {
         req: ChatRequest,
         span: &tracing::Span,
     ) -> Result<ChatResponse, LlmError> {
-        let request = Self::build_request(req, false);
-        let resp = self
-            .client
-            .chat()
-            .create(request)
-            .await
-            .map_err(|e| self.error(e))?;
+        let chat = self.client.chat();
+        let resp = chat.create(Self::build_request(req, false)).await;
+        let resp = resp.map_err(|e| self.error(e))?;
         span.record("gen_ai.response.model", resp.model.as_str());
         let reasons: Vec<String> = resp
             .choices

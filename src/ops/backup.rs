@@ -489,14 +489,7 @@ pub fn restore(
 ) -> Result<u64, BackupError> {
     let (file, body, version) = open_verified(from)?;
     authenticate(&file, body, version, data_key)?;
-    let non_empty = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
-    if non_empty && !force {
-        return Err(BackupError::Io(format!(
-            "{} is not empty; restore into an empty data dir, or pass --force to replace it",
-            data_dir.display()
-        )));
-    }
-    let staging = super::backup_file::Sibling::create(data_dir, "restore")?;
+    let staging = super::backup_file::Sibling::for_empty(data_dir, force, "restore")?;
     let rows = {
         let store = SledStore::open(staging.path(), cache_mb, 500)
             .map_err(|e| BackupError::Io(e.to_string()))?;

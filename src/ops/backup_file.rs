@@ -194,6 +194,19 @@ fn sibling_path(data_dir: &Path, what: &str) -> Result<PathBuf, BackupError> {
 }
 
 impl Sibling {
+    /// A sibling for filling `data_dir` anew, once `data_dir` is found empty or the
+    /// operator forced the replacement (`verb`: what the refusal says, e.g. "restore").
+    pub fn for_empty(data_dir: &Path, force: bool, verb: &str) -> Result<Sibling, BackupError> {
+        let non_empty = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
+        if non_empty && !force {
+            return Err(BackupError::Io(format!(
+                "{} is not empty; {verb} into an empty data dir, or pass --force to replace it",
+                data_dir.display()
+            )));
+        }
+        Sibling::create(data_dir, verb)
+    }
+
     pub fn create(data_dir: &Path, what: &str) -> Result<Sibling, BackupError> {
         let path = sibling_path(data_dir, what)?;
         if path.exists() {

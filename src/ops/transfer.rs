@@ -184,14 +184,7 @@ pub fn migrate_to_sled(
     force: bool,
     open: &dyn Fn(&Path) -> Result<SledStore, BackupError>,
 ) -> Result<(u64, String, bool), BackupError> {
-    let non_empty = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
-    if non_empty && !force {
-        return Err(BackupError::Io(format!(
-            "{} is not empty; migrate into an empty data dir, or pass --force to replace it",
-            data_dir.display()
-        )));
-    }
-    let staging = super::backup_file::Sibling::create(data_dir, "migrate")?;
+    let staging = super::backup_file::Sibling::for_empty(data_dir, force, "migrate")?;
     let (rows, text, same) = {
         let to = Backend::Sled(Arc::new(open(staging.path())?));
         let rows = copy(from, &to)?;

@@ -61,12 +61,10 @@ pub(crate) trait Codec {
 
     /// Decodes a value; a corrupt one is logged and skipped (`None`) so the daemon keeps
     /// serving. The log names the tree, not the key (keys can hold ids and names).
-    fn decode<T: DeserializeOwned>(
-        &self,
-        tree: &'static str,
-        key: &Self::Key,
-        bytes: &[u8],
-    ) -> Option<T> {
+    fn decode<T>(&self, tree: &'static str, key: &Self::Key, bytes: &[u8]) -> Option<T>
+    where
+        T: DeserializeOwned,
+    {
         match self.decode_strict(tree, key, bytes) {
             Ok(v) => Some(v),
             Err(e) => {

@@ -137,16 +137,8 @@ impl RedisStore {
         let set = self.users_key();
         let mut cursor = 0u64;
         loop {
-            let s = set.clone();
-            let (next, ids): (u64, Vec<String>) = self.run(|mut c| async move {
-                redis::cmd("SSCAN")
-                    .arg(s)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(PAGE)
-                    .query_async(&mut c)
-                    .await
-            })?;
+            let (next, ids): (u64, Vec<String>) =
+                self.query(&collection_page("SSCAN", &set, cursor))?;
             for id in ids {
                 sink(self.user_rows(&id, seq)?)?;
             }
@@ -280,18 +272,11 @@ impl RedisStore {
 
     /// The inbox hash in HSCAN pages.
     fn dump_inbox(&self, sink: Sink<'_>) -> StoreResult<()> {
+        let hash = self.inbox_key();
         let mut cursor = 0u64;
         loop {
-            let hash = self.inbox_key();
-            let (next, page): (u64, Vec<(String, Vec<u8>)>) = self.run(|mut c| async move {
-                redis::cmd("HSCAN")
-                    .arg(hash)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(PAGE)
-                    .query_async(&mut c)
-                    .await
-            })?;
+            let (next, page): (u64, Vec<(String, Vec<u8>)>) =
+                self.query(&collection_page("HSCAN", &hash, cursor))?;
             sink(
                 page.into_iter()
                     .map(|(k, v)| ("inbox".to_string(), k.into_bytes(), v))
@@ -373,6 +358,13 @@ impl RedisStore {
         turns.clear();
         Ok(())
     }
+}
+
+/// One page of an SSCAN / HSCAN over the collection at `key`.
+fn collection_page(command: &str, key: &str, cursor: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(key).arg(cursor).arg("COUNT").arg(PAGE);
+    cmd
 }
 
 fn json<T: serde::Serialize>(v: &T) -> StoreResult<Vec<u8>> {
