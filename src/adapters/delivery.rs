@@ -519,10 +519,15 @@ impl<P: Outbound> Delivery<P> {
     /// answered instead of sending its stored reply a second time.
     async fn run_update(self: Arc<Self>, key: String, mut entry: Entry<P::Job>) {
         let coordination = self.engine.coordination();
-        let Ok(_claim) = coordination.ordering.acquire(format!("claim:{key}")).await else {
-            return tracing::info!(
-                "another instance is still answering this update; it stays in the inbox"
-            );
+        // Redis not answering: handled anyway (the engine then gives the busy apology).
+        let _claim = match coordination.ordering.acquire(format!("claim:{key}")).await {
+            Ok(claim) => Some(claim),
+            Err(busy) if busy.held_elsewhere => {
+                return tracing::info!(
+                    "another instance is still answering this update; it stays in the inbox"
+                );
+            }
+            Err(_) => None,
         };
         let store = self.inbox.clone();
         let this = &self;

@@ -20,7 +20,11 @@ use crate::events::Event;
 /// the engine refuses the message with the busy apology.
 #[derive(Debug, thiserror::Error)]
 #[error("the conversation is busy elsewhere")]
-pub struct OrderingBusy;
+pub struct OrderingBusy {
+    /// The last try found the lease held by another holder (`false`: Redis did not
+    /// answer it).
+    pub held_elsewhere: bool,
+}
 
 /// Held while one message of a conversation is handled; dropping it lets the next in.
 pub struct OrderingGuard<'a> {
@@ -115,15 +119,18 @@ impl RedisOrdering {
         let deadline = Instant::now() + self.times.max_wait;
         let mut backoff = Duration::from_millis(10);
         loop {
-            match lease.try_acquire().await {
+            let held_elsewhere = match lease.try_acquire().await {
                 Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "conversation lease unavailable"),
-            }
+                Ok(false) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "conversation lease unavailable");
+                    false
+                }
+            };
             let now = Instant::now();
             if now >= deadline {
                 OrderingTimedOut.emit(&self.stats);
-                return Err(OrderingBusy);
+                return Err(OrderingBusy { held_elsewhere });
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % 10);
             tokio::time::sleep((backoff + jitter).min(deadline - now)).await;
