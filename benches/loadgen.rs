@@ -32,6 +32,7 @@
 //! `confab_redis_commands_total` from `/metrics`, and Redis's own `INFO commandstats`
 //! calls, per command, scraped right before the first message and after the last
 //! reply), and per-instance RSS and CPU. `--seed-users` seeds sled only (0 with Redis).
+//! With Redis, mismatched or extra replies (a message answered twice) fail the run too.
 //!
 //! `--seed-users N` pre-populates the daemon's data dir (`<root>/data`, the `data_dir` that
 //! [`write_root`] configures) *before* the daemon starts, through the library's own
@@ -1269,7 +1270,7 @@ fn scaleout_rows(a: &Args, o: &Outcome, rows: &mut Vec<(&'static str, String)>) 
     let top: Vec<String> = r
         .server_calls
         .iter()
-        .take(8)
+        .take(16)
         .map(|(cmd, n)| format!("{cmd} {:.2}", per(*n)))
         .collect();
     rows.push(("Redis commands per message, by command", top.join(", ")));
@@ -1301,6 +1302,15 @@ fn main() -> ExitCode {
             "loadgen: {} of {} messages unanswered",
             outcome.total - outcome.answered,
             outcome.total
+        );
+        return ExitCode::FAILURE;
+    }
+    // With Redis, a message answered twice (e.g. by both instances) or out of order is a
+    // scale-out bug, not noise.
+    if args.backend == Backend::Redis && outcome.mismatched > 0 {
+        eprintln!(
+            "loadgen: {} mismatched or extra replies",
+            outcome.mismatched
         );
         return ExitCode::FAILURE;
     }
