@@ -216,6 +216,11 @@ fn parse_args() -> Result<Args, String> {
             _ => {} // a criterion-style filter: ignored
         }
     }
+    finish_args(a, seed_users_given)
+}
+
+/// `--smoke`'s fixed sizes, then the checks across options.
+fn finish_args(mut a: Args, seed_users_given: bool) -> Result<Args, String> {
     if a.smoke {
         a.users = 20;
         a.messages = 2;
