@@ -8,6 +8,8 @@
 //! cargo bench --bench loadgen -- --users 5000 --messages 1 --mix zipf
 //! cargo bench --bench loadgen -- --seed-users 100000 --users 10000 --messages 1   # SPEC §13 RSS
 //! cargo bench --bench loadgen -- --smoke      # CI: tiny run, fails only on unanswered messages
+//! cargo bench --bench loadgen -- --users 200 --messages 5 --backend redis --instances 2
+//! cargo bench --bench loadgen -- --smoke --backend redis --instances 2   # CI: scale-out smoke
 //! ```
 //!
 //! Options: `--users N` (200), `--messages M` (5), `--llm-ms MS` (0), `--mix unique|zipf`
@@ -17,6 +19,20 @@
 //! `--seed-users N` (0; `--smoke` seeds 100 unless given), `--in-flight K` (closed loop: only
 //! K users active at a time, the next user starts when one has all its replies; 0 = all).
 //! The daemon is `target/release/confab` (override with `CONFAB_BIN`); build it first.
+//!
+//! Scale-out (SPEC §14, issue 14): `--backend sled|redis` (sled): with `redis` the run
+//! starts its own `redis-server` (free loopback port, AOF `appendfsync everysec`, stopped
+//! by PID) and every instance uses it as `[store] backend = "redis"` (store and
+//! coordination). `--instances N` (1) starts N daemons on that Redis (N ≥ 2 needs
+//! `--backend redis`); with N ≥ 2 (or `--webhook`) they run in Telegram webhook mode
+//! behind a tiny round-robin forwarder (the fake Bot API pushes each update to the
+//! forwarder, which hands the POST to the next instance and answers with its status), so
+//! the load is spread; with one instance and no `--webhook` it long-polls as before.
+//! With Redis the report adds Redis round trips per answered message (the instances'
+//! `confab_redis_commands_total` from `/metrics`, and Redis's own `INFO commandstats`
+//! calls, per command, scraped right before the first message and after the last
+//! reply), and per-instance RSS and CPU. `--seed-users` seeds sled only (0 with Redis).
+//! With Redis, mismatched or extra replies (a message answered twice) fail the run too.
 //!
 //! `--seed-users N` pre-populates the daemon's data dir (`<root>/data`, the `data_dir` that
 //! [`write_root`] configures) *before* the daemon starts, through the library's own
@@ -52,6 +68,7 @@ mod common;
 mod fake_openai;
 #[path = "../tests/support/fake_telegram.rs"]
 mod fake_telegram;
+mod scaleout;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -70,6 +87,7 @@ use confab::store::{
 use common::proc_cpu_secs;
 use fake_openai::FakeOpenAi;
 use fake_telegram::FakeTelegram;
+use scaleout::{Forwarder, InstanceConf, InstanceFigures, RedisFigures, RedisProc};
 
 const TG_TOKEN: &str = "7012345678:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
 const TG_USERNAME: &str = "acme_staging_bot";
@@ -93,6 +111,12 @@ enum Mix {
     Zipf,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Sled,
+    Redis,
+}
+
 #[derive(Debug)]
 struct Args {
     users: usize,
@@ -109,6 +133,10 @@ struct Args {
     keep: bool,
     smoke: bool,
     seed_users: usize,
+    backend: Backend,
+    instances: usize,
+    /// Telegram webhook mode behind the forwarder (implied by `instances >= 2`).
+    webhook: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -126,6 +154,9 @@ fn parse_args() -> Result<Args, String> {
         keep: false,
         smoke: false,
         seed_users: 0,
+        backend: Backend::Sled,
+        instances: 1,
+        webhook: false,
     };
     let mut seed_users_given = false;
     let mut it = std::env::args().skip(1);
@@ -157,6 +188,15 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--mix unique|zipf, got {other:?}")),
                 }
             }
+            "--backend" => {
+                a.backend = match it.next().as_deref() {
+                    Some("sled") => Backend::Sled,
+                    Some("redis") => Backend::Redis,
+                    other => return Err(format!("--backend sled|redis, got {other:?}")),
+                }
+            }
+            "--instances" => a.instances = value("--instances")?.0 as usize,
+            "--webhook" => a.webhook = true,
             "--no-cache" => a.cache = false,
             "--open" => a.open = true,
             "--in-flight" => {
@@ -176,18 +216,33 @@ fn parse_args() -> Result<Args, String> {
             _ => {} // a criterion-style filter: ignored
         }
     }
+    finish_args(a, seed_users_given)
+}
+
+/// `--smoke`'s fixed sizes, then the checks across options.
+fn finish_args(mut a: Args, seed_users_given: bool) -> Result<Args, String> {
     if a.smoke {
         a.users = 20;
         a.messages = 2;
         a.llm_ms = 0;
         a.timeout = Duration::from_secs(60);
-        if !seed_users_given {
+        if !seed_users_given && a.backend == Backend::Sled {
             a.seed_users = SMOKE_SEED_USERS;
         }
     }
     if a.users == 0 || a.messages == 0 {
         return Err("--users and --messages must be > 0".into());
     }
+    if a.instances == 0 {
+        return Err("--instances must be > 0".into());
+    }
+    if a.instances > 1 && a.backend != Backend::Redis {
+        return Err("--instances 2 or more needs --backend redis (sled is one process)".into());
+    }
+    if a.seed_users > 0 && a.backend != Backend::Sled {
+        return Err("--seed-users seeds a sled store: use it with --backend sled".into());
+    }
+    a.webhook |= a.instances > 1;
     Ok(a)
 }
 
@@ -204,21 +259,30 @@ fn data_dir(root: &Path) -> PathBuf {
 }
 
 /// Writes config/staging.toml, bots/assistant.toml, prompts/assistant.md and .env.test.
-fn write_root(root: &Path, llm_url: &str, tg_url: &str, a: &Args) -> std::io::Result<()> {
+fn write_root(
+    root: &Path,
+    llm_url: &str,
+    tg_url: &str,
+    a: &Args,
+    inst: &InstanceConf,
+) -> std::io::Result<()> {
     for sub in ["config", "bots", "prompts"] {
         std::fs::create_dir_all(root.join(sub))?;
     }
     let data = data_dir(root);
     let config = format!(
         "data_dir = {data:?}\n\
-         [http]\nbind = \"127.0.0.1:0\"\n\
+         [http]\nbind = \"127.0.0.1:{ops_port}\"\n\
          [log]\nlevel = \"warn\"\n\
          [llm]\nbase_url = {llm_url:?}\nmax_concurrent = {conc}\nbackoff_base_ms = 10\n\
          [limits]\nmessages_per_minute = 1000000\nburst = 100000\ndaily_tokens = 1000000000\n\
          [cache]\nenabled = {cache}\n\
          [telegram]\napi_url = {tg_url:?}\nglobal_per_second = 1000000\n\
-         per_chat_per_minute = 1000000\ngroup_per_minute = 1000000\n",
+         per_chat_per_minute = 1000000\ngroup_per_minute = 1000000\n{telegram}{store}",
         data = data.display().to_string(),
+        ops_port = inst.ops_port,
+        telegram = inst.telegram,
+        store = inst.store,
         conc = a.llm_concurrency,
         cache = a.cache,
     );
@@ -233,7 +297,7 @@ fn write_root(root: &Path, llm_url: &str, tg_url: &str, a: &Args) -> std::io::Re
     std::fs::write(root.join("prompts/assistant.md"), PROMPT)?;
     std::fs::write(
         root.join(".env.test"),
-        format!("ASSISTANT_TELEGRAM_TOKEN={TG_TOKEN}\n"),
+        format!("ASSISTANT_TELEGRAM_TOKEN={TG_TOKEN}\n{}", inst.env),
     )?;
     Ok(())
 }
@@ -626,6 +690,140 @@ impl RssSeries {
     }
 }
 
+/// The running daemons of a run and what they need: their Redis, the webhook forwarder.
+struct Daemons {
+    children: Vec<Child>,
+    logs: Vec<PathBuf>,
+    ops_ports: Vec<u16>,
+    // Dropped after the children are killed (field order).
+    _forwarder: Option<Forwarder>,
+    redis: Option<RedisProc>,
+}
+
+/// Starts Redis (with `--backend redis`), the forwarder (webhook mode) and the
+/// instances, each with its own root (`scaleout::instance_root`).
+async fn start_daemons(
+    a: &Args,
+    bin: &Path,
+    root: &Path,
+    llm_url: &str,
+    tg_url: &str,
+) -> Result<Daemons, String> {
+    let redis = match a.backend {
+        Backend::Redis => Some(
+            tokio::task::spawn_blocking(RedisProc::start)
+                .await
+                .map_err(|e| format!("redis: {e}"))??,
+        ),
+        Backend::Sled => None,
+    };
+    let url = redis.as_ref().map(RedisProc::url);
+    let mut confs = scaleout::instance_confs(a.instances, url.as_deref(), a.webhook)?;
+    let forwarder = if a.webhook {
+        Some(Forwarder::start(confs.iter().filter_map(|c| c.webhook).collect()).await?)
+    } else {
+        None
+    };
+    if let Some(f) = &forwarder {
+        scaleout::set_webhook_url(&mut confs, &f.url);
+    }
+    let mut d = Daemons {
+        children: Vec::new(),
+        logs: Vec::new(),
+        ops_ports: confs.iter().map(|c| c.ops_port).collect(),
+        _forwarder: forwarder,
+        redis,
+    };
+    for (i, conf) in confs.iter().enumerate() {
+        let dir = scaleout::instance_root(root, i);
+        write_root(&dir, llm_url, tg_url, a, conf).map_err(|e| format!("write root: {e}"))?;
+        let log = dir.join("daemon.log");
+        match spawn_daemon(bin, &dir, &log) {
+            Ok(child) => d.children.push(child),
+            Err(e) => {
+                d.kill_all();
+                return Err(format!("spawn: {e}"));
+            }
+        }
+        d.logs.push(log);
+    }
+    Ok(d)
+}
+
+impl Daemons {
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    /// The first instance that exited, as "instance i: status".
+    fn exited(&mut self) -> Option<String> {
+        self.children
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, c)| match c.try_wait() {
+                Ok(Some(status)) => Some(format!("instance {i}: {status}")),
+                _ => None,
+            })
+    }
+
+    fn kill_all(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The last 30 lines of each instance's log.
+    fn log_tail(&self) -> String {
+        self.logs
+            .iter()
+            .enumerate()
+            .map(|(i, log)| {
+                let s = std::fs::read_to_string(log).unwrap_or_default();
+                let lines: Vec<&str> = s.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                format!("-- instance {i} ({})\n{tail}", log.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn cpu_secs(&self) -> Vec<Option<f64>> {
+        self.pids().into_iter().map(proc_cpu_secs).collect()
+    }
+
+    /// Redis counters now (with `--backend redis`).
+    async fn redis_counts(&self) -> Option<scaleout::RedisCounts> {
+        let redis = self.redis.as_ref()?;
+        let mut daemons = Some(0);
+        for port in &self.ops_ports {
+            let n = scaleout::redis_commands(*port).await;
+            daemons = daemons.zip(n).map(|(a, b)| a + b);
+        }
+        Some(scaleout::RedisCounts {
+            daemons,
+            server: redis.command_calls(),
+        })
+    }
+
+    fn figures(&self, before: &[Option<f64>], after: &[Option<f64>]) -> Vec<InstanceFigures> {
+        self.pids()
+            .into_iter()
+            .enumerate()
+            .map(|(i, pid)| InstanceFigures {
+                vm_hwm: proc_status_kb(pid, "VmHWM:"),
+                settled: proc_status_kb(pid, "VmRSS:"),
+                cpu: before
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .zip(after.get(i).copied().flatten())
+                    .map(|(b, a)| a - b),
+            })
+            .collect()
+    }
+}
+
 struct Outcome {
     total: usize,
     answered: usize,
@@ -649,6 +847,10 @@ struct Outcome {
     history_seen: Option<(usize, usize)>,
     /// The generator's own peak RSS (both fakes live in it).
     loadgen_hwm: Option<u64>,
+    /// Per instance (one with sled).
+    instances: Vec<InstanceFigures>,
+    /// Redis round trips over the run (Redis backend).
+    redis: Option<RedisFigures>,
 }
 
 async fn run(a: &Args) -> Result<Outcome, String> {
@@ -695,33 +897,31 @@ async fn run(a: &Args) -> Result<Outcome, String> {
     let tg = FakeTelegram::start(TG_TOKEN, TG_USERNAME).await;
     // Per-call request logs would grow with every getUpdates / sendMessage / typing call.
     tg.set_record_calls(false);
-    write_root(&root, &llm.base_url, &tg.api_url, a).map_err(|e| format!("write root: {e}"))?;
-    let log = root.join("daemon.log");
     let spawned = Instant::now();
-    let mut child = spawn_daemon(&bin, &root, &log).map_err(|e| format!("spawn: {e}"))?;
-    let pid = child.id();
-    let log_tail = |log: &Path| {
-        let s = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
+    let mut d = start_daemons(a, &bin, &root, &llm.base_url, &tg.api_url).await?;
+    let pid = d.pids().first().copied().ok_or("no daemon started")?;
 
-    // Ready once the adapter long-polls (opening a big store takes a while).
+    // Ready once the adapter long-polls, or every instance registered its webhook
+    // (opening a big store takes a while).
     let ready_limit = Duration::from_secs(30 + (a.seed_users / 2000) as u64);
-    while tg.count("getUpdates") == 0 {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "daemon exited early ({status}):\n{}",
-                log_tail(&log)
-            ));
+    let ready = |tg: &FakeTelegram| {
+        if a.webhook {
+            tg.count("setWebhook") >= a.instances
+        } else {
+            tg.count("getUpdates") > 0
+        }
+    };
+    while !ready(&tg) {
+        if let Some(why) = d.exited() {
+            d.kill_all();
+            return Err(format!("daemon exited early ({why}):\n{}", d.log_tail()));
         }
         if spawned.elapsed() > ready_limit {
-            let _ = child.kill();
-            let _ = child.wait();
+            d.kill_all();
             return Err(format!(
                 "daemon not polling after {} s:\n{}",
                 ready_limit.as_secs(),
-                log_tail(&log)
+                d.log_tail()
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -738,7 +938,8 @@ async fn run(a: &Args) -> Result<Outcome, String> {
     let mut samples = Vec::new();
     let mut last_rss_sample = Instant::now();
 
-    let cpu_before = proc_cpu_secs(pid);
+    let cpu_before = d.cpu_secs();
+    let redis_before = d.redis_counts().await;
     let start = Instant::now();
     // With --in-flight K (closed loop), only K users start; each one that has had all its
     // replies hands over to the next user, so K conversations are active at any moment.
@@ -811,12 +1012,18 @@ async fn run(a: &Args) -> Result<Outcome, String> {
         {
             break;
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("daemon died ({status}):\n{}", log_tail(&log)));
+        if let Some(why) = d.exited() {
+            d.kill_all();
+            return Err(format!("daemon died ({why}):\n{}", d.log_tail()));
         }
     }
     let wall = start.elapsed();
-    let daemon_cpu = match (cpu_before, proc_cpu_secs(pid)) {
+    let cpu_after = d.cpu_secs();
+    let redis_after = d.redis_counts().await;
+    let daemon_cpu = match (
+        cpu_before.iter().copied().sum::<Option<f64>>(),
+        cpu_after.iter().copied().sum::<Option<f64>>(),
+    ) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
@@ -832,9 +1039,10 @@ async fn run(a: &Args) -> Result<Outcome, String> {
     }
     let settled = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
     let vm_hwm = proc_status_kb(pid, "VmHWM:");
-    if let Ok(Some(status)) = child.try_wait() {
-        eprintln!("loadgen: the daemon exited while settling ({status})");
+    if let Some(why) = d.exited() {
+        eprintln!("loadgen: the daemon exited while settling ({why})");
     }
+    let instances = d.figures(&cpu_before, &cpu_after);
     let llm_calls = llm.request_count();
     let history_seen = (a.seed_users > 0).then(|| {
         let (mut ok, mut checked) = (0, 0);
@@ -846,12 +1054,15 @@ async fn run(a: &Args) -> Result<Outcome, String> {
         }
         (ok, checked)
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    d.kill_all();
     let disk_after = dir_size(&data_dir(&root));
     if answered < total {
-        eprintln!("daemon log tail:\n{}", log_tail(&log));
+        eprintln!("daemon log tail:\n{}", d.log_tail());
     }
+    let redis = redis_before
+        .zip(redis_after)
+        .map(|(b, a)| RedisFigures::between(&b, &a));
+    drop(d); // stops redis-server and the forwarder
     if a.keep {
         let kept = tmp.keep();
         eprintln!("kept root at {}", kept.display());
@@ -878,6 +1089,8 @@ async fn run(a: &Args) -> Result<Outcome, String> {
         disk_after,
         history_seen,
         loadgen_hwm: proc_status_kb(std::process::id(), "VmHWM:"),
+        instances,
+        redis,
     })
 }
 
@@ -1007,6 +1220,7 @@ fn report(a: &Args, o: &mut Outcome) {
         };
         rows.push((label, format!("{:.1} MiB", mib(b))));
     }
+    scaleout_rows(a, o, &mut rows);
     println!("| metric | value |\n|---|---|");
     for (k, v) in rows {
         println!("| {k} | {v} |");
@@ -1015,6 +1229,56 @@ fn report(a: &Args, o: &mut Outcome) {
         "daemon VmRSS series (s since first message: MiB): {}",
         o.rss.summary(16)
     );
+}
+
+/// The backend, the instances' figures and the Redis round trips (with Redis or N > 1).
+fn scaleout_rows(a: &Args, o: &Outcome, rows: &mut Vec<(&'static str, String)>) {
+    if a.backend == Backend::Sled && a.instances == 1 {
+        return;
+    }
+    let intake = if a.webhook {
+        "webhook, round-robin forwarder"
+    } else {
+        "long polling"
+    };
+    rows.push((
+        "backend / instances",
+        format!("{:?} / {} ({intake})", a.backend, a.instances).to_lowercase(),
+    ));
+    for (i, f) in o.instances.iter().enumerate() {
+        let cpu = f.cpu.map_or("n/a".into(), |c| {
+            format!("{:.0} µs/msg", c * 1e6 / o.answered.max(1) as f64)
+        });
+        rows.push((
+            "instance (VmHWM, settled RSS, CPU per answered msg)",
+            format!(
+                "#{i}: {:.1} MiB, {:.1} MiB, {cpu}",
+                mib(f.vm_hwm.unwrap_or(0)),
+                mib(f.settled.unwrap_or(0))
+            ),
+        ));
+    }
+    let Some(r) = &o.redis else { return };
+    let per = |n: u64| n as f64 / o.answered.max(1) as f64;
+    rows.push((
+        "Redis round trips per message (confab_redis_commands_total)",
+        r.daemon_round_trips
+            .map_or("n/a (metrics not scraped)".into(), |n| {
+                format!("{:.2} ({n} in all)", per(n))
+            }),
+    ));
+    let total: u64 = r.server_calls.iter().map(|(_, n)| n).sum();
+    rows.push((
+        "Redis commands per message (INFO commandstats)",
+        format!("{:.2} ({total} in all)", per(total)),
+    ));
+    let top: Vec<String> = r
+        .server_calls
+        .iter()
+        .take(16)
+        .map(|(cmd, n)| format!("{cmd} {:.2}", per(*n)))
+        .collect();
+    rows.push(("Redis commands per message, by command", top.join(", ")));
 }
 
 fn main() -> ExitCode {
@@ -1043,6 +1307,15 @@ fn main() -> ExitCode {
             "loadgen: {} of {} messages unanswered",
             outcome.total - outcome.answered,
             outcome.total
+        );
+        return ExitCode::FAILURE;
+    }
+    // With Redis, a message answered twice (e.g. by both instances) or out of order is a
+    // scale-out bug, not noise.
+    if args.backend == Backend::Redis && outcome.mismatched > 0 {
+        eprintln!(
+            "loadgen: {} mismatched or extra replies",
+            outcome.mismatched
         );
         return ExitCode::FAILURE;
     }
