@@ -139,14 +139,14 @@ impl SledStore {
             .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
             .flush_every_ms(Some(flush_every_ms.max(1)));
         // sled releases its file lock from a background thread after the previous holder
-        // closed (a restart, a reopen) — on a busy disk that took over 2 s in CI: wait up
-        // to 10 s before calling it taken.
+        // closed (a restart, a reopen) — on a busy 2-core machine running the whole test
+        // suite that took over 10 s: wait up to 30 s before calling it taken.
         let mut attempts = 0;
         loop {
             match config.open() {
                 Ok(db) => return Ok(db),
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 200 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 600 =>
                 {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
