@@ -13,7 +13,7 @@ use confab::engine::{Engine, MSG_BUSY};
 
 use crate::fake_openai::FakeOpenAi;
 use crate::fake_telegram::FakeTelegram;
-use crate::harness::{msg, text, Daemon, Root, TG_BOT_TOML, TG_TOKEN};
+use crate::harness::{calls_via, msg, text, wait_until, Daemon, Root, TG_BOT_TOML, TG_TOKEN};
 use crate::redis_server::RedisServer;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -253,21 +253,6 @@ fn tg_instance(llm: &FakeOpenAi, tg: &FakeTelegram, redis: &RedisServer, name: &
     .expect("write env file");
     root.use_redis(redis);
     root
-}
-
-fn calls_via(tg: &FakeTelegram, method: &str, via: &str) -> usize {
-    tg.calls()
-        .iter()
-        .filter(|c| c.method == method && c.via.as_deref() == Some(via))
-        .count()
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -379,3 +379,33 @@ pub fn redis_text(server: &crate::redis_server::RedisServer) -> Vec<(String, Str
     }
     out
 }
+
+/// `confab ARGS --env staging --root ROOT --env-file ROOT/.env.test`, run to its end.
+pub fn confab_cli(root: &Root, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .args(args)
+        .args(["--env", "staging", "--root"])
+        .arg(root.path())
+        .arg("--env-file")
+        .arg(root.env_file())
+        .output()
+        .expect("run confab")
+}
+
+/// Calls of `method` (lowercased) that reached the fake through `/via/<via>`: which
+/// instance made them.
+pub fn calls_via(tg: &crate::fake_telegram::FakeTelegram, method: &str, via: &str) -> usize {
+    tg.calls()
+        .iter()
+        .filter(|c| c.method == method && c.via.as_deref() == Some(via))
+        .count()
+}
+
+/// Waits until `cond` holds; fails naming `what` after a generous 120 s.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}

@@ -8,21 +8,10 @@ use confab::store::SledStore;
 
 use crate::fake_openai::FakeOpenAi;
 use crate::fake_telegram::FakeTelegram;
-use crate::harness::{wait_exit, Root, TG_BOT_TOML, TG_TOKEN};
+use crate::harness::{confab_cli as confab, wait_exit, Root, TG_BOT_TOML, TG_TOKEN};
 use crate::telegram::spawn_daemon;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn confab(root: &Root, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_confab"))
-        .args(args)
-        .args(["--env", "staging", "--root"])
-        .arg(root.path())
-        .arg("--env-file")
-        .arg(root.env_file())
-        .output()
-        .expect("run confab")
-}
 
 fn signal(child: &std::process::Child, sig: &str) {
     let status = Command::new("kill")

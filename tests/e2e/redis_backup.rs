@@ -3,26 +3,14 @@
 //! data dir, and the engine there answers with the same memory and the same bans.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use confab::app::App;
 use confab::domain::{Platform, UserRef};
 use confab::store::{AuditEntry, Ban, CacheEntry};
 
 use crate::fake_openai::FakeOpenAi;
-use crate::harness::{msg, Root};
+use crate::harness::{confab_cli as confab, msg, Root};
 use crate::redis_server::RedisServer;
-
-fn confab(root: &Root, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_confab"))
-        .args(args)
-        .args(["--env", "staging", "--root"])
-        .arg(root.path())
-        .arg("--env-file")
-        .arg(root.env_file())
-        .output()
-        .expect("run confab")
-}
 
 /// Runs the CLI off the async workers (it waits for a child process).
 fn run(root: &Root, args: &[&str]) -> (Option<i32>, String, String) {

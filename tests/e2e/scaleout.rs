@@ -15,7 +15,7 @@ use confab::engine::MSG_BANNED;
 use crate::fake_lb::FakeLb;
 use crate::fake_openai::FakeOpenAi;
 use crate::fake_telegram::{FakeTelegram, Fault};
-use crate::harness::{wait_exit, Daemon, Root, TG_BOT_TOML, TG_TOKEN};
+use crate::harness::{calls_via, wait_exit, wait_until, Daemon, Root, TG_BOT_TOML, TG_TOKEN};
 use crate::redis_server::RedisServer;
 use crate::telegram::spawn_daemon;
 
@@ -107,21 +107,6 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-fn calls_via(tg: &FakeTelegram, method: &str, via: &str) -> usize {
-    tg.calls()
-        .iter()
-        .filter(|c| c.method == method && c.via.as_deref() == Some(via))
-        .count()
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
