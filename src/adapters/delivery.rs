@@ -158,10 +158,20 @@ pub struct Entry<J> {
     pub job: J,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub panics: u32,
+    /// When it was received (Unix seconds; 0 in entries stored before this field).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub received: u64,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
+    *n == N::default()
+}
+
+/// Seconds since the Unix epoch (0 for a clock before it).
+pub(crate) fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Work waiting for its conversation's turn.
@@ -362,6 +372,8 @@ pub struct Delivery<P: Outbound> {
     stop: Mutex<CancellationToken>,
     /// When each conversation last got a busy notice.
     notices: Mutex<HashMap<String, Instant>>,
+    /// Whether [`Delivery::watch_orphans`] runs (once, across intake restarts).
+    watching: std::sync::atomic::AtomicBool,
 }
 
 impl<P: Outbound> Delivery<P> {
@@ -388,6 +400,7 @@ impl<P: Outbound> Delivery<P> {
             prefix,
             stop: Mutex::new(CancellationToken::new()),
             notices: Mutex::new(HashMap::new()),
+            watching: Default::default(),
         })
     }
 
@@ -853,6 +866,7 @@ mod tests {
         let entry = Entry {
             job: Job { n },
             panics: 0,
+            received: 0,
         };
         store
             .inbox_put(key, &serde_json::to_vec(&entry).expect("json"))

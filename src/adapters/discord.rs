@@ -223,6 +223,7 @@ impl DiscordAdapter {
     /// on `tracker` so shutdown can wait for in-flight replies.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
         self.delivery.attach(stop.clone());
+        self.delivery.watch_orphans(&tracker);
         self.delivery.replay(&tracker).await;
         let mut backoff = Duration::from_secs(1);
         while !stop.is_cancelled() {

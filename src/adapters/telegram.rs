@@ -187,6 +187,7 @@ impl TelegramAdapter {
     /// (after a panic) replays again; updates already queued are not queued twice.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
         self.delivery.attach(stop.clone());
+        self.delivery.watch_orphans(&tracker);
         // The menu everyone sees: the user commands, as declared.
         let commands: Vec<BotCommand> = commands::user_commands()
             .map(|spec| BotCommand::new(spec.name, spec.help))

@@ -128,6 +128,7 @@ impl Default for DeliveryConfig {
             max_retry_secs: 600,
             max_queue_per_chat: 32,
             max_pending: 10_000,
+            orphan_replay_secs: 60,
         }
     }
 }

@@ -391,6 +391,10 @@ pub struct DeliveryConfig {
     pub max_queue_per_chat: usize,
     /// Updates waiting across all conversations of one adapter.
     pub max_pending: usize,
+    /// With Redis: every this many seconds each instance answers the shared inbox's
+    /// entries older than this that no instance is answering (received by an instance
+    /// that died before answering them). 0: only at start.
+    pub orphan_replay_secs: u64,
 }
 
 /// `[otel]`: OpenTelemetry traces over OTLP/HTTP (SPEC §15). Off while no endpoint is

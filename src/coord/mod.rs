@@ -165,6 +165,12 @@ impl Coordination {
         })
     }
 
+    /// Whether several instances share this coordination (Redis): the inbox is then
+    /// shared too, and an instance may die with entries of it unanswered.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.polling, Polling::Leased { .. })
+    }
+
     /// Whether this instance may poll `name` (e.g. `telegram/<bot>`) now.
     pub fn poll_gate(&self, name: &str) -> Arc<dyn PollGate> {
         match &self.polling {

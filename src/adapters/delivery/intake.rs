@@ -1,5 +1,6 @@
 //! Intake: received updates into the inbox and the queues ([`Delivery::take_in`]), and
-//! the inbox replayed at start ([`Delivery::replay`]).
+//! the inbox replayed at start ([`Delivery::replay`]) and, across instances, whenever
+//! entries are left unanswered ([`Delivery::watch_orphans`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,42 @@ impl<P: Outbound> Delivery<P> {
     /// it again: updates already queued or running are not queued twice). Waits for
     /// room when the inbox holds more than the queues take.
     pub async fn replay(self: &Arc<Self>, tracker: &TaskTracker) {
+        self.replay_older_than(None, tracker).await;
+    }
+
+    /// With shared coordination (Redis) and `delivery.orphan_replay_secs` above 0: every
+    /// that many seconds, queues the shared inbox's entries older than that. An entry
+    /// another live instance is answering stays with it (its claim, see
+    /// [`Delivery::run_update`]); one whose instance died (kill -9 after acknowledging a
+    /// webhook, a Discord shard's instance gone) is answered here, without waiting for
+    /// an instance to start. Call after [`Delivery::attach`]: ends with intake.
+    pub fn watch_orphans(self: &Arc<Self>, tracker: &TaskTracker) {
+        let secs = self.engine.config().delivery.orphan_replay_secs;
+        if secs == 0
+            || !self.engine.coordination().is_shared()
+            || self
+                .watching
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let every = Duration::from_secs(secs);
+        let (this, tasks, stop) = (self.clone(), tracker.clone(), self.stop_token());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                this.replay_older_than(Some(every), &tasks).await;
+            }
+            this.watching
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+
+    /// [`Delivery::replay`] of the entries received at least `age` ago (all: `None`).
+    async fn replay_older_than(self: &Arc<Self>, age: Option<Duration>, tracker: &TaskTracker) {
         let store = self.inbox.clone();
         let pending = match store.inbox_scan(&self.prefix) {
             Ok(p) => p,
@@ -21,19 +58,29 @@ impl<P: Outbound> Delivery<P> {
                 return tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), error = %e, "could not read the inbox")
             }
         };
-        if !pending.is_empty() {
-            tracing::info!(bot = %self.bot, count = pending.len(), "replaying unanswered updates");
-        }
-        let stop = self.stop_token();
+        let newest = age.map(|age| super::unix_secs().saturating_sub(age.as_secs()));
+        let mut due = Vec::new();
         for (key, bytes) in pending {
-            let entry = match serde_json::from_slice::<Entry<P::Job>>(&bytes) {
-                Ok(entry) => entry,
+            match serde_json::from_slice::<Entry<P::Job>>(&bytes) {
+                Ok(entry) if newest.is_some_and(|newest| entry.received > newest) => {}
+                Ok(entry) => due.push((key, entry)),
                 Err(e) => {
                     tracing::error!(error.kind = ErrorKind::StoreCorrupt.as_str(), key, error = %e, "corrupt inbox entry skipped");
                     let _ = store.inbox_remove(&key);
-                    continue;
                 }
-            };
+            }
+        }
+        if !due.is_empty() {
+            let count = due.len();
+            match age {
+                None => tracing::info!(bot = %self.bot, count, "replaying unanswered updates"),
+                Some(_) => {
+                    tracing::info!(bot = %self.bot, count, "replaying inbox entries left unanswered (an instance that received them may be gone)")
+                }
+            }
+        }
+        let stop = self.stop_token();
+        for (key, entry) in due {
             let conv = P::inbound(&entry.job).conversation().to_string();
             while self.queue.room(&conv).is_err() {
                 tokio::select! {
@@ -72,7 +119,11 @@ impl<P: Outbound> Delivery<P> {
         }
         let store = &self.inbox;
         let span = self.update_span(&job, false);
-        let entry = Entry { job, panics: 0 };
+        let entry = Entry {
+            job,
+            panics: 0,
+            received: super::unix_secs(),
+        };
         let stored = serde_json::to_vec(&entry)
             .map_err(|e| e.to_string())
             .and_then(|bytes| store.inbox_put(&key, &bytes).map_err(|e| e.to_string()));

@@ -306,6 +306,7 @@ fn delivery(d: DeliveryConfig, c: &mut Check<'_>) -> DeliveryConfig {
         ],
     );
     c.at_most("delivery.max_retry_secs", d.max_retry_secs, 7 * 86_400);
+    c.at_most("delivery.orphan_replay_secs", d.orphan_replay_secs, 86_400);
     d
 }
 
