@@ -114,17 +114,26 @@ impl RedisStore {
         self.dump_users(&mut seq, sink)?;
         self.dump_cache(sink)?;
         self.dump_audit(sink)?;
+        sink(self.meta_rows()?)?;
+        self.dump_inbox(sink)?;
+        self.dump_handled(sink)
+    }
+
+    /// `P:meta` as rows; with a data key also sled's `sealed` = `2` (every value is
+    /// sealed already: a sled store restored from these rows must not convert them).
+    fn meta_rows(&self) -> StoreResult<Vec<DumpRow>> {
         let meta: Vec<(String, Vec<u8>)> = {
             let k = self.meta_key();
             self.run(|mut c| async move { redis::cmd("HGETALL").arg(k).query_async(&mut c).await })?
         };
-        sink(
-            meta.into_iter()
-                .map(|(k, v)| ("meta".to_string(), k.into_bytes(), v))
-                .collect(),
-        )?;
-        self.dump_inbox(sink)?;
-        self.dump_handled(sink)
+        let mut rows: Vec<DumpRow> = meta
+            .into_iter()
+            .map(|(k, v)| ("meta".to_string(), k.into_bytes(), v))
+            .collect();
+        if self.keys.is_some() && !rows.iter().any(|(_, k, _)| k == SEALED) {
+            rows.push(("meta".into(), SEALED.to_vec(), b"2".to_vec()));
+        }
+        Ok(rows)
     }
 
     fn dump_users(&self, seq: &mut u64, sink: Sink<'_>) -> StoreResult<()> {
@@ -429,6 +438,9 @@ impl RedisStore {
         })
     }
 }
+
+/// sled's `meta` row saying every value is sealed in the current format.
+const SEALED: &[u8] = b"sealed";
 
 /// `meta` rows holding the data key's salt and key check.
 fn is_key_material(k: &[u8]) -> bool {
