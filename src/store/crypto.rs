@@ -332,6 +332,16 @@ mod tests {
     }
 
     #[test]
+    fn the_index_key_hashes_like_the_store_and_never_prints() {
+        let k = Keys::derive(&"0f".repeat(32), &[0; SALT_LEN]).unwrap();
+        let ik = k.index_key();
+        assert_eq!(ik.hash(b"lease", b"x"), k.index(b"lease", b"x"));
+        assert_eq!(ik.hex16(b"lease", b"x").len(), 32);
+        assert_ne!(ik.hex16(b"lease", b"x"), ik.hex16(b"limit", b"x"));
+        assert_eq!(format!("{ik:?}"), "IndexKey([REDACTED])");
+    }
+
+    #[test]
     fn backup_mac_detects_changes_and_other_keys() {
         let k = Keys::derive(&"0f".repeat(32), &[0; SALT_LEN]).unwrap();
         let auth = k.backup_auth();

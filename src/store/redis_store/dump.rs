@@ -403,9 +403,19 @@ impl RedisStore {
         let Some(prefix) = conv else {
             return Ok(());
         };
-        let key = self
-            .conversation_of(&prefix, ids)
-            .ok_or_else(|| bad("turns", "turns of a conversation with no index entry"))?;
+        let Some(key) = self.conversation_of(&prefix, ids) else {
+            // Hashed turns whose conversation no index row names (cleared while a
+            // backup ran): nothing can say where they belong.
+            if self.keys.is_none() {
+                return Err(bad("turns", "conversation key"));
+            }
+            tracing::warn!(
+                turns = turns.len(),
+                "sealed turns of a conversation with no index entry skipped"
+            );
+            turns.clear();
+            return Ok(());
+        };
         self.append_turns(&key, turns, None)?;
         turns.clear();
         Ok(())
