@@ -163,7 +163,8 @@ pub fn build(config: Config) -> anyhow::Result<App> {
     let backend = open_store(&config)?;
     let store = backend.store();
     let llm = Arc::new(config.llm.build().context("building the LLM client")?);
-    let coord = coordination(&config)?;
+    let hide_ids = backend.redis().and_then(|r| r.index_key());
+    let coord = coordination(&config, hide_ids)?;
     let engine = Engine::with_coordination(config, store.clone(), llm, coord);
     let engine = Arc::new(engine.context("building the engine")?);
     Ok(App {
@@ -176,8 +177,12 @@ pub fn build(config: Config) -> anyhow::Result<App> {
 
 /// Local coordination (one process), or shared through the store's Redis when
 /// `[store] backend = "redis"`: rate limits, conversation ordering and the Telegram
-/// polling lease, under the store's key prefix.
-fn coordination(config: &Config) -> anyhow::Result<Coordination> {
+/// polling lease, under the store's key prefix (ids in key names hashed with the
+/// store's keyed hash when a data key is set).
+fn coordination(
+    config: &Config,
+    hide_ids: Option<crate::store::crypto::IndexKey>,
+) -> anyhow::Result<Coordination> {
     let store = &config.store;
     if store.backend != config::StoreBackend::Redis {
         return Ok(Coordination::local());
@@ -189,6 +194,7 @@ fn coordination(config: &Config) -> anyhow::Result<Coordination> {
     let timeout = Duration::from_millis(store.redis_timeout_ms);
     let mut settings = RedisCoordination::new(store.prefix(config.env), timeout);
     settings.ordering.max_wait = Duration::from_secs(config.llm.queue_timeout_secs);
+    settings.hide_ids = hide_ids;
     let coord = Coordination::redis_with(url.expose(), settings)
         .context("connecting to Redis for coordination")?;
     tracing::info!(
@@ -625,9 +631,12 @@ pub async fn migrate(
             let Some(redis) = store.redis().cloned() else {
                 anyhow::bail!("the target is not on Redis");
             };
-            tokio::task::spawn_blocking(move || transfer::migrate_to_redis(&from, redis, force))
-                .await
-                .context("migrating")??
+            let key = config.data_key.as_ref().map(|k| k.expose().to_string());
+            tokio::task::spawn_blocking(move || {
+                transfer::migrate_to_redis(&from, redis, force, key.as_deref())
+            })
+            .await
+            .context("migrating")??
         }
         config::StoreBackend::Sled => {
             let (store_cfg, dir, key) = (

@@ -20,6 +20,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::engine::ordering::ConversationLocks;
+use crate::store::crypto::IndexKey;
 pub use events::CoordStats;
 pub use lease::{AlwaysPoll, Lease, LeaseTimes, LeasedPoll, PollGate, Turn};
 pub use limiter::{GovernorLimiter, RateCheck, RateDecision, RateLimiter};
@@ -82,6 +83,7 @@ enum Polling {
         prefix: String,
         times: LeaseTimes,
         secret: Option<Arc<str>>,
+        hide: Option<IndexKey>,
     },
 }
 
@@ -94,6 +96,9 @@ pub struct RedisCoordination {
     pub timeout: Duration,
     pub ordering: OrderingTimes,
     pub polling: LeaseTimes,
+    /// The store's keyed id hash (with `CONFAB_DATA_KEY`): lease and limiter keys then
+    /// carry hashes, never a Telegram/Discord id. `None`: readable keys.
+    pub hide_ids: Option<IndexKey>,
 }
 
 impl RedisCoordination {
@@ -103,6 +108,7 @@ impl RedisCoordination {
             timeout,
             ordering: OrderingTimes::default(),
             polling: LeaseTimes::default(),
+            hide_ids: None,
         }
     }
 }
@@ -131,13 +137,15 @@ impl Coordination {
         let (conn, secret) = connect(url, settings.timeout)?;
         let stats: Arc<CoordStats> = Arc::default();
         let prefix = settings.prefix;
+        let hide = settings.hide_ids;
         let ordering = RedisOrdering::new(
             conn.clone(),
             prefix.clone(),
             settings.ordering,
             stats.clone(),
             secret.clone(),
-        );
+        )
+        .hiding_ids(hide.clone());
         let user_calls = RedisOrdering::new(
             conn.clone(),
             prefix.clone(),
@@ -145,14 +153,13 @@ impl Coordination {
             stats.clone(),
             secret.clone(),
         )
-        .for_users();
+        .for_users()
+        .hiding_ids(hide.clone());
+        let limiter =
+            RedisLimiter::new(conn.clone(), prefix.clone(), stats.clone(), secret.clone())
+                .hiding_ids(hide.clone());
         Ok(Self {
-            limiter: Arc::new(RedisLimiter::new(
-                conn.clone(),
-                prefix.clone(),
-                stats.clone(),
-                secret.clone(),
-            )),
+            limiter: Arc::new(limiter),
             ordering: Arc::new(ordering),
             user_calls: Arc::new(user_calls),
             polling: Polling::Leased {
@@ -160,6 +167,7 @@ impl Coordination {
                 prefix,
                 times: settings.polling,
                 secret,
+                hide,
             },
             stats,
         })
@@ -180,6 +188,7 @@ impl Coordination {
                 prefix,
                 times,
                 secret,
+                ..
             } => {
                 let key = format!("{prefix}:poll:{{{name}}}");
                 let lease = Lease::new(conn.clone(), key, times.ttl, secret.clone());
@@ -200,9 +209,10 @@ impl Coordination {
                 conn,
                 prefix,
                 secret,
+                hide,
                 ..
             } => {
-                let key = ordering::conversation_key(prefix, conversation);
+                let key = ordering::conversation_key(prefix, hide.as_ref(), conversation);
                 Some(Lease::new(conn.clone(), key, ttl, secret.clone()))
             }
         }

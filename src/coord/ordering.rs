@@ -15,6 +15,7 @@ use super::events::{CoordStats, OrderingTimedOut};
 use super::lease::{Held, Lease};
 use crate::engine::ordering::{ConversationGuard, ConversationLocks};
 use crate::events::Event;
+use crate::store::crypto::IndexKey;
 
 /// The conversation stayed taken past the waiting bound (or Redis did not answer):
 /// the engine refuses the message with the busy apology.
@@ -68,7 +69,8 @@ impl Default for OrderingTimes {
     }
 }
 
-/// The local lock, then a Redis lease `<prefix>:conv:{<conversation>}`; waiters retry
+/// The local lock, then a Redis lease `<prefix>:conv:{<conversation>}` (the
+/// conversation hashed with a data key, see [`lease_name`]); waiters retry
 /// with a short backoff (10 ms doubling to 200 ms) until `max_wait`.
 pub struct RedisOrdering {
     local: ConversationLocks,
@@ -78,6 +80,7 @@ pub struct RedisOrdering {
     times: OrderingTimes,
     stats: Arc<CoordStats>,
     secret: Option<Arc<str>>,
+    hide: Option<IndexKey>,
 }
 
 impl RedisOrdering {
@@ -95,7 +98,14 @@ impl RedisOrdering {
             times,
             stats,
             secret,
+            hide: None,
         }
+    }
+
+    /// Names leases with the store's keyed hash (`CONFAB_DATA_KEY` set).
+    pub(super) fn hiding_ids(mut self, hide: Option<IndexKey>) -> Self {
+        self.hide = hide;
+        self
     }
 
     /// The same machinery keyed `<prefix>:calls:{<user>}` (not `user:`: that is the
@@ -110,7 +120,8 @@ impl RedisOrdering {
 
     /// The lease of one conversation, unheld.
     pub fn lease(&self, conversation: &str) -> Lease {
-        let key = format!("{}:{{{conversation}}}", self.prefix);
+        let name = lease_name(self.hide.as_ref(), conversation);
+        let key = format!("{}:{{{name}}}", self.prefix);
         Lease::new(self.conn.clone(), key, self.times.ttl, self.secret.clone())
     }
 
@@ -144,8 +155,22 @@ impl RedisOrdering {
 }
 
 /// `<prefix>:conv:{<conversation>}` (hash-tagged: one Cluster slot per conversation).
-pub(super) fn conversation_key(prefix: &str, conversation: &str) -> String {
-    format!("{prefix}:conv:{{{conversation}}}")
+pub(super) fn conversation_key(
+    prefix: &str,
+    hide: Option<&IndexKey>,
+    conversation: &str,
+) -> String {
+    format!("{prefix}:conv:{{{}}}", lease_name(hide, conversation))
+}
+
+/// What a lease key carries for `name` (a conversation, a user, `claim:<update>`):
+/// `name` as is, or with a data key the hex of the store's keyed hash of it, so no key
+/// name reveals a Telegram/Discord id.
+fn lease_name(hide: Option<&IndexKey>, name: &str) -> String {
+    match hide {
+        Some(k) => k.hex16(b"lease", name.as_bytes()),
+        None => name.to_string(),
+    }
 }
 
 impl ConversationOrdering for RedisOrdering {

@@ -6,7 +6,9 @@
 //! Keys (hash-tagged per user key, so both live in one Cluster slot):
 //! `<prefix>:rl:{<key>}:<per_minute>:<burst>` holds the theoretical arrival time (one per
 //! quota, as governor keeps one limiter per quota) and `<prefix>:rln:{<key>}` the instant
-//! until which the user was told. Both expire when they stop mattering (a state whose
+//! until which the user was told. `<key>` is the engine's stable limiter key
+//! (`engine::limits::limit_key`) in hex, or with a data key the hex of the store's
+//! keyed hash of it (so the key name cannot be matched to an id by trying ids). Both expire when they stop mattering (a state whose
 //! arrival time has passed is the same as none), so nothing needs pruning.
 //!
 //! Times are kept as `"<unix secs> <ns after that second>"` and computed in ns relative
@@ -19,6 +21,7 @@ use super::events::{CoordStats, LimiterFailed};
 use super::limiter::{cell_nanos, RateCheck, RateDecision, RateLimiter};
 use super::CoordError;
 use crate::events::Event;
+use crate::store::crypto::IndexKey;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +81,7 @@ pub struct RedisLimiter {
     script: Script,
     stats: Arc<CoordStats>,
     secret: Option<Arc<str>>,
+    hide: Option<IndexKey>,
 }
 
 impl RedisLimiter {
@@ -93,6 +97,21 @@ impl RedisLimiter {
             script: Script::new(GCRA),
             stats,
             secret,
+            hide: None,
+        }
+    }
+
+    /// Names keys with the store's keyed hash (`CONFAB_DATA_KEY` set).
+    pub fn hiding_ids(mut self, hide: Option<IndexKey>) -> Self {
+        self.hide = hide;
+        self
+    }
+
+    /// The hash-tagged part of a user's keys.
+    fn slot(&self, key: u64) -> String {
+        match &self.hide {
+            Some(k) => k.hex16(b"limit", &key.to_be_bytes()),
+            None => format!("{key:016x}"),
         }
     }
 
@@ -109,11 +128,15 @@ impl RedisLimiter {
     }
 
     fn state_key(&self, key: u64, per_minute: u32, burst: u32) -> String {
-        format!("{}:rl:{{{key:016x}}}:{per_minute}:{burst}", self.prefix)
+        format!(
+            "{}:rl:{{{}}}:{per_minute}:{burst}",
+            self.prefix,
+            self.slot(key)
+        )
     }
 
     fn notice_key(&self, key: u64) -> String {
-        format!("{}:rln:{{{key:016x}}}", self.prefix)
+        format!("{}:rln:{{{}}}", self.prefix, self.slot(key))
     }
 
     /// One check at `at` (the server's time when `None`). With `at` given, keys live a

@@ -1,16 +1,24 @@
 //! Limiter keys and the UTC-day budget helpers. The rate limiters themselves (governor in
 //! process, GCRA on Redis, one notice per window) live in [`crate::coord`].
 
-use std::hash::{Hash, Hasher};
+use sha2::{Digest, Sha256};
 
 pub use crate::coord::limiter::{GovernorLimiter as Limits, RateDecision, TokioClock};
 
-/// A compact key for a (bot, user) pair: governor keeps ≈36 bytes per key.
+/// A compact key for a (bot, user) pair: governor keeps ≈36 bytes per key. The first
+/// 8 bytes (big-endian) of SHA-256 over the length-prefixed parts: the same value in
+/// every build and version, so instances of a rolling deploy share one Redis limiter
+/// key per user (std's `DefaultHasher` is not stable across releases).
 pub fn limit_key(bot: &str, user: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bot.hash(&mut h);
-    user.hash(&mut h);
-    h.finish()
+    let mut h = Sha256::new();
+    for part in [bot, user] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// Days since the Unix epoch for a unix timestamp (the UTC day the budget counts).
@@ -37,6 +45,13 @@ pub fn human_duration(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limiter_keys_are_the_same_in_every_build() {
+        // Pinned: a change here splits a rolling deploy's limits in two.
+        assert_eq!(limit_key("assistant", "tg:42"), 0xcb7a_b480_f9c7_68a8);
+        assert_ne!(limit_key("a", "bc"), limit_key("ab", "c"));
+    }
 
     #[test]
     fn durations_read_well() {

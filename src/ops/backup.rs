@@ -462,6 +462,19 @@ impl Checked {
         })
     }
 
+    /// Reads every row (a pass before [`Checked::rows`]: the key material and ids an
+    /// encrypted Redis restore needs first), then rewinds.
+    pub fn scan(
+        &self,
+        sink: &mut dyn FnMut(Vec<DumpRow>) -> Result<(), BackupError>,
+    ) -> Result<(), BackupError> {
+        let io = |e: std::io::Error| BackupError::Io(format!("reading the backup: {e}"));
+        let file = self.file.try_clone().map_err(io)?;
+        read_rows(file, self.body, self.version, sink)?;
+        (&self.file).seek(SeekFrom::Start(0)).map_err(io)?;
+        Ok(())
+    }
+
     /// Hands every row to `sink` in batches; returns the row count.
     pub fn rows(
         self,

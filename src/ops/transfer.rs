@@ -4,14 +4,21 @@
 //! encoding. The Redis store produces and consumes them itself
 //! (`RedisStore::dump_rows` / `load_rows`, streamed page by page), so a backup file
 //! (the version-2 format of [`super::backup`]) made on either backend restores into
-//! either, and `migrate` is the same row stream without the file. Encrypted Redis
-//! stores are refused for now (their keyed ids cannot be translated).
+//! either, and `migrate` is the same row stream without the file.
+//!
+//! Encrypted stores (a data key) copy too: the rows are those a sled store with the
+//! same key material would hold (hashed ids, values sealed for their sled rows; the
+//! HMAC of a backup file as sled's). Loading into Redis first makes the target prefix
+//! take the source's salt and key check ([`RedisStore::adopting_key`]) so both hash
+//! ids alike, then learns what the source's hashed keys stand for from its
+//! `conv_index` and `usernames` rows ([`LoadIds`], one pass before the copy).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::backup::{BackupError, Checked, Encoder, ORDER};
+use crate::store::redis_store::LoadIds;
 use crate::store::sled_store::{DumpCursor, DumpRow};
 use crate::store::{Backend, RedisStore, SledStore};
 
@@ -19,14 +26,16 @@ fn io(e: impl std::fmt::Display) -> BackupError {
     BackupError::Io(e.to_string())
 }
 
-/// Streams a whole Redis store into `w` as a backup file (no HMAC: unencrypted only).
+/// Streams a whole Redis store into `w` as a backup file (with a data key, signed with
+/// the HMAC a sled store with the same key material would use).
 pub fn write_redis(store: &RedisStore, w: &mut impl std::io::Write) -> Result<(), BackupError> {
     let write = |w: &mut dyn std::io::Write, b: &[u8]| {
         w.write_all(b)
             .map_err(|e| BackupError::Io(format!("writing the backup: {e}")))
     };
     let mut buf = Vec::new();
-    let mut enc = Encoder::start(&mut buf, None);
+    let auth = store.backup_auth();
+    let mut enc = Encoder::start(&mut buf, auth.as_ref());
     write(w, &buf)?;
     let mut failed = None;
     store
@@ -58,26 +67,76 @@ pub fn restore_redis(
     data_key: Option<&str>,
 ) -> Result<u64, BackupError> {
     let checked = Checked::open(from, data_key)?;
-    make_room(store, force)?;
-    checked.rows(&mut |batch| store.load_rows(&batch).map_err(io))
+    let mut meta = Vec::new();
+    if store.is_encrypted() {
+        checked.scan(&mut |batch| {
+            meta.extend(batch.into_iter().filter(|(t, _, _)| t == "meta"));
+            Ok(())
+        })?;
+    }
+    let adopted = make_room(store, force, &meta, data_key)?;
+    let target = adopted.as_ref().unwrap_or(store);
+    let mut ids = LoadIds::default();
+    if target.is_encrypted() {
+        checked.scan(&mut |batch| {
+            target.learn_ids(&mut ids, &batch);
+            Ok(())
+        })?;
+    }
+    checked.rows(&mut |batch| target.load_rows(&batch, &ids).map_err(io))
 }
 
-fn make_room(store: &RedisStore, force: bool) -> Result<(), BackupError> {
-    if store.is_encrypted() {
+/// Empties the target prefix (it must be empty, or only hold the key material its
+/// opening wrote, unless `force`). With a data key, returns the target adopting the
+/// source's key material (`meta` rows `kdf_salt`, `key_check2`).
+fn make_room(
+    store: &RedisStore,
+    force: bool,
+    source_meta: &[DumpRow],
+    data_key: Option<&str>,
+) -> Result<Option<RedisStore>, BackupError> {
+    let empty = match store.is_encrypted() {
+        true => store.holds_only_key_material(),
+        false => store.prefix_is_empty(),
+    };
+    if !empty.map_err(io)? {
+        if !force {
+            return Err(BackupError::Io(
+                "the Redis prefix already holds keys; restore into an empty prefix, or pass --force to replace them".into(),
+            ));
+        }
+        store.clear_prefix().map_err(io)?;
+    }
+    if !store.is_encrypted() {
+        return Ok(None);
+    }
+    let meta = |name: &str| {
+        source_meta
+            .iter()
+            .find(|(t, k, _)| t == "meta" && k.as_slice() == name.as_bytes())
+            .map(|(_, _, v)| v.as_slice())
+    };
+    let (Some(check), Some(secret)) = (meta("key_check2"), data_key) else {
         return Err(BackupError::Io(
-            crate::store::redis_store::ENCRYPTED_UNSUPPORTED.into(),
+            "the source is not encrypted but CONFAB_DATA_KEY is set: copy it with the key unset (the next start with the key encrypts a sled store)".into(),
         ));
+    };
+    store
+        .adopting_key(meta("kdf_salt"), check, secret)
+        .map(Some)
+        .map_err(io)
+}
+
+/// The source's key material as `meta` rows (none without a data key).
+fn key_material(from: &Backend) -> Result<Vec<DumpRow>, BackupError> {
+    let store = from.store();
+    let mut rows = Vec::new();
+    for name in ["kdf_salt", "key_check2"] {
+        if let Some(v) = store.meta_get(name).map_err(io)? {
+            rows.push(("meta".to_string(), name.as_bytes().to_vec(), v));
+        }
     }
-    if store.prefix_is_empty().map_err(io)? {
-        return Ok(());
-    }
-    if !force {
-        return Err(BackupError::Io(
-            "the Redis prefix already holds keys; restore into an empty prefix, or pass --force to replace them".into(),
-        ));
-    }
-    store.clear_prefix().map_err(io)?;
-    Ok(())
+    Ok(rows)
 }
 
 /// Every row of `from`, page by page, to `sink`.
@@ -111,14 +170,15 @@ fn each_batch(
     }
 }
 
-/// Copies every row of `from` into `to` (empty); returns how many.
-pub fn copy(from: &Backend, to: &Backend) -> Result<u64, BackupError> {
+/// Copies every row of `from` into `to` (empty); returns how many. `ids`: what the
+/// source's hashed keys stand for (a Redis target with a data key).
+pub fn copy(from: &Backend, to: &Backend, ids: &LoadIds) -> Result<u64, BackupError> {
     let mut n = 0u64;
     each_batch(from, &mut |rows| {
         n += rows.len() as u64;
         match to {
             Backend::Sled(s) => s.load_rows(&rows).map_err(io),
-            Backend::Redis(r) => r.load_rows(&rows).map_err(io),
+            Backend::Redis(r) => r.load_rows(&rows, ids).map_err(io),
         }
     })?;
     Ok(n)
@@ -187,7 +247,7 @@ pub fn migrate_to_sled(
     let staging = super::backup_file::Sibling::for_empty(data_dir, force, "migrate")?;
     let (rows, text, same) = {
         let to = Backend::Sled(Arc::new(open(staging.path())?));
-        let rows = copy(from, &to)?;
+        let rows = copy(from, &to, &LoadIds::default())?;
         let (text, same) = table(("redis", "sled"), &counts(from)?, &counts(&to)?);
         (rows, text, same)
     };
@@ -198,15 +258,30 @@ pub fn migrate_to_sled(
 }
 
 /// `migrate --to redis`: the prefix must be empty unless `force` (then only its keys
-/// are deleted).
+/// are deleted). `data_key`: `CONFAB_DATA_KEY`, which both stores share.
 pub fn migrate_to_redis(
     from: &Backend,
     to: Arc<RedisStore>,
     force: bool,
+    data_key: Option<&str>,
 ) -> Result<(u64, String, bool), BackupError> {
-    make_room(&to, force)?;
+    let source_meta = match to.is_encrypted() {
+        true => key_material(from)?,
+        false => Vec::new(),
+    };
+    let to = match make_room(&to, force, &source_meta, data_key)? {
+        Some(adopted) => Arc::new(adopted),
+        None => to,
+    };
+    let mut ids = LoadIds::default();
+    if to.is_encrypted() {
+        each_batch(from, &mut |rows| {
+            to.learn_ids(&mut ids, &rows);
+            Ok(())
+        })?;
+    }
     let to = Backend::Redis(to);
-    let rows = copy(from, &to)?;
+    let rows = copy(from, &to, &ids)?;
     let (text, same) = table(("sled", "redis"), &counts(from)?, &counts(&to)?);
     Ok((rows, text, same))
 }

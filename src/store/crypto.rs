@@ -134,6 +134,12 @@ impl Keys {
         hmac(&self.index, &[domain, data])
     }
 
+    /// The keyed hash of [`Keys::index`] on its own, for names outside the store
+    /// (coordination's lease and limiter keys on Redis).
+    pub fn index_key(&self) -> IndexKey {
+        IndexKey { key: self.index }
+    }
+
     /// The authenticator of backups of this store.
     pub fn backup_auth(&self) -> BackupAuth {
         BackupAuth { key: self.backup }
@@ -146,6 +152,34 @@ fn associated(tree: &str, key: &[u8]) -> Vec<u8> {
     aad.push(0);
     aad.extend_from_slice(key);
     aad
+}
+
+/// The store's keyed id hash ([`Keys::index`]) without the sealing key: what
+/// coordination needs to name its Redis keys without revealing ids.
+#[derive(Clone)]
+pub struct IndexKey {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexKey([REDACTED])")
+    }
+}
+
+impl IndexKey {
+    /// The same value as [`Keys::index`] of the keys it came from.
+    pub fn hash(&self, domain: &[u8], data: &[u8]) -> [u8; 32] {
+        hmac(&self.key, &[domain, data])
+    }
+
+    /// The first 16 bytes of [`IndexKey::hash`] in lowercase hex (a Redis key part).
+    pub fn hex16(&self, domain: &[u8], data: &[u8]) -> String {
+        self.hash(domain, data)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// HMAC-SHA256 over a backup body, with a key derived from the data key.
@@ -295,6 +329,16 @@ mod tests {
         let hex = "0f".repeat(32);
         assert_eq!(master_key(&hex, &[1; SALT_LEN]).unwrap(), [0x0f; 32]);
         assert_eq!(master_key(&hex, &[9; SALT_LEN]).unwrap(), [0x0f; 32]);
+    }
+
+    #[test]
+    fn the_index_key_hashes_like_the_store_and_never_prints() {
+        let k = Keys::derive(&"0f".repeat(32), &[0; SALT_LEN]).unwrap();
+        let ik = k.index_key();
+        assert_eq!(ik.hash(b"lease", b"x"), k.index(b"lease", b"x"));
+        assert_eq!(ik.hex16(b"lease", b"x").len(), 32);
+        assert_ne!(ik.hex16(b"lease", b"x"), ik.hex16(b"limit", b"x"));
+        assert_eq!(format!("{ik:?}"), "IndexKey([REDACTED])");
     }
 
     #[test]

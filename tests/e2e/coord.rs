@@ -350,3 +350,74 @@ async fn a_holder_stops_polling_when_its_lease_is_taken_or_unrenewable() {
         .expect("B stopped polling");
     assert_eq!(b.stats.leases_lost.get(), 1);
 }
+
+/// Every key name under the prefix while `user` (a private chat: chat id = user id)
+/// is being answered, the LLM held so the conversation and call leases exist.
+async fn key_names_mid_answer(user: &str, data_key: bool) -> Vec<String> {
+    let llm = FakeOpenAi::start().await;
+    let redis = RedisServer::start();
+    let root = redis_root(&llm, &redis, "");
+    if data_key {
+        use std::io::Write;
+        let mut env = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.env_file())
+            .expect("env file");
+        env.write_all(b"\nCONFAB_DATA_KEY=correct-horse-battery-staple-42\n")
+            .expect("append");
+    }
+    let app = build(&root);
+    assert_eq!(
+        text(&app.engine.handle(&msg(user, "one")).await),
+        "echo: one"
+    );
+    llm.set_latency(Duration::from_secs(5));
+    let engine = app.engine.clone();
+    let inbound = msg(user, "two");
+    let answer = tokio::spawn(async move { engine.handle(&inbound).await });
+    let scan = || -> Vec<String> {
+        redis
+            .cli(&["--scan", "--pattern", "confab:staging:*"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let leases = |names: &[String]| {
+        names.iter().any(|n| n.contains(":conv:")) && names.iter().any(|n| n.contains(":calls:"))
+    };
+    wait_until("both leases held", || leases(&scan())).await;
+    let names = scan();
+    assert!(leases(&names), "{names:?}");
+    assert_eq!(text(&answer.await.expect("answer")), "echo: two");
+    names
+}
+
+/// With `CONFAB_DATA_KEY` no Redis key name carries a user or chat id — store keys,
+/// conversation and call leases, limiter keys; without one they are readable (so this
+/// test can fail), and the limiter key is the same literal value in every build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_data_key_no_redis_key_name_reveals_an_id() {
+    let id = "731904285";
+    let names = key_names_mid_answer(id, true).await;
+    let revealing: Vec<&String> = names.iter().filter(|n| n.contains(id)).collect();
+    assert!(revealing.is_empty(), "ids in key names: {revealing:?}");
+    assert!(
+        names.iter().any(|n| n.contains(":rl:{")),
+        "the limiter keys were there: {names:?}"
+    );
+
+    let names = key_names_mid_answer("42", false).await;
+    for part in [":conv:{", ":calls:{tg:42}", ":user:{tg:42}"] {
+        assert!(
+            names.iter().any(|n| n.contains(part) && n.contains("42")),
+            "{part} readable without a key: {names:?}"
+        );
+    }
+    // limit_key("assistant", "tg:42"), pinned: every build names it alike
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("confab:staging:rl:{cb7ab480f9c768a8}:")),
+        "{names:?}"
+    );
+}

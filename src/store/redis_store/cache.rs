@@ -29,22 +29,14 @@ impl RedisStore {
         Ok(n)
     }
 
-    /// Every cache id in the index, oldest first.
-    pub(super) fn cache_ids(&self) -> StoreResult<Vec<String>> {
-        let index = self.cache_index_key();
-        self.query(redis::cmd("ZRANGE").arg(index).arg(0).arg(-1))
-    }
-}
-
-impl CacheStore for RedisStore {
-    fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>> {
-        let k = self.cache_key(&self.cache_id(key));
-        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&k))?;
-        Ok(raw.and_then(|v| self.decode("cache", &k, &v)))
-    }
-
-    fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()> {
-        let id = self.cache_id(key);
+    /// Stores an entry under its cache id (`P:cache:<id>`, indexed by `created_at`),
+    /// evicting the oldest past `max_entries`.
+    pub(super) fn cache_put_id(
+        &self,
+        id: String,
+        entry: &CacheEntry,
+        max_entries: usize,
+    ) -> StoreResult<()> {
         let k = self.cache_key(&id);
         let value = self.encode("cache", &k, entry)?;
         let (index, ttl, at) = (
@@ -78,6 +70,24 @@ impl CacheStore for RedisStore {
             self.cache_remove_ids(&ids)?;
         }
         Ok(())
+    }
+
+    /// Every cache id in the index, oldest first.
+    pub(super) fn cache_ids(&self) -> StoreResult<Vec<String>> {
+        let index = self.cache_index_key();
+        self.query(redis::cmd("ZRANGE").arg(index).arg(0).arg(-1))
+    }
+}
+
+impl CacheStore for RedisStore {
+    fn cache_get(&self, key: &[u8; 32]) -> StoreResult<Option<CacheEntry>> {
+        let k = self.cache_key(&self.cache_id(key));
+        let raw: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&k))?;
+        Ok(raw.and_then(|v| self.decode("cache", &k, &v)))
+    }
+
+    fn cache_put(&self, key: &[u8; 32], entry: &CacheEntry, max_entries: usize) -> StoreResult<()> {
+        self.cache_put_id(self.cache_id(key), entry, max_entries)
     }
 
     fn cache_remove(&self, key: &[u8; 32]) -> StoreResult<()> {

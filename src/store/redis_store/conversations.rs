@@ -65,6 +65,10 @@ impl RedisStore {
             .key(match ex.handled {
                 Some((id, _)) => self.handled_key(id),
                 None => self.key("handled:-"),
+            })
+            .key(match &user {
+                Some(u) => self.ident_key(&self.user_id(u)),
+                None => self.key("ident:-"),
             });
         let mut username_change = None;
         match (&user, &user_key, ex.user.as_mut()) {
@@ -97,6 +101,10 @@ impl RedisStore {
             None => inv.arg(""),
         };
         inv.arg(HANDLED_TTL_SECS);
+        inv.arg(match &user {
+            Some(u) => self.identity_value(u),
+            None => Vec::new(),
+        });
         for t in turns {
             inv.arg(t.as_slice());
         }

@@ -1,7 +1,8 @@
 //! `forget` on Redis: everything about one user goes — their conversations and index,
-//! the record, their id in `P:users`, every username pointing at them, cache entries
-//! they originated, handled markers (pending replies) to them, and their id, usernames
-//! and words in the audit stream (rewritten in one transaction under the same ids).
+//! the record and its identity (`P:ident:{U}`), their id in `P:users`, every username
+//! pointing at them, cache entries they originated, handled markers (pending replies)
+//! to them, and their id, usernames and words in the audit stream (rewritten in one
+//! transaction under the same ids).
 
 use std::collections::HashSet;
 
@@ -22,6 +23,7 @@ impl RedisStore {
         let mut aliases = Vec::new();
         let (ukey, users, uid) = (self.user_key(user), self.users_key(), self.user_id(user));
         let convs = self.convs_key(user);
+        let ident = self.ident_key(&uid);
         let (raw, _) = self.read_user(&ukey).unwrap_or((None, None));
         if let Some(v) = raw {
             report.user_record = true;
@@ -35,6 +37,7 @@ impl RedisStore {
                 .cmd("DEL")
                 .arg(&k)
                 .arg(&convs)
+                .arg(&ident)
                 .cmd("SREM")
                 .arg(&u)
                 .arg(&uid)

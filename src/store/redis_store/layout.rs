@@ -6,7 +6,8 @@
 //! id → conversation), `P:user:{U}` (the record), `P:users` (set of U), `P:username:N`
 //! (→ user), `P:cache:K` (entry, native TTL) with `P:cache_index` (sorted set by
 //! created_at), `P:audit` (a stream), `P:handled:ID` (TTL), `P:inbox` and `P:meta`
-//! (hashes). Without a data key U is `tg:123`, C the escaped conversation, N
+//! (hashes), `P:ident:{U}` (with a data key: the user's sealed id, `identity.rs`).
+//! Without a data key U is `tg:123`, C the escaped conversation, N
 //! `tg:name`, K the hex cache key; with one they are keyed hashes (hex) and every
 //! personal value is sealed with the tree name and the key as associated data, like
 //! sled's. A plaintext value where a sealed one belongs is a corrupt entry.
@@ -63,8 +64,20 @@ pub(super) fn parse_conversation(text: &str) -> Option<ConversationKey> {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 64 hex characters as 32 bytes.
+pub(super) fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 impl Codec for RedisStore {
@@ -201,6 +214,51 @@ impl RedisStore {
                 "CONFAB_DATA_KEY does not match the key this store was written with".into(),
             )),
         }
+    }
+
+    /// This store with the source's key material (`meta` `kdf_salt`, `key_check2`) in
+    /// place of its own, its sub-keys derived again from `secret` and checked: a restore
+    /// or migrate into an empty prefix then seals and hashes exactly as the source did.
+    pub fn adopting_key(
+        &self,
+        salt: Option<&[u8]>,
+        check: &[u8],
+        secret: &str,
+    ) -> StoreResult<RedisStore> {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(self.meta_key()).arg("key_check2").arg(check);
+        if let Some(salt) = salt {
+            cmd.arg("kdf_salt").arg(salt);
+        }
+        self.query::<()>(&cmd)?;
+        let mut store = RedisStore {
+            conn: self.conn.clone(),
+            prefix: self.prefix.clone(),
+            timeout: self.timeout,
+            cache_ttl_secs: self.cache_ttl_secs,
+            keys: None,
+            stats: self.stats.clone(),
+            secrets: self.secrets.clone(),
+        };
+        store.apply_key(Some(secret))?;
+        Ok(store)
+    }
+
+    /// True when the prefix holds nothing but the key material opening it wrote.
+    pub fn holds_only_key_material(&self) -> StoreResult<bool> {
+        let keys = self.scan_keys(&self.pattern("*"))?;
+        let meta = self.meta_key();
+        if keys.iter().any(|k| k != &meta) {
+            return Ok(false);
+        }
+        let fields: Vec<String> = self.query(redis::cmd("HKEYS").arg(&meta))?;
+        Ok(fields.iter().all(|f| f == "kdf_salt" || f == "key_check2"))
+    }
+
+    /// The authenticator of backups of this store (`None` without a data key): the
+    /// same as a sled store with the same key material.
+    pub fn backup_auth(&self) -> Option<crypto::BackupAuth> {
+        self.keys.as_ref().map(crypto::Keys::backup_auth)
     }
 
     pub(super) fn hget(&self, key: &str, field: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -1,7 +1,9 @@
 //! The Redis implementation of the store's roles — the only module that knows Redis.
 //! One file per role, like `sled_store/`: `conversations.rs`, `users.rs`, `cache.rs`,
 //! `audit.rs`, `inbox.rs`, `meta.rs`; `forget.rs` (what `forget_user` removes),
-//! `layout.rs` (key names, sealing), `scripts.rs` (the server-side Lua scripts),
+//! `layout.rs` (key names, sealing), `identity.rs` (who a hashed user id is),
+//! `dump.rs` + `sled_rows.rs` (rows in sled's encoding for backups and migrate),
+//! `scripts.rs` (the server-side Lua scripts),
 //! `events.rs` (the `confab_redis_*` counters and the events that move them).
 //!
 //! The role traits are synchronous (sled's calls are in-memory); each call here runs
@@ -17,10 +19,12 @@ mod conversations;
 mod dump;
 pub mod events;
 mod forget;
+mod identity;
 mod inbox;
 mod layout;
 mod meta;
 mod scripts;
+mod sled_rows;
 mod users;
 
 use std::future::Future;
@@ -32,9 +36,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
-pub use dump::ENCRYPTED_UNSUPPORTED;
 pub use events::RedisStats;
 use events::{CommandDone, Outcome};
+pub use identity::UNNAMED;
+pub use sled_rows::LoadIds;
 
 use super::{crypto, Durable, StoreError, StoreResult};
 
@@ -130,6 +135,12 @@ impl RedisStore {
     /// Whether values are sealed with a data key.
     pub fn is_encrypted(&self) -> bool {
         self.keys.is_some()
+    }
+
+    /// The keyed hash the store names ids with (`None` without a data key), for
+    /// coordination's lease and limiter keys under the same prefix.
+    pub fn index_key(&self) -> Option<crypto::IndexKey> {
+        self.keys.as_ref().map(crypto::Keys::index_key)
     }
 
     /// One round trip (PING).

@@ -1,6 +1,7 @@
 //! [`UserStore`] on Redis: `P:user:{U}` (the record, written compare-and-set by a
 //! script), `P:users` (every user's id, for counts and admin stats) and
-//! `P:username:N` (per platform; a rename drops the old name). A record that cannot be
+//! `P:username:N` (per platform; a rename drops the old name); with a data key the
+//! record's script also writes the user's sealed identity (`identity.rs`). A record that cannot be
 //! read is an error, never a fresh record (it may hold a ban).
 
 use super::conversations::{cas_backoff, CAS_ATTEMPTS};
@@ -19,13 +20,16 @@ impl RedisStore {
         rec: &UserRecord,
     ) -> StoreResult<bool> {
         let key = self.user_key(user);
+        let uid = self.user_id(user);
         let mut inv = PUT_USER_IF.prepare_invoke();
         inv.key(&key)
             .key(self.users_key())
+            .key(self.ident_key(&uid))
             .arg(if raw.is_some() { "1" } else { "0" })
             .arg(raw.unwrap_or_default())
             .arg(self.encode("users", &key, rec)?)
-            .arg(self.user_id(user));
+            .arg(uid)
+            .arg(self.identity_value(user));
         let done: i64 = self.run(|mut c| async move { inv.invoke_async(&mut c).await })?;
         Ok(done == 1)
     }
