@@ -62,6 +62,7 @@ pub fn engine_and_store(dir: &std::path::Path, cache: bool) -> (Arc<Engine>, Arc
         prompt: "assistant".into(),
         llm: Default::default(),
         stream: false,
+        vision: false,
         limits: None,
         telegram: None,
         discord: None,

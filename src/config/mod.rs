@@ -219,6 +219,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// OpenTelemetry traces (off unless an endpoint is configured).
     pub otel: OtelConfig,
+    /// Voice notes and images: sizes, lengths, the transcription model.
+    pub media: MediaConfig,
     /// Every `bots/*.toml`, sorted by name.
     pub bots: Vec<BotConfig>,
     /// Every `prompts/*.md`: file stem -> template source (compiles with minijinja).
@@ -308,6 +310,8 @@ pub struct LimitsConfig {
     /// Commands (`/help`, `/export`, `/admin` …) have their own, more generous quota.
     pub commands_per_minute: u32,
     pub commands_burst: u32,
+    /// Seconds of voice notes and audio transcribed per user per UTC day (0: none).
+    pub daily_audio_secs: u64,
 }
 
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -406,6 +410,28 @@ pub struct OtelConfig {
     pub sample_ratio: f64,
 }
 
+/// `[media]`: voice notes, audio files and images (SPEC §6 media rows).
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Longer voice notes and audio files are refused before they are downloaded.
+    pub max_audio_secs: u32,
+    /// Larger files are refused (before downloading when the platform declares the size).
+    pub max_download_mb: u64,
+    /// The model of `POST /audio/transcriptions`.
+    pub transcription_model: String,
+    /// Echo "🎤 <transcript>" above the answer so users see what was heard.
+    pub show_transcript: bool,
+}
+
+impl MediaConfig {
+    /// `max_download_mb` in bytes.
+    pub fn max_download_bytes(&self) -> u64 {
+        self.max_download_mb.saturating_mul(1024 * 1024)
+    }
+}
+
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -443,6 +469,8 @@ pub struct BotConfig {
     pub llm: LlmOverrides,
     /// Edit the reply as tokens arrive.
     pub stream: bool,
+    /// The bot's model reads images: photos go to it as image content parts.
+    pub vision: bool,
     pub limits: Option<BotLimits>,
     /// `None`: the bot does not run on Telegram.
     pub telegram: Option<PlatformBot>,
@@ -1492,6 +1520,7 @@ api_url = "api.telegram.org"
             ("delivery", keys(DeliveryConfig::default())),
             ("audit", keys(AuditConfig::default())),
             ("otel", keys(OtelConfig::default())),
+            ("media", keys(MediaConfig::default())),
         ];
         let commented = |key: &str| {
             let prefix = format!("# {key} = ");

@@ -6,10 +6,13 @@ use std::time::Duration;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
+use async_openai::types::audio::{AudioInput, CreateTranscriptionRequest};
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestMessageContentPartImage, ChatCompletionRequestMessageContentPartText,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionStreamOptions, CreateChatCompletionRequest,
+    ChatCompletionRequestUserMessageContent, ChatCompletionRequestUserMessageContentPart,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, ImageUrl,
 };
 use async_openai::Client;
 use futures::future::BoxFuture;
@@ -17,7 +20,8 @@ use futures::StreamExt;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use super::{ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError, LlmProvider};
+use super::{ChatMessage, ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError};
+use super::{LlmProvider, Transcription};
 
 /// A non-2xx status the HTTP layer saw before async-openai parsed the body, with the
 /// `Retry-After` header async-openai would otherwise drop.
@@ -109,9 +113,7 @@ impl OpenAiProvider {
                 ChatRole::System => ChatCompletionRequestMessage::System(
                     ChatCompletionRequestSystemMessage::from(m.content),
                 ),
-                ChatRole::User => ChatCompletionRequestMessage::User(
-                    ChatCompletionRequestUserMessage::from(m.content),
-                ),
+                ChatRole::User => ChatCompletionRequestMessage::User(user_message(m)),
                 ChatRole::Assistant => ChatCompletionRequestMessage::Assistant(
                     ChatCompletionRequestAssistantMessage::from(m.content.as_str()),
                 ),
@@ -131,6 +133,30 @@ impl OpenAiProvider {
             }),
             ..Default::default()
         }
+    }
+}
+
+/// A user message: plain text, or text plus image content parts.
+fn user_message(m: ChatMessage) -> ChatCompletionRequestUserMessage {
+    if m.images.is_empty() {
+        return ChatCompletionRequestUserMessage::from(m.content);
+    }
+    let text = ChatCompletionRequestMessageContentPartText {
+        text: m.content,
+        prompt_cache_breakpoint: None,
+    };
+    let mut parts = vec![ChatCompletionRequestUserMessageContentPart::Text(text)];
+    parts.extend(m.images.into_iter().map(|url| {
+        ChatCompletionRequestUserMessageContentPart::ImageUrl(
+            ChatCompletionRequestMessageContentPartImage {
+                image_url: ImageUrl { url, detail: None },
+                prompt_cache_breakpoint: None,
+            },
+        )
+    }));
+    ChatCompletionRequestUserMessage {
+        content: ChatCompletionRequestUserMessageContent::Array(parts),
+        name: None,
     }
 }
 
@@ -247,6 +273,20 @@ impl LlmProvider for OpenAiProvider {
             result
         };
         Box::pin(call.instrument(span))
+    }
+
+    fn transcribe(&self, req: Transcription) -> BoxFuture<'_, Result<String, LlmError>> {
+        Box::pin(async move {
+            let bytes = std::sync::Arc::unwrap_or_clone(req.bytes);
+            let request = CreateTranscriptionRequest {
+                file: AudioInput::from_vec_u8(req.file_name, bytes),
+                model: req.model,
+                ..Default::default()
+            };
+            let audio = self.client.audio();
+            let resp = audio.transcription().create(request).await;
+            Ok(resp.map_err(|e| self.error(e))?.text)
+        })
     }
 }
 

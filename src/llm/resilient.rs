@@ -14,7 +14,7 @@ use tokio::time::Instant;
 pub use super::events::LlmStats;
 use super::events::{AttemptFailed, AttemptStarted, AttemptSucceeded, BusyCause, LlmBusy};
 use super::events::{CircuitRejected, Retrying, TokensUsed};
-use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider};
+use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider, Transcription};
 use crate::events::Event;
 
 #[derive(Debug, Clone)]
@@ -306,13 +306,11 @@ impl ResilientLlm {
 
     /// Takes the call's one slot, then runs the attempts of `call` on the provider.
     /// A success comes with the slot, so a stream can keep it until it ends.
-    async fn with_slot<T, C>(&self, req: ChatRequest, call: C) -> Billed<(T, OwnedSemaphorePermit)>
+    async fn with_slot<R, T, C>(&self, req: R, call: C) -> Billed<(T, OwnedSemaphorePermit)>
     where
+        R: Clone,
         T: 'static,
-        C: Fn(
-                Arc<dyn LlmProvider>,
-                ChatRequest,
-            ) -> futures::future::BoxFuture<'static, Result<T, LlmError>>
+        C: Fn(Arc<dyn LlmProvider>, R) -> futures::future::BoxFuture<'static, Result<T, LlmError>>
             + Send
             + 'static,
     {
@@ -345,6 +343,17 @@ impl ResilientLlm {
             .emit(&self.stats);
         }
         billed.map(|(resp, _slot)| resp)
+    }
+
+    /// A transcription (`/audio/transcriptions`) under the same slot, timeout, retry and
+    /// breaker rules as a completion: one endpoint, one health.
+    pub async fn transcribe(&self, req: Transcription) -> Billed<String> {
+        let billed = self
+            .with_slot(req, |inner, req| {
+                Box::pin(async move { inner.transcribe(req).await })
+            })
+            .await;
+        billed.map(|(text, _slot)| text)
     }
 
     /// A streamed completion. Retries cover starting the stream; once text flows, a

@@ -63,6 +63,7 @@ pub(crate) fn bot(
             max_tokens: rb.max_tokens,
         },
         stream: rb.stream,
+        vision: rb.vision,
         limits: limits.map(|l| bot_limits(l, c)),
         telegram: telegram.map(|p| telegram_bot(p, env, c)),
         discord: discord.map(|p| discord_bot(p, env, c)),
