@@ -194,7 +194,10 @@ pub struct MediaStats {
 impl MediaStats {
     /// `(kind, outcome) → count`, every pair seen so far.
     pub fn snapshot(&self) -> BTreeMap<(&'static str, &'static str), u64> {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn count(&self, kind: MediaKind, outcome: MediaOutcome) {
@@ -219,7 +222,10 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(audio_file_name(None), Some("voice.ogg"));
-        assert_eq!(audio_file_name(Some("audio/ogg; codecs=opus")), Some("voice.ogg"));
+        assert_eq!(
+            audio_file_name(Some("audio/ogg; codecs=opus")),
+            Some("voice.ogg")
+        );
         assert_eq!(audio_file_name(Some("audio/MPEG")), Some("audio.mp3"));
         assert_eq!(audio_file_name(Some("application/zip")), None);
         assert_eq!(image_mime(Some("image/PNG")), Some("image/png"));

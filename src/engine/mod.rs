@@ -181,7 +181,10 @@ impl Engine {
         bot: &str,
         source: Arc<dyn media::MediaSource>,
     ) {
-        let mut sources = self.media_sources.write().unwrap_or_else(|p| p.into_inner());
+        let mut sources = self
+            .media_sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         sources.insert((platform, bot.to_string()), source);
     }
 

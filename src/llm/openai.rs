@@ -160,6 +160,17 @@ fn user_message(m: ChatMessage) -> ChatCompletionRequestUserMessage {
     }
 }
 
+/// The `text` of a JSON transcription answer.
+fn transcript_text(body: &[u8]) -> Result<String, LlmError> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        text: String,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .map(|a| a.text)
+        .map_err(|e| LlmError::BadResponse(format!("transcription: {e}")))
+}
+
 /// Maps async-openai's error to what the caller can act on. The API key travels in a
 /// header and reqwest's messages name only the URL, but a server may echo the key in its
 /// error message: callers pass the result through [`scrub`].
@@ -283,9 +294,12 @@ impl LlmProvider for OpenAiProvider {
                 model: req.model,
                 ..Default::default()
             };
+            // Raw: async-openai's typed answer requires `usage`, which Whisper servers
+            // (local ones above all) leave out; `text` is all that is needed.
             let audio = self.client.audio();
-            let resp = audio.transcription().create(request).await;
-            Ok(resp.map_err(|e| self.error(e))?.text)
+            let body = audio.transcription().create_raw(request).await;
+            let body = body.map_err(|e| self.error(e))?;
+            transcript_text(&body)
         })
     }
 }

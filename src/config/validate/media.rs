@@ -19,7 +19,11 @@ pub(super) fn media(m: MediaConfig, c: &mut Check<'_>) -> MediaConfig {
     c.each_at_most(
         "media",
         &[
-            ("max_audio_secs", u64::from(m.max_audio_secs), MAX_AUDIO_SECS),
+            (
+                "max_audio_secs",
+                u64::from(m.max_audio_secs),
+                MAX_AUDIO_SECS,
+            ),
             ("max_download_mb", m.max_download_mb, MAX_DOWNLOAD_MB),
         ],
     );

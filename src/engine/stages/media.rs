@@ -19,8 +19,7 @@ use crate::llm::{LlmError, Transcription};
 
 /// The question sent with an image that came without a caption.
 pub(crate) const IMAGE_QUESTION: &str = "What is in this image?";
-const MSG_NO_VISION: &str =
-    "This bot cannot see images. Please describe what you need in words.";
+const MSG_NO_VISION: &str = "This bot cannot see images. Please describe what you need in words.";
 const MSG_FETCH_FAILED: &str = "I couldn't download your file. Please try sending it again.";
 const MSG_TRANSCRIPTION_FAILED: &str =
     "Sorry, I couldn't transcribe your voice message right now. Please try again in a moment.";
@@ -66,7 +65,12 @@ impl Engine {
             return self.refuse(media.kind, outcome, MSG_NOTHING_HEARD.into());
         }
         let (kind, outcome, audio_secs) = (media.kind, MediaOutcome::Read, secs);
-        MediaHandled { kind, outcome, audio_secs }.emit(&self.stats);
+        MediaHandled {
+            kind,
+            outcome,
+            audio_secs,
+        }
+        .emit(&self.stats);
         Ok(heard)
     }
 
@@ -82,9 +86,15 @@ impl Engine {
         m.image_sha = Some(Sha256::digest(&bytes).into());
         m.images
             .push(format!("data:{mime};base64,{}", media::base64(&bytes)));
-        self.store.update_user(&m.user, &mut |r| r.usage.total_images += 1)?;
+        self.store
+            .update_user(&m.user, &mut |r| r.usage.total_images += 1)?;
         let (kind, outcome, audio_secs) = (media.kind, MediaOutcome::Read, 0);
-        MediaHandled { kind, outcome, audio_secs }.emit(&self.stats);
+        MediaHandled {
+            kind,
+            outcome,
+            audio_secs,
+        }
+        .emit(&self.stats);
         let caption = media.caption.as_deref().map(str::trim).unwrap_or("");
         Ok(match caption {
             "" => IMAGE_QUESTION.to_string(),
@@ -98,7 +108,9 @@ impl Engine {
         let source = self.media_source(m.inbound.platform, &m.inbound.bot);
         let fetched = match source {
             Some(source) => source.fetch(media, cfg.max_download_bytes()).await,
-            None => Err(FetchError::Failed("no media source for this adapter".into())),
+            None => Err(FetchError::Failed(
+                "no media source for this adapter".into(),
+            )),
         };
         match fetched {
             Ok(bytes) => Ok(bytes),
@@ -121,22 +133,39 @@ impl Engine {
         let limit = m.cfg.limits.daily_audio_secs;
         let now = now_unix();
         let today = utc_day(now);
-        let usage = m.record.as_ref().map(|r| &r.usage).filter(|u| u.day == today);
+        let usage = m
+            .record
+            .as_ref()
+            .map(|r| &r.usage)
+            .filter(|u| u.day == today);
         if usage.map_or(0, |u| u.audio_secs).saturating_add(secs) <= limit {
             return Ok(());
         }
         let (kind, outcome, audio_secs) = (MediaKind::Voice, MediaOutcome::Budget, 0);
-        MediaHandled { kind, outcome, audio_secs }.emit(&self.stats);
+        MediaHandled {
+            kind,
+            outcome,
+            audio_secs,
+        }
+        .emit(&self.stats);
         let quota = Quota::DailyTokens;
         if usage.is_some_and(|u| u.audio_notified) {
-            RateLimited { quota, notice: false }.emit(&self.stats);
+            RateLimited {
+                quota,
+                notice: false,
+            }
+            .emit(&self.stats);
             return stop(Reply::Silent);
         }
         self.store.update_user(&m.user, &mut |r| {
             roll_day(r, today);
             r.usage.audio_notified = true;
         })?;
-        RateLimited { quota, notice: true }.emit(&self.stats);
+        RateLimited {
+            quota,
+            notice: true,
+        }
+        .emit(&self.stats);
         stop(Reply::notice(
             Rejection::BudgetExhausted,
             format!(
@@ -149,7 +178,12 @@ impl Engine {
 
     fn transcription_failed<T>(&self, kind: MediaKind, error: LlmError) -> Step<T> {
         let (outcome, audio_secs) = (MediaOutcome::TranscriptionFailed, 0);
-        MediaHandled { kind, outcome, audio_secs }.emit(&self.stats);
+        MediaHandled {
+            kind,
+            outcome,
+            audio_secs,
+        }
+        .emit(&self.stats);
         match error {
             LlmError::CircuitOpen => stop(Reply::notice(
                 Rejection::LlmUnavailable,
@@ -158,14 +192,22 @@ impl Engine {
             LlmError::Busy => stop(Reply::notice(Rejection::Busy, MSG_BUSY)),
             error => {
                 LlmFailed { error: &error }.emit(&self.stats);
-                stop(Reply::notice(Rejection::LlmFailed, MSG_TRANSCRIPTION_FAILED))
+                stop(Reply::notice(
+                    Rejection::LlmFailed,
+                    MSG_TRANSCRIPTION_FAILED,
+                ))
             }
         }
     }
 
     fn refuse<T>(&self, kind: MediaKind, outcome: MediaOutcome, text: String) -> Step<T> {
         let audio_secs = 0;
-        MediaHandled { kind, outcome, audio_secs }.emit(&self.stats);
+        MediaHandled {
+            kind,
+            outcome,
+            audio_secs,
+        }
+        .emit(&self.stats);
         stop(Reply::notice(Rejection::Media, text))
     }
 }

@@ -1,0 +1,220 @@
+//! Voice notes and images end to end: the real adapters against the fake Bot API and
+//! the fake Discord, transcription and image parts against the fake OpenAI server.
+
+use std::time::Duration;
+
+use crate::fake_openai::{Behavior, FakeOpenAi};
+use crate::fake_telegram::{FakeTelegram, Fault, MediaMsg};
+use crate::harness::{Daemon, Root, TG_BOT_TOML, TG_TOKEN};
+
+/// Rate limits that several messages in a row stay under.
+const GENEROUS: &str = "messages_per_minute = 60\nburst = 20\n";
+
+async fn tg_setup(extra: &str, bot_toml: &str) -> (FakeOpenAi, FakeTelegram, Root) {
+    let llm = FakeOpenAi::start().await;
+    let tg = FakeTelegram::start(TG_TOKEN, "acme_staging_bot").await;
+    let root = Root::telegram(&llm.base_url, &tg.api_url, extra, bot_toml);
+    (llm, tg, root)
+}
+
+/// The last sent message's text once `n` were sent to `chat`.
+async fn nth_text(tg: &FakeTelegram, chat: i64, n: usize) -> String {
+    crate::harness::wait_until("the reply", || tg.sent_to(chat).len() >= n).await;
+    let sent = tg.sent_to(chat);
+    sent.get(n - 1).map(|m| m.text.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_voice_note_is_heard_answered_and_remembered() {
+    let (llm, tg, root) = tg_setup("", TG_BOT_TOML).await;
+    let daemon = Daemon::start(&root);
+    tg.send_media(7, 7, "Vera", true, MediaMsg::voice(b"capital of France", 3));
+    let first = nth_text(&tg, 7, 1).await;
+    assert_eq!(
+        first,
+        "🎤 heard: capital of France\n\necho: heard: capital of France"
+    );
+    let t = llm.transcriptions();
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        (t[0].model.as_str(), t[0].file_name.as_str()),
+        ("whisper-1", "voice.ogg")
+    );
+    assert_eq!(t[0].bytes, b"capital of France");
+    assert_eq!(tg.downloads(), 1);
+    // The transcript is the user's turn: the next question carries it as memory.
+    tg.send_private(7, "Vera", "and of Germany?");
+    assert_eq!(nth_text(&tg, 7, 2).await, "echo: and of Germany?");
+    let last = llm.requests().pop().expect("a request");
+    assert!(
+        last.messages
+            .iter()
+            .any(|(role, c)| role == "user" && c == "heard: capital of France"),
+        "{:?}",
+        last.messages
+    );
+    // /usage shows the audio seconds.
+    tg.send_private(7, "Vera", "/usage");
+    let usage = nth_text(&tg, 7, 3).await;
+    assert!(usage.contains("Voice: 3 s of audio today"), "{usage}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_photo_reaches_a_vision_model_as_an_image_part_and_is_not_stored() {
+    let bot = format!("vision = true\n{TG_BOT_TOML}");
+    let (llm, tg, root) = tg_setup("", &bot).await;
+    let daemon = Daemon::start(&root);
+    tg.send_media(
+        8,
+        8,
+        "Ian",
+        true,
+        MediaMsg::photo(b"\xff\xd8 fake jpeg", Some("what is this?")),
+    );
+    assert_eq!(nth_text(&tg, 8, 1).await, "echo: what is this? images: 1");
+    let req = llm.requests().pop().expect("a request");
+    let url = req.body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"][1]["image_url"]["url"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(url.starts_with("data:image/jpeg;base64,"), "{url}");
+    // No caption: the default question.
+    tg.send_media(8, 8, "Ian", true, MediaMsg::photo(b"another", None));
+    assert_eq!(
+        nth_text(&tg, 8, 2).await,
+        "echo: What is in this image? images: 1"
+    );
+    // Memory keeps the caption and a marker, never the image.
+    tg.send_private(8, "Ian", "thanks");
+    assert_eq!(nth_text(&tg, 8, 3).await, "echo: thanks");
+    let last = llm.requests().pop().expect("a request");
+    assert_eq!(last.images, 0, "history carries no image");
+    assert!(
+        last.messages
+            .iter()
+            .any(|(_, c)| c == "what is this? [image]"),
+        "{:?}",
+        last.messages
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_without_vision_says_it_cannot_see_images() {
+    let (llm, tg, root) = tg_setup("", TG_BOT_TOML).await;
+    let daemon = Daemon::start(&root);
+    tg.send_media(9, 9, "Ola", true, MediaMsg::photo(b"img", Some("look")));
+    let text = nth_text(&tg, 9, 1).await;
+    assert!(text.contains("cannot see images"), "{text}");
+    assert_eq!((llm.request_count(), tg.downloads()), (0, 0));
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_bad_media_gets_a_clear_message_and_stores_nothing() {
+    let extra = format!("[llm]\nmax_retries = 1\ntimeout_secs = 2\n[limits]\n{GENEROUS}");
+    let extra = extra.as_str();
+    let (llm, tg, root) = tg_setup(extra, TG_BOT_TOML).await;
+    let daemon = Daemon::start(&root);
+    let chat = 11;
+    let mut n = 0;
+    let mut next = |tg: &FakeTelegram, m: MediaMsg| {
+        tg.send_media(chat, chat, "Bo", true, m);
+        n += 1;
+        n
+    };
+    // Too long: refused before any download.
+    let i = next(&tg, MediaMsg::voice(b"long", 301));
+    let t = nth_text(&tg, chat, i).await;
+    assert!(t.contains("too long (301 s, limit 300 s)"), "{t}");
+    // Too large (declared): refused before any download.
+    let mut big = MediaMsg::voice(b"big", 5);
+    big.declared_size = Some(21 * 1024 * 1024);
+    let i = next(&tg, big);
+    let t = nth_text(&tg, chat, i).await;
+    assert!(t.contains("too large (limit 20 MB)"), "{t}");
+    // An unsupported format.
+    let mut odd = MediaMsg::voice(b"wma", 5);
+    odd.kind = "audio";
+    odd.mime = Some("audio/x-ms-wma".into());
+    let i = next(&tg, odd);
+    let t = nth_text(&tg, chat, i).await;
+    assert!(t.contains("can't read this audio file's format"), "{t}");
+    assert_eq!(tg.downloads(), 0);
+    // The download fails.
+    tg.fail_next("download", Fault::ServerError);
+    let i = next(&tg, MediaMsg::voice(b"lost", 2));
+    let t = nth_text(&tg, chat, i).await;
+    assert!(t.contains("couldn't download"), "{t}");
+    // The transcription endpoint errors (after its retry), then hangs past the timeout.
+    llm.push_audio(Behavior::status(500));
+    llm.push_audio(Behavior::status(500));
+    let i = next(&tg, MediaMsg::voice(b"err", 2));
+    let t = nth_text(&tg, chat, i).await;
+    assert!(t.contains("couldn't transcribe"), "{t}");
+    llm.push_audio(Behavior::Hang);
+    llm.push_audio(Behavior::Hang);
+    let i = next(&tg, MediaMsg::voice(b"slow", 2));
+    let t = nth_text(&tg, chat, i).await;
+    assert!(t.contains("couldn't transcribe"), "{t}");
+    assert_eq!(llm.transcriptions().len(), 4, "one retry each");
+    // Nothing of it was stored: the next question goes alone.
+    tg.send_private(chat, "Bo", "hello");
+    assert_eq!(nth_text(&tg, chat, i + 1).await, "echo: hello");
+    let req = llm.requests().pop().expect("a request");
+    assert_eq!(
+        req.messages.len(),
+        2,
+        "system + question: {:?}",
+        req.messages
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_audio_budget_notice_comes_once() {
+    let (llm, tg, root) = tg_setup(
+        &format!("[limits]\ndaily_audio_secs = 5\n{GENEROUS}"),
+        TG_BOT_TOML,
+    )
+    .await;
+    let daemon = Daemon::start(&root);
+    tg.send_media(12, 12, "Al", true, MediaMsg::voice(b"one", 3));
+    assert_eq!(
+        nth_text(&tg, 12, 1).await,
+        "🎤 heard: one\n\necho: heard: one"
+    );
+    tg.send_media(12, 12, "Al", true, MediaMsg::voice(b"two", 3));
+    let t = nth_text(&tg, 12, 2).await;
+    assert!(t.contains("today's voice budget"), "{t}");
+    tg.send_media(12, 12, "Al", true, MediaMsg::voice(b"three", 3));
+    // Typed text still works; the third voice note (handled before it) stayed silent.
+    tg.send_private(12, "Al", "typed");
+    assert_eq!(nth_text(&tg, 12, 3).await, "echo: typed");
+    assert_eq!(tg.sent_to(12).len(), 3);
+    assert_eq!(llm.transcriptions().len(), 1);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_group_voice_counts_only_as_a_reply_to_the_bot() {
+    let (llm, tg, root) = tg_setup("", TG_BOT_TOML).await;
+    let daemon = Daemon::start(&root);
+    let group = -100777;
+    tg.send_group(group, 5, "Gina", "@acme_staging_bot hi");
+    assert_eq!(nth_text(&tg, group, 1).await, "echo: hi");
+    let bot_msg = tg.sent_to(group)[0].message_id;
+    // Not for the bot: ignored (not even downloaded).
+    tg.send_media(group, 5, "Gina", false, MediaMsg::voice(b"chatter", 2));
+    let mut reply = MediaMsg::voice(b"for you", 2);
+    reply.reply_to_bot = Some(bot_msg);
+    tg.send_media(group, 5, "Gina", false, reply);
+    let t = nth_text(&tg, group, 2).await;
+    assert_eq!(t, "🎤 heard: for you\n\necho: heard: for you");
+    assert_eq!(tg.downloads(), 1);
+    assert_eq!(llm.transcriptions().len(), 1);
+    daemon.stop().await.unwrap();
+}
