@@ -1,8 +1,6 @@
 //! Voice notes and images end to end: the real adapters against the fake Bot API and
 //! the fake Discord, transcription and image parts against the fake OpenAI server.
 
-use std::time::Duration;
-
 use crate::fake_openai::{Behavior, FakeOpenAi};
 use crate::fake_telegram::{FakeTelegram, Fault, MediaMsg};
 use crate::harness::{Daemon, Root, TG_BOT_TOML, TG_TOKEN};
@@ -217,4 +215,121 @@ async fn telegram_group_voice_counts_only_as_a_reply_to_the_bot() {
     assert_eq!(tg.downloads(), 1);
     assert_eq!(llm.transcriptions().len(), 1);
     daemon.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Discord
+
+mod discord {
+    use std::time::Duration;
+
+    use crate::fake_discord::{DcAttachment, FakeDiscord};
+    use crate::fake_openai::FakeOpenAi;
+    use crate::harness::{Daemon, Root, DC_APP_STAGING, DC_BOT_ID, DC_BOT_TOML, DC_TOKEN};
+
+    const LIMITS: &str = "[limits]\nmessages_per_minute = 10000\nburst = 100\n";
+
+    async fn setup(bot_toml: &str) -> (FakeOpenAi, FakeDiscord, Root, Daemon) {
+        let llm = FakeOpenAi::start().await;
+        let dc = FakeDiscord::start(DC_TOKEN, DC_BOT_ID, DC_APP_STAGING).await;
+        let root = Root::discord(&llm.base_url, &dc.api_url, LIMITS, bot_toml);
+        let daemon = Daemon::start(&root);
+        let up = dc.wait_connected(Duration::from_secs(20)).await;
+        assert!(up, "the gateway session came up");
+        (llm, dc, root, daemon)
+    }
+
+    /// The content of the `n`th bot message in `channel`.
+    async fn nth(dc: &FakeDiscord, channel: u64, n: usize) -> String {
+        crate::harness::wait_until("the reply", || dc.messages_in(channel).len() >= n).await;
+        let msgs = dc.messages_in(channel);
+        msgs.get(n - 1)
+            .map(|m| m.content.clone())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discord_voice_message_is_heard_answered_and_remembered() {
+        let (llm, dc, _root, daemon) = setup(DC_BOT_TOML).await;
+        let voice = DcAttachment::voice(b"tell me a joke", 2.4);
+        dc.send_attachment(600, 61, "vic", "", None, voice);
+        let first = nth(&dc, 600, 1).await;
+        assert_eq!(
+            first,
+            "🎤 heard: tell me a joke\n\necho: heard: tell me a joke"
+        );
+        assert_eq!(llm.transcriptions()[0].file_name, "voice.ogg");
+        dc.send_dm(600, 61, "vic", "another one");
+        assert_eq!(nth(&dc, 600, 2).await, "echo: another one");
+        let last = llm.requests().pop().expect("a request");
+        assert!(
+            last.messages
+                .iter()
+                .any(|(_, c)| c == "heard: tell me a joke"),
+            "{:?}",
+            last.messages
+        );
+        // 2.4 s counts as 3.
+        dc.send_dm(600, 61, "vic", "/usage");
+        let usage = nth(&dc, 600, 3).await;
+        assert!(usage.contains("Voice: 3 s of audio today"), "{usage}");
+        daemon.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discord_image_reaches_a_vision_model_and_bad_media_is_refused() {
+        let bot = format!("vision = true\n{DC_BOT_TOML}");
+        let (llm, dc, _root, daemon) = setup(&bot).await;
+        dc.send_attachment(
+            700,
+            71,
+            "ivy",
+            "what is it?",
+            None,
+            DcAttachment::image(b"png"),
+        );
+        assert_eq!(nth(&dc, 700, 1).await, "echo: what is it? images: 1");
+        let url = llm.requests().pop().expect("a request").body["messages"][1]["content"][1]
+            ["image_url"]["url"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(url.starts_with("data:image/png;base64,"), "{url}");
+        // Too long a voice message: refused before its download.
+        dc.send_attachment(700, 71, "ivy", "", None, DcAttachment::voice(b"x", 301.0));
+        let t = nth(&dc, 700, 2).await;
+        assert!(t.contains("too long (301 s, limit 300 s)"), "{t}");
+        // Larger than declared: the download stops at the limit.
+        let mut big = DcAttachment::voice(&vec![b'a'; 21 * 1024 * 1024], 3.0);
+        big.declared_size = Some(10);
+        dc.send_attachment(700, 71, "ivy", "", None, big);
+        let t = nth(&dc, 700, 3).await;
+        assert!(t.contains("too large (limit 20 MB)"), "{t}");
+        assert!(llm.transcriptions().is_empty());
+        daemon.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discord_guild_voice_counts_as_a_reply_to_the_bot_only() {
+        let (llm, dc, _root, daemon) = setup(DC_BOT_TOML).await;
+        let (guild, channel) = (900, 901);
+        dc.send_guild(guild, channel, 91, "gus", "hello", true);
+        assert_eq!(nth(&dc, channel, 1).await, "echo: hello");
+        let bot_msg = dc.messages_in(channel)[0].message_id;
+        let chatter = DcAttachment::voice(b"not for you", 1.0);
+        dc.send_attachment(channel, 91, "gus", "", Some((guild, false, None)), chatter);
+        let reply = DcAttachment::voice(b"for you", 1.0);
+        dc.send_attachment(
+            channel,
+            91,
+            "gus",
+            "",
+            Some((guild, false, Some(bot_msg))),
+            reply,
+        );
+        let t = nth(&dc, channel, 2).await;
+        assert_eq!(t, "🎤 heard: for you\n\necho: heard: for you");
+        assert_eq!(llm.transcriptions().len(), 1, "the other note was ignored");
+        daemon.stop().await.unwrap();
+    }
 }
