@@ -24,7 +24,7 @@ async fn nth_text(tg: &FakeTelegram, chat: i64, n: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telegram_voice_note_is_heard_answered_and_remembered() {
-    let (llm, tg, root) = tg_setup("", TG_BOT_TOML).await;
+    let (llm, tg, root) = tg_setup("[admins]\ntelegram = [70]\n", TG_BOT_TOML).await;
     let daemon = Daemon::start(&root);
     tg.send_media(7, 7, "Vera", true, MediaMsg::voice(b"capital of France", 3));
     let first = nth_text(&tg, 7, 1).await;
@@ -55,6 +55,13 @@ async fn telegram_voice_note_is_heard_answered_and_remembered() {
     tg.send_private(7, "Vera", "/usage");
     let usage = nth_text(&tg, 7, 3).await;
     assert!(usage.contains("Voice: 3 s of audio today"), "{usage}");
+    // /admin stats shows the seconds transcribed.
+    tg.send_private(70, "Root", "/admin stats");
+    let stats = nth_text(&tg, 70, 1).await;
+    assert!(
+        stats.contains("Media: 3 s of audio transcribed, 0 images read"),
+        "{stats}"
+    );
     daemon.stop().await.unwrap();
 }
 
@@ -116,7 +123,7 @@ async fn telegram_bad_media_gets_a_clear_message_and_stores_nothing() {
     let extra = format!("[llm]\nmax_retries = 1\ntimeout_secs = 2\n[limits]\n{GENEROUS}");
     let extra = extra.as_str();
     let (llm, tg, root) = tg_setup(extra, TG_BOT_TOML).await;
-    let daemon = Daemon::start(&root);
+    let (daemon, ops) = Daemon::start_with_ops(&root).await;
     let chat = 11;
     let mut n = 0;
     let mut next = |tg: &FakeTelegram, m: MediaMsg| {
@@ -169,6 +176,20 @@ async fn telegram_bad_media_gets_a_clear_message_and_stores_nothing() {
         "system + question: {:?}",
         req.messages
     );
+    let (_, _, metrics) = crate::ops_http::get(ops, "/metrics").await;
+    let media = |kind: &str, outcome: &str, n: u32| {
+        format!("confab_media_total{{kind=\"{kind}\",outcome=\"{outcome}\",env=\"staging\"}} {n}")
+    };
+    for line in [
+        media("voice", "too_long", 1),
+        media("voice", "too_large", 1),
+        media("audio", "unsupported", 1),
+        media("voice", "fetch_failed", 1),
+        media("voice", "transcription_failed", 2),
+        "confab_audio_seconds_total{env=\"staging\"} 0".to_string(),
+    ] {
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
     daemon.stop().await.unwrap();
 }
 
