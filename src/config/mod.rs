@@ -921,6 +921,35 @@ mod tests {
     }
 
     #[test]
+    fn media_settings_are_checked() {
+        let t = Tree::new();
+        t.write(
+            "config/staging.toml",
+            "[media]\nmax_audio_secs = 0\nmax_download_mb = 500\ntranscription_model = \" \"\nshow_transcript = \"yes\"\n",
+        );
+        check(
+            t.load(Env::Staging, &[]),
+            &[
+                "config/staging.toml: media.show_transcript: invalid type: string \"yes\", expected a boolean (line 5)",
+                "config/staging.toml: media.max_audio_secs: must be at least 1",
+                "config/staging.toml: media.max_download_mb: 500 is too large (at most 100)",
+                "config/staging.toml: media.transcription_model: must not be empty",
+            ],
+        );
+        let c = ok(Tree::new().load(Env::Staging, &[]));
+        assert_eq!(
+            (
+                c.media.max_audio_secs,
+                c.media.max_download_mb,
+                c.limits.daily_audio_secs
+            ),
+            (300, 20, 1800)
+        );
+        assert_eq!(c.media.transcription_model, "whisper-1");
+        assert!(c.media.show_transcript);
+    }
+
+    #[test]
     fn durations_are_bounded_so_no_instant_arithmetic_overflows() {
         let t = Tree::new();
         t.write(
