@@ -33,7 +33,8 @@ use prompt::{Prompts, Tokenizer};
 use stages::{Internal, Stop};
 use stats::EngineStats;
 
-pub const MSG_NON_TEXT: &str = "I can only read text for now.";
+pub const MSG_NON_TEXT: &str =
+    "I can read text, voice messages and images, but not this kind of message.";
 pub const MSG_LLM_UNAVAILABLE: &str =
     "The assistant is temporarily unavailable. Please try again in a few minutes.";
 pub const MSG_LLM_FAILED: &str =
