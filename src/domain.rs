@@ -276,6 +276,8 @@ pub enum ReplyKind {
 pub struct Attachment {
     pub file_name: String,
     pub bytes: Vec<u8>,
+    /// A spoken answer: sent as a voice message where the platform has them.
+    pub voice: bool,
 }
 
 /// A button under a reply (Telegram inline keyboard, Discord component). Pressing it
@@ -368,6 +370,22 @@ impl Reply {
     pub fn prefixed(mut self, prefix: &str) -> Self {
         if let Reply::Text { text, .. } = &mut self {
             text.insert_str(0, prefix);
+        }
+        self
+    }
+
+    /// The same reply with `suffix` after its text (`Silent` stays silent).
+    pub fn suffixed(mut self, suffix: &str) -> Self {
+        if let Reply::Text { text, .. } = &mut self {
+            text.push_str(suffix);
+        }
+        self
+    }
+
+    /// The same reply with a file (`Silent` stays silent).
+    pub fn with_attachment(mut self, file: Attachment) -> Self {
+        if let Reply::Text { attachment, .. } = &mut self {
+            *attachment = Some(file);
         }
         self
     }

@@ -63,6 +63,7 @@ pub fn engine_and_store(dir: &std::path::Path, cache: bool) -> (Arc<Engine>, Arc
         llm: Default::default(),
         stream: false,
         vision: false,
+        voice_replies: Default::default(),
         limits: None,
         telegram: None,
         discord: None,

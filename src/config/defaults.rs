@@ -149,6 +149,10 @@ impl Default for MediaConfig {
             max_download_mb: 20,
             transcription_model: "whisper-1".into(),
             show_transcript: true,
+            speech_model: "tts-1".into(),
+            speech_voice: "alloy".into(),
+            response_format: "opus".into(),
+            max_spoken_chars: 1_000,
         }
     }
 }

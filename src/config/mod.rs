@@ -423,6 +423,14 @@ pub struct MediaConfig {
     pub transcription_model: String,
     /// Echo "🎤 <transcript>" above the answer so users see what was heard.
     pub show_transcript: bool,
+    /// Voice replies (`voice_replies = "mirror"`): the model, voice and format of
+    /// `POST /audio/speech`.
+    pub speech_model: String,
+    pub speech_voice: String,
+    /// `opus` (OGG/Opus: a Telegram voice message) or `mp3`.
+    pub response_format: String,
+    /// A longer answer is spoken up to here (cut at a sentence or word end).
+    pub max_spoken_chars: usize,
 }
 
 impl MediaConfig {
@@ -471,11 +479,23 @@ pub struct BotConfig {
     pub stream: bool,
     /// The bot's model reads images: photos go to it as image content parts.
     pub vision: bool,
+    /// Whether a voice question also gets a spoken answer.
+    pub voice_replies: VoiceReplies,
     pub limits: Option<BotLimits>,
     /// `None`: the bot does not run on Telegram.
     pub telegram: Option<PlatformBot>,
     /// `None`: the bot does not run on Discord.
     pub discord: Option<PlatformBot>,
+}
+
+/// A bot's `voice_replies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VoiceReplies {
+    /// Text answers only.
+    #[default]
+    Never,
+    /// A voice question gets the text answer and the answer spoken (`/audio/speech`).
+    Mirror,
 }
 
 /// Per-bot overrides of `[limits]`; `None` keeps the global value.

@@ -177,6 +177,8 @@ pub(crate) struct RawBot {
     pub stream: bool,
     /// The bot's model reads images (image content parts).
     pub vision: bool,
+    /// `"never"` (default) or `"mirror"`.
+    pub voice_replies: Option<String>,
     pub limits: Option<Table>,
     pub telegram: Option<Table>,
     pub discord: Option<Table>,

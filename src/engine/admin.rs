@@ -145,6 +145,7 @@ impl Engine {
             attachment: Some(Attachment {
                 file_name: format!("confab-export-{}-{}.json", user.platform.prefix(), user.id),
                 bytes,
+                voice: false,
             }),
             buttons: Vec::new(),
             // `commands::COMMANDS` decides who may read it.

@@ -128,6 +128,27 @@ pub fn estimated_secs(bytes: usize) -> u64 {
     (bytes as u64 / 16_000).max(1)
 }
 
+/// What is spoken of an answer: all of it up to `max` chars, else cut at the last
+/// sentence end (or, failing that, word end) in the second half of the first `max`
+/// chars, with "…".
+pub fn spoken(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(max).collect();
+    let half = head.len() / 2;
+    let cut = head
+        .char_indices()
+        .filter(|(i, c)| *i >= half && matches!(c, '.' | '!' | '?' | '\n'))
+        .map(|(i, c)| i + c.len_utf8())
+        .last()
+        .or_else(|| head.rfind(char::is_whitespace).filter(|i| *i >= half))
+        .unwrap_or(head.len());
+    let mut out = head.get(..cut).unwrap_or(&head).trim_end().to_string();
+    out.push('…');
+    out
+}
+
 /// Standard base64 (RFC 4648, padded): images travel as `data:` URLs.
 pub fn base64(bytes: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -166,6 +187,10 @@ pub enum MediaOutcome {
     FetchFailed,
     /// The transcription endpoint failed (after its retries) or heard nothing.
     TranscriptionFailed,
+    /// The answer to a voice question was spoken (`voice_replies = "mirror"`).
+    Spoken,
+    /// The speech endpoint failed: the text answer went alone, with a note.
+    SpeechFailed,
 }
 
 impl MediaOutcome {
@@ -179,6 +204,8 @@ impl MediaOutcome {
             MediaOutcome::Budget => "budget",
             MediaOutcome::FetchFailed => "fetch_failed",
             MediaOutcome::TranscriptionFailed => "transcription_failed",
+            MediaOutcome::Spoken => "spoken",
+            MediaOutcome::SpeechFailed => "speech_failed",
         }
     }
 }
@@ -217,6 +244,19 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn long_answers_are_spoken_up_to_a_sentence_end() {
+        assert_eq!(spoken("Short.", 100), "Short.");
+        assert_eq!(spoken("Hello there. And more words", 16), "Hello there.…");
+        // A sentence end in the first half is too early: the last word end instead.
+        assert_eq!(
+            spoken("One two. Three four five six.", 20),
+            "One two. Three four…"
+        );
+        assert_eq!(spoken("aaaa bbbb cccc dddd", 12), "aaaa bbbb…");
+        assert_eq!(spoken("ééééééééé", 4), "éééé…");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Audio requests of the LLM layer (OpenAI's `POST /audio/transcriptions`), in our own
-//! types: only `openai.rs` turns them into async-openai's.
+//! Audio requests of the LLM layer (OpenAI's `POST /audio/transcriptions` and
+//! `POST /audio/speech`), in our own types: only `openai.rs` turns them into
+//! async-openai's.
 
 use std::sync::Arc;
 
@@ -11,4 +12,14 @@ pub struct Transcription {
     pub file_name: String,
     /// Shared between attempts: a retry does not copy the file again.
     pub bytes: Arc<Vec<u8>>,
+}
+
+/// One text to speak.
+#[derive(Debug, Clone)]
+pub struct Speech {
+    pub model: String,
+    pub voice: String,
+    /// `opus` or `mp3`.
+    pub format: String,
+    pub input: String,
 }

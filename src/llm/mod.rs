@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::Stream;
 
-pub use audio::Transcription;
+pub use audio::{Speech, Transcription};
 pub use openai::OpenAiProvider;
 pub use resilient::{Billed, BreakerState, ResilientLlm, RetryPolicy};
 
@@ -142,6 +142,16 @@ pub trait LlmProvider: Send + Sync + 'static {
             Err(LlmError::Rejected {
                 status: 0,
                 message: "this LLM provider cannot transcribe audio".into(),
+            })
+        })
+    }
+    /// One attempt at speaking a text; the audio's bytes. Refused unless implemented.
+    fn speak(&self, req: Speech) -> BoxFuture<'_, Result<Vec<u8>, LlmError>> {
+        let _ = req;
+        Box::pin(async {
+            Err(LlmError::Rejected {
+                status: 0,
+                message: "this LLM provider cannot speak".into(),
             })
         })
     }

@@ -6,7 +6,10 @@ use std::time::Duration;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
-use async_openai::types::audio::{AudioInput, CreateTranscriptionRequest};
+use async_openai::types::audio::{
+    AudioInput, CreateSpeechRequest, CreateTranscriptionRequest, SpeechModel, SpeechResponseFormat,
+    Voice,
+};
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestMessageContentPartImage, ChatCompletionRequestMessageContentPartText,
@@ -21,7 +24,7 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use super::{ChatMessage, ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError};
-use super::{LlmProvider, Transcription};
+use super::{LlmProvider, Speech, Transcription};
 
 /// A non-2xx status the HTTP layer saw before async-openai parsed the body, with the
 /// `Retry-After` header async-openai would otherwise drop.
@@ -300,6 +303,29 @@ impl LlmProvider for OpenAiProvider {
             let body = audio.transcription().create_raw(request).await;
             let body = body.map_err(|e| self.error(e))?;
             transcript_text(&body)
+        })
+    }
+
+    fn speak(&self, req: Speech) -> BoxFuture<'_, Result<Vec<u8>, LlmError>> {
+        Box::pin(async move {
+            let format = match req.format.as_str() {
+                "mp3" => SpeechResponseFormat::Mp3,
+                _ => SpeechResponseFormat::Opus,
+            };
+            let request = CreateSpeechRequest {
+                input: req.input,
+                model: SpeechModel::Other(req.model),
+                voice: Voice::Other(req.voice),
+                response_format: Some(format),
+                ..Default::default()
+            };
+            let audio = self.client.audio();
+            let resp = audio.speech().create(request).await;
+            let bytes = resp.map_err(|e| self.error(e))?.bytes;
+            if bytes.is_empty() {
+                return Err(LlmError::BadResponse("empty speech".into()));
+            }
+            Ok(bytes.to_vec())
         })
     }
 }

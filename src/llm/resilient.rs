@@ -14,7 +14,7 @@ use tokio::time::Instant;
 pub use super::events::LlmStats;
 use super::events::{AttemptFailed, AttemptStarted, AttemptSucceeded, BusyCause, LlmBusy};
 use super::events::{CircuitRejected, Retrying, TokensUsed};
-use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider, Transcription};
+use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider, Speech, Transcription};
 use crate::events::Event;
 
 #[derive(Debug, Clone)]
@@ -354,6 +354,16 @@ impl ResilientLlm {
             })
             .await;
         billed.map(|(text, _slot)| text)
+    }
+
+    /// A spoken text (`/audio/speech`), under the same rules.
+    pub async fn speak(&self, req: Speech) -> Billed<Vec<u8>> {
+        let billed = self
+            .with_slot(req, |inner, req| {
+                Box::pin(async move { inner.speak(req).await })
+            })
+            .await;
+        billed.map(|(audio, _slot)| audio)
     }
 
     /// A streamed completion. Retries cover starting the stream; once text flows, a

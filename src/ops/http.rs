@@ -303,7 +303,7 @@ series! {
     ContextRetries: "context_retries_total", Counter, [], "LLM calls retried with half the history after a context-length error.";
     LlmFailedReplies: "llm_failed_replies_total", Counter, ["kind"], "Replies that apologised for a failed LLM call, by the last error's kind.";
     ReplyLatency: "reply_latency_seconds", Histogram, [], "Time from receiving a message to its reply being ready.";
-    Media: "media_total", Counter, ["kind", "outcome"], "Voice notes, audio files and images by kind (voice, audio, image) and outcome (read, too_long, too_large, unsupported, no_vision, budget, fetch_failed, transcription_failed).";
+    Media: "media_total", Counter, ["kind", "outcome"], "Voice notes, audio files and images by kind (voice, audio, image) and outcome (read, too_long, too_large, unsupported, no_vision, budget, fetch_failed, transcription_failed; voice replies: spoken, speech_failed).";
     AudioSeconds: "audio_seconds_total", Counter, [], "Seconds of audio transcribed.";
 
     // The LLM.

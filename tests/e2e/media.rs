@@ -331,6 +331,39 @@ mod discord {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discord_mirror_bot_attaches_the_spoken_answer() {
+        let bot = format!("voice_replies = \"mirror\"\n{DC_BOT_TOML}");
+        let (llm, dc, _root, daemon) = setup(&bot).await;
+        dc.send_attachment(
+            800,
+            81,
+            "mia",
+            "",
+            None,
+            DcAttachment::voice(b"hi there", 1.0),
+        );
+        crate::harness::wait_until("the voice reply", || {
+            dc.messages_in(800).iter().any(|m| m.has_attachment)
+        })
+        .await;
+        let msgs = dc.messages_in(800);
+        assert_eq!(
+            msgs[0].content,
+            "🎤 heard: hi there\n\necho: heard: hi there"
+        );
+        let voice = msgs
+            .iter()
+            .find(|m| m.has_attachment)
+            .expect("an attachment");
+        assert_eq!(voice.attachment_name.as_deref(), Some("voice-reply.ogg"));
+        assert_eq!(
+            llm.speeches()[0]["input"].as_str(),
+            Some("echo: heard: hi there")
+        );
+        daemon.stop().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn discord_guild_voice_counts_as_a_reply_to_the_bot_only() {
         let (llm, dc, _root, daemon) = setup(DC_BOT_TOML).await;
         let (guild, channel) = (900, 901);
@@ -353,4 +386,64 @@ mod discord {
         assert_eq!(llm.transcriptions().len(), 1, "the other note was ignored");
         daemon.stop().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_mirror_bot_answers_a_voice_question_with_a_voice_message() {
+    let bot = format!("voice_replies = \"mirror\"\n{TG_BOT_TOML}");
+    let extra =
+        format!("[media]\nmax_spoken_chars = 40\n[llm]\nmax_retries = 0\n[limits]\n{GENEROUS}");
+    let (llm, tg, root) = tg_setup(&extra, &bot).await;
+    let daemon = Daemon::start(&root);
+    llm.push(Behavior::reply(
+        "Paris is the capital. It is on the Seine, in the north of France.",
+    ));
+    tg.send_media(
+        13,
+        13,
+        "Mo",
+        true,
+        MediaMsg::voice(b"capital of France?", 2),
+    );
+    crate::harness::wait_until("text and voice", || tg.sent_to(13).len() >= 2).await;
+    let sent = tg.sent_to(13);
+    assert_eq!(
+        sent[0].text,
+        "🎤 heard: capital of France?\n\nParis is the capital. It is on the Seine, in the north of France."
+    );
+    assert_eq!(sent[1].method, "sendvoice");
+    // Spoken up to the configured length, cut at a sentence end.
+    let audio = sent[1].document.clone().unwrap_or_default();
+    assert_eq!(
+        audio,
+        crate::fake_openai::spoken_audio("Paris is the capital.…")
+    );
+    let speech = &llm.speeches()[0];
+    assert_eq!(
+        (speech["model"].as_str(), speech["voice"].as_str()),
+        (Some("tts-1"), Some("alloy"))
+    );
+    assert_eq!(speech["response_format"].as_str(), Some("opus"));
+    // Typed questions get text only; a failing speech endpoint leaves the text, with a note.
+    tg.send_private(13, "Mo", "typed");
+    assert_eq!(nth_text(&tg, 13, 3).await, "echo: typed");
+    llm.push_speech(Behavior::status(500));
+    tg.send_media(13, 13, "Mo", true, MediaMsg::voice(b"again", 2));
+    let t = nth_text(&tg, 13, 4).await;
+    assert!(
+        t.ends_with("(I couldn't record a voice reply this time.)"),
+        "{t}"
+    );
+    assert!(
+        t.starts_with("🎤 heard: again\n\necho: heard: again"),
+        "{t}"
+    );
+    assert_eq!(
+        tg.sent_to(13)
+            .iter()
+            .filter(|m| m.method == "sendvoice")
+            .count(),
+        1
+    );
+    daemon.stop().await.unwrap();
 }

@@ -148,6 +148,9 @@ struct FakeState {
     /// `/audio/transcriptions`: scripted behaviours (FIFO; else `Echo`) and requests.
     audio_script: VecDeque<Behavior>,
     transcriptions: Vec<Transcribed>,
+    /// `/audio/speech`: scripted behaviours (FIFO; else OGG bytes) and request bodies.
+    speech_script: VecDeque<Behavior>,
+    speeches: Vec<Value>,
     verbose: bool,
 }
 
@@ -194,6 +197,8 @@ impl FakeOpenAi {
             verbose: false,
             audio_script: VecDeque::new(),
             transcriptions: Vec::new(),
+            speech_script: VecDeque::new(),
+            speeches: Vec::new(),
         }));
         let (addr, stop) = spawn_server(addr, state.clone())?;
         Ok(FakeOpenAi {
@@ -321,6 +326,8 @@ fn spawn_server(
         .route("/chat/completions", post(chat_completions))
         .route("/v1/audio/transcriptions", post(transcriptions))
         .route("/audio/transcriptions", post(transcriptions))
+        .route("/v1/audio/speech", post(speech))
+        .route("/audio/speech", post(speech))
         .route("/v1/models", get(list_models))
         .route("/models", get(list_models))
         .fallback(not_found)
@@ -1012,4 +1019,60 @@ fn multipart_parts(body: &[u8], boundary: &str) -> Vec<(String, Option<String>, 
         pos = next + 2;
     }
     parts
+}
+
+// ---------------------------------------------------------------------------
+// Audio: `POST /audio/speech`.
+
+/// What the fake speaks: `OggS` (an OGG page's magic) followed by the input text, so a
+/// test can see what was spoken.
+pub fn spoken_audio(input: &str) -> Vec<u8> {
+    [b"OggS".as_slice(), input.as_bytes()].concat()
+}
+
+impl FakeOpenAi {
+    /// Queues a behaviour for the next speech request (statuses, `Hang`, `Delay`).
+    pub fn push_speech(&self, b: Behavior) {
+        lock(&self.state).speech_script.push_back(b);
+    }
+
+    /// Every speech request body so far (`model`, `voice`, `input`, `response_format`).
+    pub fn speeches(&self) -> Vec<Value> {
+        lock(&self.state).speeches.clone()
+    }
+}
+
+async fn speech(State(state): State<Shared>, body: Bytes) -> Response {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let input = v
+        .get("input")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let scripted = {
+        let mut st = lock(&state);
+        st.speeches.push(v);
+        st.speech_script.pop_front()
+    };
+    match scripted {
+        None => {
+            let mut resp = (StatusCode::OK, spoken_audio(&input)).into_response();
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("audio/ogg"));
+            resp
+        }
+        Some(b) => {
+            let ctx = Ctx {
+                id: "speech".into(),
+                model: DEFAULT_MODEL.into(),
+                created: unix_now(),
+                stream: false,
+                include_usage: false,
+                prompt_tokens: 0,
+                last_user: String::new(),
+                images: 0,
+            };
+            respond(b, ctx).await
+        }
+    }
 }

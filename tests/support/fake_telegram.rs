@@ -1338,6 +1338,7 @@ async fn dispatch(
         "editmessagetext" => edit_message_text(inner, body),
         "senddocument" => send_document(inner, body, upload),
         "getfile" => get_file(inner, body),
+        "sendvoice" => send_voice(inner, body, upload),
         "sendchataction" => {
             let Some(chat_id) = chat_id_of(body) else {
                 return err(400, "Bad Request: chat_id is empty");
@@ -1961,4 +1962,48 @@ fn download_file(inner: &Shared, rest: &str) -> Response {
         }
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// sendVoice: recorded as a sent message (`method` "sendvoice", the audio in `document`).
+fn send_voice(inner: &Shared, body: &Value, upload: Option<Upload>) -> (u16, Value) {
+    let Some(chat_id) = chat_id_of(body) else {
+        return err(400, "Bad Request: chat not found");
+    };
+    let Some(upload) = upload.filter(|u| !u.data.is_empty()) else {
+        return err(400, "Bad Request: there is no voice in the request");
+    };
+    let result = {
+        let mut st = lock(inner);
+        let id = st.take_message_id();
+        let fid = st.take_file_id();
+        let chat = st.chat_json(chat_id);
+        let msg = json!({
+            "message_id": id,
+            "from": st.bot_user(),
+            "date": now_unix(),
+            "chat": chat,
+            "voice": {
+                "file_id": format!("bvoice-{fid}"),
+                "file_unique_id": format!("ubvoice-{fid}"),
+                "file_size": upload.data.len(),
+                "duration": 1,
+                "mime_type": "audio/ogg",
+            },
+        });
+        st.remember_message(&msg);
+        st.sent.push(SentMessage {
+            method: "sendvoice".into(),
+            chat_id,
+            message_id: id,
+            text: String::new(),
+            parse_mode: None,
+            reply_to: reply_to_of(body),
+            reply_markup: None,
+            file_name: upload.file_name,
+            document: Some(upload.data),
+        });
+        msg
+    };
+    inner.sent_changed.notify_waiters();
+    ok(result)
 }

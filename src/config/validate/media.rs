@@ -27,8 +27,19 @@ pub(super) fn media(m: MediaConfig, c: &mut Check<'_>) -> MediaConfig {
             ("max_download_mb", m.max_download_mb, MAX_DOWNLOAD_MB),
         ],
     );
-    if m.transcription_model.trim().is_empty() {
-        c.push("media.transcription_model", "must not be empty");
+    for (key, value) in [
+        ("transcription_model", &m.transcription_model),
+        ("speech_model", &m.speech_model),
+        ("speech_voice", &m.speech_voice),
+    ] {
+        if value.trim().is_empty() {
+            c.push(&format!("media.{key}"), "must not be empty");
+        }
     }
+    let formats = [("opus", ()), ("mp3", ())];
+    c.one_of("media.response_format", &m.response_format, &formats);
+    c.at_least_one("media.max_spoken_chars", m.max_spoken_chars);
+    // OpenAI's speech endpoint reads at most 4096 characters.
+    c.at_most("media.max_spoken_chars", m.max_spoken_chars as u64, 4_096);
     m
 }

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::{stop, MessageCtx, Step};
-use crate::domain::{Media, MediaKind, Rejection, Reply};
+use crate::domain::{Attachment, Media, MediaKind, Rejection, Reply, ReplyKind};
 use crate::engine::events::{LlmFailed, MediaHandled, Quota, RateLimited};
 use crate::engine::limits::{human_duration, secs_until_reset, utc_day};
 use crate::engine::media::{self, FetchError, MediaOutcome};
 use crate::engine::{now_unix, roll_day, Engine, MSG_BUSY, MSG_LLM_UNAVAILABLE};
 use crate::events::Event;
-use crate::llm::{LlmError, Transcription};
+use crate::llm::{LlmError, Speech, Transcription};
 
 /// The question sent with an image that came without a caption.
 pub(crate) const IMAGE_QUESTION: &str = "What is in this image?";
@@ -24,6 +24,7 @@ const MSG_FETCH_FAILED: &str = "I couldn't download your file. Please try sendin
 const MSG_TRANSCRIPTION_FAILED: &str =
     "Sorry, I couldn't transcribe your voice message right now. Please try again in a moment.";
 const MSG_NOTHING_HEARD: &str = "I couldn't make out any words in that voice message.";
+const MSG_NOT_SPOKEN: &str = "\n\n(I couldn't record a voice reply this time.)";
 
 impl Engine {
     /// Media: the text that stands for a media message (its transcript, or an image's
@@ -174,6 +175,61 @@ impl Engine {
                 human_duration(secs_until_reset(now) as u64)
             ),
         ))
+    }
+
+    /// Voice out: an answer to a voice question, also spoken and attached as a voice
+    /// message. A speech failure sends the text alone, with a note.
+    pub(super) async fn voice_reply(&self, m: &MessageCtx<'_>, reply: Reply) -> Reply {
+        let answered = matches!(
+            &reply,
+            Reply::Text {
+                kind: ReplyKind::Answer | ReplyKind::Cached,
+                ..
+            }
+        );
+        let Some(text) = reply.as_text().filter(|_| answered) else {
+            return reply;
+        };
+        let cfg = &m.cfg.media;
+        let request = Speech {
+            model: cfg.speech_model.clone(),
+            voice: cfg.speech_voice.clone(),
+            format: cfg.response_format.clone(),
+            input: media::spoken(text, cfg.max_spoken_chars),
+        };
+        let kind = MediaKind::Voice;
+        match self.llm.speak(request).await.result {
+            Ok(bytes) => {
+                let (outcome, audio_secs) = (MediaOutcome::Spoken, 0);
+                MediaHandled {
+                    kind,
+                    outcome,
+                    audio_secs,
+                }
+                .emit(&self.stats);
+                let ext = if cfg.response_format == "mp3" {
+                    "mp3"
+                } else {
+                    "ogg"
+                };
+                reply.with_attachment(Attachment {
+                    file_name: format!("voice-reply.{ext}"),
+                    bytes,
+                    voice: true,
+                })
+            }
+            Err(error) => {
+                let (outcome, audio_secs) = (MediaOutcome::SpeechFailed, 0);
+                MediaHandled {
+                    kind,
+                    outcome,
+                    audio_secs,
+                }
+                .emit(&self.stats);
+                tracing::warn!(error = %error, "speech failed; the answer goes as text only");
+                reply.suffixed(MSG_NOT_SPOKEN)
+            }
+        }
     }
 
     fn transcription_failed<T>(&self, kind: MediaKind, error: LlmError) -> Step<T> {

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::events::{InternalCause, InternalError};
 use super::Engine;
-use crate::config::{BotConfig, Config};
+use crate::config::{BotConfig, Config, VoiceReplies};
 use crate::domain::{Content, Inbound, Reply, ReplyKind, UserRef};
 use crate::engine::prompt::Prompts;
 use crate::events::Event;
@@ -145,13 +145,14 @@ impl Engine {
         self.gate(&mut m)?;
         self.route(&m).await?; // the command stage: a command runs and stops here
         self.admit(&m).await?;
-        let mut echo = None;
+        let (mut echo, mut speak) = (None, false);
         if let Content::Media(media) = &inbound.content {
             heard = self.media(&mut m, media).await?;
             m.text = &heard;
             self.length_gate(&m)?;
             let show = media.kind.is_audio() && m.cfg.media.show_transcript;
             echo = show.then(|| format!("🎤 {heard}\n\n"));
+            speak = media.kind.is_audio() && m.bot.voice_replies == VoiceReplies::Mirror;
         }
         self.context(&mut m)?;
         // A context-length error comes back once for a shorter history.
@@ -164,7 +165,10 @@ impl Engine {
                 break answer;
             }
         };
-        let reply = self.record(&m, answer).await?;
+        let mut reply = self.record(&m, answer).await?;
+        if speak {
+            reply = self.voice_reply(&m, reply).await;
+        }
         Ok(match echo {
             Some(echo) => reply.prefixed(&echo),
             None => reply,
