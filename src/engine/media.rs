@@ -139,9 +139,9 @@ pub fn spoken(text: &str, max: usize) -> String {
     let half = head.len() / 2;
     let cut = head
         .char_indices()
-        .filter(|(i, c)| *i >= half && matches!(c, '.' | '!' | '?' | '\n'))
+        .rev()
+        .find(|(i, c)| *i >= half && matches!(c, '.' | '!' | '?' | '\n'))
         .map(|(i, c)| i + c.len_utf8())
-        .last()
         .or_else(|| head.rfind(char::is_whitespace).filter(|i| *i >= half))
         .unwrap_or(head.len());
     let mut out = head.get(..cut).unwrap_or(&head).trim_end().to_string();

@@ -51,15 +51,22 @@ async fn telegram_voice_note_is_heard_answered_and_remembered() {
         "{:?}",
         last.messages
     );
+    // A video note is heard too (its sound, as MP4).
+    let mut circle = MediaMsg::voice(b"round video", 4);
+    (circle.kind, circle.mime) = ("video_note", None);
+    tg.send_media(7, 7, "Vera", true, circle);
+    let t = nth_text(&tg, 7, 3).await;
+    assert!(t.starts_with("🎤 heard: round video"), "{t}");
+    assert_eq!(llm.transcriptions()[1].file_name, "video.mp4");
     // /usage shows the audio seconds.
     tg.send_private(7, "Vera", "/usage");
-    let usage = nth_text(&tg, 7, 3).await;
-    assert!(usage.contains("Voice: 3 s of audio today"), "{usage}");
+    let usage = nth_text(&tg, 7, 4).await;
+    assert!(usage.contains("Voice: 7 s of audio today"), "{usage}");
     // /admin stats shows the seconds transcribed.
     tg.send_private(70, "Root", "/admin stats");
     let stats = nth_text(&tg, 70, 1).await;
     assert!(
-        stats.contains("Media: 3 s of audio transcribed, 0 images read"),
+        stats.contains("Media: 7 s of audio transcribed, 0 images read"),
         "{stats}"
     );
     daemon.stop().await.unwrap();
@@ -68,7 +75,7 @@ async fn telegram_voice_note_is_heard_answered_and_remembered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telegram_photo_reaches_a_vision_model_as_an_image_part_and_is_not_stored() {
     let bot = format!("vision = true\n{TG_BOT_TOML}");
-    let (llm, tg, root) = tg_setup("", &bot).await;
+    let (llm, tg, root) = tg_setup(&format!("[limits]\n{GENEROUS}"), &bot).await;
     let daemon = Daemon::start(&root);
     tg.send_media(
         8,
@@ -104,6 +111,41 @@ async fn telegram_photo_reaches_a_vision_model_as_an_image_part_and_is_not_store
         "{:?}",
         last.messages
     );
+    // The image's hash is in the cache key: another user (same name, so the same
+    // prompt) sending the same image and caption is a cache hit; another image is not.
+    let asked = llm.request_count();
+    let jpeg = b"\xff\xd8 fake jpeg";
+    tg.send_media(
+        80,
+        80,
+        "Ian",
+        true,
+        MediaMsg::photo(jpeg, Some("what is this?")),
+    );
+    assert_eq!(nth_text(&tg, 80, 1).await, "echo: what is this? images: 1");
+    assert_eq!(llm.request_count(), asked, "served from the cache");
+    tg.send_media(
+        81,
+        81,
+        "Ian",
+        true,
+        MediaMsg::photo(b"other", Some("what is this?")),
+    );
+    assert_eq!(nth_text(&tg, 81, 1).await, "echo: what is this? images: 1");
+    assert_eq!(llm.request_count(), asked + 1, "a different image is asked");
+    // Too large or not an image format the model reads: refused before any download.
+    let downloads = tg.downloads();
+    let mut big = MediaMsg::photo(b"big", None);
+    big.declared_size = Some(21 * 1024 * 1024);
+    tg.send_media(8, 8, "Ian", true, big);
+    let t = nth_text(&tg, 8, 4).await;
+    assert!(t.contains("Your image is too large (limit 20 MB)"), "{t}");
+    let mut tiff = MediaMsg::photo(b"tiff", None);
+    (tiff.kind, tiff.mime) = ("document", Some("image/tiff".into()));
+    tg.send_media(8, 8, "Ian", true, tiff);
+    let t = nth_text(&tg, 8, 5).await;
+    assert!(t.contains("can't read this image's format"), "{t}");
+    assert_eq!(tg.downloads(), downloads);
     daemon.stop().await.unwrap();
 }
 
