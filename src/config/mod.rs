@@ -410,7 +410,7 @@ pub struct OtelConfig {
     pub sample_ratio: f64,
 }
 
-/// `[media]`: voice notes, audio files and images (SPEC §6 media rows).
+/// `[media]`: voice notes, audio files, images and voice replies (SPEC §16).
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

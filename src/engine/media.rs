@@ -219,12 +219,19 @@ pub struct MediaStats {
 }
 
 impl MediaStats {
-    /// `(kind, outcome) → count`, every pair seen so far.
+    /// `(kind, outcome) → count`: every pair seen so far, and each kind's `read` from 0
+    /// (so the series is there before the first media message).
     pub fn snapshot(&self) -> BTreeMap<(&'static str, &'static str), u64> {
-        self.counts
+        let mut counts = self
+            .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        for kind in [MediaKind::Voice, MediaKind::Audio, MediaKind::Image] {
+            let read = MediaOutcome::Read.as_str();
+            counts.entry((kind.as_str(), read)).or_default();
+        }
+        counts
     }
 
     pub(crate) fn count(&self, kind: MediaKind, outcome: MediaOutcome) {

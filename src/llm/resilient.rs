@@ -430,6 +430,20 @@ mod tests {
         ) -> futures::future::BoxFuture<'_, Result<DeltaStream, LlmError>> {
             Box::pin(async { Err(LlmError::Connect("no".into())) })
         }
+        fn transcribe(
+            &self,
+            _req: Transcription,
+        ) -> futures::future::BoxFuture<'_, Result<String, LlmError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let (err, fail) = (self.err.clone(), self.fail);
+            Box::pin(async move {
+                if n < fail {
+                    Err(err)
+                } else {
+                    Ok("heard".into())
+                }
+            })
+        }
     }
 
     fn policy() -> RetryPolicy {
@@ -474,6 +488,39 @@ mod tests {
             "{waited:?}"
         );
         assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Transcriptions share the chat's endpoint health: retried like a completion, and
+    /// their failures open the one circuit.
+    #[tokio::test(start_paused = true)]
+    async fn transcriptions_are_retried_and_open_the_shared_circuit() {
+        let p = Arc::new(Flaky {
+            fail: 7,
+            err: LlmError::Server {
+                status: 503,
+                retry_after: None,
+            },
+            calls: AtomicUsize::new(0),
+        });
+        let mut pol = policy();
+        (pol.max_retries, pol.breaker_failures) = (1, 3);
+        let llm = ResilientLlm::new(p.clone(), pol);
+        let audio = || Transcription {
+            model: "whisper-1".into(),
+            file_name: "voice.ogg".into(),
+            bytes: Arc::new(b"x".to_vec()),
+        };
+        for _ in 0..3 {
+            let billed = llm.transcribe(audio()).await;
+            assert!(matches!(billed.result, Err(LlmError::Server { .. })));
+            assert_eq!(billed.billable_failures, 2, "two attempts each");
+        }
+        assert_eq!(p.calls.load(Ordering::SeqCst), 6);
+        assert_eq!(llm.breaker_state(), BreakerState::Open);
+        let refused = llm.transcribe(audio()).await.result;
+        assert_eq!(refused, Err(LlmError::CircuitOpen));
+        assert_eq!(llm.complete(req()).await, Err(LlmError::CircuitOpen));
+        assert_eq!(p.calls.load(Ordering::SeqCst), 6, "no call while open");
     }
 
     #[tokio::test(start_paused = true)]

@@ -39,7 +39,7 @@ impl Engine {
         }
         let declared = media.duration_secs.map(u64::from);
         if !m.admin {
-            self.audio_budget(m, declared.unwrap_or(1))?;
+            self.audio_budget(m, media.kind, declared.unwrap_or(1))?;
         }
         let bytes = self.fetch(m, media).await?;
         let secs = declared.unwrap_or_else(|| media::estimated_secs(bytes.len()));
@@ -130,7 +130,7 @@ impl Engine {
     }
 
     /// Goes on while the user has audio seconds left today; else one notice per day.
-    fn audio_budget(&self, m: &MessageCtx<'_>, secs: u64) -> Step {
+    fn audio_budget(&self, m: &MessageCtx<'_>, kind: MediaKind, secs: u64) -> Step {
         let limit = m.cfg.limits.daily_audio_secs;
         let now = now_unix();
         let today = utc_day(now);
@@ -142,7 +142,7 @@ impl Engine {
         if usage.map_or(0, |u| u.audio_secs).saturating_add(secs) <= limit {
             return Ok(());
         }
-        let (kind, outcome, audio_secs) = (MediaKind::Voice, MediaOutcome::Budget, 0);
+        let (outcome, audio_secs) = (MediaOutcome::Budget, 0);
         MediaHandled {
             kind,
             outcome,
