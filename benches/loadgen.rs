@@ -534,6 +534,7 @@ fn seed_store(dir: &Path, n: usize, rt: tokio::runtime::Handle) -> Result<Seeded
                                 budget_notified: false,
                                 total_tokens: used,
                                 total_messages: 3,
+                                ..Usage::default()
                             },
                             ..UserRecord::default()
                         };

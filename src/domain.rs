@@ -128,8 +128,54 @@ impl fmt::Display for ConversationKey {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Content {
     Text(String),
-    /// Sticker, photo, voice, file, or an empty message.
+    /// A voice note, an audio file or an image, fetched and read by the engine.
+    Media(Media),
+    /// Sticker, video, other files, or an empty message.
     NonText,
+}
+
+/// What a media message is, as far as the engine cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaKind {
+    /// A voice note (Telegram `voice` / `video_note`, a Discord voice message).
+    Voice,
+    /// An audio file (Telegram `audio`, a Discord audio attachment).
+    Audio,
+    /// A photo or an image file.
+    Image,
+}
+
+impl MediaKind {
+    /// Label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Voice => "voice",
+            MediaKind::Audio => "audio",
+            MediaKind::Image => "image",
+        }
+    }
+
+    pub fn is_audio(self) -> bool {
+        matches!(self, MediaKind::Voice | MediaKind::Audio)
+    }
+}
+
+/// A media message as the platform declared it; the bytes are fetched only when the
+/// engine decides to (after the size, length and budget checks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Media {
+    pub kind: MediaKind,
+    /// The platform's reference: a Telegram `file_id`, a Discord attachment URL.
+    pub file: String,
+    /// Declared size in bytes.
+    pub size: Option<u64>,
+    /// Declared duration in seconds (audio).
+    pub duration_secs: Option<u32>,
+    /// Declared MIME type.
+    pub mime: Option<String>,
+    /// The text sent with it (a caption; a Discord message's text).
+    pub caption: Option<String>,
 }
 
 /// One inbound message, already translated from the platform's SDK type.
@@ -176,6 +222,8 @@ impl Inbound {
 pub enum Rejection {
     TooLong,
     NonText,
+    /// A media message that cannot be used (too large or long, unsupported, not fetched).
+    Media,
     RateLimited,
     BudgetExhausted,
     Banned,
@@ -195,6 +243,7 @@ impl Rejection {
         match self {
             Rejection::TooLong => "too_long",
             Rejection::NonText => "non_text",
+            Rejection::Media => "media",
             Rejection::RateLimited => "rate_limited",
             Rejection::BudgetExhausted => "budget_exhausted",
             Rejection::Banned => "banned",
@@ -227,6 +276,8 @@ pub enum ReplyKind {
 pub struct Attachment {
     pub file_name: String,
     pub bytes: Vec<u8>,
+    /// A spoken answer: sent as a voice message where the platform has them.
+    pub voice: bool,
 }
 
 /// A button under a reply (Telegram inline keyboard, Discord component). Pressing it
@@ -313,6 +364,30 @@ impl Reply {
             Reply::Text { visibility, .. } => *visibility,
             Reply::Silent => Visibility::Public,
         }
+    }
+
+    /// The same reply with `prefix` before its text (`Silent` stays silent).
+    pub fn prefixed(mut self, prefix: &str) -> Self {
+        if let Reply::Text { text, .. } = &mut self {
+            text.insert_str(0, prefix);
+        }
+        self
+    }
+
+    /// The same reply with `suffix` after its text (`Silent` stays silent).
+    pub fn suffixed(mut self, suffix: &str) -> Self {
+        if let Reply::Text { text, .. } = &mut self {
+            text.push_str(suffix);
+        }
+        self
+    }
+
+    /// The same reply with a file (`Silent` stays silent).
+    pub fn with_attachment(mut self, file: Attachment) -> Self {
+        if let Reply::Text { attachment, .. } = &mut self {
+            *attachment = Some(file);
+        }
+        self
     }
 
     pub fn notice(reason: Rejection, text: impl Into<String>) -> Self {

@@ -1,6 +1,6 @@
 //! Property tests for every function that takes outside text: Telegram mention stripping
 //! and entity offsets, Discord mention removal, command parsing, reply splitting, Markdown →
-//! Telegram HTML, and `CONFAB__` overrides. Inputs mix ASCII, any char, the characters that
+//! Telegram HTML, `CONFAB__` overrides, and declared media (sizes, durations, MIME types). Inputs mix ASCII, any char, the characters that
 //! break naive code (case folding that changes byte length, combining marks, RTL, ZWJ
 //! emoji, surrogate-adjacent code points, NUL) and the markup characters heavily.
 
@@ -492,6 +492,84 @@ mod overrides {
                     prop_assert!(!p.message.is_empty() && !p.key.is_empty(), "{:?}", p);
                 }
             }
+        }
+    }
+}
+
+mod media {
+    use super::*;
+    use crate::config::MediaConfig;
+    use crate::domain::{Media, MediaKind};
+    use crate::engine::media::{
+        audio_file_name, base64, estimated_secs, image_mime, precheck, MediaProblem,
+    };
+
+    fn mime() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            1 => Just(None),
+            2 => proptest::sample::select(vec![
+                "audio/ogg", "audio/OGG; codecs=opus", "audio/mpeg", "video/mp4", "image/png",
+                "image/tiff", "application/zip", "", ";", "audio/", "image/jpeg;;",
+            ])
+            .prop_map(|s| Some(s.to_string())),
+            2 => wild(30).prop_map(Some),
+        ]
+    }
+
+    fn media() -> impl Strategy<Value = Media> {
+        (
+            proptest::sample::select(vec![MediaKind::Voice, MediaKind::Audio, MediaKind::Image]),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u32>()),
+            mime(),
+        )
+            .prop_map(|(kind, size, duration_secs, mime)| Media {
+                kind,
+                file: "f".into(),
+                size,
+                duration_secs,
+                mime,
+                caption: None,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Whatever a platform declares (sizes, durations, MIME types), the checks never
+        /// panic and refuse exactly what is over a limit or unreadable.
+        #[test]
+        fn declared_media_never_panics_and_limits_hold(
+            m in media(),
+            max_audio_secs in 1u32..100_000,
+            max_download_mb in 1u64..1_000,
+        ) {
+            let cfg = MediaConfig { max_audio_secs, max_download_mb, ..MediaConfig::default() };
+            let readable = match m.kind {
+                MediaKind::Image => image_mime(m.mime.as_deref()).is_some(),
+                _ => audio_file_name(m.mime.as_deref()).is_some(),
+            };
+            match precheck(&m, &cfg) {
+                Ok(()) => {
+                    prop_assert!(readable);
+                    prop_assert!(m.size.is_none_or(|s| s <= cfg.max_download_bytes()));
+                    if m.kind != MediaKind::Image {
+                        prop_assert!(m.duration_secs.is_none_or(|d| d <= max_audio_secs));
+                    }
+                }
+                Err(MediaProblem::Unsupported) => prop_assert!(!readable),
+                Err(MediaProblem::TooLong { secs, max }) => prop_assert!(secs > max),
+                Err(MediaProblem::TooLarge { .. }) => {
+                    prop_assert!(m.size.is_some_and(|s| s > cfg.max_download_bytes()));
+                }
+            }
+        }
+
+        #[test]
+        fn base64_has_the_padded_length(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let encoded = base64(&bytes);
+            prop_assert_eq!(encoded.len(), bytes.len().div_ceil(3) * 4);
+            prop_assert!(estimated_secs(bytes.len()) >= 1);
         }
     }
 }

@@ -62,6 +62,8 @@ pub fn engine_and_store(dir: &std::path::Path, cache: bool) -> (Arc<Engine>, Arc
         prompt: "assistant".into(),
         llm: Default::default(),
         stream: false,
+        vision: false,
+        voice_replies: Default::default(),
         limits: None,
         telegram: None,
         discord: None,

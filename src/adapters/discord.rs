@@ -44,6 +44,7 @@ use crate::engine::Engine;
 use crate::events::{ErrorKind, Event};
 
 mod interact;
+mod media;
 mod rest;
 mod shards;
 use interact::Interact;
@@ -189,6 +190,8 @@ impl DiscordAdapter {
             v.application_id,
             throttle,
         ));
+        let files = Arc::new(media::DcMedia::new(&d.api_url));
+        engine.set_media_source(Platform::Discord, &v.name, files);
         let prefix = format!("dc/{}/", v.name);
         let delivery = Delivery::new(out, engine, stats, &v.name, prefix, SETTLE);
         Arc::new(Self {
@@ -334,10 +337,10 @@ impl DiscordAdapter {
             }
             text = strip_mention(&text, &tags);
         }
-        let content = if text.trim().is_empty() {
-            Content::NonText
-        } else {
-            Content::Text(text)
+        let content = match media::of_message(msg, &text) {
+            Some(media) => Content::Media(media),
+            None if text.trim().is_empty() => Content::NonText,
+            None => Content::Text(text),
         };
         Some(Job {
             inbound: self.inbound(

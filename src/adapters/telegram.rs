@@ -24,12 +24,13 @@ use super::delivery::{Admission, Delivery, DeliveryStats};
 use super::events::{Panicked, UpdatePanicked};
 use super::{redact, IdentityError, Throttle};
 use crate::config::{BotConfig, Config, Secret, TelegramMode};
-use crate::domain::{Content, Inbound, Platform};
+use crate::domain::{Content, Inbound, Media, Platform};
 use crate::engine::commands;
 use crate::engine::Engine;
 use crate::events::{ErrorKind, Event};
 use crate::store::InboxStore;
 
+mod media;
 mod out;
 pub mod webhook;
 use out::{scrub, TgOut};
@@ -153,6 +154,11 @@ impl TelegramAdapter {
         let poll_gate = engine
             .coordination()
             .poll_gate(&format!("telegram/{}", v.name));
+        let files = media::TgMedia {
+            bot: v.bot.clone(),
+            token: v.token.clone(),
+        };
+        engine.set_media_source(Platform::Telegram, &v.name, Arc::new(files));
         let delivery = Delivery::new(out, engine, stats, &v.name, prefix, Duration::ZERO);
         Arc::new(Self {
             name: v.name,
@@ -337,14 +343,17 @@ impl TelegramAdapter {
         }
         let is_private = msg.chat.is_private();
         let me_name = self.me.user.username.as_deref().unwrap_or_default();
-        let mut content = match msg.text() {
-            Some(t) => Content::Text(t.to_string()),
-            None => Content::NonText,
+        let mut content = match (msg.text(), media::of_message(&msg)) {
+            (Some(t), _) => Content::Text(t.to_string()),
+            (None, Some(media)) => Content::Media(media),
+            (None, None) => Content::NonText,
         };
         if !is_private {
-            let text = msg.text().unwrap_or_default();
+            // A caption mentions the bot like a text does.
+            let text = msg.text().or(msg.caption()).unwrap_or_default();
             let mentioned = msg
                 .entities()
+                .or(msg.caption_entities())
                 .unwrap_or_default()
                 .iter()
                 .any(|e| match &e.kind {
@@ -367,8 +376,12 @@ impl TelegramAdapter {
             if !(mentioned || replied_to_me || command_for_me) {
                 return None;
             }
-            if let Content::Text(t) = &mut content {
-                *t = strip_mention(t, me_name);
+            match &mut content {
+                Content::Text(t) => *t = strip_mention(t, me_name),
+                Content::Media(Media {
+                    caption: Some(c), ..
+                }) => *c = strip_mention(c, me_name),
+                _ => {}
             }
         }
         Some(Job {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::raw::{RawCache, RawHttp, RawLog};
 use super::{
-    AdminsConfig, AuditConfig, DeliveryConfig, Env, LimitsConfig, LlmConfig, MemoryConfig,
-    OtelConfig, StoreConfig,
+    AdminsConfig, AuditConfig, DeliveryConfig, Env, LimitsConfig, LlmConfig, MediaConfig,
+    MemoryConfig, OtelConfig, StoreConfig,
 };
 
 /// `data_dir`: each environment gets its own store.
@@ -72,6 +72,7 @@ impl Default for LimitsConfig {
             max_input_chars: 4000,
             commands_per_minute: 20,
             commands_burst: 10,
+            daily_audio_secs: 1_800,
         }
     }
 }
@@ -137,6 +138,22 @@ impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             retention_days: 365,
+        }
+    }
+}
+
+impl Default for MediaConfig {
+    /// Telegram's Bot API serves files up to 20 MB; OpenAI's transcription takes 25 MB.
+    fn default() -> Self {
+        Self {
+            max_audio_secs: 300,
+            max_download_mb: 20,
+            transcription_model: "whisper-1".into(),
+            show_transcript: true,
+            speech_model: "tts-1".into(),
+            speech_voice: "alloy".into(),
+            response_format: "opus".into(),
+            max_spoken_chars: 1_000,
         }
     }
 }

@@ -219,6 +219,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// OpenTelemetry traces (off unless an endpoint is configured).
     pub otel: OtelConfig,
+    /// Voice notes and images: sizes, lengths, the transcription model.
+    pub media: MediaConfig,
     /// Every `bots/*.toml`, sorted by name.
     pub bots: Vec<BotConfig>,
     /// Every `prompts/*.md`: file stem -> template source (compiles with minijinja).
@@ -308,6 +310,8 @@ pub struct LimitsConfig {
     /// Commands (`/help`, `/export`, `/admin` …) have their own, more generous quota.
     pub commands_per_minute: u32,
     pub commands_burst: u32,
+    /// Seconds of voice notes and audio transcribed per user per UTC day (0: none).
+    pub daily_audio_secs: u64,
 }
 
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -410,6 +414,36 @@ pub struct OtelConfig {
     pub sample_ratio: f64,
 }
 
+/// `[media]`: voice notes, audio files, images and voice replies (SPEC §16).
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Longer voice notes and audio files are refused before they are downloaded.
+    pub max_audio_secs: u32,
+    /// Larger files are refused (before downloading when the platform declares the size).
+    pub max_download_mb: u64,
+    /// The model of `POST /audio/transcriptions`.
+    pub transcription_model: String,
+    /// Echo "🎤 <transcript>" above the answer so users see what was heard.
+    pub show_transcript: bool,
+    /// Voice replies (`voice_replies = "mirror"`): the model, voice and format of
+    /// `POST /audio/speech`.
+    pub speech_model: String,
+    pub speech_voice: String,
+    /// `opus` (OGG/Opus: a Telegram voice message) or `mp3`.
+    pub response_format: String,
+    /// A longer answer is spoken up to here (cut at a sentence or word end).
+    pub max_spoken_chars: usize,
+}
+
+impl MediaConfig {
+    /// `max_download_mb` in bytes.
+    pub fn max_download_bytes(&self) -> u64 {
+        self.max_download_mb.saturating_mul(1024 * 1024)
+    }
+}
+
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -447,11 +481,25 @@ pub struct BotConfig {
     pub llm: LlmOverrides,
     /// Edit the reply as tokens arrive.
     pub stream: bool,
+    /// The bot's model reads images: photos go to it as image content parts.
+    pub vision: bool,
+    /// Whether a voice question also gets a spoken answer.
+    pub voice_replies: VoiceReplies,
     pub limits: Option<BotLimits>,
     /// `None`: the bot does not run on Telegram.
     pub telegram: Option<PlatformBot>,
     /// `None`: the bot does not run on Discord.
     pub discord: Option<PlatformBot>,
+}
+
+/// A bot's `voice_replies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VoiceReplies {
+    /// Text answers only.
+    #[default]
+    Never,
+    /// A voice question gets the text answer and the answer spoken (`/audio/speech`).
+    Mirror,
 }
 
 /// Per-bot overrides of `[limits]`; `None` keeps the global value.
@@ -894,6 +942,35 @@ mod tests {
         assert_eq!(c.otel.endpoint.as_deref(), Some("http://c:4318"));
         assert_eq!(c.otel.sample_ratio, 1.0);
         assert_eq!(ok(Tree::new().load(Env::Staging, &[])).otel.endpoint, None);
+    }
+
+    #[test]
+    fn media_settings_are_checked() {
+        let t = Tree::new();
+        t.write(
+            "config/staging.toml",
+            "[media]\nmax_audio_secs = 0\nmax_download_mb = 500\ntranscription_model = \" \"\nshow_transcript = \"yes\"\n",
+        );
+        check(
+            t.load(Env::Staging, &[]),
+            &[
+                "config/staging.toml: media.show_transcript: invalid type: string \"yes\", expected a boolean (line 5)",
+                "config/staging.toml: media.max_audio_secs: must be at least 1",
+                "config/staging.toml: media.max_download_mb: 500 is too large (at most 100)",
+                "config/staging.toml: media.transcription_model: must not be empty",
+            ],
+        );
+        let c = ok(Tree::new().load(Env::Staging, &[]));
+        assert_eq!(
+            (
+                c.media.max_audio_secs,
+                c.media.max_download_mb,
+                c.limits.daily_audio_secs
+            ),
+            (300, 20, 1800)
+        );
+        assert_eq!(c.media.transcription_model, "whisper-1");
+        assert!(c.media.show_transcript);
     }
 
     #[test]
@@ -1496,6 +1573,7 @@ api_url = "api.telegram.org"
             ("delivery", keys(DeliveryConfig::default())),
             ("audit", keys(AuditConfig::default())),
             ("otel", keys(OtelConfig::default())),
+            ("media", keys(MediaConfig::default())),
         ];
         let commented = |key: &str| {
             let prefix = format!("# {key} = ");

@@ -38,6 +38,7 @@ pub(crate) struct RawTop {
     pub delivery: Table,
     pub audit: Table,
     pub otel: Table,
+    pub media: Table,
 }
 
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -174,6 +175,10 @@ pub(crate) struct RawBot {
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
     pub stream: bool,
+    /// The bot's model reads images (image content parts).
+    pub vision: bool,
+    /// `"never"` (default) or `"mirror"`.
+    pub voice_replies: Option<String>,
     pub limits: Option<Table>,
     pub telegram: Option<Table>,
     pub discord: Option<Table>,

@@ -145,6 +145,7 @@ impl Engine {
             attachment: Some(Attachment {
                 file_name: format!("confab-export-{}-{}.json", user.platform.prefix(), user.id),
                 bytes,
+                voice: false,
             }),
             buttons: Vec::new(),
             // `commands::COMMANDS` decides who may read it.
@@ -457,11 +458,18 @@ impl Engine {
             BreakerState::Open => "OPEN",
             BreakerState::HalfOpen => "half-open",
         };
+        let images: u64 = s
+            .media
+            .snapshot()
+            .iter()
+            .filter(|((kind, outcome), _)| *kind == "image" && *outcome == "read")
+            .map(|(_, n)| n)
+            .sum();
         let p95 = s
             .latency_quantile(0.95)
             .map_or("n/a".to_string(), |v| format!("≤ {v} s"));
         Ok(format!(
-            "Uptime {}\nUsers {users} ({active_today} active today), messages today {messages_today}\nReplies: {}\nCache hit rate {} ({hits} hits), {} tokens saved\nLLM calls {}, errors {}, retries {}; circuit {circuit}\np95 reply latency {p95}",
+            "Uptime {}\nUsers {users} ({active_today} active today), messages today {messages_today}\nReplies: {}\nCache hit rate {} ({hits} hits), {} tokens saved\nLLM calls {}, errors {}, retries {}; circuit {circuit}\np95 reply latency {p95}\nMedia: {} s of audio transcribed, {images} images read",
             human_duration(self.uptime().as_secs()),
             if outcomes.is_empty() { "none yet".to_string() } else { outcomes },
             percent(hits, hits + misses),
@@ -469,6 +477,7 @@ impl Engine {
             llm.requests.load(Ordering::Relaxed),
             llm.errors.load(Ordering::Relaxed),
             llm.retries.load(Ordering::Relaxed),
+            s.media.audio_secs.get(),
         ))
     }
 

@@ -96,6 +96,21 @@ impl_event!(RateLimited => EngineStats, |self, stats| {
     stats.rate_limited.add(1);
 });
 
+/// A media message was read (transcribed, passed to the model) or refused.
+pub struct MediaHandled {
+    pub kind: crate::domain::MediaKind,
+    pub outcome: super::media::MediaOutcome,
+    /// Seconds of audio transcribed (0 unless read).
+    pub audio_secs: u64,
+}
+
+impl_event!(MediaHandled => EngineStats, |self, stats| {
+    let (kind, outcome) = (self.kind.as_str(), self.outcome.as_str());
+    tracing::debug!(kind, outcome, audio_secs = self.audio_secs, "media handled");
+    stats.media.count(self.kind, self.outcome);
+    stats.media.audio_secs.add(self.audio_secs);
+});
+
 /// A reply served from the cache; the LLM tokens it had cost are saved.
 pub struct CacheHit {
     pub tokens_saved: u64,

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod commands;
 pub mod events;
 pub mod limits;
+pub mod media;
 pub mod ordering;
 pub mod prompt;
 mod stages;
@@ -32,7 +33,8 @@ use prompt::{Prompts, Tokenizer};
 use stages::{Internal, Stop};
 use stats::EngineStats;
 
-pub const MSG_NON_TEXT: &str = "I can only read text for now.";
+pub const MSG_NON_TEXT: &str =
+    "I can read text, voice messages and images, but not this kind of message.";
 pub const MSG_LLM_UNAVAILABLE: &str =
     "The assistant is temporarily unavailable. Please try again in a few minutes.";
 pub const MSG_LLM_FAILED: &str =
@@ -76,6 +78,8 @@ pub struct Engine {
     system_tokens: Mutex<HashMap<u64, usize>>,
     /// Users who asked `/forget` and have until this instant to confirm.
     forget_requests: Mutex<HashMap<UserRef, Instant>>,
+    /// Where each adapter's files are fetched from, by platform and bot.
+    media_sources: RwLock<HashMap<(Platform, String), Arc<dyn media::MediaSource>>>,
     pub stats: EngineStats,
 }
 
@@ -135,6 +139,7 @@ impl Engine {
             reloader: RwLock::new(None),
             system_tokens: Mutex::new(HashMap::new()),
             forget_requests: Mutex::new(HashMap::new()),
+            media_sources: RwLock::new(HashMap::new()),
             stats: EngineStats::default(),
         })
     }
@@ -168,6 +173,25 @@ impl Engine {
 
     pub fn coordination(&self) -> &Coordination {
         &self.coord
+    }
+
+    /// Registers how a bot's files are fetched on a platform (its adapter does).
+    pub fn set_media_source(
+        &self,
+        platform: Platform,
+        bot: &str,
+        source: Arc<dyn media::MediaSource>,
+    ) {
+        let mut sources = self
+            .media_sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        sources.insert((platform, bot.to_string()), source);
+    }
+
+    fn media_source(&self, platform: Platform, bot: &str) -> Option<Arc<dyn media::MediaSource>> {
+        let sources = self.media_sources.read().unwrap_or_else(|p| p.into_inner());
+        sources.get(&(platform, bot.to_string())).cloned()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -419,5 +443,7 @@ fn roll_day(r: &mut UserRecord, today: i64) {
         r.usage.tokens = 0;
         r.usage.messages = 0;
         r.usage.budget_notified = false;
+        r.usage.audio_secs = 0;
+        r.usage.audio_notified = false;
     }
 }

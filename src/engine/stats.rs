@@ -55,6 +55,8 @@ pub struct EngineStats {
     pub reply_latency: Histogram<ReplyBuckets>,
     /// Writing one answered exchange and making it durable (`record_exchange` + flush).
     pub store_write: Histogram<StoreWriteBuckets>,
+    /// Voice notes, audio files and images by kind and outcome; audio seconds.
+    pub media: super::media::MediaStats,
 }
 
 impl EngineStats {

@@ -3,6 +3,7 @@
 //!
 //! **Architecture Invariant:** only `llm/openai.rs` imports async-openai.
 
+pub mod audio;
 pub mod events;
 pub mod openai;
 pub mod resilient;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::Stream;
 
+pub use audio::{Speech, Transcription};
 pub use openai::OpenAiProvider;
 pub use resilient::{Billed, BreakerState, ResilientLlm, RetryPolicy};
 
@@ -27,6 +29,8 @@ pub enum ChatRole {
 pub struct ChatMessage {
     pub role: ChatRole,
     pub content: String,
+    /// Images sent with a user message, as `data:` URLs (image content parts).
+    pub images: Vec<String>,
 }
 
 impl ChatMessage {
@@ -34,6 +38,7 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            images: Vec::new(),
         }
     }
 }
@@ -130,4 +135,24 @@ pub trait LlmProvider: Send + Sync + 'static {
     fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChatResponse, LlmError>>;
     /// Starts a streamed completion; the future resolves once the endpoint accepted it.
     fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>>;
+    /// One attempt at a transcription. A provider without one refuses the request.
+    fn transcribe(&self, req: Transcription) -> BoxFuture<'_, Result<String, LlmError>> {
+        let _ = req;
+        Box::pin(async {
+            Err(LlmError::Rejected {
+                status: 0,
+                message: "this LLM provider cannot transcribe audio".into(),
+            })
+        })
+    }
+    /// One attempt at speaking a text; the audio's bytes. Refused unless implemented.
+    fn speak(&self, req: Speech) -> BoxFuture<'_, Result<Vec<u8>, LlmError>> {
+        let _ = req;
+        Box::pin(async {
+            Err(LlmError::Rejected {
+                status: 0,
+                message: "this LLM provider cannot speak".into(),
+            })
+        })
+    }
 }

@@ -6,10 +6,16 @@ use std::time::Duration;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::HttpRequestFactory;
+use async_openai::types::audio::{
+    AudioInput, CreateSpeechRequest, CreateTranscriptionRequest, SpeechModel, SpeechResponseFormat,
+    Voice,
+};
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestMessageContentPartImage, ChatCompletionRequestMessageContentPartText,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    ChatCompletionStreamOptions, CreateChatCompletionRequest,
+    ChatCompletionRequestUserMessageContent, ChatCompletionRequestUserMessageContentPart,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, ImageUrl,
 };
 use async_openai::Client;
 use futures::future::BoxFuture;
@@ -17,7 +23,8 @@ use futures::StreamExt;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use super::{ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError, LlmProvider};
+use super::{ChatMessage, ChatRequest, ChatResponse, ChatRole, DeltaStream, LlmError};
+use super::{LlmProvider, Speech, Transcription};
 
 /// A non-2xx status the HTTP layer saw before async-openai parsed the body, with the
 /// `Retry-After` header async-openai would otherwise drop.
@@ -109,9 +116,7 @@ impl OpenAiProvider {
                 ChatRole::System => ChatCompletionRequestMessage::System(
                     ChatCompletionRequestSystemMessage::from(m.content),
                 ),
-                ChatRole::User => ChatCompletionRequestMessage::User(
-                    ChatCompletionRequestUserMessage::from(m.content),
-                ),
+                ChatRole::User => ChatCompletionRequestMessage::User(user_message(m)),
                 ChatRole::Assistant => ChatCompletionRequestMessage::Assistant(
                     ChatCompletionRequestAssistantMessage::from(m.content.as_str()),
                 ),
@@ -132,6 +137,41 @@ impl OpenAiProvider {
             ..Default::default()
         }
     }
+}
+
+/// A user message: plain text, or text plus image content parts.
+fn user_message(m: ChatMessage) -> ChatCompletionRequestUserMessage {
+    if m.images.is_empty() {
+        return ChatCompletionRequestUserMessage::from(m.content);
+    }
+    let text = ChatCompletionRequestMessageContentPartText {
+        text: m.content,
+        prompt_cache_breakpoint: None,
+    };
+    let mut parts = vec![ChatCompletionRequestUserMessageContentPart::Text(text)];
+    parts.extend(m.images.into_iter().map(|url| {
+        ChatCompletionRequestUserMessageContentPart::ImageUrl(
+            ChatCompletionRequestMessageContentPartImage {
+                image_url: ImageUrl { url, detail: None },
+                prompt_cache_breakpoint: None,
+            },
+        )
+    }));
+    ChatCompletionRequestUserMessage {
+        content: ChatCompletionRequestUserMessageContent::Array(parts),
+        name: None,
+    }
+}
+
+/// The `text` of a JSON transcription answer.
+fn transcript_text(body: &[u8]) -> Result<String, LlmError> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        text: String,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .map(|a| a.text)
+        .map_err(|e| LlmError::BadResponse(format!("transcription: {e}")))
 }
 
 /// Maps async-openai's error to what the caller can act on. The API key travels in a
@@ -247,6 +287,46 @@ impl LlmProvider for OpenAiProvider {
             result
         };
         Box::pin(call.instrument(span))
+    }
+
+    fn transcribe(&self, req: Transcription) -> BoxFuture<'_, Result<String, LlmError>> {
+        Box::pin(async move {
+            let bytes = std::sync::Arc::unwrap_or_clone(req.bytes);
+            let request = CreateTranscriptionRequest {
+                file: AudioInput::from_vec_u8(req.file_name, bytes),
+                model: req.model,
+                ..Default::default()
+            };
+            // Raw: async-openai's typed answer requires `usage`, which Whisper servers
+            // (local ones above all) leave out; `text` is all that is needed.
+            let audio = self.client.audio();
+            let body = audio.transcription().create_raw(request).await;
+            let body = body.map_err(|e| self.error(e))?;
+            transcript_text(&body)
+        })
+    }
+
+    fn speak(&self, req: Speech) -> BoxFuture<'_, Result<Vec<u8>, LlmError>> {
+        Box::pin(async move {
+            let format = match req.format.as_str() {
+                "mp3" => SpeechResponseFormat::Mp3,
+                _ => SpeechResponseFormat::Opus,
+            };
+            let request = CreateSpeechRequest {
+                input: req.input,
+                model: SpeechModel::Other(req.model),
+                voice: Voice::Other(req.voice),
+                response_format: Some(format),
+                ..Default::default()
+            };
+            let audio = self.client.audio();
+            let resp = audio.speech().create(request).await;
+            let bytes = resp.map_err(|e| self.error(e))?.bytes;
+            if bytes.is_empty() {
+                return Err(LlmError::BadResponse("empty speech".into()));
+            }
+            Ok(bytes.to_vec())
+        })
     }
 }
 

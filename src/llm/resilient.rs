@@ -14,7 +14,7 @@ use tokio::time::Instant;
 pub use super::events::LlmStats;
 use super::events::{AttemptFailed, AttemptStarted, AttemptSucceeded, BusyCause, LlmBusy};
 use super::events::{CircuitRejected, Retrying, TokensUsed};
-use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider};
+use super::{ChatRequest, ChatResponse, DeltaStream, LlmError, LlmProvider, Speech, Transcription};
 use crate::events::Event;
 
 #[derive(Debug, Clone)]
@@ -306,13 +306,11 @@ impl ResilientLlm {
 
     /// Takes the call's one slot, then runs the attempts of `call` on the provider.
     /// A success comes with the slot, so a stream can keep it until it ends.
-    async fn with_slot<T, C>(&self, req: ChatRequest, call: C) -> Billed<(T, OwnedSemaphorePermit)>
+    async fn with_slot<R, T, C>(&self, req: R, call: C) -> Billed<(T, OwnedSemaphorePermit)>
     where
+        R: Clone,
         T: 'static,
-        C: Fn(
-                Arc<dyn LlmProvider>,
-                ChatRequest,
-            ) -> futures::future::BoxFuture<'static, Result<T, LlmError>>
+        C: Fn(Arc<dyn LlmProvider>, R) -> futures::future::BoxFuture<'static, Result<T, LlmError>>
             + Send
             + 'static,
     {
@@ -345,6 +343,27 @@ impl ResilientLlm {
             .emit(&self.stats);
         }
         billed.map(|(resp, _slot)| resp)
+    }
+
+    /// A transcription (`/audio/transcriptions`) under the same slot, timeout, retry and
+    /// breaker rules as a completion: one endpoint, one health.
+    pub async fn transcribe(&self, req: Transcription) -> Billed<String> {
+        let billed = self
+            .with_slot(req, |inner, req| {
+                Box::pin(async move { inner.transcribe(req).await })
+            })
+            .await;
+        billed.map(|(text, _slot)| text)
+    }
+
+    /// A spoken text (`/audio/speech`), under the same rules.
+    pub async fn speak(&self, req: Speech) -> Billed<Vec<u8>> {
+        let billed = self
+            .with_slot(req, |inner, req| {
+                Box::pin(async move { inner.speak(req).await })
+            })
+            .await;
+        billed.map(|(audio, _slot)| audio)
     }
 
     /// A streamed completion. Retries cover starting the stream; once text flows, a
@@ -411,6 +430,20 @@ mod tests {
         ) -> futures::future::BoxFuture<'_, Result<DeltaStream, LlmError>> {
             Box::pin(async { Err(LlmError::Connect("no".into())) })
         }
+        fn transcribe(
+            &self,
+            _req: Transcription,
+        ) -> futures::future::BoxFuture<'_, Result<String, LlmError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let (err, fail) = (self.err.clone(), self.fail);
+            Box::pin(async move {
+                if n < fail {
+                    Err(err)
+                } else {
+                    Ok("heard".into())
+                }
+            })
+        }
     }
 
     fn policy() -> RetryPolicy {
@@ -455,6 +488,39 @@ mod tests {
             "{waited:?}"
         );
         assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Transcriptions share the chat's endpoint health: retried like a completion, and
+    /// their failures open the one circuit.
+    #[tokio::test(start_paused = true)]
+    async fn transcriptions_are_retried_and_open_the_shared_circuit() {
+        let p = Arc::new(Flaky {
+            fail: 7,
+            err: LlmError::Server {
+                status: 503,
+                retry_after: None,
+            },
+            calls: AtomicUsize::new(0),
+        });
+        let mut pol = policy();
+        (pol.max_retries, pol.breaker_failures) = (1, 3);
+        let llm = ResilientLlm::new(p.clone(), pol);
+        let audio = || Transcription {
+            model: "whisper-1".into(),
+            file_name: "voice.ogg".into(),
+            bytes: Arc::new(b"x".to_vec()),
+        };
+        for _ in 0..3 {
+            let billed = llm.transcribe(audio()).await;
+            assert!(matches!(billed.result, Err(LlmError::Server { .. })));
+            assert_eq!(billed.billable_failures, 2, "two attempts each");
+        }
+        assert_eq!(p.calls.load(Ordering::SeqCst), 6);
+        assert_eq!(llm.breaker_state(), BreakerState::Open);
+        let refused = llm.transcribe(audio()).await.result;
+        assert_eq!(refused, Err(LlmError::CircuitOpen));
+        assert_eq!(llm.complete(req()).await, Err(LlmError::CircuitOpen));
+        assert_eq!(p.calls.load(Ordering::SeqCst), 6, "no call while open");
     }
 
     #[tokio::test(start_paused = true)]

@@ -303,6 +303,8 @@ series! {
     ContextRetries: "context_retries_total", Counter, [], "LLM calls retried with half the history after a context-length error.";
     LlmFailedReplies: "llm_failed_replies_total", Counter, ["kind"], "Replies that apologised for a failed LLM call, by the last error's kind.";
     ReplyLatency: "reply_latency_seconds", Histogram, [], "Time from receiving a message to its reply being ready.";
+    Media: "media_total", Counter, ["kind", "outcome"], "Voice notes, audio files and images by kind (voice, audio, image) and outcome (read, too_long, too_large, unsupported, no_vision, budget, fetch_failed, transcription_failed; voice replies: spoken, speech_failed).";
+    AudioSeconds: "audio_seconds_total", Counter, [], "Seconds of audio transcribed.";
 
     // The LLM.
     LlmTokens: "llm_tokens_total", Counter, ["kind"], "LLM tokens by kind (prompt, completion).";
@@ -422,6 +424,8 @@ impl EngineCollector {
                 vec![gauge(self.engine.llm().breaker_state().as_gauge() as f64)]
             }
             Series::ReplyLatency => vec![histogram(&e.reply_latency)],
+            Series::Media => e.media.snapshot().into_iter().map(media_sample).collect(),
+            Series::AudioSeconds => one(e.media.audio_secs.get()),
             Series::DeliveryRetries => one(self.delivery.snapshot().delivery_retries),
             Series::DeliveryFailed => one(self.delivery.snapshot().delivery_failed),
             Series::UpdatePanics => one(self.delivery.snapshot().update_panics),
@@ -489,6 +493,11 @@ fn counter(value: u64, labels: Vec<proto::LabelPair>) -> proto::Metric {
     let mut m = proto::Metric::from_label(labels);
     m.set_counter(c);
     m
+}
+
+/// `confab_media_total{kind,outcome}`: one sample.
+fn media_sample(((kind, outcome), n): ((&'static str, &'static str), u64)) -> proto::Metric {
+    counter(n, vec![label("kind", kind), label("outcome", outcome)])
 }
 
 /// One counter per label value.

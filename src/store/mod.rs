@@ -136,6 +136,16 @@ pub struct Usage {
     pub budget_notified: bool,
     pub total_tokens: u64,
     pub total_messages: u64,
+    /// Seconds of audio transcribed today, and whether the audio budget notice was sent.
+    #[serde(default)]
+    pub audio_secs: u64,
+    #[serde(default)]
+    pub audio_notified: bool,
+    /// Audio seconds and images ever read for this user.
+    #[serde(default)]
+    pub total_audio_secs: u64,
+    #[serde(default)]
+    pub total_images: u64,
 }
 
 /// A cached LLM reply.

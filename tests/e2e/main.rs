@@ -25,6 +25,7 @@ mod engine;
 mod faults;
 mod flood;
 mod hardening;
+mod media;
 mod ops;
 mod ops_http;
 mod otel;

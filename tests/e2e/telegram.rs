@@ -101,7 +101,10 @@ async fn commands_registered_start_answered_typing_shown() {
     assert!(tg.chat_actions().contains(&(9, "typing".to_string())));
     tg.send_sticker(9, 9, "Nina", true);
     let sent = tg.wait_for_sent(3, WAIT).await;
-    assert_eq!(sent[2].text, "I can only read text for now.");
+    assert_eq!(
+        sent[2].text,
+        "I can read text, voice messages and images, but not this kind of message."
+    );
     daemon.stop().await.unwrap();
 }
 

@@ -188,6 +188,8 @@ struct FakeState {
     callback_deadline: Option<Duration>,
     /// Users who accept no DMs from the bot (see [`FakeDiscord::refuse_dms`]).
     refused_dms: Vec<u64>,
+    /// Files users attached, by URL path (`/attachments/<channel>/<id>/<name>`).
+    attachments: HashMap<String, Vec<u8>>,
 }
 
 type Shared = Arc<Mutex<FakeState>>;
@@ -303,6 +305,7 @@ impl FakeDiscord {
             usernames: HashMap::new(),
             callback_deadline: None,
             refused_dms: Vec::new(),
+            attachments: HashMap::new(),
         }));
         let (addr, stop) = spawn_server(SocketAddr::from(([127, 0, 0, 1], 0)), state.clone())
             .expect("fake_discord: cannot bind 127.0.0.1:0");
@@ -1386,6 +1389,15 @@ async fn rest(
         return resp;
     }
 
+    // Attachments are public (signed URLs on Discord's CDN): no token.
+    if method == Method::GET && path.starts_with("/attachments/") {
+        return match st.attachments.get(&path) {
+            Some(bytes) => {
+                axum::response::IntoResponse::into_response((StatusCode::OK, bytes.clone()))
+            }
+            None => axum::response::IntoResponse::into_response(StatusCode::NOT_FOUND),
+        };
+    }
     let rel = path
         .strip_prefix("/api/v10")
         .or_else(|| path.strip_prefix("/api/v9"))
@@ -1819,4 +1831,130 @@ fn interaction_callback(
         }
     }
     no_content()
+}
+
+// ---------------------------------------------------------------------------
+// Attachments users send (voice messages, audio files, images).
+
+/// One attachment a test sends (see [`FakeDiscord::send_attachment`]).
+#[derive(Clone, Debug)]
+pub struct DcAttachment {
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+    /// Set for a voice message (and then flags 8192 on the message).
+    pub duration_secs: Option<f64>,
+    /// Declared `size`; default the real length.
+    pub declared_size: Option<u64>,
+}
+
+impl DcAttachment {
+    /// A voice message (OGG/Opus) of `secs` seconds.
+    pub fn voice(bytes: &[u8], secs: f64) -> DcAttachment {
+        DcAttachment {
+            filename: "voice-message.ogg".into(),
+            content_type: "audio/ogg".into(),
+            bytes: bytes.to_vec(),
+            duration_secs: Some(secs),
+            declared_size: None,
+        }
+    }
+
+    /// A PNG image.
+    pub fn image(bytes: &[u8]) -> DcAttachment {
+        DcAttachment {
+            filename: "picture.png".into(),
+            content_type: "image/png".into(),
+            bytes: bytes.to_vec(),
+            duration_secs: None,
+            declared_size: None,
+        }
+    }
+}
+
+impl FakeDiscord {
+    /// MESSAGE_CREATE with one attachment, served at its URL under the fake's base URL.
+    /// `guild`: `Some((guild_id, mention_bot, reply_to))` for a guild channel, `None`
+    /// for a DM. Returns the message id.
+    pub fn send_attachment(
+        &self,
+        channel_id: u64,
+        user_id: u64,
+        username: &str,
+        content: &str,
+        guild: Option<(u64, bool, Option<u64>)>,
+        a: DcAttachment,
+    ) -> u64 {
+        let mut msg_and_id = None;
+        if let Some((guild_id, mention, reply_to)) = guild {
+            // Build it like the text helpers do, then add the attachment below.
+            let mut st = lock(&self.state);
+            let bot_id = st.identity.bot_id;
+            let content = if mention {
+                format!("<@{bot_id}> {content}")
+            } else {
+                content.to_string()
+            };
+            let mut msg = guild_message(&mut st, guild_id, channel_id, user_id, username, &content);
+            if mention {
+                let mut bot = st.bot_user();
+                bot["member"] = partial_member_json();
+                msg["mentions"] = json!([bot]);
+            }
+            if let Some(replied) = reply_to {
+                let referenced = st.store.get(&replied).cloned().unwrap_or_else(|| {
+                    message_json(replied, channel_id, st.bot_user(), "(earlier bot message)")
+                });
+                msg["type"] = json!(19);
+                msg["message_reference"] = json!({
+                    "type": 0,
+                    "message_id": replied.to_string(),
+                    "channel_id": channel_id.to_string(),
+                    "guild_id": guild_id.to_string(),
+                });
+                msg["referenced_message"] = referenced;
+            }
+            let id = msg_id(&msg);
+            msg_and_id = Some((st, msg, id));
+        }
+        let (mut st, mut msg, id) = match msg_and_id {
+            Some(x) => x,
+            None => {
+                let mut st = lock(&self.state);
+                st.remember_user(user_id, username);
+                st.channels.insert(
+                    channel_id,
+                    ChannelInfo {
+                        guild_id: None,
+                        recipient: Some((user_id, username.to_string())),
+                    },
+                );
+                let id = st.new_id();
+                let author = user_json(user_id, username, false);
+                let msg = message_json(id, channel_id, author, content);
+                (st, msg, id)
+            }
+        };
+        let att_id = st.new_id();
+        let path = format!("/attachments/{channel_id}/{att_id}/{}", a.filename);
+        let url = format!("http://{}{path}", self.addr);
+        let mut att = json!({
+            "id": att_id.to_string(),
+            "filename": a.filename,
+            "size": a.declared_size.unwrap_or(a.bytes.len() as u64),
+            "url": url,
+            "proxy_url": url,
+            "content_type": a.content_type,
+        });
+        if let Some(secs) = a.duration_secs {
+            att["duration_secs"] = json!(secs);
+            att["waveform"] = json!("AAAA");
+            msg["flags"] = json!(8192);
+        }
+        msg["attachments"] = json!([att]);
+        st.attachments.insert(path, a.bytes);
+        st.store.insert(id, msg.clone());
+        st.dispatch("MESSAGE_CREATE", msg);
+        id
+    }
 }

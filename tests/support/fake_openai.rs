@@ -111,6 +111,8 @@ pub struct RecordedRequest {
     pub authorization: Option<String>,
     /// The whole request body (`Value::Null` if it was not valid JSON).
     pub body: Value,
+    /// Image content parts (`{"type":"image_url"}`) across all messages.
+    pub images: usize,
 }
 
 impl RecordedRequest {
@@ -143,6 +145,12 @@ struct FakeState {
     next_id: u64,
     /// Set by `shutdown()`: any request that still slips in is refused with 503.
     down: bool,
+    /// `/audio/transcriptions`: scripted behaviours (FIFO; else `Echo`) and requests.
+    audio_script: VecDeque<Behavior>,
+    transcriptions: Vec<Transcribed>,
+    /// `/audio/speech`: scripted behaviours (FIFO; else OGG bytes) and request bodies.
+    speech_script: VecDeque<Behavior>,
+    speeches: Vec<Value>,
     verbose: bool,
 }
 
@@ -187,6 +195,10 @@ impl FakeOpenAi {
             next_id: 1,
             down: false,
             verbose: false,
+            audio_script: VecDeque::new(),
+            transcriptions: Vec::new(),
+            speech_script: VecDeque::new(),
+            speeches: Vec::new(),
         }));
         let (addr, stop) = spawn_server(addr, state.clone())?;
         Ok(FakeOpenAi {
@@ -312,6 +324,10 @@ fn spawn_server(
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat/completions", post(chat_completions))
+        .route("/v1/audio/transcriptions", post(transcriptions))
+        .route("/audio/transcriptions", post(transcriptions))
+        .route("/v1/audio/speech", post(speech))
+        .route("/audio/speech", post(speech))
         .route("/v1/models", get(list_models))
         .route("/models", get(list_models))
         .fallback(not_found)
@@ -343,6 +359,7 @@ struct Ctx {
     include_usage: bool,
     prompt_tokens: u64,
     last_user: String,
+    images: usize,
 }
 
 /// Counts a request as in flight until its answer is built.
@@ -433,6 +450,7 @@ async fn chat_completions(
             .unwrap_or(false),
         prompt_tokens: tokens_for(prompt_chars),
         last_user: rec.last_user().unwrap_or("").to_string(),
+        images: rec.images,
     };
     respond(behavior, ctx).await
 }
@@ -444,6 +462,10 @@ async fn respond(mut behavior: Behavior, ctx: Ctx) -> Response {
     }
     match behavior {
         Behavior::Delay(..) => unreachable!(),
+        Behavior::Echo if ctx.images > 0 => {
+            let text = format!("echo: {} images: {}", ctx.last_user, ctx.images);
+            completion(&ctx, text)
+        }
         Behavior::Echo => {
             let text = format!("echo: {}", ctx.last_user);
             completion(&ctx, text)
@@ -580,7 +602,20 @@ fn record_from(v: &Value, headers: &HeaderMap) -> RecordedRequest {
             .and_then(|h| h.to_str().ok())
             .map(str::to_string),
         body: v.clone(),
+        images: count_images(v),
     }
+}
+
+/// Image content parts in the request's messages.
+fn count_images(v: &Value) -> usize {
+    let Some(msgs) = v.get("messages").and_then(Value::as_array) else {
+        return 0;
+    };
+    msgs.iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
+        .count()
 }
 
 /// A message `content`: a string, or an array of parts whose `text`s are concatenated.
@@ -851,4 +886,193 @@ fn default_error_for(status: StatusCode, model: &str) -> Response {
         n => (format!("Fake error {n}."), "invalid_request_error", None),
     };
     error_response(status, &message, kind, None, code)
+}
+
+// ---------------------------------------------------------------------------
+// Audio: `POST /audio/transcriptions` (multipart).
+
+/// One transcription request as received.
+#[derive(Clone, Debug)]
+pub struct Transcribed {
+    pub model: String,
+    pub file_name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl FakeOpenAi {
+    /// Queues a behaviour for the next transcription (`Echo` answers
+    /// `heard: <the uploaded bytes as UTF-8>`; `Reply(t)` answers `t`; statuses,
+    /// `Hang` and `Delay` as for chat).
+    pub fn push_audio(&self, b: Behavior) {
+        lock(&self.state).audio_script.push_back(b);
+    }
+
+    /// Every transcription request so far.
+    pub fn transcriptions(&self) -> Vec<Transcribed> {
+        lock(&self.state).transcriptions.clone()
+    }
+}
+
+async fn transcriptions(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let boundary = ctype
+        .split(';')
+        .filter_map(|p| p.trim().strip_prefix("boundary="))
+        .next()
+        .unwrap_or("")
+        .trim_matches('"')
+        .to_string();
+    let mut rec = Transcribed {
+        model: String::new(),
+        file_name: String::new(),
+        bytes: Vec::new(),
+    };
+    for (name, file_name, data) in multipart_parts(&body, &boundary) {
+        match name.as_str() {
+            "model" => rec.model = String::from_utf8_lossy(&data).into_owned(),
+            "file" => {
+                rec.file_name = file_name.unwrap_or_default();
+                rec.bytes = data;
+            }
+            _ => {}
+        }
+    }
+    if rec.model.is_empty() || rec.file_name.is_empty() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "model and file are required",
+            "invalid_request_error",
+            None,
+            None,
+        );
+    }
+    let heard = format!("heard: {}", String::from_utf8_lossy(&rec.bytes));
+    let mut behavior = {
+        let mut st = lock(&state);
+        st.transcriptions.push(rec);
+        st.audio_script.pop_front().unwrap_or(Behavior::Echo)
+    };
+    while let Behavior::Delay(d, inner) = behavior {
+        tokio::time::sleep(d).await;
+        behavior = *inner;
+    }
+    match behavior {
+        Behavior::Echo => json_response(StatusCode::OK, &json!({ "text": heard })),
+        Behavior::Reply(text) => json_response(StatusCode::OK, &json!({ "text": text })),
+        Behavior::Empty => json_response(StatusCode::OK, &json!({ "text": "" })),
+        Behavior::Hang => futures::future::pending::<Response>().await,
+        Behavior::Malformed => raw_response(StatusCode::OK, "application/json", "{oops".into()),
+        other => {
+            let ctx = Ctx {
+                id: "audio".into(),
+                model: DEFAULT_MODEL.into(),
+                created: unix_now(),
+                stream: false,
+                include_usage: false,
+                prompt_tokens: 0,
+                last_user: String::new(),
+                images: 0,
+            };
+            respond(other, ctx).await
+        }
+    }
+}
+
+/// `(name, filename, data)` of each part of a multipart/form-data body.
+fn multipart_parts(body: &[u8], boundary: &str) -> Vec<(String, Option<String>, Vec<u8>)> {
+    let delim = format!("--{boundary}").into_bytes();
+    let find = |from: usize, pat: &[u8]| {
+        body.get(from..)
+            .and_then(|b| b.windows(pat.len()).position(|w| w == pat))
+            .map(|p| p + from)
+    };
+    let mut parts = Vec::new();
+    let Some(mut pos) = find(0, &delim) else {
+        return parts;
+    };
+    loop {
+        let start = pos + delim.len();
+        if body.get(start..start + 2) == Some(b"--") {
+            break;
+        }
+        let Some(head_end) = find(start, b"\r\n\r\n") else {
+            break;
+        };
+        let next_delim = [b"\r\n".as_slice(), &delim].concat();
+        let Some(next) = find(head_end + 4, &next_delim) else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&body[start..head_end]).into_owned();
+        let param = |key: &str| {
+            let pat = format!("{key}=\"");
+            let at = head.find(&pat)? + pat.len();
+            let end = head[at..].find('"')? + at;
+            Some(head[at..end].to_string())
+        };
+        let name = param(" name")
+            .or_else(|| param(";name"))
+            .unwrap_or_default();
+        parts.push((name, param("filename"), body[head_end + 4..next].to_vec()));
+        pos = next + 2;
+    }
+    parts
+}
+
+// ---------------------------------------------------------------------------
+// Audio: `POST /audio/speech`.
+
+/// What the fake speaks: `OggS` (an OGG page's magic) followed by the input text, so a
+/// test can see what was spoken.
+pub fn spoken_audio(input: &str) -> Vec<u8> {
+    [b"OggS".as_slice(), input.as_bytes()].concat()
+}
+
+impl FakeOpenAi {
+    /// Queues a behaviour for the next speech request (statuses, `Hang`, `Delay`).
+    pub fn push_speech(&self, b: Behavior) {
+        lock(&self.state).speech_script.push_back(b);
+    }
+
+    /// Every speech request body so far (`model`, `voice`, `input`, `response_format`).
+    pub fn speeches(&self) -> Vec<Value> {
+        lock(&self.state).speeches.clone()
+    }
+}
+
+async fn speech(State(state): State<Shared>, body: Bytes) -> Response {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let input = v
+        .get("input")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let scripted = {
+        let mut st = lock(&state);
+        st.speeches.push(v);
+        st.speech_script.pop_front()
+    };
+    match scripted {
+        None => {
+            let mut resp = (StatusCode::OK, spoken_audio(&input)).into_response();
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("audio/ogg"));
+            resp
+        }
+        Some(b) => {
+            let ctx = Ctx {
+                id: "speech".into(),
+                model: DEFAULT_MODEL.into(),
+                created: unix_now(),
+                stream: false,
+                include_usage: false,
+                prompt_tokens: 0,
+                last_user: String::new(),
+                images: 0,
+            };
+            respond(b, ctx).await
+        }
+    }
 }

@@ -151,6 +151,10 @@ struct TgState {
     deliveries: HashMap<i64, usize>,
     /// Update ids the webhook acknowledged with a 2xx, in order.
     acked: Vec<i64>,
+    /// Files users sent (voice notes, photos), by `file_id`: (file_path, bytes).
+    files: HashMap<String, (String, Vec<u8>)>,
+    /// File downloads served (`/file/bot<token>/<path>`).
+    downloads: usize,
     /// Every update pushed and acknowledged, by id (for [`FakeTelegram::redeliver`]).
     pushed: HashMap<i64, Value>,
 }
@@ -250,6 +254,8 @@ impl FakeTelegram {
                 deliveries: HashMap::new(),
                 acked: Vec::new(),
                 pushed: HashMap::new(),
+                files: HashMap::new(),
+                downloads: 0,
             }),
             updates_changed: Notify::new(),
             sent_changed: Notify::new(),
@@ -1228,6 +1234,9 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let (via, path) = split_via(uri.path());
+    if let Some(rest) = path.strip_prefix("/file/bot") {
+        return download_file(&inner, rest);
+    }
     let (token, method) = match path
         .strip_prefix("/bot")
         .and_then(|rest| rest.rsplit_once('/'))
@@ -1328,6 +1337,8 @@ async fn dispatch(
         "sendmessage" => send_message(inner, body),
         "editmessagetext" => edit_message_text(inner, body),
         "senddocument" => send_document(inner, body, upload),
+        "getfile" => get_file(inner, body),
+        "sendvoice" => send_voice(inner, body, upload),
         "sendchataction" => {
             let Some(chat_id) = chat_id_of(body) else {
                 return err(400, "Bad Request: chat_id is empty");
@@ -1788,4 +1799,211 @@ impl FakeTelegram {
         };
         post(&reqwest::Client::new(), &hook.url, secret, body.to_vec()).await
     }
+}
+
+// ---------------------------------------------------------------------------
+// Media: voice notes, audio, photos and documents users send; getFile and downloads.
+
+/// One media message a test injects (see [`FakeTelegram::send_media`]).
+#[derive(Clone, Debug)]
+pub struct MediaMsg {
+    /// The message key: `voice`, `audio`, `video_note`, `photo` or `document`.
+    pub kind: &'static str,
+    pub bytes: Vec<u8>,
+    /// Declared duration (voice, audio, video_note).
+    pub duration: u32,
+    pub mime: Option<String>,
+    pub caption: Option<String>,
+    /// Declared `file_size`; default the real length.
+    pub declared_size: Option<u64>,
+    /// A reply to this message of the bot.
+    pub reply_to_bot: Option<i64>,
+}
+
+impl MediaMsg {
+    /// A voice note (OGG/Opus) of `duration` seconds.
+    pub fn voice(bytes: &[u8], duration: u32) -> MediaMsg {
+        MediaMsg {
+            kind: "voice",
+            bytes: bytes.to_vec(),
+            duration,
+            mime: Some("audio/ogg".into()),
+            caption: None,
+            declared_size: None,
+            reply_to_bot: None,
+        }
+    }
+
+    /// A photo with an optional caption.
+    pub fn photo(bytes: &[u8], caption: Option<&str>) -> MediaMsg {
+        MediaMsg {
+            kind: "photo",
+            bytes: bytes.to_vec(),
+            duration: 0,
+            mime: None,
+            caption: caption.map(str::to_string),
+            declared_size: None,
+            reply_to_bot: None,
+        }
+    }
+}
+
+impl FakeTelegram {
+    /// A media message from `user_id` in `chat_id` (private when `private`, else a
+    /// supergroup). Its file is served by `getFile` and the file URL. Returns the update id.
+    pub fn send_media(
+        &self,
+        chat_id: i64,
+        user_id: i64,
+        first_name: &str,
+        private: bool,
+        m: MediaMsg,
+    ) -> i64 {
+        let mut st = self.st();
+        let chat = if private {
+            private_chat(chat_id, first_name)
+        } else {
+            group_chat(chat_id)
+        };
+        let id = st.take_message_id();
+        let fid = st.take_file_id();
+        let file_id = format!("{}-{fid}", m.kind);
+        let path = format!("{}/file_{fid}", m.kind);
+        let size = m.declared_size.unwrap_or(m.bytes.len() as u64);
+        st.files.insert(file_id.clone(), (path, m.bytes.clone()));
+        let mut file = json!({
+            "file_id": file_id,
+            "file_unique_id": format!("u{fid}"),
+            "file_size": size,
+        });
+        match m.kind {
+            "voice" | "audio" => file["duration"] = json!(m.duration),
+            "video_note" => {
+                file["duration"] = json!(m.duration);
+                file["length"] = json!(240);
+            }
+            _ => {}
+        }
+        if let Some(mime) = &m.mime {
+            file["mime_type"] = json!(mime);
+        }
+        let mut msg = json!({
+            "message_id": id,
+            "from": user_json(user_id, first_name),
+            "date": now_unix(),
+            "chat": chat.clone(),
+        });
+        if m.kind == "photo" {
+            file["width"] = json!(64);
+            file["height"] = json!(64);
+            msg["photo"] = json!([file]);
+        } else {
+            msg[m.kind] = file;
+        }
+        if let Some(c) = &m.caption {
+            msg["caption"] = json!(c);
+            let entities = mention_entities(c, &st.bot_username);
+            if !entities.is_empty() {
+                msg["caption_entities"] = Value::Array(entities);
+            }
+        }
+        if let Some(replied) = m.reply_to_bot {
+            msg["reply_to_message"] = st.bot_message_json(chat_id, replied, &chat);
+        }
+        st.remember_message(&msg);
+        self.push_update(st, json!({ "message": msg }))
+    }
+
+    /// File downloads served so far.
+    pub fn downloads(&self) -> usize {
+        self.st().downloads
+    }
+}
+
+fn get_file(inner: &Shared, body: &Value) -> (u16, Value) {
+    let id = str_field(body, "file_id").unwrap_or_default();
+    let st = lock(inner);
+    match st.files.get(&id) {
+        Some((path, bytes)) => ok(json!({
+            "file_id": id,
+            "file_unique_id": format!("u-{id}"),
+            "file_size": bytes.len(),
+            "file_path": path,
+        })),
+        None => err(400, "Bad Request: invalid file_id"),
+    }
+}
+
+/// `/file/bot<token>/<file_path>`: the file's bytes (a `download` fault answers instead).
+fn download_file(inner: &Shared, rest: &str) -> Response {
+    let mut st = lock(inner);
+    let Some((token, path)) = rest.split_once('/') else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if token != st.token {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if let Some(f) = st.faults.get_mut("download").and_then(VecDeque::pop_front) {
+        let (code, _) = fault_response(&f);
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+        return status.into_response();
+    }
+    // teloxide pushes the file path as one URL segment: its `/` arrives as `%2F`.
+    let path = path.replace("%2F", "/").replace("%2f", "/");
+    let found = st
+        .files
+        .values()
+        .find(|(p, _)| *p == path)
+        .map(|(_, b)| b.clone());
+    match found {
+        Some(bytes) => {
+            st.downloads += 1;
+            (StatusCode::OK, bytes).into_response()
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// sendVoice: recorded as a sent message (`method` "sendvoice", the audio in `document`).
+fn send_voice(inner: &Shared, body: &Value, upload: Option<Upload>) -> (u16, Value) {
+    let Some(chat_id) = chat_id_of(body) else {
+        return err(400, "Bad Request: chat not found");
+    };
+    let Some(upload) = upload.filter(|u| !u.data.is_empty()) else {
+        return err(400, "Bad Request: there is no voice in the request");
+    };
+    let result = {
+        let mut st = lock(inner);
+        let id = st.take_message_id();
+        let fid = st.take_file_id();
+        let chat = st.chat_json(chat_id);
+        let msg = json!({
+            "message_id": id,
+            "from": st.bot_user(),
+            "date": now_unix(),
+            "chat": chat,
+            "voice": {
+                "file_id": format!("bvoice-{fid}"),
+                "file_unique_id": format!("ubvoice-{fid}"),
+                "file_size": upload.data.len(),
+                "duration": 1,
+                "mime_type": "audio/ogg",
+            },
+        });
+        st.remember_message(&msg);
+        st.sent.push(SentMessage {
+            method: "sendvoice".into(),
+            chat_id,
+            message_id: id,
+            text: String::new(),
+            parse_mode: None,
+            reply_to: reply_to_of(body),
+            reply_markup: None,
+            file_name: upload.file_name,
+            document: Some(upload.data),
+        });
+        msg
+    };
+    inner.sent_changed.notify_waiters();
+    ok(result)
 }

@@ -249,6 +249,14 @@ impl Outbound for TgOut {
     async fn send_file(&self, job: &Job, a: &Attachment) -> SendResult<()> {
         self.wait(job).await;
         let file = InputFile::memory(a.bytes.clone()).file_name(a.file_name.clone());
+        if a.voice {
+            return self
+                .bot
+                .send_voice(ChatId(job.chat_id), file)
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(&e, &self.token));
+        }
         self.bot
             .send_document(ChatId(job.chat_id), file)
             .caption(a.file_name.clone())

@@ -7,7 +7,7 @@ use toml::{Table, Value};
 
 use super::{bot_file, Check};
 use crate::config::raw::{self, Doc, RawBot, RawPerEnv};
-use crate::config::{BotConfig, BotLimits, Env, LlmOverrides, PlatformBot, Problem};
+use crate::config::{BotConfig, BotLimits, Env, LlmOverrides, PlatformBot, Problem, VoiceReplies};
 
 /// Build one bot from its file's table. `prompts` are the loaded prompt names.
 pub(crate) fn bot(
@@ -63,10 +63,22 @@ pub(crate) fn bot(
             max_tokens: rb.max_tokens,
         },
         stream: rb.stream,
+        vision: rb.vision,
+        voice_replies: voice_replies(rb.voice_replies.as_deref(), c),
         limits: limits.map(|l| bot_limits(l, c)),
         telegram: telegram.map(|p| telegram_bot(p, env, c)),
         discord: discord.map(|p| discord_bot(p, env, c)),
     }
+}
+
+fn voice_replies(value: Option<&str>, c: &mut Check<'_>) -> VoiceReplies {
+    let choices = [
+        ("never", VoiceReplies::Never),
+        ("mirror", VoiceReplies::Mirror),
+    ];
+    value
+        .and_then(|v| c.one_of("voice_replies", v, &choices))
+        .unwrap_or_default()
 }
 
 fn check_name(name: &str, c: &mut Check<'_>) {

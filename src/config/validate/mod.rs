@@ -3,6 +3,7 @@
 //! production policy (`policy.rs`). Every problem is collected, none stops the pass.
 
 mod bot;
+mod media;
 mod otel;
 mod policy;
 mod scale;

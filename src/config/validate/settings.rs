@@ -12,8 +12,8 @@ use crate::config::defaults;
 use crate::config::raw::{self, Doc};
 use crate::config::{
     AdminsConfig, AuditConfig, CacheConfig, CacheScope, Config, DeliveryConfig, Env, HttpConfig,
-    LimitsConfig, LlmConfig, LogConfig, LogFormat, MemoryConfig, OtelConfig, PlatformConfig,
-    Problem, StoreConfig,
+    LimitsConfig, LlmConfig, LogConfig, LogFormat, MediaConfig, MemoryConfig, OtelConfig,
+    PlatformConfig, Problem, StoreConfig,
 };
 
 /// The sections of the config file, deserialised (not yet checked).
@@ -32,6 +32,7 @@ struct Sections {
     delivery: DeliveryConfig,
     audit: AuditConfig,
     otel: OtelConfig,
+    media: MediaConfig,
 }
 
 /// Deserialise every section, each reporting its own bad keys with its dotted path
@@ -48,7 +49,7 @@ fn read(doc: &Doc<'_>, table: Table, problems: &mut Vec<Problem>) -> Sections {
     }
     sections!(
         http, log, llm, limits, memory, cache, store, admins, telegram, discord, delivery, audit,
-        otel
+        otel, media
     )
 }
 
@@ -88,6 +89,7 @@ pub(crate) fn settings(
         delivery: delivery(s.delivery, c),
         audit: audit(s.audit, c),
         otel: super::otel::otel(s.otel, c),
+        media: super::media::media(s.media, c),
         bots: Vec::new(),
         prompts: BTreeMap::new(),
         data_key: None,

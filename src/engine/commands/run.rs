@@ -67,14 +67,19 @@ impl Engine {
         let limits = self.effective_limits(cfg, bot, record);
         let now = now_unix();
         let today = utc_day(now);
-        let used = record
-            .filter(|r| r.usage.day == today)
-            .map_or(0, |r| r.usage.tokens);
+        let today_usage = record.filter(|r| r.usage.day == today).map(|r| &r.usage);
+        let used = today_usage.map_or(0, |u| u.tokens);
+        let audio = today_usage.map_or(0, |u| u.audio_secs);
+        let images = record.map_or(0, |r| r.usage.total_images);
+        let media = format!(
+            "\nVoice: {audio} s of audio today (of {} s per day); images read: {images}.",
+            cfg.limits.daily_audio_secs
+        );
         if self.is_admin(&inbound.user()) {
-            return format!("You are an admin: no limits apply. Tokens used today: {used}.");
+            return format!("You are an admin: no limits apply. Tokens used today: {used}.{media}");
         }
         format!(
-            "Limits: {} messages per minute (burst {}), {} tokens per day.\nUsed today: {} tokens ({} left). The budget resets in {} (midnight UTC).",
+            "Limits: {} messages per minute (burst {}), {} tokens per day.\nUsed today: {} tokens ({} left). The budget resets in {} (midnight UTC).{media}",
             limits.per_minute,
             limits.burst,
             limits.daily_tokens,

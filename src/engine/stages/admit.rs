@@ -66,6 +66,8 @@ impl Engine {
                 m.text = t.as_str();
                 Ok(())
             }
+            // Read after admit (the media stage): its text is not known yet.
+            Content::Media(_) => Ok(()),
             _ if inbound.is_private => stop(Reply::notice(Rejection::NonText, MSG_NON_TEXT)),
             _ => stop(Reply::Silent),
         }
@@ -94,6 +96,19 @@ impl Engine {
     /// daily token budget, each with one notice per window.
     #[tracing::instrument(level = "debug", name = "admit", skip_all)]
     pub(super) async fn admit(&self, m: &MessageCtx<'_>) -> Step {
+        self.length_gate(m)?;
+        if m.admin {
+            return Ok(());
+        }
+        let limits = self.effective_limits(m.cfg, m.bot, m.record.as_ref());
+        let key = limit_key(&m.inbound.bot, &m.user.to_string());
+        self.rate_gate(Quota::Messages, key, limits.per_minute, limits.burst)
+            .await?;
+        self.budget_gate(m, limits.daily_tokens)
+    }
+
+    /// The length check (again after a voice note was transcribed).
+    pub(super) fn length_gate(&self, m: &MessageCtx<'_>) -> Step {
         let chars = m.text.chars().count();
         let max = m.cfg.limits.max_input_chars;
         if chars > max {
@@ -104,14 +119,7 @@ impl Engine {
                 ),
             ));
         }
-        if m.admin {
-            return Ok(());
-        }
-        let limits = self.effective_limits(m.cfg, m.bot, m.record.as_ref());
-        let key = limit_key(&m.inbound.bot, &m.user.to_string());
-        self.rate_gate(Quota::Messages, key, limits.per_minute, limits.burst)
-            .await?;
-        self.budget_gate(m, limits.daily_tokens)
+        Ok(())
     }
 
     /// Goes on while the user has tokens left today; else one notice per day, then silence.

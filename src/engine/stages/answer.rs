@@ -13,6 +13,11 @@ use crate::llm::{ChatMessage, ChatRole};
 use crate::store::UserRecord;
 use crate::store::{CacheEntry, Exchange, Handled, HandledEntry, Role, StoreError, Turn};
 
+/// Lowercase hex of a hash.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Engine {
     /// Context: renders the bot's system prompt, counts the prompt's and the
     /// question's tokens, and sets what the history may take.
@@ -68,6 +73,11 @@ impl Engine {
             })
             .collect();
         let cache = &m.cfg.cache;
+        // An image's hash is part of the question: identical images can hit.
+        let question = match &m.image_sha {
+            Some(sha) => format!("{}\n[image sha256:{}]", m.text, hex(sha)),
+            None => m.text.to_string(),
+        };
         m.cache_key = cache.enabled.then(|| {
             let scope_user = (cache.scope == CacheScope::User).then_some(&m.user);
             cache::key(&cache::KeyInput {
@@ -76,7 +86,7 @@ impl Engine {
                 max_tokens: m.sampling.max_tokens,
                 system: &m.system,
                 context: &m.history,
-                question: m.text,
+                question: &question,
                 user: scope_user,
             })
         });
@@ -144,7 +154,11 @@ impl Engine {
         let turns = [
             Turn {
                 role: Role::User,
-                text: m.text.to_string(),
+                // An image is never stored: memory keeps its caption and a marker.
+                text: match m.images.is_empty() {
+                    true => m.text.to_string(),
+                    false => format!("{} [image]", m.text),
+                },
                 tokens: m.user_tokens as u32,
                 at: now,
             },

@@ -26,7 +26,9 @@ impl Engine {
         let mut messages = Vec::with_capacity(m.history.len() + 2);
         messages.push(ChatMessage::new(ChatRole::System, m.system.clone()));
         messages.append(&mut m.history);
-        messages.push(ChatMessage::new(ChatRole::User, m.text));
+        let mut question = ChatMessage::new(ChatRole::User, m.text);
+        question.images = m.images.clone();
+        messages.push(question);
         let request = ChatRequest {
             model: m.sampling.model.clone(),
             messages,

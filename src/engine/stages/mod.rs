@@ -9,13 +9,14 @@
 mod admit;
 mod answer;
 mod call;
+mod media;
 
 use tokio::sync::watch;
 
 use super::events::{InternalCause, InternalError};
 use super::Engine;
-use crate::config::{BotConfig, Config};
-use crate::domain::{Inbound, Reply, ReplyKind, UserRef};
+use crate::config::{BotConfig, Config, VoiceReplies};
+use crate::domain::{Content, Inbound, Reply, ReplyKind, UserRef};
 use crate::engine::prompt::Prompts;
 use crate::events::Event;
 use crate::llm::ChatMessage;
@@ -95,6 +96,10 @@ pub(super) struct MessageCtx<'a> {
     pub cache_key: Option<[u8; 32]>,
     /// The context-length retry was used (call).
     pub tried_shorter: bool,
+    /// Images sent with the question, as `data:` URLs (media; never stored).
+    pub images: Vec<String>,
+    /// SHA-256 of the image (media): part of the cache key.
+    pub image_sha: Option<[u8; 32]>,
 }
 
 impl MessageCtx<'_> {
@@ -135,10 +140,20 @@ impl Engine {
             .emit(&self.stats);
             return stop(Reply::Silent);
         };
+        let heard: String;
         let mut m = self.begin(inbound, partial, &settings, bot, update_key);
         self.gate(&mut m)?;
         self.route(&m).await?; // the command stage: a command runs and stops here
         self.admit(&m).await?;
+        let (mut echo, mut speak) = (None, false);
+        if let Content::Media(media) = &inbound.content {
+            heard = self.media(&mut m, media).await?;
+            m.text = &heard;
+            self.length_gate(&m)?;
+            let show = media.kind.is_audio() && m.cfg.media.show_transcript;
+            echo = show.then(|| format!("🎤 {heard}\n\n"));
+            speak = media.kind.is_audio() && m.bot.voice_replies == VoiceReplies::Mirror;
+        }
         self.context(&mut m)?;
         // A context-length error comes back once for a shorter history.
         let answer = loop {
@@ -150,7 +165,14 @@ impl Engine {
                 break answer;
             }
         };
-        self.record(&m, answer).await
+        let mut reply = self.record(&m, answer).await?;
+        if speak {
+            reply = self.voice_reply(&m, reply).await;
+        }
+        Ok(match echo {
+            Some(echo) => reply.prefixed(&echo),
+            None => reply,
+        })
     }
 
     /// The context of a message that is not a redelivery.
@@ -183,6 +205,8 @@ impl Engine {
             sampling: Sampling::default(),
             cache_key: None,
             tried_shorter: false,
+            images: Vec::new(),
+            image_sha: None,
         }
     }
 }
