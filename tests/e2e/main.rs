@@ -36,4 +36,5 @@ mod scaleout;
 mod shards;
 mod systemd;
 mod telegram;
+mod upgrade;
 mod webhook;

@@ -372,7 +372,7 @@ fn json<T: serde::Serialize>(v: &T) -> StoreResult<Vec<u8>> {
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(tree: &'static str, v: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(v).map_err(|e| bad(tree, &format!("{:?} error", e.classify())))
+    crate::store::codec::from_plain(tree, v)
 }
 
 fn utf8(tree: &'static str, k: &[u8]) -> StoreResult<String> {
