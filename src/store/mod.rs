@@ -60,8 +60,9 @@ pub const REDIS_BACKUP_UNSUPPORTED: &str =
     "on redis the daemon does not stream backups: run `confab backup`, which reads Redis directly";
 
 /// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
-/// older one. 2: usernames indexed per platform.
-pub const SCHEMA_VERSION: u32 = 2;
+/// older one. 2: usernames indexed per platform. 3 (sled): every role's rows in one
+/// tree, new values compact (version byte + postcard).
+pub const SCHEMA_VERSION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -187,7 +188,8 @@ pub struct HandledEntry {
     pub state: Handled,
     pub at: i64,
     /// Whose update it was (so `forget` finds pending replies to them).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (Always written: the compact encoding has no optional fields.)
+    #[serde(default)]
     pub user: Option<UserRef>,
 }
 

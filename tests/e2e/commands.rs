@@ -656,8 +656,7 @@ async fn a_corrupt_user_record_is_refused_not_reset() {
     }
     {
         let store = SledStore::open(&data, 8, 500).unwrap();
-        let users = store.db().open_tree("users").unwrap();
-        users.insert("tg:9", b"\xff{garbage".as_slice()).unwrap();
+        store.raw_put("users", b"tg:9", b"\xff{garbage").unwrap();
         store.db().flush().unwrap();
     }
     let app = root.build();
@@ -682,14 +681,7 @@ async fn a_corrupt_user_record_is_refused_not_reset() {
         got.starts_with("Failed: corrupt store entry in users"),
         "{got}"
     );
-    let raw = app
-        .sled()
-        .unwrap()
-        .db()
-        .open_tree("users")
-        .unwrap()
-        .get("tg:9")
-        .unwrap();
+    let raw = app.sled().unwrap().raw_get("users", b"tg:9").unwrap();
     assert_eq!(raw.as_deref(), Some(b"\xff{garbage".as_slice()));
     // everyone else is served
     let got = text(

@@ -626,9 +626,8 @@ async fn store_failures_and_llm_failures_are_told_apart_in_metrics() {
     }
     {
         let store = confab::store::SledStore::open(&data, 8, 500).expect("open");
-        let users = store.db().open_tree("users").expect("tree");
-        users
-            .insert("tg:5", b"\xff{garbage".as_slice())
+        store
+            .raw_put("users", b"tg:5", b"\xff{garbage")
             .expect("insert");
         store.db().flush().expect("flush");
     }

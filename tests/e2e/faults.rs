@@ -77,15 +77,12 @@ async fn a_corrupt_store_entry_is_skipped_and_the_daemon_keeps_serving() {
     // skipped, so a ban cannot vanish: commands::a_corrupt_user_record_is_refused_not_reset.)
     {
         let store = SledStore::open(&root.path().join("data"), 8, 500).unwrap();
-        let db = store.db();
-        for tree in ["turns"] {
-            let t = db.open_tree(tree).unwrap();
-            let keys: Vec<_> = t.iter().keys().map(|k| k.unwrap()).collect();
-            for k in keys {
-                t.insert(k, b"\xff{garbage".to_vec()).unwrap();
+        for (tree, k, _) in store.dump().unwrap() {
+            if tree == "turns" {
+                store.raw_put(&tree, &k, b"\xff{garbage").unwrap();
             }
         }
-        db.flush().unwrap();
+        store.db().flush().unwrap();
     }
     let log = root.path().join("daemon.log");
     let mut child = spawn_daemon(&root, &log, "info");

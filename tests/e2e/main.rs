@@ -37,4 +37,5 @@ mod scaleout;
 mod shards;
 mod systemd;
 mod telegram;
+mod upgrade;
 mod webhook;

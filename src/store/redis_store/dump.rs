@@ -465,7 +465,7 @@ fn collection_page(command: &str, key: &str, cursor: u64) -> redis::Cmd {
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(tree: &'static str, v: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(v).map_err(|e| bad(tree, &format!("{:?} error", e.classify())))
+    crate::store::codec::from_plain(tree, v)
 }
 
 fn utf8(tree: &'static str, k: &[u8]) -> StoreResult<String> {

@@ -75,7 +75,7 @@ impl CacheStore for SledStore {
         let _gate = self.write_gate();
         let end = (before.max(0) as u64).to_be_bytes();
         let mut n = 0;
-        for item in self.cache_time.range(..end.as_slice()) {
+        for item in self.cache_time.iter_before(&end) {
             let (tk, _) = item.map_err(io)?;
             self.cache_time.remove(&tk).map_err(io)?;
             if tk.len() == 40 && self.cache.remove(&tk[8..]).map_err(io)?.is_some() {

@@ -1,19 +1,13 @@
 //! [`ConversationStore`] on sled: `turns` (conversation prefix + sequence) and
-//! `conv_index` (user → conversations), written with the user's usage in one transaction.
-
-use std::cell::RefCell;
-
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+//! `conv_index` (user → conversations), written with the pending reply and the user's
+//! usage in one atomic batch on the `rows` tree.
 
 use super::layout::parse_conv_prefix;
 use super::{io, SledStore};
 use crate::domain::{ConversationKey, UserRef};
 use crate::events::ErrorKind;
 use crate::store::codec::{Codec as _, UsernameIndex as _};
-use crate::store::{ConversationStore, Exchange, StoreError, StoreResult, Turn, UserRecord};
-
-/// The `users` row change made inside [`SledStore::record_exchange`]'s transaction.
-type UserChange = (Option<String>, UserRecord);
+use crate::store::{ConversationStore, Exchange, StoreResult, Turn, UserRecord};
 
 impl SledStore {
     fn scan_turns<'a>(
@@ -41,73 +35,45 @@ impl ConversationStore for SledStore {
             user,
         } = exchange;
         let _gate = self.write_gate();
+        let mut batch = sled::Batch::default();
         let prefix = self.conv_prefix(key);
-        let mut rows = Vec::with_capacity(turns.len());
         for turn in turns {
             let seq = self.db.generate_id().map_err(io)?;
             let mut k = prefix.clone();
             k.extend_from_slice(&seq.to_be_bytes());
             let v = self.encode("turns", &k, turn)?;
-            rows.push((k, v));
+            self.turns.put(&mut batch, &k, v);
         }
-        let handled_row = match handled {
-            Some((id, entry)) => Some((
-                id.as_bytes().to_vec(),
-                self.encode("handled", id.as_bytes(), entry)?,
-            )),
+        if let Some((id, entry)) = handled {
+            let v = self.encode("handled", id.as_bytes(), entry)?;
+            self.handled.put(&mut batch, id.as_bytes(), v);
+        }
+        // The index row is written once per conversation, not once per message (two
+        // first messages at once write the same row twice: harmless).
+        let (idx, idx_value) = self.index_row(key);
+        if self.conv_index.get(&idx).map_err(io)?.is_none() {
+            let v = self.seal("conv_index", &idx, &idx_value);
+            self.conv_index.put(&mut batch, &idx, v);
+        }
+        let Some((user, update)) = user else {
+            return self.turns.apply(batch).map_err(io);
+        };
+        // The record's read-modify-write holds the user's lock until the batch is in.
+        let k = self.user_key(user);
+        let lock = self.user_lock(&k);
+        // A corrupt record fails the whole batch: never replaced by a fresh one (a lifted ban).
+        let old: Option<UserRecord> = match self.users.get(&k).map_err(io)? {
+            Some(v) => Some(self.decode_strict("users", &k, &v)?),
             None => None,
         };
-        let (idx, idx_value) = self.index_row(key);
-        let idx_value = self.seal("conv_index", &idx, &idx_value);
-        let (user_ref, update) = match user {
-            Some((u, f)) => (Some(u), Some(f)),
-            None => (None, None),
-        };
-        let user_row = user_ref.map(|u| self.user_key(u));
-        // sled retries the closure on conflicts and wants `Fn`: borrow through cells.
-        let update = RefCell::new(update);
-        // (username before, record after) of the user, from the attempt that committed.
-        let user_change = RefCell::new(None::<UserChange>);
-        (&self.turns, &self.handled, &self.conv_index, &self.users)
-            .transaction(|(turns_t, handled_t, index_t, users_t)| {
-                for (k, v) in &rows {
-                    turns_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                if let Some((k, v)) = &handled_row {
-                    handled_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                // The index row is written once per conversation, not once per message.
-                if index_t.get(idx.as_slice())?.is_none() {
-                    index_t.insert(idx.as_slice(), idx_value.as_slice())?;
-                }
-                if let (Some(k), Some(f)) = (&user_row, update.borrow_mut().as_mut()) {
-                    // A corrupt record aborts: never replaced by a fresh one (a lifted ban).
-                    let old: Option<UserRecord> = match users_t.get(k.as_slice())? {
-                        Some(v) => Some(
-                            self.decode_strict("users", k, &v)
-                                .map_err(ConflictableTransactionError::Abort)?,
-                        ),
-                        None => None,
-                    };
-                    let before = old.as_ref().and_then(|r| r.username.clone());
-                    let mut rec = old.unwrap_or_default();
-                    f(&mut rec);
-                    let bytes = self
-                        .encode("users", k, &rec)
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    users_t.insert(k.as_slice(), bytes)?;
-                    *user_change.borrow_mut() = Some((before, rec));
-                }
-                Ok::<(), ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(|e: TransactionError<StoreError>| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Io(format!("append turns: {e}")),
-            })?;
-        if let (Some(u), Some((before, rec))) = (user_ref, user_change.into_inner()) {
-            self.reindex_username(u, before.as_deref(), rec.username.as_deref())?;
-        }
-        Ok(())
+        let before = old.as_ref().and_then(|r| r.username.clone());
+        let mut rec = old.unwrap_or_default();
+        update(&mut rec);
+        let v = self.encode("users", &k, &rec)?;
+        self.users.put(&mut batch, &k, v);
+        self.turns.apply(batch).map_err(io)?;
+        drop(lock);
+        self.reindex_username(user, before.as_deref(), rec.username.as_deref())
     }
 
     fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>> {
@@ -162,12 +128,13 @@ impl ConversationStore for SledStore {
         let prefix = self.conv_prefix(key);
         let mut n = 0;
         let mut batch = sled::Batch::default();
-        for item in self.turns.scan_prefix(&prefix).keys() {
-            batch.remove(item.map_err(io)?);
+        for item in self.turns.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(io)?;
+            self.turns.del(&mut batch, &k);
             n += 1;
         }
-        self.turns.apply_batch(batch).map_err(io)?;
-        self.conv_index.remove(self.index_row(key).0).map_err(io)?;
+        self.conv_index.del(&mut batch, &self.index_row(key).0);
+        self.turns.apply(batch).map_err(io)?;
         Ok(n)
     }
 

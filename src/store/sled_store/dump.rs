@@ -17,6 +17,13 @@ pub struct DumpCursor {
     pub after: Option<Vec<u8>>,
 }
 
+fn unknown_tree(name: &str) -> StoreError {
+    StoreError::Corrupt {
+        tree: "backup",
+        reason: format!("unknown tree {name:?}"),
+    }
+}
+
 impl SledStore {
     /// The authenticator for backups of this store (HMAC-SHA256 with a key derived from
     /// the data key); `None` without a data key. Verify with [`super::backup_auth_for_rows`].
@@ -38,14 +45,19 @@ impl SledStore {
         let mut rows = Vec::new();
         let mut after = from.after.clone();
         for (i, name) in order.iter().enumerate().skip(from.tree) {
-            let tree = self.db.open_tree(name).map_err(io)?;
-            let iter = match after.take() {
-                Some(k) => tree.range::<&[u8], _>((
-                    std::ops::Bound::Excluded(k.as_slice()),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => tree.iter(),
-            };
+            let after = after.take();
+            let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+                match (*name, self.part(name)) {
+                    ("meta", _) => match after {
+                        Some(k) => Box::new(self.meta.range::<&[u8], _>((
+                            std::ops::Bound::Excluded(k.as_slice()),
+                            std::ops::Bound::Unbounded,
+                        ))),
+                        None => Box::new(self.meta.iter()),
+                    },
+                    (_, Some(part)) => Box::new(part.iter_after(after.as_deref())),
+                    (_, None) => return Err(unknown_tree(name)),
+                };
             for item in iter {
                 let (k, v) = item.map_err(io)?;
                 rows.push((name.to_string(), k.to_vec(), v.to_vec()));
@@ -78,17 +90,12 @@ impl SledStore {
             while self.db.generate_id().map_err(io)? <= max {}
         }
         for (tree, k, v) in rows {
-            if !TREES.contains(&tree.as_str()) {
-                return Err(StoreError::Corrupt {
-                    tree: "backup",
-                    reason: format!("unknown tree {tree:?}"),
-                });
+            match (tree.as_str(), self.part(tree)) {
+                ("meta", _) => self.meta.insert(k.as_slice(), v.as_slice()).map(drop),
+                (_, Some(part)) => part.insert(k.as_slice(), v.as_slice()).map(drop),
+                (_, None) => return Err(unknown_tree(tree)),
             }
-            self.db
-                .open_tree(tree)
-                .map_err(io)?
-                .insert(k.as_slice(), v.as_slice())
-                .map_err(io)?;
+            .map_err(io)?;
         }
         self.cache_count.store(self.cache.len(), Ordering::Relaxed);
         self.db.flush().map_err(io)?;
@@ -98,15 +105,28 @@ impl SledStore {
     /// Every (tree, key, value) in the store as stored (sealed values stay sealed), for
     /// backups and for audits of what is on disk.
     pub fn dump(&self) -> StoreResult<Vec<DumpRow>> {
-        let mut out = Vec::new();
-        for name in TREES {
-            let tree = self.db.open_tree(name).map_err(io)?;
-            for item in tree.iter() {
-                let (k, v) = item.map_err(io)?;
-                out.push((name.to_string(), k.to_vec(), v.to_vec()));
-            }
+        let (rows, _) = self.dump_batch(TREES, &DumpCursor::default(), usize::MAX)?;
+        Ok(rows)
+    }
+
+    /// One row of `tree` (a role, or `meta`) as stored, for tools and tests.
+    pub fn raw_get(&self, tree: &str, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        let v = match (tree, self.part(tree)) {
+            ("meta", _) => self.meta.get(key),
+            (_, Some(part)) => part.get(key),
+            (_, None) => return Err(unknown_tree(tree)),
+        };
+        Ok(v.map_err(io)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes one row of `tree` as given, bytes unchecked (tests plant damaged values).
+    pub fn raw_put(&self, tree: &str, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        match (tree, self.part(tree)) {
+            ("meta", _) => self.meta.insert(key, value).map(drop),
+            (_, Some(part)) => part.insert(key, value).map(drop),
+            (_, None) => return Err(unknown_tree(tree)),
         }
-        Ok(out)
+        .map_err(io)
     }
 
     /// Like [`SledStore::dump`] with every value decrypted that can be (tests, audits

@@ -61,7 +61,11 @@ impl SledStore {
         {
             let _gate = self.write_gate();
             let ukey = self.user_key(user);
-            if let Some(v) = self.users.remove(&ukey).map_err(io)? {
+            let removed = {
+                let _lock = self.user_lock(&ukey);
+                self.users.remove(&ukey).map_err(io)?
+            };
+            if let Some(v) = removed {
                 report.user_record = true;
                 let rec = self.decode::<UserRecord>("users", &ukey, &v);
                 aliases.extend(rec.and_then(|r| r.username));

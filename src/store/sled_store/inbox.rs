@@ -23,7 +23,7 @@ impl InboxStore for SledStore {
 
     fn inbox_scan(&self, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
-        for item in self.inbox.scan_prefix(prefix) {
+        for item in self.inbox.scan_prefix(prefix.as_bytes()) {
             let (k, v) = item.map_err(io)?;
             match (String::from_utf8(k.to_vec()), self.unseal("inbox", &k, &v)) {
                 (Ok(key), Ok(value)) => out.push((key, value.into_owned())),

@@ -1,7 +1,8 @@
 //! How rows are keyed and encoded, with and without a data key.
 //!
 //! Without a key, keys carry ids in the clear (`tg:123`, conversation prefixes, `tg:name`)
-//! and values are JSON. With a key, every value of a personal tree is sealed for its row
+//! and values are compact (version byte + postcard; JSON from older versions still
+//! reads). With a key, every value of a personal tree is sealed for its row
 //! (see [`crypto`]) and the ids and names in keys are replaced by keyed hashes:
 //! a conversation prefix by 16 bytes, a user by 32 (16 in `conv_index`), a username by
 //! 32, a cache key by its HMAC. A plaintext value in a sealed tree is a corrupt entry.
@@ -72,6 +73,7 @@ pub(crate) fn time_key(at: i64, key: &[u8; 32]) -> Vec<u8> {
 
 impl Codec for SledStore {
     type Key = [u8];
+    const COMPACT: bool = true;
 
     /// Seals `plain` for row `key` of `tree` when a data key is set and the tree is personal.
     fn seal(&self, tree: &str, key: &[u8], plain: &[u8]) -> Vec<u8> {

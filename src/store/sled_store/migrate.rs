@@ -1,5 +1,11 @@
 //! Opening a store with or without `CONFAB_DATA_KEY`, and the one-time migrations.
 //!
+//! - Schema 2 → 3 (any store): the rows of every tree but `meta` move into the `rows`
+//!   tree under their role's tag (`part.rs`), bytes unchanged (a value stays sealed for
+//!   the same role and key; JSON values stay readable and are rewritten compact when
+//!   next written). Copy first, flush, drop the old trees, flush, and only then write
+//!   `schema_version`: a crash anywhere leaves version 2, and the next open copies
+//!   again (the same bytes over the same keys) and finishes.
 //! - Schema 1 → 2 (any store): `usernames` keys become per platform (`tg:name`).
 //! - First open with a key (a plaintext store, or one encrypted by schema 1, where only
 //!   text was sealed with an unsalted key): a salt is stored, `meta/key_check2` sealed,
@@ -9,7 +15,9 @@
 //!   mid-way is finished by the next open. Nothing is dropped: a value that cannot be
 //!   read stays a corrupt entry (a corrupt user record keeps refusing that user).
 
-use sled::{Batch, Tree};
+use sled::Batch;
+
+use super::part::{Part, PARTS};
 
 use super::layout::{conv_prefix_plain, parse_conv_prefix, SEP};
 use super::{io, DumpRow, SledStore};
@@ -59,8 +67,53 @@ pub fn backup_auth_for_rows(
 }
 
 impl SledStore {
-    /// Brings a schema-1 store to schema 2 (per-platform username keys).
+    /// Moves the rows of schema-2 trees into `rows` (see the module docs).
+    fn move_to_rows(&self) -> StoreResult<()> {
+        let names = self.db.tree_names();
+        let mut moved = 0usize;
+        for (name, _) in PARTS {
+            if !names.iter().any(|n| n.as_ref() == name.as_bytes()) {
+                continue;
+            }
+            let Some(part) = self.part(name) else {
+                continue;
+            };
+            let tree = self.db.open_tree(name).map_err(io)?;
+            let mut batch = Batch::default();
+            let mut pending = 0;
+            for item in tree.iter() {
+                let (k, v) = item.map_err(io)?;
+                part.put(&mut batch, &k, v);
+                pending += 1;
+                moved += 1;
+                if pending >= 1000 {
+                    part.apply(std::mem::take(&mut batch)).map_err(io)?;
+                    pending = 0;
+                }
+            }
+            part.apply(batch).map_err(io)?;
+        }
+        self.db.flush().map_err(io)?;
+        for (name, _) in PARTS {
+            if names.iter().any(|n| n.as_ref() == name.as_bytes()) {
+                self.db.drop_tree(name).map_err(io)?;
+            }
+        }
+        self.db.flush().map_err(io)?;
+        if moved > 0 {
+            tracing::info!(
+                rows = moved,
+                "store moved to one tree (schema 3, one-time migration)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Brings an older store to [`SCHEMA_VERSION`] (the version is written last).
     pub(super) fn upgrade_schema(&self, found: u32) -> StoreResult<()> {
+        if found < 3 {
+            self.move_to_rows()?;
+        }
         if found < 2 {
             let mut batch = Batch::default();
             for item in self.usernames.iter() {
@@ -72,17 +125,19 @@ impl SledStore {
                 let user = std::str::from_utf8(&v)
                     .ok()
                     .and_then(|s| s.parse::<UserRef>().ok());
+                let name = String::from_utf8_lossy(&k).to_string();
+                self.usernames.del(&mut batch, &k);
                 if let Some(user) = user {
-                    let name = String::from_utf8_lossy(&k).to_string();
-                    batch.insert(self.username_key(user.platform, &name), v);
+                    let new = self.username_key(user.platform, &name);
+                    self.usernames.put(&mut batch, &new, v);
                 }
-                batch.remove(k);
             }
-            self.usernames.apply_batch(batch).map_err(io)?;
+            self.usernames.apply(batch).map_err(io)?;
         }
         self.meta
             .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
             .map_err(io)?;
+        self.db.flush().map_err(io)?;
         Ok(())
     }
 
@@ -141,7 +196,7 @@ impl SledStore {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.cache.clear().map_err(io)?;
         self.cache_time.clear().map_err(io)?;
-        let trees: [(&'static str, &Tree); 7] = [
+        let trees: [(&'static str, &Part); 7] = [
             ("turns", &self.turns),
             ("conv_index", &self.conv_index),
             ("users", &self.users),
@@ -168,18 +223,18 @@ impl SledStore {
                     .rekey(name, &k, plain)
                     .unwrap_or_else(|p| (k.to_vec(), p));
                 if nk.as_slice() != k.as_ref() {
-                    batch.remove(k);
+                    tree.del(&mut batch, &k);
                 }
                 let sealed = self.seal(name, &nk, &nv);
-                batch.insert(nk, sealed);
+                tree.put(&mut batch, &nk, sealed);
                 pending += 1;
                 moved += 1;
                 if pending >= 1000 {
-                    tree.apply_batch(std::mem::take(&mut batch)).map_err(io)?;
+                    tree.apply(std::mem::take(&mut batch)).map_err(io)?;
                     pending = 0;
                 }
             }
-            tree.apply_batch(batch).map_err(io)?;
+            tree.apply(batch).map_err(io)?;
         }
         self.cache_count
             .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -320,6 +375,67 @@ mod tests {
             none.to_string().contains("CONFAB_DATA_KEY is not set"),
             "{none}"
         );
+    }
+
+    /// A schema-2 store (one tree per role, JSON values) moves into `rows` at open; a
+    /// move interrupted before `schema_version` was written is redone by the next open.
+    #[test]
+    fn a_schema_2_store_moves_into_one_tree_and_an_interrupted_move_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+            serde_json::to_vec(v).unwrap()
+        }
+        let old_user = |db: &sled::Db, id: &str, reason: &str| {
+            let t = db.open_tree("users").unwrap();
+            t.insert(format!("tg:{id}"), json(&banned(reason))).unwrap();
+        };
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert("schema_version", &2u32.to_be_bytes()).unwrap();
+            old_user(&db, "7", "spam");
+            let prefix = layout::conv_prefix_plain(&key("7"));
+            let turns = db.open_tree("turns").unwrap();
+            for (i, t) in ["one", "two"].iter().enumerate() {
+                let k = [prefix.as_slice(), &(i as u64).to_be_bytes()].concat();
+                turns.insert(k, json(&turn(t, 1))).unwrap();
+            }
+            let idx = [b"tg:7\0".as_slice(), &prefix].concat();
+            db.open_tree("conv_index")
+                .unwrap()
+                .insert(idx, &[])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let check = |s: &SledStore, ids: &[&str]| {
+            for id in ids {
+                let rec = s.user(&tg(id)).unwrap().unwrap();
+                assert!(rec.banned.is_some(), "tg:{id} still banned");
+            }
+            let convs = s.user_conversations(&tg("7")).unwrap();
+            let texts: Vec<_> = convs[0].1.iter().map(|t| t.text.as_str()).collect();
+            assert_eq!(texts, ["one", "two"]);
+            let names = s.db.tree_names();
+            assert!(
+                !names.iter().any(|n| n.as_ref() == b"users"),
+                "old trees dropped"
+            );
+            let v = s.meta.get("schema_version").unwrap().unwrap();
+            assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+        };
+        {
+            let s = SledStore::open(dir.path(), 8, 500).unwrap();
+            check(&s, &["7"]);
+            // a crash after copying but before the version was written
+            s.meta
+                .insert("schema_version", &2u32.to_be_bytes())
+                .unwrap();
+            old_user(&s.db, "8", "late");
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 8, 500).unwrap();
+        check(&s, &["7", "8"]);
+        assert_eq!(s.user_count().unwrap(), 2);
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! commit). `layout.rs`: row keys and sealing; `migrate.rs`: schema and key migrations;
 //! `forget.rs`: what `forget_user` removes; `dump.rs`: backups and restores.
 //!
-//! Trees (values are JSON, so a corrupt entry can be detected; key layout and sealing
-//! with a data key: `layout.rs`):
+//! Two sled trees (schema 3): `meta`, and `rows`, which holds every role's rows under a
+//! one-byte tag per role (`part.rs`), so one answered message is one `apply_batch` on one
+//! tree. Values are a version byte + postcard (`codec.rs`; older JSON values still read),
+//! so a corrupt entry can be detected; key layout and sealing with a data key:
+//! `layout.rs`. The roles (each a [`part::Part`], named like the trees of schema 2):
 //! - `turns`:      conversation prefix + u64 sequence (big-endian) → [`Turn`](crate::store::Turn)
 //! - `conv_index`: user + conversation prefix → conversation (export/forget without a full scan)
 //! - `users`:      `tg:123` → user record;  `usernames`: `tg:name` (per platform) → `tg:123`
@@ -25,6 +28,7 @@ mod inbox;
 mod layout;
 mod meta;
 mod migrate;
+mod part;
 mod users;
 
 use std::path::Path;
@@ -34,6 +38,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use sled::{Db, Tree};
+
+use part::Part;
 
 pub use dump::{DumpCursor, DumpRow};
 pub use flush::FlushCounts;
@@ -50,16 +56,19 @@ use crate::store::codec::Codec as _;
 /// Every role of the store on one sled database (each role's methods in its own file).
 pub struct SledStore {
     db: Db,
-    turns: Tree,
-    conv_index: Tree,
-    users: Tree,
-    usernames: Tree,
-    cache: Tree,
-    cache_time: Tree,
-    audit: Tree,
-    handled: Tree,
+    turns: Part,
+    conv_index: Part,
+    users: Part,
+    usernames: Part,
+    cache: Part,
+    cache_time: Part,
+    audit: Part,
+    handled: Part,
     meta: Tree,
-    inbox: Tree,
+    inbox: Part,
+    /// Read-modify-writes of one user record (usage, bans) are serialised by a stripe
+    /// of these (the hot path writes a batch, not a transaction).
+    user_locks: [std::sync::Mutex<()>; USER_LOCKS],
     /// `cache.len()` is O(n) in sled; keep a running count.
     cache_count: AtomicUsize,
     flusher: Flusher,
@@ -69,6 +78,9 @@ pub struct SledStore {
     /// Set with `CONFAB_DATA_KEY`: personal values sealed, ids and names in keys hashed.
     keys: Option<crypto::Keys>,
 }
+
+/// Stripes of [`SledStore`]'s user-record locks.
+const USER_LOCKS: usize = 64;
 
 /// Creates the store's directory owner-only (0700) and tightens an existing wider one:
 /// the directory guards every file sled writes below it (the daemon's umask 0077 makes
@@ -174,7 +186,15 @@ impl SledStore {
     ) -> StoreResult<SledStore> {
         let path = dir.display().to_string();
         let db = Self::open_db(dir, cache_capacity_mb, flush_every_ms)?;
-        let t = |name: &str| db.open_tree(name).map_err(io);
+        let rows = db.open_tree(part::ROWS).map_err(io)?;
+        let t = |name: &str| -> StoreResult<Part> {
+            let tag = part::PARTS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, tag)| *tag)
+                .ok_or_else(|| StoreError::Io(format!("no part {name}")))?;
+            Ok(Part::new(rows.clone(), tag))
+        };
         let store = SledStore {
             turns: t("turns")?,
             conv_index: t("conv_index")?,
@@ -184,8 +204,9 @@ impl SledStore {
             cache_time: t("cache_time")?,
             audit: t("audit")?,
             handled: t("handled")?,
-            meta: t("meta")?,
+            meta: db.open_tree("meta").map_err(io)?,
             inbox: t("inbox")?,
+            user_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
             cache_count: AtomicUsize::new(0),
             flusher: Flusher::start(db.clone())?,
             gate: std::sync::RwLock::new(()),
@@ -257,11 +278,37 @@ impl SledStore {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The lock of `user_key`'s stripe: held around every read-modify-write of a user
+    /// record (a poisoned lock still serialises: its data is `()`).
+    fn user_lock(&self, user_key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user_key.hash(&mut h);
+        let stripe = &self.user_locks[(h.finish() % USER_LOCKS as u64) as usize];
+        stripe.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The role named `name` (a tree of schema 2), for whole-store tools.
+    fn part(&self, name: &str) -> Option<&Part> {
+        Some(match name {
+            "turns" => &self.turns,
+            "conv_index" => &self.conv_index,
+            "users" => &self.users,
+            "usernames" => &self.usernames,
+            "cache" => &self.cache,
+            "cache_time" => &self.cache_time,
+            "audit" => &self.audit,
+            "handled" => &self.handled,
+            "inbox" => &self.inbox,
+            _ => return None,
+        })
+    }
+
     /// Deletes the rows of `tree` written before `before` (by `at` of their value) and
     /// the unreadable ones (they can never be served again); returns how many.
     fn purge_older<T: DeserializeOwned>(
         &self,
-        tree: &Tree,
+        tree: &Part,
         name: &'static str,
         before: i64,
         at: fn(&T) -> i64,

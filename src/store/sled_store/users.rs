@@ -20,7 +20,9 @@ impl UserStore for SledStore {
         let _gate = self.write_gate();
         let key = self.user_key(user);
         let bytes = self.encode("users", &key, record)?;
+        let lock = self.user_lock(&key);
         let old = self.users.insert(&key, bytes).map_err(io)?;
+        drop(lock);
         let before = old.and_then(|v| self.decode::<UserRecord>("users", &key, &v));
         self.reindex_username(
             user,
@@ -36,40 +38,20 @@ impl UserStore for SledStore {
     ) -> StoreResult<UserRecord> {
         let _gate = self.write_gate();
         let key = self.user_key(user);
-        let mut result = UserRecord::default();
-        let mut failed = None;
-        let mut username_before = None;
+        let lock = self.user_lock(&key);
+        // A corrupt record is left as it is and reported, never replaced.
+        let mut rec: UserRecord = match self.users.get(&key).map_err(io)? {
+            Some(v) => self.decode_strict("users", &key, &v)?,
+            None => UserRecord::default(),
+        };
+        let username_before = rec.username.clone();
+        f(&mut rec);
         self.users
-            .fetch_and_update(&key, |old| {
-                failed = None; // sled may retry the closure
-                               // A corrupt record is left as it is and reported, never replaced.
-                let mut rec: UserRecord = match old.map(|v| self.decode_strict("users", &key, v)) {
-                    Some(Ok(r)) => r,
-                    Some(Err(e)) => {
-                        failed = Some(e);
-                        return old.map(|o| o.to_vec());
-                    }
-                    None => UserRecord::default(),
-                };
-                username_before = rec.username.clone();
-                f(&mut rec);
-                match self.encode("users", &key, &rec) {
-                    Ok(bytes) => {
-                        result = rec;
-                        Some(bytes)
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        old.map(|o| o.to_vec())
-                    }
-                }
-            })
+            .insert(&key, self.encode("users", &key, &rec)?)
             .map_err(io)?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        self.reindex_username(user, username_before.as_deref(), result.username.as_deref())?;
-        Ok(result)
+        drop(lock);
+        self.reindex_username(user, username_before.as_deref(), rec.username.as_deref())?;
+        Ok(rec)
     }
 
     fn user_count(&self) -> StoreResult<usize> {
