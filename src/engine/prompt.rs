@@ -234,12 +234,24 @@ mod tests {
         let (a, n) = p.render_counted(&what("Ann", day(1)), count).unwrap();
         assert_eq!((&*a, n), ("Hi Ann, 2026-12-01.", 19));
         let (again, _) = p.render_counted(&what("Ann", day(1)), count).unwrap();
-        assert_eq!((&*again, counted.get()), (&*a, 1), "remembered: counted once");
+        assert_eq!(
+            (&*again, counted.get()),
+            (&*a, 1),
+            "remembered: counted once"
+        );
         let (b, _) = p.render_counted(&what("Ann\0x", day(1)), count).unwrap();
         assert_eq!(&*b, "Hi Ann\0x, 2026-12-01.");
         let (c, _) = p.render_counted(&what("Ann", day(2)), count).unwrap();
         assert_eq!((&*c, counted.get()), ("Hi Ann, 2026-12-02.", 3));
-        assert!(p.render_counted(&PromptFor { template: "nope", ..what("Ann", day(1)) }, count).is_err());
+        assert!(p
+            .render_counted(
+                &PromptFor {
+                    template: "nope",
+                    ..what("Ann", day(1))
+                },
+                count
+            )
+            .is_err());
     }
 
     #[test]
