@@ -265,7 +265,7 @@ fn inline_into(chars: &[char], out: &mut String) {
 /// Markup opening at the start of `rest` (code, link, bold, italic, strikethrough),
 /// appended to `out`; returns the characters it used, or `None` when `rest[0]` is text.
 fn inline_markup(rest: &[char], prev_word: bool, out: &mut String) -> Option<usize> {
-    let c = rest[0];
+    let &c = rest.first()?;
     // `code`
     if c == '`' {
         if let Some(end) = rest[1..].iter().position(|&x| x == '`') {
