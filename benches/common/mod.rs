@@ -4,6 +4,8 @@
 // Each bench binary uses its own part of this module.
 #![allow(dead_code)]
 
+pub mod cpu;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

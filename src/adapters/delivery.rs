@@ -324,7 +324,7 @@ fn park<J: Serialize>(store: &dyn InboxStore, stats: &DeliveryStats, key: &str, 
     .emit(stats);
 }
 
-/// Aborts a helper task (typing, streaming edits) when dropped, also on a panic.
+/// Aborts a helper task (streaming edits) when dropped, also on a panic.
 struct Helper<T>(Option<tokio::task::JoinHandle<T>>);
 
 impl<T> Helper<T> {
@@ -560,7 +560,6 @@ impl<P: Outbound> Delivery<P> {
         }
         self.out.before(&job).await;
         let inbound = P::inbound(&job);
-        let typing = self.spawn_typing(job.clone());
         let streaming = self
             .engine
             .config()
@@ -569,29 +568,34 @@ impl<P: Outbound> Delivery<P> {
         let (reply, streamed) = if streaming {
             let (tx, rx) = watch::channel(String::new());
             let editor = self.spawn_editor(job.clone(), rx);
-            let reply = self.engine.handle_streaming(inbound, Some(&tx)).await;
+            let handled = self.engine.handle_streaming(inbound, Some(&tx));
+            let reply = self.with_typing(&job, handled).await;
             drop(tx);
-            drop(typing);
             (reply, editor.join().await.flatten())
         } else {
-            let reply = self.engine.handle(inbound).await;
-            drop(typing);
+            let reply = self.with_typing(&job, self.engine.handle(inbound)).await;
             (reply, None)
         };
         let outcome = self.deliver(&job, &reply, streamed).await;
         self.conclude(outcome, inbound, Some(key)).await;
     }
 
-    fn spawn_typing(&self, job: P::Job) -> Helper<()> {
-        let out = self.out.clone();
-        let typing = async move {
+    /// Runs `work`; once it has taken [`super::TYPING_AFTER`], the typing indicator is
+    /// shown (renewed every `typing_every`) until it ends. A fast answer sends no chat
+    /// action. Polled in the caller's task: no task spawned per message.
+    async fn with_typing<T>(&self, job: &P::Job, work: impl Future<Output = T>) -> T {
+        let typing = async {
             tokio::time::sleep(super::TYPING_AFTER).await;
             loop {
-                out.typing(&job).await;
+                self.out.typing(job).await;
                 tokio::time::sleep(P::PROFILE.typing_every).await;
             }
         };
-        Helper(Some(tokio::spawn(typing.in_current_span())))
+        let (work, typing) = (std::pin::pin!(work), std::pin::pin!(typing));
+        match futures::future::select(work, typing).await {
+            futures::future::Either::Left((out, _typing)) => out,
+            futures::future::Either::Right((_, work)) => work.await,
+        }
     }
 
     /// Shows the reply growing (see [`stream_draft`]); the task returns the draft's id.

@@ -197,15 +197,20 @@ pub fn split_message(text: &str, limit: usize, measure: Measure) -> Vec<String> 
 fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            _ => out.push(c),
-        }
+        push_escaped(&mut out, c);
     }
     out
+}
+
+/// Appends `c` to `out`, escaped for Telegram HTML (no allocation per character).
+fn push_escaped(out: &mut String, c: char) {
+    match c {
+        '&' => out.push_str("&amp;"),
+        '<' => out.push_str("&lt;"),
+        '>' => out.push_str("&gt;"),
+        '"' => out.push_str("&quot;"),
+        _ => out.push(c),
+    }
 }
 
 /// Finds the closing `delim` for an opening at the start of `rest`, honouring word
@@ -231,70 +236,87 @@ fn closing(rest: &[char], delim: &[char]) -> Option<usize> {
     None
 }
 
-fn inline_html(chars: &[char]) -> String {
-    let mut out = String::new();
+/// Characters that may open inline markup; any other character is plain text.
+fn opens_markup(c: char) -> bool {
+    matches!(c, '`' | '[' | '*' | '_' | '~')
+}
+
+/// Appends the inline Markdown of `chars` to `out` as Telegram HTML.
+fn inline_into(chars: &[char], out: &mut String) {
     let mut i = 0;
-    let text = |cs: &[char]| cs.iter().collect::<String>();
     while i < chars.len() {
         let c = chars[i];
+        if !opens_markup(c) {
+            push_escaped(out, c);
+            i += 1;
+            continue;
+        }
         let rest = &chars[i..];
-        let prev_word = i > 0 && chars[i - 1].is_alphanumeric();
-        // `code`
-        if c == '`' {
-            if let Some(end) = rest[1..].iter().position(|&x| x == '`') {
-                out.push_str("<code>");
-                out.push_str(&escape_html(&text(&rest[1..1 + end])));
-                out.push_str("</code>");
-                i += end + 2;
-                continue;
+        match inline_markup(rest, i > 0 && chars[i - 1].is_alphanumeric(), out) {
+            Some(used) => i += used,
+            None => {
+                push_escaped(out, c);
+                i += 1;
             }
         }
-        // [label](url)
-        if c == '[' {
-            if let Some(close) = rest.iter().position(|&x| x == ']') {
-                if rest.get(close + 1) == Some(&'(') {
-                    if let Some(end) = rest[close + 2..].iter().position(|&x| x == ')') {
-                        let url = text(&rest[close + 2..close + 2 + end]);
-                        if url.starts_with("http://") || url.starts_with("https://") {
-                            out.push_str(&format!(
-                                "<a href=\"{}\">{}</a>",
-                                escape_html(&url),
-                                inline_html(&rest[1..close])
-                            ));
-                            i += close + 3 + end;
-                            continue;
-                        }
+    }
+}
+
+/// Markup opening at the start of `rest` (code, link, bold, italic, strikethrough),
+/// appended to `out`; returns the characters it used, or `None` when `rest[0]` is text.
+fn inline_markup(rest: &[char], prev_word: bool, out: &mut String) -> Option<usize> {
+    let &c = rest.first()?;
+    // `code`
+    if c == '`' {
+        if let Some(end) = rest[1..].iter().position(|&x| x == '`') {
+            out.push_str("<code>");
+            rest[1..1 + end].iter().for_each(|&c| push_escaped(out, c));
+            out.push_str("</code>");
+            return Some(end + 2);
+        }
+    }
+    // [label](url)
+    if c == '[' {
+        if let Some(close) = rest.iter().position(|&x| x == ']') {
+            if rest.get(close + 1) == Some(&'(') {
+                if let Some(end) = rest[close + 2..].iter().position(|&x| x == ')') {
+                    let url: String = rest[close + 2..close + 2 + end].iter().collect();
+                    if url.starts_with("http://") || url.starts_with("https://") {
+                        out.push_str("<a href=\"");
+                        url.chars().for_each(|c| push_escaped(out, c));
+                        out.push_str("\">");
+                        inline_into(&rest[1..close], out);
+                        out.push_str("</a>");
+                        return Some(close + 3 + end);
                     }
                 }
             }
         }
-        let styles: [(&[char], &str); 5] = [
-            (&['*', '*'], "b"),
-            (&['_', '_'], "b"),
-            (&['~', '~'], "s"),
-            (&['*'], "i"),
-            (&['_'], "i"),
-        ];
-        let mut matched = false;
-        for (delim, tag) in styles {
-            let n = delim.len();
-            let boundary_ok = !((delim[0] == '_' || n == 1) && prev_word);
-            if rest.len() > n && rest[..n] == *delim && boundary_ok {
-                if let Some(end) = closing(rest, delim) {
-                    out.push_str(&format!("<{tag}>{}</{tag}>", inline_html(&rest[n..end])));
-                    i += end + n;
-                    matched = true;
-                    break;
-                }
+    }
+    let styles: [(&[char], &str); 5] = [
+        (&['*', '*'], "b"),
+        (&['_', '_'], "b"),
+        (&['~', '~'], "s"),
+        (&['*'], "i"),
+        (&['_'], "i"),
+    ];
+    for (delim, tag) in styles {
+        let n = delim.len();
+        let boundary_ok = !((delim[0] == '_' || n == 1) && prev_word);
+        if rest.len() > n && rest[..n] == *delim && boundary_ok {
+            if let Some(end) = closing(rest, delim) {
+                out.push('<');
+                out.push_str(tag);
+                out.push('>');
+                inline_into(&rest[n..end], out);
+                out.push_str("</");
+                out.push_str(tag);
+                out.push('>');
+                return Some(end + n);
             }
         }
-        if matched {
-            continue;
-        }
-        out.push_str(&escape_html(&c.to_string()));
-        i += 1;
     }
-    out
+    None
 }
 
 /// Renders the LLM's Markdown as Telegram HTML: code blocks, inline code, bold, italic,
@@ -322,26 +344,34 @@ pub fn markdown_to_telegram_html(md: &str) -> String {
                     ));
                 }
             }
-            Block::Para(p) => {
-                let lines: Vec<String> = p
-                    .lines()
-                    .map(|line| {
-                        let trimmed = line.trim_start();
-                        let hashes = trimmed.chars().take_while(|&c| c == '#').count();
-                        if (1..=6).contains(&hashes) && trimmed[hashes..].starts_with(' ') {
-                            let chars: Vec<char> = trimmed[hashes..].trim().chars().collect();
-                            format!("<b>{}</b>", inline_html(&chars))
-                        } else {
-                            let chars: Vec<char> = line.chars().collect();
-                            inline_html(&chars)
-                        }
-                    })
-                    .collect();
-                out.push(lines.join("\n"));
-            }
+            Block::Para(p) => out.push(paragraph_html(&p)),
         }
     }
     out.join("\n\n")
+}
+
+/// One paragraph's lines as Telegram HTML (a `#` heading in bold), one buffer for all.
+fn paragraph_html(p: &str) -> String {
+    let mut html = String::with_capacity(p.len() + p.len() / 8);
+    let mut chars: Vec<char> = Vec::new();
+    for (n, line) in p.lines().enumerate() {
+        if n > 0 {
+            html.push('\n');
+        }
+        let trimmed = line.trim_start();
+        let hashes = trimmed.chars().take_while(|&c| c == '#').count();
+        chars.clear();
+        if (1..=6).contains(&hashes) && trimmed[hashes..].starts_with(' ') {
+            chars.extend(trimmed[hashes..].trim().chars());
+            html.push_str("<b>");
+            inline_into(&chars, &mut html);
+            html.push_str("</b>");
+        } else {
+            chars.extend(line.chars());
+            inline_into(&chars, &mut html);
+        }
+    }
+    html
 }
 
 #[cfg(test)]

@@ -339,13 +339,16 @@ impl OpenAiProvider {
         let chat = self.client.chat();
         let resp = chat.create(Self::build_request(req, false)).await;
         let resp = resp.map_err(|e| self.error(e))?;
-        span.record("gen_ai.response.model", resp.model.as_str());
-        let reasons: Vec<String> = resp
-            .choices
-            .iter()
-            .filter_map(|c| c.finish_reason.as_ref().map(reason_name))
-            .collect();
-        span.record("gen_ai.response.finish_reasons", reasons.join(",").as_str());
+        // Only a span someone records (tracing or OTel on) is worth the strings.
+        if !span.is_disabled() {
+            span.record("gen_ai.response.model", resp.model.as_str());
+            let reasons: Vec<String> = resp
+                .choices
+                .iter()
+                .filter_map(|c| c.finish_reason.as_ref().map(reason_name))
+                .collect();
+            span.record("gen_ai.response.finish_reasons", reasons.join(",").as_str());
+        }
         if let Some(u) = &resp.usage {
             record_usage(span, u.prompt_tokens, u.completion_tokens);
         }

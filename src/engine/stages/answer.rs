@@ -6,7 +6,7 @@ use crate::config::CacheScope;
 use crate::domain::{Platform, Reply, ReplyKind};
 use crate::engine::events::{CacheHit, CacheMiss, InternalCause, InternalError, StoreWritten};
 use crate::engine::limits::utc_day;
-use crate::engine::prompt::PromptVars;
+use crate::engine::prompt::PromptFor;
 use crate::engine::{cache, now_unix, roll_day, Engine};
 use crate::events::Event;
 use crate::llm::{ChatMessage, ChatRole};
@@ -24,18 +24,17 @@ impl Engine {
     #[tracing::instrument(level = "debug", name = "context", skip_all)]
     pub(super) fn context(&self, m: &mut MessageCtx<'_>) -> Step {
         let (cfg, bot) = (m.cfg, m.bot);
-        let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
-        let vars = PromptVars {
+        let prompt = PromptFor {
+            template: &bot.prompt,
             bot_name: &bot.name,
             user_name: &m.inbound.user_name,
             platform: m.inbound.platform.name(),
-            date: &date,
+            now: chrono::Utc::now(),
         };
-        m.system = m
+        (m.system, m.system_tokens) = m
             .prompts
-            .render(&bot.prompt, &vars)
+            .render_counted(&prompt, |text| self.system_tokens(text))
             .map_err(|e| Stop::Internal(Internal::Prompt(e.to_string())))?;
-        m.system_tokens = self.system_tokens(&m.system);
         m.user_tokens = self.tokenizer.count(m.text);
         m.history_budget = cfg
             .memory

@@ -24,7 +24,7 @@ impl Engine {
     #[tracing::instrument(level = "debug", name = "call", skip_all)]
     pub(super) async fn call(&self, m: &mut MessageCtx<'_>) -> Step<Option<Answer>> {
         let mut messages = Vec::with_capacity(m.history.len() + 2);
-        messages.push(ChatMessage::new(ChatRole::System, m.system.clone()));
+        messages.push(ChatMessage::new(ChatRole::System, m.system.to_string()));
         messages.append(&mut m.history);
         let mut question = ChatMessage::new(ChatRole::User, m.text);
         question.images = m.images.clone();

@@ -82,7 +82,7 @@ pub(super) struct MessageCtx<'a> {
     /// Model and sampling parameters (context).
     pub sampling: Sampling,
     /// The rendered system prompt and its token count (context).
-    pub system: String,
+    pub system: std::sync::Arc<str>,
     pub system_tokens: usize,
     /// Tokens of the user's message (context).
     pub user_tokens: usize,
@@ -196,7 +196,7 @@ impl Engine {
             user,
             record: None,
             text: "",
-            system: String::new(),
+            system: "".into(),
             system_tokens: 0,
             user_tokens: 0,
             history_budget: 0,
