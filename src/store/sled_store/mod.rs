@@ -157,21 +157,18 @@ impl SledStore {
         loop {
             match config.open() {
                 Ok(db) => return Ok(db),
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 600 =>
-                {
+                Err(e) if lock_taken(&e) && attempts < 600 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 Err(e) => {
                     return Err(StoreError::Open {
                         path,
-                        reason: match &e {
-                            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                                "another process (a running confab?) holds the store's lock"
-                                    .to_string()
-                            }
-                            other => other.to_string(),
+                        reason: if lock_taken(&e) {
+                            "another process (a running confab?) holds the store's lock"
+                                .to_string()
+                        } else {
+                            e.to_string()
                         },
                     })
                 }
@@ -346,6 +343,18 @@ impl Durable for SledStore {
 }
 
 /// Shared by the tests of every role.
+/// Whether opening failed because another holder has the store's file lock. sled 0.34
+/// reports it as an `Other` I/O error "could not acquire lock on …" (not `WouldBlock`).
+fn lock_taken(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().starts_with("could not acquire lock")
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod fixtures {
     use super::SledStore;
@@ -401,6 +410,23 @@ mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_lock_is_recognised_and_waited_for_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = SledStore::open(dir.path(), 8, 500).unwrap();
+        let again = sled::Config::new().path(dir.path()).open();
+        assert!(matches!(&again, Err(e) if lock_taken(e)), "{:?}", again.err());
+        // The holder closes a little later: the second open waits for it instead of
+        // failing at once.
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let reopened = SledStore::open(dir.path(), 8, 500);
+        closer.join().unwrap();
+        assert!(reopened.is_ok(), "{:?}", reopened.err());
+    }
 
     #[test]
     fn refuses_a_newer_schema() {
