@@ -31,6 +31,16 @@ pub enum FetchError {
     Failed(String),
 }
 
+/// Appends a downloaded chunk, refusing once the file passes `max_bytes` (a platform
+/// may declare no size, or a wrong one: the limit holds while reading).
+pub fn append_capped(bytes: &mut Vec<u8>, chunk: &[u8], max_bytes: u64) -> Result<(), FetchError> {
+    if (bytes.len() as u64).saturating_add(chunk.len() as u64) > max_bytes {
+        return Err(FetchError::TooLarge);
+    }
+    bytes.extend_from_slice(chunk);
+    Ok(())
+}
+
 /// Why media is refused before (or instead of) being read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MediaProblem {

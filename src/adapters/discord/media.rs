@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use serenity::model::channel::Message;
 
 use crate::domain::{Media, MediaKind};
-use crate::engine::media::{FetchError, MediaSource};
+use crate::engine::media::{self, FetchError, MediaSource};
 
 /// Where Discord serves attachments.
 const CDN: [&str; 2] = [
@@ -84,10 +84,7 @@ impl DcMedia {
         }
         let mut bytes = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(failed)? {
-            if (bytes.len() + chunk.len()) as u64 > max_bytes {
-                return Err(FetchError::TooLarge);
-            }
-            bytes.extend_from_slice(&chunk);
+            media::append_capped(&mut bytes, &chunk, max_bytes)?;
         }
         Ok(bytes)
     }

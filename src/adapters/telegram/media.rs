@@ -14,7 +14,7 @@ use super::scrub;
 use crate::adapters::redact;
 use crate::config::Secret;
 use crate::domain::{Media, MediaKind};
-use crate::engine::media::{FetchError, MediaSource};
+use crate::engine::media::{self, FetchError, MediaSource};
 
 /// The media of a message, if it carries one the engine reads (the largest photo size).
 pub(super) fn of_message(msg: &Message) -> Option<Media> {
@@ -81,10 +81,7 @@ impl TgMedia {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk
                 .map_err(|e| FetchError::Failed(redact(&e.to_string(), self.token.expose())))?;
-            if (bytes.len() + chunk.len()) as u64 > max_bytes {
-                return Err(FetchError::TooLarge);
-            }
-            bytes.extend_from_slice(&chunk);
+            media::append_capped(&mut bytes, &chunk, max_bytes)?;
         }
         Ok(bytes)
     }

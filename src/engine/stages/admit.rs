@@ -9,7 +9,7 @@ use crate::engine::limits::{human_duration, limit_key, secs_until_reset, utc_day
 use crate::engine::{commands, commands_limit_user, now_unix, roll_day, Engine};
 use crate::engine::{MSG_BANNED, MSG_BUSY, MSG_NON_TEXT};
 use crate::events::Event;
-use crate::store::{Handled, HandledEntry};
+use crate::store::{Handled, HandledEntry, Usage};
 
 impl Engine {
     /// Dedupe: an update already answered stops here. One sent before stays silent;
@@ -126,37 +126,48 @@ impl Engine {
     fn budget_gate(&self, m: &MessageCtx<'_>, daily_tokens: u64) -> Step {
         let now = now_unix();
         let today = utc_day(now);
-        let usage = m
-            .record
-            .as_ref()
-            .map(|r| &r.usage)
-            .filter(|u| u.day == today);
+        let usage = todays_usage(m, today);
         if usage.map_or(0, |u| u.tokens) < daily_tokens {
             return Ok(());
         }
-        if usage.is_some_and(|u| u.budget_notified) {
-            RateLimited {
-                quota: Quota::DailyTokens,
-                notice: false,
-            }
-            .emit(&self.stats);
+        let notified = usage.is_some_and(|u| u.budget_notified);
+        self.day_spent(m, notified, |u| u.budget_notified = true, |reset| {
+            format!(
+                "You've used today's token budget ({daily_tokens} tokens). It resets in {} (midnight UTC).",
+                human_duration(reset)
+            )
+        })
+    }
+
+    /// A daily budget is used up: the notice once per UTC day (`mark` records it in the
+    /// user's usage; `notice` gets the seconds until midnight UTC), then silence.
+    pub(super) fn day_spent(
+        &self,
+        m: &MessageCtx<'_>,
+        notified: bool,
+        mark: fn(&mut Usage),
+        notice: impl FnOnce(u64) -> String,
+    ) -> Step {
+        let quota = Quota::DailyTokens;
+        if notified {
+            let notice = false;
+            RateLimited { quota, notice }.emit(&self.stats);
             return stop(Reply::Silent);
         }
+        let now = now_unix();
+        let today = utc_day(now);
         self.store.update_user(&m.user, &mut |r| {
             roll_day(r, today);
-            r.usage.budget_notified = true;
+            mark(&mut r.usage);
         })?;
         RateLimited {
-            quota: Quota::DailyTokens,
+            quota,
             notice: true,
         }
         .emit(&self.stats);
         stop(Reply::notice(
             Rejection::BudgetExhausted,
-            format!(
-                "You've used today's token budget ({daily_tokens} tokens). It resets in {} (midnight UTC).",
-                human_duration(secs_until_reset(now) as u64)
-            ),
+            notice(secs_until_reset(now) as u64),
         ))
     }
 
@@ -188,4 +199,12 @@ impl Engine {
             }
         }
     }
+}
+
+/// The user's usage record, if it is of `today` (a UTC day number).
+pub(super) fn todays_usage<'m>(m: &'m MessageCtx<'_>, today: i64) -> Option<&'m Usage> {
+    m.record
+        .as_ref()
+        .map(|r| &r.usage)
+        .filter(|u| u.day == today)
 }

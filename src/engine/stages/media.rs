@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::admit::todays_usage;
 use super::{stop, MessageCtx, Step};
 use crate::domain::{Attachment, Media, MediaKind, Rejection, Reply, ReplyKind};
-use crate::engine::events::{LlmFailed, MediaHandled, Quota, RateLimited};
-use crate::engine::limits::{human_duration, secs_until_reset, utc_day};
+use crate::engine::events::{LlmFailed, MediaHandled};
+use crate::engine::limits::{human_duration, utc_day};
 use crate::engine::media::{self, FetchError, MediaOutcome};
 use crate::engine::{now_unix, roll_day, Engine, MSG_BUSY, MSG_LLM_UNAVAILABLE};
 use crate::events::Event;
@@ -134,11 +135,7 @@ impl Engine {
         let limit = m.cfg.limits.daily_audio_secs;
         let now = now_unix();
         let today = utc_day(now);
-        let usage = m
-            .record
-            .as_ref()
-            .map(|r| &r.usage)
-            .filter(|u| u.day == today);
+        let usage = todays_usage(m, today);
         if usage.map_or(0, |u| u.audio_secs).saturating_add(secs) <= limit {
             return Ok(());
         }
@@ -149,32 +146,14 @@ impl Engine {
             audio_secs,
         }
         .emit(&self.stats);
-        let quota = Quota::DailyTokens;
-        if usage.is_some_and(|u| u.audio_notified) {
-            RateLimited {
-                quota,
-                notice: false,
-            }
-            .emit(&self.stats);
-            return stop(Reply::Silent);
-        }
-        self.store.update_user(&m.user, &mut |r| {
-            roll_day(r, today);
-            r.usage.audio_notified = true;
-        })?;
-        RateLimited {
-            quota,
-            notice: true,
-        }
-        .emit(&self.stats);
-        stop(Reply::notice(
-            Rejection::BudgetExhausted,
+        let notified = usage.is_some_and(|u| u.audio_notified);
+        self.day_spent(m, notified, |u| u.audio_notified = true, |reset| {
             format!(
                 "You've used today's voice budget ({} of audio). It resets in {} (midnight UTC); you can still type.",
                 human_duration(limit),
-                human_duration(secs_until_reset(now) as u64)
-            ),
-        ))
+                human_duration(reset)
+            )
+        })
     }
 
     /// Voice out: an answer to a voice question, also spoken and attached as a voice

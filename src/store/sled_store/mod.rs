@@ -165,8 +165,7 @@ impl SledStore {
                     return Err(StoreError::Open {
                         path,
                         reason: if lock_taken(&e) {
-                            "another process (a running confab?) holds the store's lock"
-                                .to_string()
+                            "another process (a running confab?) holds the store's lock".to_string()
                         } else {
                             e.to_string()
                         },
@@ -416,7 +415,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let held = SledStore::open(dir.path(), 8, 500).unwrap();
         let again = sled::Config::new().path(dir.path()).open();
-        assert!(matches!(&again, Err(e) if lock_taken(e)), "{:?}", again.err());
+        assert!(
+            matches!(&again, Err(e) if lock_taken(e)),
+            "{:?}",
+            again.err()
+        );
         // The holder closes a little later: the second open waits for it instead of
         // failing at once.
         let closer = std::thread::spawn(move || {
