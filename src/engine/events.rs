@@ -41,7 +41,7 @@ impl_event!(ReplyDecided<'_> => EngineStats, |self, stats| {
     }
 });
 
-/// An answered exchange (turns, pending reply, usage) was written in one transaction
+/// An answered exchange (turns, pending reply, usage) was written atomically (one sled batch or one Redis script)
 /// and made durable by the group-commit flush, in `elapsed`.
 pub struct StoreWritten {
     pub elapsed: Duration,

@@ -21,7 +21,7 @@ impl Buckets for ReplyBuckets {
     const BOUNDS: &'static [f64] = LATENCY_BUCKETS;
 }
 
-/// The store-write histogram's bounds: one exchange's transaction and group-commit
+/// The store-write histogram's bounds: one exchange's atomic write and group-commit
 /// flush, from 100 µs to 2.5 s.
 #[derive(Debug)]
 pub struct StoreWriteBuckets;

@@ -337,7 +337,7 @@ series! {
     Uptime: "uptime_seconds", Gauge, [], "Seconds since the daemon started.";
     Ready: "ready", Gauge, [], "1 when /readyz answers 200 (store readable, platforms connected, not shutting down), else 0.";
     ResidentMemory: "resident_memory_bytes", Gauge, [], "Resident set size of the process (/proc/self/statm).";
-    StoreWrite: "store_write_seconds", Histogram, [], "Time to write one answered exchange in one transaction and make it durable (group-commit flush).";
+    StoreWrite: "store_write_seconds", Histogram, [], "Time to write one answered exchange atomically (one sled batch or one Redis script) and make it durable (group-commit flush).";
 
     // The Redis backend (absent on sled).
     RedisCommands: "redis_commands_total", Counter, ["result"], "Redis round trips (commands, pipelines, scripts) by result: ok, error (refused by Redis), unreachable (timeout, refused or dropped connection). Redis backend only.";
