@@ -5,7 +5,8 @@
 //! becomes are written once here.
 //!
 //! Encodings: JSON (Redis, and sled up to schema 2), or compact — the version byte
-//! [`COMPACT_V1`] followed by postcard (sled from schema 3: a turn is ~3× smaller). Both
+//! [`COMPACT_V1`] followed by postcard (sled from schema 3: a turn is ~3× smaller; from
+//! schema 4 a sled `turns` row holds an exchange, [`COMPACT_TURNS_V1`] + a sequence). All
 //! read everywhere: JSON values start with `{`, `[` or `"`, never with that byte, so a
 //! store keeps reading what an older version wrote. Sealing wraps the encoded bytes.
 
@@ -16,11 +17,49 @@ use serde::Serialize;
 
 use crate::domain::UserRef;
 use crate::events::ErrorKind;
-use crate::store::{StoreError, StoreResult};
+use crate::store::{StoreError, StoreResult, Turn};
 
 /// The first byte of a compact value (postcard follows). 0xC1 never starts UTF-8 text,
 /// so no JSON value (nor a sealed one: `CFE…`) starts with it.
 pub(crate) const COMPACT_V1: u8 = 0xC1;
+
+/// The first byte of a compact `turns` row holding several turns (schema 4: one row per
+/// exchange): postcard of the sequence follows. 0xC0 never starts UTF-8 text either.
+pub(crate) const COMPACT_TURNS_V1: u8 = 0xC0;
+
+/// How many turns one `turns` row holds at most: an exchange (question and answer).
+/// Larger rows were measured to cost more memory under load in sled 0.34 than they save
+/// in its page table (BENCHMARKS.md, "Fewer, larger keys").
+pub(crate) const TURNS_PER_ROW: usize = 2;
+
+/// The plain value of a `turns` row holding `turns`: one turn as a record of its own
+/// (what schema 3 wrote), several as one sequence — compact, or JSON (an array).
+pub(crate) fn turns_to_plain(turns: &[Turn], compact: bool) -> StoreResult<Vec<u8>> {
+    let encoded = match (turns, compact) {
+        ([one], true) => return to_compact(one),
+        ([one], false) => serde_json::to_vec(one).map_err(|e| e.to_string()),
+        (many, true) => {
+            postcard::to_extend(many, vec![COMPACT_TURNS_V1]).map_err(|e| e.to_string())
+        }
+        (many, false) => serde_json::to_vec(many).map_err(|e| e.to_string()),
+    };
+    encoded.map_err(|e| StoreError::Io(format!("encode: {e}")))
+}
+
+/// The turns of a plain `turns` row in any encoding ever written: one turn (JSON or
+/// compact) or a sequence (compact, or a JSON array).
+pub(crate) fn turns_from_plain(plain: &[u8]) -> StoreResult<Vec<Turn>> {
+    match plain.split_first() {
+        Some((&COMPACT_TURNS_V1, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt {
+                tree: "turns",
+                reason: format!("compact turns: {e:?}"),
+            })
+        }
+        Some((b'[', _)) => from_plain("turns", plain),
+        _ => from_plain::<Turn>("turns", plain).map(|t| vec![t]),
+    }
+}
 
 /// `v` as stored in the compact encoding: [`COMPACT_V1`] + postcard.
 pub(crate) fn to_compact<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
@@ -75,6 +114,29 @@ pub(crate) trait Codec {
             false => serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?,
         };
         Ok(self.seal(tree, key, &plain))
+    }
+
+    /// A `turns` row's value holding `turns` (one, or an exchange's), sealed for its row.
+    fn encode_turns(&self, key: &Self::Key, turns: &[Turn]) -> StoreResult<Vec<u8>> {
+        Ok(self.seal("turns", key, &turns_to_plain(turns, Self::COMPACT)?))
+    }
+
+    /// The turns of a `turns` row; a corrupt row is logged and skipped (`None`).
+    fn decode_turns(&self, key: &Self::Key, bytes: &[u8]) -> Option<Vec<Turn>> {
+        let turns = self
+            .unseal("turns", key, bytes)
+            .map_err(|reason| StoreError::Corrupt {
+                tree: "turns",
+                reason,
+            })
+            .and_then(|plain| turns_from_plain(&plain));
+        match turns {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error.kind = ErrorKind::StoreCorrupt.as_str(), tree = "turns", error = %e, "{CORRUPT_SKIPPED}");
+                None
+            }
+        }
     }
 
     /// Decodes a value; an unreadable one is an error naming the tree (never its

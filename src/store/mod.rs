@@ -61,8 +61,9 @@ pub const REDIS_BACKUP_UNSUPPORTED: &str =
 
 /// Bumped when the on-disk layout changes; `open` refuses a newer store and upgrades an
 /// older one. 2: usernames indexed per platform. 3 (sled): every role's rows in one
-/// tree, new values compact (version byte + postcard).
-pub const SCHEMA_VERSION: u32 = 3;
+/// tree, new values compact (version byte + postcard). 4 (sled): a `turns` row holds an
+/// exchange's turns (its question and answer), not one turn.
+pub const SCHEMA_VERSION: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -23,7 +23,7 @@ use super::layout::{parse_conversation, unhex32};
 use super::sled_rows::LoadIds;
 use super::RedisStore;
 use crate::domain::UserRef;
-use crate::store::codec::Codec;
+use crate::store::codec::{turns_from_plain, Codec, TURNS_PER_ROW};
 use crate::store::sled_store::{time_key, DumpRow};
 use crate::store::{
     AuditEntry, AuditStore, CacheEntry, ConversationStore, HandledEntry, InboxStore, MetaStore,
@@ -187,10 +187,10 @@ impl RedisStore {
                 continue;
             };
             let prefix = form.conv_prefix(&conv);
-            for turn in self.all_turns(&conv)? {
+            for row in self.all_turns(&conv)?.chunks(TURNS_PER_ROW) {
                 *seq += 1;
                 let k = [prefix.as_slice(), &seq.to_be_bytes()].concat();
-                let v = form.encode("turns", &k, &turn)?;
+                let v = form.encode_turns(&k, row)?;
                 rows.push(("turns".into(), k, v));
             }
             let (k, v) = form.index_row(&conv);
@@ -354,7 +354,7 @@ impl RedisStore {
             match tree.as_str() {
                 "turns" => {
                     conv = prefix.map(<[u8]>::to_vec);
-                    turns.push(from_json("turns", &form.open("turns", k, v)?)?);
+                    turns.extend(turns_from_plain(&form.open("turns", k, v)?)?);
                 }
                 "users" => {
                     let rec: UserRecord = from_json("users", &form.open("users", k, v)?)?;

@@ -15,10 +15,10 @@ use std::collections::HashMap;
 
 use super::RedisStore;
 use crate::domain::{ConversationKey, Platform, UserRef};
-use crate::store::codec::normalise_username;
+use crate::store::codec::{normalise_username, turns_to_plain};
 use crate::store::crypto::{self, Keys};
 use crate::store::sled_store::{conv_prefix_plain, parse_conv_prefix};
-use crate::store::{StoreError, StoreResult};
+use crate::store::{StoreError, StoreResult, Turn};
 
 /// Sled's row keys and values under an optional data key.
 pub(super) struct SledForm<'a> {
@@ -84,6 +84,11 @@ impl SledForm<'_> {
     ) -> StoreResult<Vec<u8>> {
         let plain = serde_json::to_vec(v).map_err(|e| StoreError::Io(format!("encode: {e}")))?;
         Ok(self.seal(tree, key, &plain))
+    }
+
+    /// A `turns` row holding `turns` (one, or an exchange's), as JSON sealed for its row.
+    pub fn encode_turns(&self, key: &[u8], turns: &[Turn]) -> StoreResult<Vec<u8>> {
+        Ok(self.seal("turns", key, &turns_to_plain(turns, false)?))
     }
 
     /// The plain value of a sled row (opened with the data key).

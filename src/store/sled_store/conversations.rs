@@ -1,28 +1,38 @@
-//! [`ConversationStore`] on sled: `turns` (conversation prefix + sequence) and
-//! `conv_index` (user → conversations), written with the pending reply and the user's
-//! usage in one atomic batch on the `rows` tree.
+//! [`ConversationStore`] on sled: `turns` (conversation prefix + sequence → the turns of
+//! one exchange, schema 4; a single turn in rows written before) and `conv_index`
+//! (user → conversations), written with the pending reply and the user's usage in one
+//! atomic batch on the `rows` tree.
 
 use super::layout::parse_conv_prefix;
 use super::{io, SledStore};
 use crate::domain::{ConversationKey, UserRef};
 use crate::events::ErrorKind;
-use crate::store::codec::{Codec as _, UsernameIndex as _};
+use crate::store::codec::{turns_from_plain, Codec as _, UsernameIndex as _, TURNS_PER_ROW};
 use crate::store::{ConversationStore, Exchange, StoreResult, Turn, UserRecord};
 
 impl SledStore {
-    fn scan_turns<'a>(
+    /// A conversation's rows in key order, each with its turns (corrupt rows skipped).
+    pub(super) fn scan_turn_rows<'a>(
         &'a self,
         prefix: &[u8],
-    ) -> impl DoubleEndedIterator<Item = (sled::IVec, Turn)> + 'a {
+    ) -> impl DoubleEndedIterator<Item = (sled::IVec, Vec<Turn>)> + 'a {
         self.turns
             .scan_prefix(prefix)
             .filter_map(|item| match item {
-                Ok((k, v)) => self.decode::<Turn>("turns", &k, &v).map(|t| (k, t)),
+                Ok((k, v)) => self.decode_turns(&k, &v).map(|t| (k, t)),
                 Err(e) => {
                     tracing::error!(error.kind = ErrorKind::StoreIo.as_str(), tree = "turns", error = %e, "store read failed");
                     None
                 }
             })
+    }
+
+    /// How many turns a stored row holds (a corrupt one counts as one).
+    pub(super) fn turns_in_row(&self, k: &[u8], v: &[u8]) -> usize {
+        self.unseal("turns", k, v)
+            .ok()
+            .and_then(|plain| turns_from_plain(&plain).ok())
+            .map_or(1, |t| t.len())
     }
 }
 
@@ -37,11 +47,12 @@ impl ConversationStore for SledStore {
         let _gate = self.write_gate();
         let mut batch = sled::Batch::default();
         let prefix = self.conv_prefix(key);
-        for turn in turns {
+        // An exchange's turns share one row: half the keys in sled's page table.
+        for row in turns.chunks(TURNS_PER_ROW) {
             let seq = self.db.generate_id().map_err(io)?;
             let mut k = prefix.clone();
             k.extend_from_slice(&seq.to_be_bytes());
-            let v = self.encode("turns", &k, turn)?;
+            let v = self.encode_turns(&k, row)?;
             self.turns.put(&mut batch, &k, v);
         }
         if let Some((id, entry)) = handled {
@@ -79,12 +90,14 @@ impl ConversationStore for SledStore {
     fn recent_turns(&self, key: &ConversationKey, max_tokens: usize) -> StoreResult<Vec<Turn>> {
         let mut used = 0usize;
         let mut out = Vec::new();
-        for (_, turn) in self.scan_turns(&self.conv_prefix(key)).rev() {
-            used += turn.tokens as usize;
-            if used > max_tokens {
-                break;
+        'rows: for (_, row) in self.scan_turn_rows(&self.conv_prefix(key)).rev() {
+            for turn in row.into_iter().rev() {
+                used += turn.tokens as usize;
+                if used > max_tokens {
+                    break 'rows;
+                }
+                out.push(turn);
             }
-            out.push(turn);
         }
         out.reverse();
         Ok(out)
@@ -92,8 +105,8 @@ impl ConversationStore for SledStore {
 
     fn all_turns(&self, key: &ConversationKey) -> StoreResult<Vec<Turn>> {
         Ok(self
-            .scan_turns(&self.conv_prefix(key))
-            .map(|(_, t)| t)
+            .scan_turn_rows(&self.conv_prefix(key))
+            .flat_map(|(_, t)| t)
             .collect())
     }
 
@@ -129,17 +142,30 @@ impl ConversationStore for SledStore {
         let mut n = 0;
         let mut batch = sled::Batch::default();
         for item in self.turns.scan_prefix(&prefix) {
-            let (k, _) = item.map_err(io)?;
+            let (k, v) = item.map_err(io)?;
             self.turns.del(&mut batch, &k);
-            n += 1;
+            n += self.turns_in_row(&k, &v);
         }
         self.conv_index.del(&mut batch, &self.index_row(key).0);
         self.turns.apply(batch).map_err(io)?;
         Ok(n)
     }
 
+    /// A row goes when its newest turn is older than `before` (an exchange is kept or
+    /// purged whole), or when it cannot be read.
     fn purge_turns_before(&self, before: i64) -> StoreResult<usize> {
-        self.purge_older(&self.turns, "turns", before, |t: &Turn| t.at)
+        let _gate = self.write_gate();
+        let mut n = 0;
+        for item in self.turns.iter() {
+            let (k, v) = item.map_err(io)?;
+            let row = self.decode_turns(&k, &v);
+            let newest = row.as_ref().and_then(|t| t.iter().map(|t| t.at).max());
+            if newest.is_none_or(|at| at < before) {
+                self.turns.remove(&k).map_err(io)?;
+                n += row.map_or(1, |t| t.len());
+            }
+        }
+        Ok(n)
     }
 }
 

@@ -1,5 +1,11 @@
 //! Opening a store with or without `CONFAB_DATA_KEY`, and the one-time migrations.
 //!
+//! - Schema 3 → 4 (any store, after the data key is applied: sealed rows open only
+//!   with it): consecutive single-turn rows of one conversation are paired into one
+//!   row under the first one's key (sealed again for it), since schema 4 writes an
+//!   exchange's turns as one row — half the keys in sled's page table. Each pair is one
+//!   batch entry (insert the pair, remove the second row), so a crash leaves a readable
+//!   mix and the next open pairs what is left; `schema_version` = 4 is written last.
 //! - Schema 2 → 3 (any store): the rows of every tree but `meta` move into the `rows`
 //!   tree under their role's tag (`part.rs`), bytes unchanged (a value stays sealed for
 //!   the same role and key; JSON values stay readable and are rewritten compact when
@@ -24,7 +30,11 @@ use super::{io, DumpRow, SledStore};
 use crate::domain::UserRef;
 use crate::store::codec::Codec as _;
 use crate::store::crypto::{self, Keys, LegacyCipher};
-use crate::store::{StoreError, StoreResult, SCHEMA_VERSION};
+use crate::store::{StoreError, StoreResult, Turn, SCHEMA_VERSION};
+
+/// The schema of one tree with single-turn rows, which [`SledStore::upgrade_schema`]
+/// leaves and [`SledStore::finish_schema`] takes to [`SCHEMA_VERSION`].
+pub(super) const ONE_TREE: u32 = 3;
 
 pub(super) const KEY_CHECK1: &str = "key_check";
 pub(super) const KEY_CHECK2: &str = "key_check2";
@@ -109,7 +119,8 @@ impl SledStore {
         Ok(())
     }
 
-    /// Brings an older store to [`SCHEMA_VERSION`] (the version is written last).
+    /// Brings a store older than schema 3 to [`ONE_TREE`] (the version is written last);
+    /// [`SledStore::finish_schema`] takes it the rest of the way once the keys are known.
     pub(super) fn upgrade_schema(&self, found: u32) -> StoreResult<()> {
         if found < 3 {
             self.move_to_rows()?;
@@ -134,11 +145,71 @@ impl SledStore {
             }
             self.usernames.apply(batch).map_err(io)?;
         }
+        self.set_schema(ONE_TREE)
+    }
+
+    fn set_schema(&self, version: u32) -> StoreResult<()> {
         self.meta
-            .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())
+            .insert("schema_version", &version.to_be_bytes())
             .map_err(io)?;
         self.db.flush().map_err(io)?;
         Ok(())
+    }
+
+    /// Schema 3 → 4, after [`SledStore::apply_key`] (sealed rows open only with the keys):
+    /// see the module docs. `schema_version` is written last.
+    pub(super) fn finish_schema(&self) -> StoreResult<()> {
+        let version = self.meta.get("schema_version").map_err(io)?;
+        let version = version
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map(u32::from_be_bytes);
+        if version.is_some_and(|v| v >= SCHEMA_VERSION) {
+            return Ok(());
+        }
+        let grouped = self.group_turn_rows()?;
+        if grouped > 0 {
+            tracing::info!(
+                rows = grouped,
+                "turns grouped by exchange (schema 4, one-time migration)"
+            );
+        }
+        self.set_schema(SCHEMA_VERSION)
+    }
+
+    /// Pairs consecutive single-turn rows of one conversation into one row (the first
+    /// row's key); returns how many pairs. Each pair is one atomic batch entry.
+    fn group_turn_rows(&self) -> StoreResult<usize> {
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let mut batch = Batch::default();
+        let (mut pending, mut grouped) = (0, 0);
+        // A single-turn row still waiting for the next row of its conversation.
+        let mut held: Option<(sled::IVec, Turn)> = None;
+        let conversation = |k: &[u8]| k.len().checked_sub(8).map(|n| k[..n].to_vec());
+        for item in self.turns.iter() {
+            let (k, v) = item.map_err(io)?;
+            let single = match self.decode_turns(&k, &v) {
+                Some(mut row) if row.len() == 1 => row.pop(),
+                _ => None,
+            };
+            match (held.take(), single) {
+                (Some((first, a)), Some(b)) if conversation(&first) == conversation(&k) => {
+                    let v = self.encode_turns(&first, &[a, b])?;
+                    self.turns.put(&mut batch, &first, v);
+                    self.turns.del(&mut batch, &k);
+                    pending += 1;
+                    grouped += 1;
+                }
+                (_, Some(t)) => held = Some((k, t)),
+                (_, None) => {}
+            }
+            if pending >= 1000 {
+                self.turns.apply(std::mem::take(&mut batch)).map_err(io)?;
+                pending = 0;
+            }
+        }
+        self.turns.apply(batch).map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(grouped)
     }
 
     /// Applies `CONFAB_DATA_KEY` (see the module docs). Wrong or missing keys are errors.

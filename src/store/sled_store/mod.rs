@@ -4,12 +4,13 @@
 //! commit). `layout.rs`: row keys and sealing; `migrate.rs`: schema and key migrations;
 //! `forget.rs`: what `forget_user` removes; `dump.rs`: backups and restores.
 //!
-//! Two sled trees (schema 3): `meta`, and `rows`, which holds every role's rows under a
+//! Two sled trees (schema 3 and 4): `meta`, and `rows`, which holds every role's rows under a
 //! one-byte tag per role (`part.rs`), so one answered message is one `apply_batch` on one
 //! tree. Values are a version byte + postcard (`codec.rs`; older JSON values still read),
 //! so a corrupt entry can be detected; key layout and sealing with a data key:
 //! `layout.rs`. The roles (each a [`part::Part`], named like the trees of schema 2):
-//! - `turns`:      conversation prefix + u64 sequence (big-endian) → [`Turn`](crate::store::Turn)
+//! - `turns`:      conversation prefix + u64 sequence (big-endian) → the turns of one
+//!   exchange (schema 4; one [`Turn`](crate::store::Turn) per row before)
 //! - `conv_index`: user + conversation prefix → conversation (export/forget without a full scan)
 //! - `users`:      `tg:123` → user record;  `usernames`: `tg:name` (per platform) → `tg:123`
 //! - `cache`:      32-byte key → cache entry; `cache_time`: created_at (BE) + key → () for TTL/eviction
@@ -137,6 +138,7 @@ impl SledStore {
     ) -> StoreResult<SledStore> {
         let mut store = Self::open_plain(dir, cache_capacity_mb, flush_every_ms)?;
         store.apply_key(&dir.display().to_string(), key)?;
+        store.finish_schema()?;
         Ok(store)
     }
 
@@ -232,7 +234,7 @@ impl SledStore {
                         supported: SCHEMA_VERSION,
                     });
                 }
-                if found < SCHEMA_VERSION {
+                if found < migrate::ONE_TREE {
                     self.upgrade_schema(found)?;
                 }
                 Ok(())
