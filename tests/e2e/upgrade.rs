@@ -16,9 +16,10 @@ const SETTINGS: &str = "[admins]\ntelegram = [100]\n[limits]\nburst = 50\nmessag
 const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const ADMIN: i64 = 100;
 
-fn fixture(sealed: bool) -> std::path::PathBuf {
+fn fixture(schema: u32, sealed: bool) -> std::path::PathBuf {
     let name = if sealed { "sealed" } else { "plain" };
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/store-v2-{name}.tar.gz"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/store-v{schema}-{name}.tar.gz"))
 }
 
 async fn root(sealed: bool) -> (FakeOpenAi, FakeTelegram, Root) {
@@ -89,7 +90,8 @@ async fn write_fixtures() {
         .await;
         daemon.stop().await.expect("clean stop");
         let name = if sealed { "sealed" } else { "plain" };
-        let tar = Path::new(&out).join(format!("store-v2-{name}.tar.gz"));
+        let schema = confab::store::SCHEMA_VERSION;
+        let tar = Path::new(&out).join(format!("store-v{schema}-{name}.tar.gz"));
         let status = std::process::Command::new("tar")
             .arg("-czf")
             .arg(&tar)
@@ -103,15 +105,19 @@ async fn write_fixtures() {
 }
 
 /// Unpacks a fixture's `data/` into `root`.
-fn unpack(root: &Root, sealed: bool) {
+fn unpack(root: &Root, schema: u32, sealed: bool) {
     let status = std::process::Command::new("tar")
         .arg("-xzf")
-        .arg(fixture(sealed))
+        .arg(fixture(schema, sealed))
         .arg("-C")
         .arg(root.path())
         .status()
         .expect("tar");
-    assert!(status.success(), "unpacked {}", fixture(sealed).display());
+    assert!(
+        status.success(),
+        "unpacked {}",
+        fixture(schema, sealed).display()
+    );
 }
 
 /// The fake Bot API starts counting updates at 1 again; the store remembers the old
@@ -129,9 +135,9 @@ fn skip_old_update_ids(tg: &FakeTelegram) {
     }));
 }
 
-async fn an_old_store_is_migrated_and_serves_as_before(sealed: bool) {
+async fn an_old_store_is_migrated_and_serves_as_before(schema: u32, sealed: bool) {
     let (llm, tg, root) = root(sealed).await;
-    unpack(&root, sealed);
+    unpack(&root, schema, sealed);
     let daemon = Daemon::start(&root);
     skip_old_update_ids(&tg);
     // The reply that was stored but never delivered is sent now, once, without the LLM.
@@ -201,10 +207,11 @@ async fn an_old_store_is_migrated_and_serves_as_before(sealed: bool) {
     let version = confab::store::MetaStore::meta_get(&store, "schema_version").expect("meta");
     assert_eq!(
         version.as_deref(),
-        Some(3u32.to_be_bytes().as_slice()),
-        "schema 3"
+        Some(4u32.to_be_bytes().as_slice()),
+        "schema 4"
     );
-    // Turns written since are compact (version byte 0xC1 + postcard), old ones still JSON.
+    // Every exchange is one compact row (0xC0 + postcard): the new one as written, the
+    // old ones (one row per turn, JSON or 0xC1 + postcard) paired at open.
     let turns: Vec<Vec<u8>> = store
         .dump_open()
         .expect("dump")
@@ -213,24 +220,39 @@ async fn an_old_store_is_migrated_and_serves_as_before(sealed: bool) {
         .map(|(_, _, v)| v)
         .collect();
     let has = |v: &[u8], text: &str| String::from_utf8_lossy(v).contains(text);
-    let new = turns
-        .iter()
-        .find(|v| has(v, "what do you know about me"))
-        .expect("new turn");
-    assert_eq!(new.first(), Some(&0xC1), "compact");
-    let old = turns
-        .iter()
-        .find(|v| has(v, "favourite colour"))
-        .expect("old turn");
-    assert_eq!(old.first(), Some(&b'{'), "untouched JSON");
+    for question in ["what do you know about me", "my favourite colour is teal"] {
+        let row = turns
+            .iter()
+            .find(|v| has(v, question))
+            .unwrap_or_else(|| panic!("a row with {question:?}"));
+        assert_eq!(
+            row.first(),
+            Some(&0xC0),
+            "{question:?}: one compact exchange row"
+        );
+        assert!(
+            has(row, &format!("echo: {question}")),
+            "the answer in the same row"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_store_from_schema_2_is_migrated_and_serves_as_before() {
-    an_old_store_is_migrated_and_serves_as_before(false).await;
+    an_old_store_is_migrated_and_serves_as_before(2, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_store_from_schema_2_is_migrated_and_serves_as_before() {
-    an_old_store_is_migrated_and_serves_as_before(true).await;
+    an_old_store_is_migrated_and_serves_as_before(2, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_store_from_schema_3_is_migrated_and_serves_as_before() {
+    an_old_store_is_migrated_and_serves_as_before(3, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_store_from_schema_3_is_migrated_and_serves_as_before() {
+    an_old_store_is_migrated_and_serves_as_before(3, true).await;
 }

@@ -509,6 +509,74 @@ mod tests {
         assert_eq!(s.user_count().unwrap(), 2);
     }
 
+    /// A schema-3 store (one row per turn) has consecutive turns of a conversation
+    /// paired at open, sealed or not; an interrupted pairing is finished by the next open.
+    #[test]
+    fn schema_3_turn_rows_are_paired_into_exchanges_once() {
+        for secret in [None, Some(KEY)] {
+            let dir = tempfile::tempdir().unwrap();
+            let write_singles = |s: &SledStore, conv: &str, texts: &[&str]| {
+                let prefix = s.conv_prefix(&key(conv));
+                for t in texts {
+                    let id = s.db.generate_id().unwrap();
+                    let k = [prefix.as_slice(), &id.to_be_bytes()].concat();
+                    let v = s.encode_turns(&k, &[turn(t, 1)]).unwrap();
+                    s.turns.insert(k, v).unwrap();
+                }
+            };
+            {
+                let s = SledStore::open_with_key(dir.path(), 8, 500, secret).unwrap();
+                write_singles(&s, "1", &["q1", "a1", "q2", "a2", "q3"]);
+                write_singles(&s, "2", &["only"]);
+                let prefix = s.conv_prefix(&key("2"));
+                s.turns
+                    .insert(
+                        [prefix.as_slice(), &u64::MAX.to_be_bytes()].concat(),
+                        b"\xff{bad".as_slice(),
+                    )
+                    .unwrap();
+                s.set_schema(ONE_TREE).unwrap();
+            }
+            let rows = |s: &SledStore, conv: &str| -> Vec<usize> {
+                s.turns
+                    .scan_prefix(&s.conv_prefix(&key(conv)))
+                    .map(|item| {
+                        let (k, v) = item.unwrap();
+                        s.decode_turns(&k, &v).map_or(0, |t| t.len())
+                    })
+                    .collect()
+            };
+            let texts = |s: &SledStore, conv: &str| -> Vec<String> {
+                s.all_turns(&key(conv))
+                    .unwrap()
+                    .into_iter()
+                    .map(|t| t.text)
+                    .collect()
+            };
+            {
+                let s = SledStore::open_with_key(dir.path(), 8, 500, secret).unwrap();
+                assert_eq!(rows(&s, "1"), [2, 2, 1], "key {secret:?}");
+                assert_eq!(texts(&s, "1"), ["q1", "a1", "q2", "a2", "q3"]);
+                // the corrupt row stays (and stays unreadable); the lone turn is kept
+                assert_eq!(rows(&s, "2"), [1, 0]);
+                assert_eq!(texts(&s, "2"), ["only"]);
+                let v = s.meta.get("schema_version").unwrap().unwrap();
+                assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+                // a crash before the version was written: more single rows, version 3
+                write_singles(&s, "1", &["a3", "q4", "a4"]);
+                s.set_schema(ONE_TREE).unwrap();
+            }
+            let s = SledStore::open_with_key(dir.path(), 8, 500, secret).unwrap();
+            assert_eq!(rows(&s, "1"), [2, 2, 2, 2], "key {secret:?}");
+            assert_eq!(
+                texts(&s, "1"),
+                ["q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4"]
+            );
+            let v = s.meta.get("schema_version").unwrap().unwrap();
+            assert_eq!(v.as_ref(), SCHEMA_VERSION.to_be_bytes());
+        }
+    }
+
     #[test]
     fn a_schema_1_store_gets_per_platform_usernames() {
         let dir = tempfile::tempdir().unwrap();
