@@ -151,18 +151,31 @@ impl ConversationStore for SledStore {
         Ok(n)
     }
 
-    /// A row goes when its newest turn is older than `before` (an exchange is kept or
-    /// purged whole), or when it cannot be read.
+    /// Retention is per turn: a row whose turns are all older than `before` (or that
+    /// cannot be read) goes; a row with some of them is rewritten without them (a
+    /// compare-and-swap, so a row another writer just removed is not brought back).
     fn purge_turns_before(&self, before: i64) -> StoreResult<usize> {
         let _gate = self.write_gate();
         let mut n = 0;
         for item in self.turns.iter() {
             let (k, v) = item.map_err(io)?;
-            let row = self.decode_turns(&k, &v);
-            let newest = row.as_ref().and_then(|t| t.iter().map(|t| t.at).max());
-            if newest.is_none_or(|at| at < before) {
+            let Some(row) = self.decode_turns(&k, &v) else {
                 self.turns.remove(&k).map_err(io)?;
-                n += row.map_or(1, |t| t.len());
+                n += 1;
+                continue;
+            };
+            let total = row.len();
+            let kept: Vec<Turn> = row.into_iter().filter(|t| t.at >= before).collect();
+            if kept.len() == total {
+                continue;
+            }
+            // Only if unchanged: a conversation cleared meanwhile stays cleared.
+            let new = match kept.is_empty() {
+                true => None,
+                false => Some(self.encode_turns(&k, &kept)?),
+            };
+            if self.turns.replace(&k, &v, new).map_err(io)? {
+                n += total - kept.len();
             }
         }
         Ok(n)

@@ -60,6 +60,13 @@ impl Part {
         self.tree.insert(self.full(k.as_ref()), v)
     }
 
+    /// Replaces row `k` (removes it with `new` = `None`) only if it still holds `old`;
+    /// `false` when another writer changed or removed it first.
+    pub(super) fn replace(&self, k: &[u8], old: &[u8], new: Option<Vec<u8>>) -> sled::Result<bool> {
+        let swapped = self.tree.compare_and_swap(self.full(k), Some(old), new)?;
+        Ok(swapped.is_ok())
+    }
+
     pub(super) fn remove(&self, k: impl AsRef<[u8]>) -> sled::Result<Option<IVec>> {
         self.tree.remove(self.full(k.as_ref()))
     }

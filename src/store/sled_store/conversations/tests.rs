@@ -113,30 +113,30 @@ fn rows_written_one_turn_each_read_with_exchange_rows() {
 }
 
 #[test]
-fn purging_keeps_an_exchange_whose_answer_is_recent_and_counts_turns() {
-    let (_dir, s) = temp_store();
-    let k = key("1");
-    let at = |text: &str, at: i64| Turn {
-        at,
-        ..turn(text, 1)
-    };
-    s.append_turns(&k, &[at("old q", 100), at("old a", 110)], None)
-        .unwrap();
-    s.append_turns(&k, &[at("late q", 190), at("late a", 210)], None)
-        .unwrap();
-    s.append_turns(&k, &[at("new", 300)], None).unwrap();
-    assert_eq!(
-        s.purge_turns_before(200).unwrap(),
-        2,
-        "the old exchange's two turns"
-    );
-    let texts: Vec<String> = s
-        .all_turns(&k)
-        .unwrap()
-        .into_iter()
-        .map(|t| t.text)
-        .collect();
-    assert_eq!(texts, ["late q", "late a", "new"]);
+fn purging_is_per_turn_even_inside_an_exchange_row() {
+    for sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_with_key(dir.path(), 8, 500, sealed.then_some(KEY)).unwrap();
+        let k = key("1");
+        let at = |text: &str, at: i64| Turn {
+            at,
+            ..turn(text, 1)
+        };
+        s.append_turns(&k, &[at("old q", 100), at("old a", 110)], None)
+            .unwrap();
+        s.append_turns(&k, &[at("late q", 190), at("late a", 210)], None)
+            .unwrap();
+        s.append_turns(&k, &[at("new", 300)], None).unwrap();
+        assert_eq!(s.purge_turns_before(200).unwrap(), 3, "sealed {sealed}");
+        let texts: Vec<String> = s
+            .all_turns(&k)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.text)
+            .collect();
+        assert_eq!(texts, ["late a", "new"]);
+        assert_eq!(rows_of(&s, &k), [1, 1]);
+    }
 }
 
 mod properties {
