@@ -5,7 +5,7 @@
 //! cargo bench --bench sledrows -- K     # K = turns per row: 1, 2, 3 or 6
 //! ```
 //! Writes 100,000 conversations of 6 turns (300 bytes each) plus a user row each, in
-//! rows of K turns, into a temp dir; reopens it in this process with a 16 MB page cache
+//! rows of K turns, into a temp dir; reopens it in a fresh process with an 8 MB page cache
 //! (confab's default `store.cache_capacity_mb`) and prints the RSS after opening, then
 //! after 10,000 "active users" (each reads its conversation's last row and appends one).
 //! Run it with `MALLOC_ARENA_MAX=2`, as the daemon caps its arenas.
@@ -29,7 +29,7 @@ fn key(conv: u32, seq: u64) -> Vec<u8> {
 fn open(dir: &std::path::Path) -> (sled::Db, sled::Tree) {
     let db = sled::Config::new()
         .path(dir)
-        .cache_capacity(16 * 1024 * 1024)
+        .cache_capacity(8 * 1024 * 1024)
         .open()
         .expect("open");
     let rows = db.open_tree("rows").expect("tree");
