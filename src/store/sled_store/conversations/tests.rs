@@ -45,11 +45,26 @@ fn rows_of(s: &SledStore, k: &ConversationKey) -> Vec<usize> {
         .collect()
 }
 
+/// A fresh store, sealed with a data key or not.
+fn store(sealed: bool) -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open_with_key(dir.path(), 8, 500, sealed.then_some(KEY)).unwrap();
+    (dir, s)
+}
+
+/// The texts of conversation `k`, oldest first.
+fn texts(s: &SledStore, k: &ConversationKey) -> Vec<String> {
+    s.all_turns(k)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.text)
+        .collect()
+}
+
 #[test]
 fn an_exchange_is_one_row_and_reads_back_in_order() {
     for sealed in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open_with_key(dir.path(), 8, 500, sealed.then_some(KEY)).unwrap();
+        let (_dir, s) = store(sealed);
         let k = key("1");
         s.append_turns(&k, &[turn("q1", 1), turn("a1", 1)], None)
             .unwrap();
@@ -57,13 +72,7 @@ fn an_exchange_is_one_row_and_reads_back_in_order() {
         s.append_turns(&k, &[turn("q2", 1), turn("a2", 1), turn("x", 1)], None)
             .unwrap();
         assert_eq!(rows_of(&s, &k), [2, 1, 2, 1], "sealed {sealed}");
-        let texts: Vec<String> = s
-            .all_turns(&k)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.text)
-            .collect();
-        assert_eq!(texts, ["q1", "a1", "note", "q2", "a2", "x"]);
+        assert_eq!(texts(&s, &k), ["q1", "a1", "note", "q2", "a2", "x"]);
         // A budget that ends inside a row keeps only that row's newer turn.
         let recent: Vec<String> = s
             .recent_turns(&k, 4)
@@ -102,21 +111,14 @@ fn rows_written_one_turn_each_read_with_exchange_rows() {
     }
     s.append_turns(&k, &[turn("new q", 1), turn("new a", 1)], None)
         .unwrap();
-    let texts: Vec<String> = s
-        .all_turns(&k)
-        .unwrap()
-        .into_iter()
-        .map(|t| t.text)
-        .collect();
-    assert_eq!(texts, ["old json", "old compact", "new q", "new a"]);
+    assert_eq!(texts(&s, &k), ["old json", "old compact", "new q", "new a"]);
     assert_eq!(rows_of(&s, &k), [1, 1, 2]);
 }
 
 #[test]
 fn purging_is_per_turn_even_inside_an_exchange_row() {
     for sealed in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open_with_key(dir.path(), 8, 500, sealed.then_some(KEY)).unwrap();
+        let (_dir, s) = store(sealed);
         let k = key("1");
         let at = |text: &str, at: i64| Turn {
             at,
@@ -128,13 +130,7 @@ fn purging_is_per_turn_even_inside_an_exchange_row() {
             .unwrap();
         s.append_turns(&k, &[at("new", 300)], None).unwrap();
         assert_eq!(s.purge_turns_before(200).unwrap(), 3, "sealed {sealed}");
-        let texts: Vec<String> = s
-            .all_turns(&k)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.text)
-            .collect();
-        assert_eq!(texts, ["late a", "new"]);
+        assert_eq!(texts(&s, &k), ["late a", "new"]);
         assert_eq!(rows_of(&s, &k), [1, 1]);
     }
 }
