@@ -384,7 +384,14 @@ async fn the_token_never_reaches_the_logs() {
     tg.send_private(4, "T", "fourth");
     tg.wait_for_sent(3, WAIT).await;
     tg.shutdown();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The outage reaches the log at once when the next poll's connection is refused, or
+    // up to ~10 s later when it rides a kept-alive connection, gets the fake's 503 and
+    // teloxide sleeps before reporting it (DEPENDENCY-FACTS): wait for the line.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let logged = || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("getUpdates failed"));
+    while !logged() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = child.kill();
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).expect("log");
