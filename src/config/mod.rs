@@ -904,7 +904,7 @@ mod tests {
                 c.store.flush_every_ms,
                 c.store.group_commit_us
             ),
-            (8, 500, 500)
+            (8, 500, 2000)
         );
         assert!(c.admins.telegram.is_empty() && c.admins.discord.is_empty());
         assert_eq!(c.telegram.api_url, "https://api.telegram.org");
